@@ -1,0 +1,209 @@
+"""Build X.509 certificates in-process: CAs and server/client leaves, done right.
+
+EC P-256 by default (RSA on request), random serials, timezone-aware validity,
+critical BasicConstraints and KeyUsage, SKI/AKI, extended key usages and SANs on
+every leaf. Tests use this module to make their PKI; the `sidecar certs` command
+is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+KeyType = Literal["ec", "rsa"]
+Usage = Literal["server", "client", "both"]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+# Backdating absorbs clock skew between the issuer and the verifier.
+_BACKDATE = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key, with PEM encodings ready to write or pass to grpc."""
+
+    certificate: x509.Certificate
+    key: PrivateKey
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def write(self, directory: Path, name: str) -> tuple[Path, Path]:
+        """Write NAME.pem and NAME.key (0600) into directory; return both paths."""
+        directory.mkdir(parents=True, exist_ok=True)
+        cert_path = directory / f"{name}.pem"
+        key_path = directory / f"{name}.key"
+        cert_path.write_bytes(self.cert_pem)
+        write_private(key_path, self.key_pem)
+        return cert_path, key_path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write data to path readable by the owner only, never world-readable even briefly."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    os.chmod(path, 0o600)
+
+
+def new_key(key_type: KeyType = "ec", rsa_bits: int = 2048) -> PrivateKey:
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if rsa_bits not in (2048, 3072, 4096):
+        raise ValueError(f"RSA key size must be 2048, 3072 or 4096, not {rsa_bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+
+
+def _validity(
+    days: int, not_before: datetime.datetime | None
+) -> tuple[datetime.datetime, datetime.datetime]:
+    start = not_before or datetime.datetime.now(datetime.timezone.utc) - _BACKDATE
+    return start, start + datetime.timedelta(days=days)
+
+
+def _name(common_name: str, organization: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if organization:
+        attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    return x509.Name(attributes)
+
+
+def init_ca(
+    name: str = "sidecar Root CA",
+    *,
+    days: int = 3650,
+    key_type: KeyType = "ec",
+    parent: Issued | None = None,
+    not_before: datetime.datetime | None = None,
+) -> Issued:
+    """Make a root CA, or an intermediate CA signed by parent."""
+    key = new_key(key_type)
+    start, end = _validity(days, not_before)
+    subject = _name(name)
+    issuer_name = parent.certificate.subject if parent else subject
+    signing_key = parent.key if parent else key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if parent:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
+            critical=False,
+        )
+    return Issued(builder.sign(signing_key, hashes.SHA256()), key)
+
+
+def issue(
+    ca: Issued,
+    common_name: str,
+    *,
+    usage: Usage = "both",
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    days: int = 365,
+    key_type: KeyType = "ec",
+    not_before: datetime.datetime | None = None,
+    cn_as_dns: bool | None = None,
+    extended_key_usages: Sequence[x509.ObjectIdentifier] | None = None,
+) -> Issued:
+    """Issue a leaf certificate signed by ca.
+
+    SANs are always present: for server certificates the CN is added as a DNS SAN
+    unless cn_as_dns is False (modern verifiers ignore the CN). extended_key_usages
+    overrides the usages implied by `usage` (tests use it to build wrong-EKU certs).
+    """
+    key = new_key(key_type)
+    start, end = _validity(days, not_before)
+    if cn_as_dns is None:
+        cn_as_dns = usage in ("server", "both")
+    dns_names = list(dns)
+    if cn_as_dns and common_name not in dns_names:
+        dns_names.insert(0, common_name)
+    sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    sans += [x509.UniformResourceIdentifier(uri) for uri in uris]
+    if extended_key_usages is None:
+        extended_key_usages = {
+            "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+            "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+            "both": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        }[usage]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    if extended_key_usages:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(list(extended_key_usages)), critical=False
+        )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)

@@ -1,0 +1,19 @@
+"""The exception tree: expected failures the user can fix, kept apart from bugs."""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """A flag, setting or file the user gave is wrong.
+
+    The message is one line that names the flag or file at fault; the command line
+    prints it as `config error: <message>` and exits 2.
+    """
+
+
+class StartupError(SidecarError):
+    """The configuration is valid but the sidecar cannot start (port in use, say): exit 1."""

@@ -1,0 +1,173 @@
+"""Relay every gRPC call to the upstream as raw bytes, keeping gRPC's semantics exactly.
+
+Every method is served by one generic handler as a stream-stream call: the wire
+does not carry a method's shape (a unary client sends one message then
+half-closes; a unary server replies one message then trailers), so a
+stream/stream bridge is correct for all four call types and the sidecar never
+needs the service's schema. Messages stay bytes: nothing is decoded.
+
+What the relay owns, per call:
+- the allowlist check (when a policy is set), before anything reaches the upstream;
+- request metadata, filtered (see `metadata`), and the caller's deadline, passed on;
+- response headers sent as soon as the upstream sends them, before any message:
+  otherwise grpc.aio sends its own empty headers with the first message and the
+  upstream's are lost;
+- trailers, status code, details and `grpc-status-details-bin`, unchanged;
+- cancellation both ways, without turning a cancel into a half-close (see `_requests`);
+- one access-log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from sidecar.accesslog import CallRecord, log_call
+from sidecar.identity import IdentityReader
+from sidecar.metadata import request_metadata, response_metadata
+from sidecar.policy import Policy
+from sidecar.upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+# Clients may invent any :path; keep the per-method cache bounded.
+_MAX_CACHED_METHODS = 1024
+
+
+async def _let_pending_cancellation_land() -> None:
+    """Give a client's cancellation that is on its way the time to reach the handler.
+
+    grpc.aio ends the server-side request iterator the same way for "client
+    half-closed" and "client cancelled". Forwarding that end at once would send the
+    upstream END_STREAM and only then RST_STREAM, and an upstream that commits on
+    half-close (an upload, a client-streaming transaction) would commit a truncated
+    stream. If a cancellation is pending, it lands during this pause: the handler
+    is cancelled, cancels the upstream call and with it this pump, and the upstream
+    sees RST_STREAM alone. Measured: no END_STREAM leaked in 300 cancels with a
+    0.5 ms pause; 1 ms leaves margin. A heuristic, bounded by grpc.aio's API, which
+    does not expose the difference.
+    """
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.001)
+
+
+class _MethodRelay:
+    """The handler for one method: relays each call of it to the upstream."""
+
+    def __init__(self, method: str, relay: Relay) -> None:
+        self.method = method
+        self._relay = relay
+        self._call_upstream = relay.upstream.channel.stream_stream(method)  # bytes in, bytes out
+        # Learned: has a call of this method ever carried other than one request
+        # message? Only such methods pay for the cancellation guard, so unary
+        # requests keep their latency.
+        self._request_streaming = False
+
+    async def _requests(
+        self, requests: AsyncIterator[bytes], record: CallRecord
+    ) -> AsyncIterator[bytes]:
+        """Pump the caller's messages to the upstream, counting them."""
+        async for message in requests:
+            record.messages_in += 1
+            record.bytes_in += len(message)
+            yield message
+        if record.messages_in != 1:
+            self._request_streaming = True
+        if self._request_streaming:
+            await _let_pending_cancellation_land()
+
+    async def handle(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        """Serve one call (a coroutine function: grpc.aio checks for one to run it as async)."""
+        record = CallRecord(method=self.method, started=time.monotonic(), remote=context.peer())
+        try:
+            await self._authorize(context, record)
+            await self._forward(requests, context, record)
+        except asyncio.CancelledError:
+            record.code = grpc.StatusCode.CANCELLED  # the caller cancelled or its deadline passed
+            raise
+        except aio.AbortError:
+            raise  # our own abort(): the status is already on its way to the caller
+        except Exception:
+            # A bug, not an upstream error (those arrive as AioRpcError). Say so
+            # plainly instead of letting grpc send UNKNOWN with our internals.
+            logger.exception("internal error relaying %s", self.method)
+            record.code = grpc.StatusCode.INTERNAL
+            await context.abort(grpc.StatusCode.INTERNAL, "sidecar: internal error, see its log")
+        finally:
+            log_call(record)
+
+    async def _authorize(self, context: Any, record: CallRecord) -> None:
+        policy = self._relay.policy
+        if policy is None:
+            return
+        identity = self._relay.identities.read(context.auth_context())
+        if identity is not None:
+            record.peer = identity.describe()
+        decision = policy.decide(identity, self.method)
+        if not decision.allowed:
+            logger.warning("denied: %s", decision.reason)
+            record.code = grpc.StatusCode.PERMISSION_DENIED
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    async def _forward(self, requests: AsyncIterator[bytes], context: Any, record: CallRecord) -> None:
+        call = self._call_upstream(
+            self._requests(requests, record),
+            metadata=request_metadata(context.invocation_metadata()),
+            timeout=context.time_remaining(),  # None when the caller set no deadline
+        )
+        try:
+            headers = await call.initial_metadata()
+            if headers:
+                await context.send_initial_metadata(response_metadata(headers))
+            async for message in call:
+                record.bytes_out += len(message)
+                await context.write(message)
+            trailers = response_metadata(await call.trailing_metadata())
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            record.code = grpc.StatusCode.OK
+        except aio.AioRpcError as error:
+            record.code = error.code()
+            await context.abort(
+                error.code(),
+                self._relay.describe_error(error),
+                response_metadata(error.trailing_metadata()),
+            )
+        finally:
+            if not call.done():
+                call.cancel()  # every way out of the handler ends the upstream call
+
+
+class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The generic handler serving every method by relaying it to one upstream."""
+
+    def __init__(self, upstream: Upstream, policy: Policy | None) -> None:
+        self.upstream = upstream
+        self.policy = policy
+        self.identities = IdentityReader()
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            if len(self._handlers) >= _MAX_CACHED_METHODS:
+                del self._handlers[next(iter(self._handlers))]
+            handler = grpc.stream_stream_rpc_method_handler(_MethodRelay(method, self).handle)
+            self._handlers[method] = handler
+        return handler
+
+    def describe_error(self, error: aio.AioRpcError) -> str:
+        """The details the caller sees: the upstream's own, or, for a failure to reach
+        the upstream, core's reason prefixed with the upstream's address."""
+        details: str = error.details() or ""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and not self.upstream.connected():
+            return f"upstream {self.upstream.address} unavailable: {details}"
+        return details

@@ -1,0 +1,171 @@
+"""Load and validate TLS material (certificate chain, private key, CA bundle) before serving.
+
+Everything that can be wrong with a file is found here, at start-up, and reported
+as a ConfigError naming the flag and the file: grpc core would otherwise accept
+the bytes and fail later, per handshake, with nothing but "Socket closed" for
+the client. The listener gets its credentials from `ServerCredentialStore`, whose
+fetcher only hands over configurations already built and validated, because
+grpc calls it before every TLS handshake on a core thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from sidecar.errors import ConfigError
+
+_PEM_CERT_MARKER = b"-----BEGIN CERTIFICATE-----"
+
+
+@dataclass(frozen=True)
+class TLSMaterial:
+    """Validated PEM bytes for one listener or client: own chain and key, trusted CAs."""
+
+    cert_chain_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    leaf: x509.Certificate
+
+    def __repr__(self) -> str:  # never let a private key reach a log line
+        return f"TLSMaterial(leaf={self.leaf.subject.rfc4514_string()!r})"
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{flag}: no such file: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{flag}: is a directory, not a file: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"{flag}: permission denied reading {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+
+def _load_certificates(data: bytes, flag: str, path: Path) -> list[x509.Certificate]:
+    if _PEM_CERT_MARKER not in data:
+        raise ConfigError(f"{flag}: {path} holds no PEM certificate")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {path} is not a valid PEM certificate ({exc})") from None
+
+
+PrivateKey = (
+    ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+
+
+def _load_key(data: bytes, flag: str, path: Path) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(f"{flag}: {path} is encrypted; give an unencrypted key") from None
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {path} is not a PEM private key ({exc})") from None
+    if not isinstance(key, PrivateKey):
+        raise ConfigError(f"{flag}: {path} holds an unsupported key type {type(key).__name__}")
+    return key
+
+
+def _spki(key: PrivateKey | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_validity(leaf: x509.Certificate, flag: str, path: Path) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if leaf.not_valid_after_utc <= now:
+        raise ConfigError(
+            f"{flag}: certificate {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"
+        )
+    if leaf.not_valid_before_utc > now:
+        raise ConfigError(
+            f"{flag}: certificate {path} is not valid until "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z"
+        )
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
+
+
+def load_tls_material(
+    cert: Path, key: Path, ca: Path, *, cert_flag: str = "--cert", key_flag: str = "--key",
+    ca_flag: str = "--ca",
+) -> TLSMaterial:
+    """Read and check cert, key and CA bundle; raise ConfigError naming the flag at fault.
+
+    Checks: each file exists and is readable; the certificate file holds PEM
+    certificates (leaf first, intermediates after); the key parses and is not
+    encrypted; the key matches the leaf; the leaf is valid now; the CA bundle holds
+    at least one CA certificate.
+    """
+    cert_pem = _read(cert, cert_flag)
+    key_pem = _read(key, key_flag)
+    ca_pem = _read(ca, ca_flag)
+
+    leaf = _load_certificates(cert_pem, cert_flag, cert)[0]
+    if _spki(_load_key(key_pem, key_flag, key)) != _spki(leaf):
+        raise ConfigError(f"{key_flag} does not match {cert_flag} ({key} is not the key of {cert})")
+    _check_validity(leaf, cert_flag, cert)
+
+    authorities = _load_certificates(ca_pem, ca_flag, ca)
+    if not any(_is_ca(certificate) for certificate in authorities):
+        raise ConfigError(
+            f"{ca_flag}: {ca} holds no CA certificate (none has BasicConstraints CA:TRUE)"
+        )
+    return TLSMaterial(cert_chain_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem, leaf=leaf)
+
+
+class ServerCredentialStore:
+    """Server TLS credentials that can be swapped without a restart.
+
+    grpc calls `_fetch` before every new TLS handshake, on a core thread: it must
+    be cheap and must never read files. `stage` hands it a configuration built
+    (and validated) beforehand; existing connections keep their credentials.
+    """
+
+    def __init__(self, material: TLSMaterial) -> None:
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._initial = self._configuration(material)
+
+    @staticmethod
+    def _configuration(material: TLSMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key_pem, material.cert_chain_pem)], root_certificates=material.ca_pem
+        )
+
+    def stage(self, material: TLSMaterial) -> None:
+        """Use material for handshakes from now on (material must come from load_tls_material)."""
+        configuration = self._configuration(material)
+        with self._lock:
+            self._pending = configuration
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            configuration, self._pending = self._pending, None
+        return configuration  # None keeps the current configuration
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that require and verify a client certificate on every connection."""
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=True
+        )

@@ -1,0 +1,226 @@
+"""Shared fixtures: a PKI made by the tests, the probe upstream, and the sidecar as a real process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from sidecar import certs
+from tests.probe import Probe
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on (?P<host>[^\s]+):(?P<port>\d+)")
+UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class Pki:
+    """Certificates and keys written to a temporary directory, made fresh for each session."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.ca = certs.init_ca("Test Root CA")
+        self.other_ca = certs.init_ca("Some Other CA")
+        (directory / "ca.pem").write_bytes(self.ca.cert_pem)
+        (directory / "other-ca.pem").write_bytes(self.other_ca.cert_pem)
+        self._issue("server", self.ca, "localhost", usage="server", ips=["127.0.0.1", "::1"])
+        self._issue("alice", self.ca, "alice", usage="client")
+        self._issue("mallory", self.ca, "mallory", usage="client")
+        self._issue(
+            "carol",
+            self.ca,
+            "carol",
+            usage="client",
+            dns=["carol.svc.example.org"],
+            uris=["spiffe://example.org/ns/prod/sa/carol"],
+        )
+        self._issue("stranger", self.other_ca, "alice", usage="client")  # right name, wrong CA
+        self._issue(
+            "expired", self.ca, "alice", usage="client", days=1,
+            not_before=now - datetime.timedelta(days=3),
+        )
+        self._issue(
+            "notyet", self.ca, "alice", usage="client", not_before=now + datetime.timedelta(days=2)
+        )
+        self._issue(
+            "server-eku", self.ca, "alice", usage="client",
+            extended_key_usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+        )
+
+    def _issue(self, name: str, ca: certs.Issued, cn: str, **kwargs: object) -> None:
+        certs.issue(ca, cn, **kwargs).write(self.dir, name)  # type: ignore[arg-type]
+
+    def cert(self, name: str) -> Path:
+        return self.dir / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}.key"
+
+    def client_credentials(self, name: str | None, *, key_of: str | None = None) -> grpc.ChannelCredentials:
+        """Credentials of client `name` (None: no client certificate) trusting the test CA."""
+        ca = (self.dir / "ca.pem").read_bytes()
+        if name is None:
+            return grpc.ssl_channel_credentials(ca)
+        return grpc.ssl_channel_credentials(
+            ca, self.key(key_of or name).read_bytes(), self.cert(name).read_bytes()
+        )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def probe() -> Iterator[Probe]:
+    upstream = Probe()
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+class SidecarProcess:
+    """`python -m sidecar ARGS` as a child process, its stderr collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._collect, args=(stream,), daemon=True)
+            for stream in (self.proc.stdout, self.proc.stderr)
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.port = 0
+
+    def _collect(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 20) -> re.Match[str]:
+        """Wait until a line matching pattern appears; fail with the output if it does not."""
+        regex = re.compile(pattern)
+        found: list[re.Match[str]] = []
+
+        def seen() -> bool:
+            found[:] = [m for line in self.lines if (m := regex.search(line))]
+            return bool(found) or self.proc.poll() is not None and not any(
+                reader.is_alive() for reader in self._readers
+            )
+
+        with self._changed:
+            self._changed.wait_for(seen, timeout)
+        if not found:
+            raise AssertionError(f"no line matching {regex.pattern!r}; sidecar said:\n{self.output}")
+        return found[-1]
+
+    def wait_ready(self) -> int:
+        self.port = int(self.wait_for(LISTENING).group("port"))
+        return self.port
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait_exit()
+
+    def channel(
+        self, pki: Pki, client: str | None = "alice", *, key_of: str | None = None
+    ) -> grpc.Channel:
+        """A client channel to this sidecar with client certificate `client`."""
+        return grpc.secure_channel(
+            f"127.0.0.1:{self.port}",
+            pki.client_credentials(client, key_of=key_of),
+            options=UNLIMITED,
+        )
+
+
+class SidecarFactory:
+    def __init__(self, pki: Pki) -> None:
+        self.pki = pki
+        self.started: list[SidecarProcess] = []
+
+    def tls_args(self) -> list[str]:
+        return [
+            "--cert", str(self.pki.cert("server")),
+            "--key", str(self.pki.key("server")),
+            "--ca", str(self.pki.dir / "ca.pem"),
+        ]
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> SidecarProcess:
+        """Start a sidecar on a free port with the server certificate, plus args."""
+        process = SidecarProcess(["--listen", "127.0.0.1:0", *self.tls_args(), *args], env)
+        self.started.append(process)
+        return process
+
+    def serving(self, upstream_port: int, *args: str, **kwargs: object) -> SidecarProcess:
+        """Start a sidecar relaying to upstream_port and wait until it listens."""
+        process = self.start("--upstream", f"127.0.0.1:{upstream_port}", *args, **kwargs)  # type: ignore[arg-type]
+        process.wait_ready()
+        return process
+
+    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run the sidecar command to completion (for start-up errors)."""
+        return subprocess.run(
+            [sys.executable, "-m", "sidecar", *args],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture
+def sidecars(pki: Pki) -> Iterator[SidecarFactory]:
+    factory = SidecarFactory(pki)
+    yield factory
+    for process in factory.started:
+        process.stop()
+
+
+@pytest.fixture
+def sidecar(sidecars: SidecarFactory, probe: Probe) -> SidecarProcess:
+    """A sidecar in front of the probe that allows CN alice."""
+    return sidecars.serving(probe.port, "--allow-cn", "alice")

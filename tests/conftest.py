@@ -188,9 +188,12 @@ class SidecarFactory:
             "--ca", str(self.pki.dir / "ca.pem"),
         ]
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> SidecarProcess:
-        """Start a sidecar on a free port with the server certificate, plus args."""
-        process = SidecarProcess(["--listen", "127.0.0.1:0", *self.tls_args(), *args], env)
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, default_tls: bool = True
+    ) -> SidecarProcess:
+        """Start a sidecar on a free port (with the test server certificate), plus args."""
+        tls = self.tls_args() if default_tls else []
+        process = SidecarProcess(["--listen", "127.0.0.1:0", *tls, *args], env)
         self.started.append(process)
         return process
 

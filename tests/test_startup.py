@@ -1,0 +1,128 @@
+"""Bad flags and files stop the sidecar at start-up: exit 2, one line naming the flag or file.
+
+Each case starts from one good command line and changes one thing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+from sidecar import certs
+from tests.conftest import Pki, SidecarFactory
+
+
+def good_args(pki: Pki) -> dict[str, str]:
+    return {
+        "--upstream": "127.0.0.1:50051",
+        "--listen": "127.0.0.1:0",
+        "--cert": str(pki.cert("server")),
+        "--key": str(pki.key("server")),
+        "--ca": str(pki.dir / "ca.pem"),
+        "--allow-cn": "alice",
+    }
+
+
+def command(args: dict[str, str | None]) -> list[str]:
+    line: list[str] = []
+    for flag, value in args.items():
+        if value is not None:
+            line += [flag, value] if value != "" else [flag]
+    return line
+
+
+def assert_config_error(sidecars: SidecarFactory, args: list[str], *expected: str) -> str:
+    result = sidecars.run(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
+    """Broken and ill-fitting TLS files, one per case."""
+    directory = tmp_path_factory.mktemp("bad")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    (directory / "garbage.pem").write_text("this is not PEM\n")
+    (directory / "broken.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+    )
+    certs.issue(pki.ca, "localhost", usage="server", not_before=now - datetime.timedelta(days=10), days=2).write(
+        directory, "expired"
+    )
+    certs.issue(pki.ca, "localhost", usage="server", not_before=now + datetime.timedelta(days=1)).write(
+        directory, "notyet"
+    )
+    (directory / "a-directory.pem").mkdir()
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"--cert": "{bad}/missing.pem"}, ["--cert", "no such file", "missing.pem"]),
+        ({"--key": "{bad}/missing.key"}, ["--key", "no such file"]),
+        ({"--ca": "{bad}/missing-ca.pem"}, ["--ca", "no such file"]),
+        ({"--cert": "{bad}/a-directory.pem"}, ["--cert", "is a directory"]),
+        ({"--cert": "{bad}/garbage.pem"}, ["--cert", "holds no PEM certificate"]),
+        ({"--cert": "{bad}/broken.pem"}, ["--cert", "not a valid PEM certificate"]),
+        ({"--key": "{bad}/garbage.pem"}, ["--key", "not a PEM private key"]),
+        ({"--key": "{pki}/alice.key"}, ["--key does not match --cert"]),
+        ({"--cert": "{bad}/expired.pem", "--key": "{bad}/expired.key"}, ["--cert", "expired on"]),
+        ({"--cert": "{bad}/notyet.pem", "--key": "{bad}/notyet.key"}, ["--cert", "not valid until"]),
+        ({"--ca": "{pki}/alice.pem"}, ["--ca", "holds no CA certificate"]),
+        ({"--upstream": "192.0.2.10:50051"}, ["--upstream", "not on loopback", "--unsafe-upstream"]),
+        ({"--upstream": "localhost"}, ["--upstream", "HOST:PORT"]),
+        ({"--upstream": "localhost:http"}, ["--upstream", "not a number"]),
+        ({"--listen": "127.0.0.1:70000"}, ["--listen", "out of range"]),
+        ({"--allow-cn": None}, ["no allow rule", "--allow-all"]),
+        ({"--allow-all": ""}, ["--allow-all cannot be combined"]),
+        ({"--drain-grace": "-1"}, ["--drain-grace"]),
+        ({"--log-format": "xml"}, ["--log-format", "xml"]),
+        ({"--no-such-flag": ""}, ["--no-such-flag"]),
+        ({"--cert": None}, ["--cert"]),
+    ],
+    ids=lambda value: " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else "",
+)
+def test_bad_configuration_exits_2_with_one_line(
+    sidecars: SidecarFactory, pki: Pki, bad_files: Path, change: dict[str, str | None], expected: list[str]
+) -> None:
+    args: dict[str, str | None] = {**good_args(pki)}
+    for flag, value in change.items():
+        args[flag] = value.format(bad=bad_files, pki=pki.dir) if value else value
+    assert_config_error(sidecars, command(args), *expected)
+
+
+def test_unsafe_upstream_flag_allows_a_non_loopback_upstream(sidecars: SidecarFactory, pki: Pki) -> None:
+    # No call is made and grpc channels connect lazily, so nothing is ever sent
+    # there; `.invalid` names never resolve anyway (RFC 6761).
+    args = {**good_args(pki), "--upstream": "app.invalid:50051"}
+    assert_config_error(sidecars, command(args), "--unsafe-upstream")
+    process = sidecars.start(*command({**args, "--unsafe-upstream": ""}), default_tls=False)
+    process.wait_ready()
+
+
+def test_listen_port_in_use_exits_1_with_one_line(sidecars: SidecarFactory, pki: Pki) -> None:
+    first = sidecars.start("--upstream", "127.0.0.1:50051", "--allow-cn", "alice")
+    port = first.wait_ready()
+    result = sidecars.run(*command({**good_args(pki), "--listen": f"127.0.0.1:{port}"}))
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_documents_every_flag(sidecars: SidecarFactory) -> None:
+    result = sidecars.run("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--upstream", "--listen", "--cert", "--key", "--ca", "--allow-cn", "--allow-dns",
+        "--allow-uri", "--allow-all", "--unsafe-upstream", "--log-format", "--log-level",
+        "--drain-grace", "--mode",
+    ):
+        assert flag in result.stdout

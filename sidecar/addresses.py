@@ -59,7 +59,9 @@ def parse_address(text: str, flag: str, *, allow_unix: bool = False) -> Address:
         except ValueError:
             raise ConfigError(f"{flag}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
-        raise ConfigError(f"{flag}: write IPv6 addresses in brackets, e.g. [::1]:8443, not {text!r}")
+        raise ConfigError(
+            f"{flag}: write IPv6 addresses in brackets, e.g. [::1]:8443, not {text!r}"
+        )
     try:
         port = int(port_text)
     except ValueError:

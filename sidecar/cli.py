@@ -74,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where callers connect with mTLS; port 0 picks a free port (default: %(default)s)",
     )
     tls = parser.add_argument_group("TLS")
-    tls.add_argument("--cert", required=True, metavar="FILE", help="server certificate chain, PEM (leaf first)")
-    tls.add_argument("--key", required=True, metavar="FILE", help="private key of --cert, PEM, unencrypted")
+    tls.add_argument(
+        "--cert", required=True, metavar="FILE", help="server certificate chain, PEM (leaf first)"
+    )
+    tls.add_argument(
+        "--key", required=True, metavar="FILE", help="private key of --cert, PEM, unencrypted"
+    )
     tls.add_argument(
         "--ca",
         required=True,
@@ -86,32 +90,50 @@ def build_parser() -> argparse.ArgumentParser:
         "allowlist (checked on every call; a caller matching no rule gets PERMISSION_DENIED)"
     )
     allow.add_argument(
-        "--allow-cn", action="append", default=[], metavar="PATTERN",
+        "--allow-cn",
+        action="append",
+        default=[],
+        metavar="PATTERN",
         help="allow callers whose certificate subject CN matches (repeatable)",
     )
     allow.add_argument(
-        "--allow-dns", action="append", default=[], metavar="PATTERN",
+        "--allow-dns",
+        action="append",
+        default=[],
+        metavar="PATTERN",
         help="allow callers with a matching DNS SAN (repeatable, case-insensitive)",
     )
     allow.add_argument(
-        "--allow-uri", action="append", default=[], metavar="PATTERN",
+        "--allow-uri",
+        action="append",
+        default=[],
+        metavar="PATTERN",
         help="allow callers with a matching URI SAN, SPIFFE IDs included (repeatable)",
     )
     allow.add_argument(
-        "--allow-all", action="store_true",
+        "--allow-all",
+        action="store_true",
         help="accept any caller whose certificate chains to --ca (no identity check; mTLS stays)",
     )
     parser.add_argument(
-        "--unsafe-upstream", action="store_true",
+        "--unsafe-upstream",
+        action="store_true",
         help="allow an --upstream that is not on loopback (the upstream hop is plaintext)",
     )
     parser.add_argument(
-        "--drain-grace", type=float, default=10.0, metavar="SECONDS",
+        "--drain-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long in-flight calls may finish (default: %(default)gs)",
     )
     logs = parser.add_argument_group("logging")
-    logs.add_argument("--log-format", choices=["text", "json"], default="text", help="(default: %(default)s)")
-    logs.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
+    logs.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="(default: %(default)s)"
+    )
+    logs.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)"
+    )
     return parser
 
 

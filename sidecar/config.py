@@ -43,13 +43,17 @@ class Config:
                 "or --allow-all to accept any certificate signed by --ca"
             )
         if self.allow.allow_all and not self.allow.empty:
-            raise ConfigError("--allow-all cannot be combined with --allow-cn/--allow-dns/--allow-uri")
+            raise ConfigError(
+                "--allow-all cannot be combined with --allow-cn/--allow-dns/--allow-uri"
+            )
         if not self.upstream.is_loopback and not self.unsafe_upstream:
             raise ConfigError(
                 f"--upstream {self.upstream} is not on loopback: the hop to the upstream is "
                 "plaintext; pass --unsafe-upstream to allow it"
             )
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"--log-level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+            raise ConfigError(
+                f"--log-level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
         if self.drain_grace < 0:
             raise ConfigError(f"--drain-grace: {self.drain_grace:g} must not be negative")

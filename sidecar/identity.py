@@ -8,6 +8,7 @@ apart exactly rather than guessed from core's flattened string list.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -70,10 +71,8 @@ def _identity_from_core_names(auth_context: Mapping[str, Sequence[bytes]]) -> Pe
     uris = tuple(name for name in sans if "://" in name)
     ips: list[str] = []
     for name in sans:
-        try:
+        with contextlib.suppress(ValueError):  # not an IP address: DNS or URI
             ips.append(str(ipaddress.ip_address(name)))
-        except ValueError:
-            pass
     dns = tuple(name for name in sans if name not in uris and name not in ips)
     common_names = auth_context.get("x509_common_name", ())
     return PeerIdentity(
@@ -95,7 +94,10 @@ class IdentityReader:
         """The verified peer's identity, or None when the connection carries no certificate."""
         pems = auth_context.get("x509_pem_cert")
         if not pems:
-            if "x509_common_name" in auth_context or "x509_subject_alternative_name" in auth_context:
+            if (
+                "x509_common_name" in auth_context
+                or "x509_subject_alternative_name" in auth_context
+            ):
                 return _identity_from_core_names(auth_context)
             return None
         pem = pems[0]

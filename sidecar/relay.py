@@ -122,7 +122,9 @@ class _MethodRelay:
             record.code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
-    async def _forward(self, requests: AsyncIterator[bytes], context: Any, record: CallRecord) -> None:
+    async def _forward(
+        self, requests: AsyncIterator[bytes], context: Any, record: CallRecord
+    ) -> None:
         call = self._call_upstream(
             self._requests(requests, record),
             metadata=request_metadata(context.invocation_metadata()),

@@ -104,7 +104,11 @@ def _describe_rules(config: Config) -> str:
         return "allow-all: any certificate signed by the CA may call"
     parts = [
         f"{kind}={','.join(patterns)}"
-        for kind, patterns in (("allow-cn", rules.cn), ("allow-dns", rules.dns), ("allow-uri", rules.uri))
+        for kind, patterns in (
+            ("allow-cn", rules.cn),
+            ("allow-dns", rules.dns),
+            ("allow-uri", rules.uri),
+        )
         if patterns
     ]
     return "allow " + " ".join(parts)

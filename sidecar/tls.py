@@ -61,7 +61,9 @@ def _load_certificates(data: bytes, flag: str, path: Path) -> list[x509.Certific
 
 
 PrivateKey = (
-    ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
     | ed448.Ed448PrivateKey
 )
 
@@ -107,7 +109,12 @@ def _is_ca(certificate: x509.Certificate) -> bool:
 
 
 def load_tls_material(
-    cert: Path, key: Path, ca: Path, *, cert_flag: str = "--cert", key_flag: str = "--key",
+    cert: Path,
+    key: Path,
+    ca: Path,
+    *,
+    cert_flag: str = "--cert",
+    key_flag: str = "--key",
     ca_flag: str = "--ca",
 ) -> TLSMaterial:
     """Read and check cert, key and CA bundle; raise ConfigError naming the flag at fault.

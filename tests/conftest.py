@@ -1,4 +1,4 @@
-"""Shared fixtures: a PKI made by the tests, the probe upstream, and the sidecar as a real process."""
+"""Shared fixtures: a PKI made by the tests, the probe upstream, the sidecar as a process."""
 
 from __future__ import annotations
 
@@ -47,14 +47,21 @@ class Pki:
         )
         self._issue("stranger", self.other_ca, "alice", usage="client")  # right name, wrong CA
         self._issue(
-            "expired", self.ca, "alice", usage="client", days=1,
+            "expired",
+            self.ca,
+            "alice",
+            usage="client",
+            days=1,
             not_before=now - datetime.timedelta(days=3),
         )
         self._issue(
             "notyet", self.ca, "alice", usage="client", not_before=now + datetime.timedelta(days=2)
         )
         self._issue(
-            "server-eku", self.ca, "alice", usage="client",
+            "server-eku",
+            self.ca,
+            "alice",
+            usage="client",
             extended_key_usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         )
 
@@ -67,7 +74,9 @@ class Pki:
     def key(self, name: str) -> Path:
         return self.dir / f"{name}.key"
 
-    def client_credentials(self, name: str | None, *, key_of: str | None = None) -> grpc.ChannelCredentials:
+    def client_credentials(
+        self, name: str | None, *, key_of: str | None = None
+    ) -> grpc.ChannelCredentials:
         """Credentials of client `name` (None: no client certificate) trusting the test CA."""
         ca = (self.dir / "ca.pem").read_bytes()
         if name is None:
@@ -134,14 +143,17 @@ class SidecarProcess:
 
         def seen() -> bool:
             found[:] = [m for line in self.lines if (m := regex.search(line))]
-            return bool(found) or self.proc.poll() is not None and not any(
-                reader.is_alive() for reader in self._readers
+            return bool(found) or (
+                self.proc.poll() is not None
+                and not any(reader.is_alive() for reader in self._readers)
             )
 
         with self._changed:
             self._changed.wait_for(seen, timeout)
         if not found:
-            raise AssertionError(f"no line matching {regex.pattern!r}; sidecar said:\n{self.output}")
+            raise AssertionError(
+                f"no line matching {regex.pattern!r}; sidecar said:\n{self.output}"
+            )
         return found[-1]
 
     def wait_ready(self) -> int:
@@ -183,9 +195,12 @@ class SidecarFactory:
 
     def tls_args(self) -> list[str]:
         return [
-            "--cert", str(self.pki.cert("server")),
-            "--key", str(self.pki.key("server")),
-            "--ca", str(self.pki.dir / "ca.pem"),
+            "--cert",
+            str(self.pki.cert("server")),
+            "--key",
+            str(self.pki.key("server")),
+            "--ca",
+            str(self.pki.dir / "ca.pem"),
         ]
 
     def start(

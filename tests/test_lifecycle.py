@@ -51,7 +51,9 @@ def test_drain_grace_bounds_how_long_in_flight_calls_may_run(
 ) -> None:
     process = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "0.5")
     with process.channel(pki) as channel:
-        stuck = channel.unary_unary(UNARY).future(b"x", timeout=60, metadata=[("x-probe-gate", "never")])
+        stuck = channel.unary_unary(UNARY).future(
+            b"x", timeout=60, metadata=[("x-probe-gate", "never")]
+        )
         (seen,) = probe.wait_for_calls(1)
         process.signal(signal.SIGINT)
         with pytest.raises(grpc.RpcError) as raised:
@@ -64,7 +66,9 @@ def test_drain_grace_bounds_how_long_in_flight_calls_may_run(
 def test_second_signal_exits_at_once(sidecars: SidecarFactory, pki: Pki, probe: Probe) -> None:
     process = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "600")
     with process.channel(pki) as channel:
-        held = channel.unary_unary(UNARY).future(b"x", timeout=60, metadata=[("x-probe-gate", "never")])
+        held = channel.unary_unary(UNARY).future(
+            b"x", timeout=60, metadata=[("x-probe-gate", "never")]
+        )
         probe.wait_for_calls(1)
         process.signal(signal.SIGTERM)
         process.wait_for("SIGTERM: draining")
@@ -83,7 +87,9 @@ def test_access_log_has_one_text_line_per_call(sidecar: SidecarProcess, pki: Pki
         r"INFO sidecar.access: /probe.Probe/Unary peer='CN=alice' remote=ipv4:127.0.0.1:\d+ "
         r"code=OK duration_ms=[\d.]+ bytes_in=5 bytes_out=5"
     )
-    denied = sidecar.wait_for(r"sidecar.access: /probe.Probe/Unary peer='CN=mallory' .* code=PERMISSION_DENIED")
+    denied = sidecar.wait_for(
+        r"sidecar.access: /probe.Probe/Unary peer='CN=mallory' .* code=PERMISSION_DENIED"
+    )
     assert allowed and denied
     assert sum("sidecar.access" in line for line in sidecar.lines) == 2
 

@@ -20,7 +20,9 @@ from tests.probe import Probe
 UNARY = "/probe.Probe/Unary"
 
 
-def call(process: SidecarProcess, pki: Pki, client: str | None, **kwargs: str) -> grpc.RpcError | bytes:
+def call(
+    process: SidecarProcess, pki: Pki, client: str | None, **kwargs: str
+) -> grpc.RpcError | bytes:
     with process.channel(pki, client, **kwargs) as channel:
         try:
             return bytes(channel.unary_unary(UNARY)(b"hello", timeout=10))
@@ -140,18 +142,20 @@ def _tls_client(pki: Pki, **settings: object) -> ssl.SSLContext:
 
 def test_listener_negotiates_alpn_h2_and_modern_tls(sidecar: SidecarProcess, pki: Pki) -> None:
     context = _tls_client(pki)
-    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw, context.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         assert tls.selected_alpn_protocol() == "h2"
         assert tls.version() == "TLSv1.3"
 
 
 def test_listener_accepts_tls_1_2(sidecar: SidecarProcess, pki: Pki) -> None:
     context = _tls_client(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
-    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw, context.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         assert tls.version() == "TLSv1.2"
         assert tls.selected_alpn_protocol() == "h2"
 
@@ -160,9 +164,17 @@ def test_listener_refuses_tls_below_1_2(sidecar: SidecarProcess, pki: Pki) -> No
     # openssl s_client can still offer TLS 1.1 when its security level allows it.
     result = subprocess.run(
         [
-            "openssl", "s_client", "-connect", f"127.0.0.1:{sidecar.port}",
-            "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0",
-            "-cert", str(pki.cert("alice")), "-key", str(pki.key("alice")),
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{sidecar.port}",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT:@SECLEVEL=0",
+            "-cert",
+            str(pki.cert("alice")),
+            "-key",
+            str(pki.key("alice")),
         ],
         input="",
         capture_output=True,
@@ -183,9 +195,23 @@ def test_certificates_made_by_openssl_work(
 ) -> None:
     """Certificates from an outside tool (the openssl command) work on both ends."""
     _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=OpenSSL Test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=OpenSSL Test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
         cwd=tmp_path,
     )
     for name, extensions in (
@@ -194,19 +220,50 @@ def test_certificates_made_by_openssl_work(
     ):
         (tmp_path / f"{name}.ext").write_text(extensions)
         _openssl(
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=openssl-{name}",
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=openssl-{name}",
             cwd=tmp_path,
         )
         _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", "-extfile", f"{name}.ext",
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            f"{name}.pem",
+            "-extfile",
+            f"{name}.ext",
             cwd=tmp_path,
         )
     process = sidecars.start(
-        "--upstream", f"127.0.0.1:{probe.port}",
-        "--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key"),
-        "--ca", str(tmp_path / "ca.pem"), "--allow-cn", "openssl-client",
+        "--upstream",
+        f"127.0.0.1:{probe.port}",
+        "--cert",
+        str(tmp_path / "server.pem"),
+        "--key",
+        str(tmp_path / "server.key"),
+        "--ca",
+        str(tmp_path / "ca.pem"),
+        "--allow-cn",
+        "openssl-client",
         default_tls=False,
     )
     process.wait_ready()

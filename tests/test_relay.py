@@ -33,7 +33,9 @@ def test_unary_call_is_relayed(sidecar: SidecarProcess, pki: Pki, probe: Probe) 
 
 def test_server_streaming_call_is_relayed(sidecar: SidecarProcess, pki: Pki) -> None:
     with sidecar.channel(pki) as channel:
-        replies = list(channel.unary_stream(SERVER_STREAM)(b"m", timeout=10, metadata=[("x-probe-count", "5")]))
+        replies = list(
+            channel.unary_stream(SERVER_STREAM)(b"m", timeout=10, metadata=[("x-probe-count", "5")])
+        )
     assert replies == [b"m0", b"m1", b"m2", b"m3", b"m4"]
 
 
@@ -44,7 +46,9 @@ def test_client_streaming_call_is_relayed(sidecar: SidecarProcess, pki: Pki, pro
     assert probe.calls[0].requests == [b"a", b"b", b"c"]
 
 
-def test_bidi_streaming_call_is_relayed_message_by_message(sidecar: SidecarProcess, pki: Pki) -> None:
+def test_bidi_streaming_call_is_relayed_message_by_message(
+    sidecar: SidecarProcess, pki: Pki
+) -> None:
     requests: queue.Queue[bytes | None] = queue.Queue()
 
     def request_stream() -> Iterator[bytes]:
@@ -161,7 +165,9 @@ def test_rich_error_status_details_pass_through(sidecar: SidecarProcess, pki: Pk
     assert (info.reason, info.domain) == ("QUOTA", "probe.example")
 
 
-def test_errors_after_messages_keep_the_messages_and_the_status(sidecar: SidecarProcess, pki: Pki) -> None:
+def test_errors_after_messages_keep_the_messages_and_the_status(
+    sidecar: SidecarProcess, pki: Pki
+) -> None:
     metadata = [("x-probe-count", "2"), ("x-probe-status", "9"), ("x-probe-details", "late")]
     received = []
     with sidecar.channel(pki) as channel, pytest.raises(grpc.RpcError) as raised:
@@ -178,21 +184,27 @@ def test_unknown_method_gets_the_upstreams_unimplemented(sidecar: SidecarProcess
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_client_deadline_is_passed_to_the_upstream(sidecar: SidecarProcess, pki: Pki, probe: Probe) -> None:
+def test_client_deadline_is_passed_to_the_upstream(
+    sidecar: SidecarProcess, pki: Pki, probe: Probe
+) -> None:
     with sidecar.channel(pki) as channel:
         channel.unary_unary(UNARY)(b"x", timeout=5)
     remaining = probe.calls[0].time_remaining
     assert remaining is not None and 3 < remaining <= 5
 
 
-def test_no_client_deadline_stays_no_deadline(sidecar: SidecarProcess, pki: Pki, probe: Probe) -> None:
+def test_no_client_deadline_stays_no_deadline(
+    sidecar: SidecarProcess, pki: Pki, probe: Probe
+) -> None:
     with sidecar.channel(pki) as channel:
         channel.unary_unary(UNARY)(b"x")
     remaining = probe.calls[0].time_remaining
     assert remaining is None or remaining > 10**6  # grpc reports "infinite" one way or the other
 
 
-def test_expired_deadline_cancels_the_upstream_call(sidecar: SidecarProcess, pki: Pki, probe: Probe) -> None:
+def test_expired_deadline_cancels_the_upstream_call(
+    sidecar: SidecarProcess, pki: Pki, probe: Probe
+) -> None:
     with sidecar.channel(pki) as channel, pytest.raises(grpc.RpcError) as raised:
         channel.unary_unary(UNARY)(b"x", timeout=0.5, metadata=[("x-probe-gate", "never")])
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -228,7 +240,9 @@ def test_client_cancel_cancels_the_upstream_call(
         hold.set()
 
 
-def test_upstream_cancelling_reaches_the_client_as_cancelled(sidecar: SidecarProcess, pki: Pki) -> None:
+def test_upstream_cancelling_reaches_the_client_as_cancelled(
+    sidecar: SidecarProcess, pki: Pki
+) -> None:
     metadata = [("x-probe-count", "1"), ("x-probe-status", str(grpc.StatusCode.CANCELLED.value[0]))]
     with sidecar.channel(pki) as channel, pytest.raises(grpc.RpcError) as raised:
         list(channel.unary_stream(SERVER_STREAM)(b"x", timeout=10, metadata=metadata))
@@ -244,7 +258,9 @@ def test_sixteen_mebibyte_messages_pass_both_ways(sidecar: SidecarProcess, pki: 
     assert replies[0] == payload
 
 
-def test_gzip_compressed_requests_from_the_client_work(sidecar: SidecarProcess, pki: Pki, probe: Probe) -> None:
+def test_gzip_compressed_requests_from_the_client_work(
+    sidecar: SidecarProcess, pki: Pki, probe: Probe
+) -> None:
     payload = b"compressible " * 1000
     with sidecar.channel(pki) as channel:
         reply = channel.unary_unary(UNARY)(payload, timeout=10, compression=grpc.Compression.Gzip)
@@ -326,7 +342,9 @@ def test_upstream_down_gives_unavailable_naming_the_upstream_then_recovers(
                     break
                 except grpc.RpcError as error:
                     assert error.code() == grpc.StatusCode.UNAVAILABLE
-                    assert time.monotonic() - back < 5, "calls kept failing after the upstream was back"
+                    assert time.monotonic() - back < 5, (
+                        "calls kept failing after the upstream was back"
+                    )
             recovered_after = time.monotonic() - back
         assert recovered_after < 1.0, f"calls succeeded again only {recovered_after:.2f}s after"
     finally:

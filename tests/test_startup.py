@@ -53,12 +53,12 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
     (directory / "broken.pem").write_text(
         "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
     )
-    certs.issue(pki.ca, "localhost", usage="server", not_before=now - datetime.timedelta(days=10), days=2).write(
-        directory, "expired"
-    )
-    certs.issue(pki.ca, "localhost", usage="server", not_before=now + datetime.timedelta(days=1)).write(
-        directory, "notyet"
-    )
+    certs.issue(
+        pki.ca, "localhost", usage="server", not_before=now - datetime.timedelta(days=10), days=2
+    ).write(directory, "expired")
+    certs.issue(
+        pki.ca, "localhost", usage="server", not_before=now + datetime.timedelta(days=1)
+    ).write(directory, "notyet")
     (directory / "a-directory.pem").mkdir()
     return directory
 
@@ -75,9 +75,15 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
         ({"--key": "{bad}/garbage.pem"}, ["--key", "not a PEM private key"]),
         ({"--key": "{pki}/alice.key"}, ["--key does not match --cert"]),
         ({"--cert": "{bad}/expired.pem", "--key": "{bad}/expired.key"}, ["--cert", "expired on"]),
-        ({"--cert": "{bad}/notyet.pem", "--key": "{bad}/notyet.key"}, ["--cert", "not valid until"]),
+        (
+            {"--cert": "{bad}/notyet.pem", "--key": "{bad}/notyet.key"},
+            ["--cert", "not valid until"],
+        ),
         ({"--ca": "{pki}/alice.pem"}, ["--ca", "holds no CA certificate"]),
-        ({"--upstream": "192.0.2.10:50051"}, ["--upstream", "not on loopback", "--unsafe-upstream"]),
+        (
+            {"--upstream": "192.0.2.10:50051"},
+            ["--upstream", "not on loopback", "--unsafe-upstream"],
+        ),
         ({"--upstream": "localhost"}, ["--upstream", "HOST:PORT"]),
         ({"--upstream": "localhost:http"}, ["--upstream", "not a number"]),
         ({"--listen": "127.0.0.1:70000"}, ["--listen", "out of range"]),
@@ -88,10 +94,16 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
         ({"--no-such-flag": ""}, ["--no-such-flag"]),
         ({"--cert": None}, ["--cert"]),
     ],
-    ids=lambda value: " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else "",
+    ids=lambda value: (
+        " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else ""
+    ),
 )
 def test_bad_configuration_exits_2_with_one_line(
-    sidecars: SidecarFactory, pki: Pki, bad_files: Path, change: dict[str, str | None], expected: list[str]
+    sidecars: SidecarFactory,
+    pki: Pki,
+    bad_files: Path,
+    change: dict[str, str | None],
+    expected: list[str],
 ) -> None:
     args: dict[str, str | None] = {**good_args(pki)}
     for flag, value in change.items():
@@ -99,7 +111,9 @@ def test_bad_configuration_exits_2_with_one_line(
     assert_config_error(sidecars, command(args), *expected)
 
 
-def test_unsafe_upstream_flag_allows_a_non_loopback_upstream(sidecars: SidecarFactory, pki: Pki) -> None:
+def test_unsafe_upstream_flag_allows_a_non_loopback_upstream(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
     # No call is made and grpc channels connect lazily, so nothing is ever sent
     # there; `.invalid` names never resolve anyway (RFC 6761).
     args = {**good_args(pki), "--upstream": "app.invalid:50051"}
@@ -121,8 +135,19 @@ def test_help_documents_every_flag(sidecars: SidecarFactory) -> None:
     result = sidecars.run("--help")
     assert result.returncode == 0
     for flag in (
-        "--upstream", "--listen", "--cert", "--key", "--ca", "--allow-cn", "--allow-dns",
-        "--allow-uri", "--allow-all", "--unsafe-upstream", "--log-format", "--log-level",
-        "--drain-grace", "--mode",
+        "--upstream",
+        "--listen",
+        "--cert",
+        "--key",
+        "--ca",
+        "--allow-cn",
+        "--allow-dns",
+        "--allow-uri",
+        "--allow-all",
+        "--unsafe-upstream",
+        "--log-format",
+        "--log-level",
+        "--drain-grace",
+        "--mode",
     ):
         assert flag in result.stdout

@@ -1,0 +1,96 @@
+"""A client not written in Python (@grpc/grpc-js on Node.js) drives the relay via the sidecar."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Pki, SidecarProcess
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def _install_node() -> str:
+    """Find node and npm, installing them from Debian's packages when missing (root only)."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        if shutil.which("apt-get") is None:
+            pytest.fail("node and npm are missing and apt-get is not available to install them")
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "nodejs", "npm"],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+    node = shutil.which("node")
+    assert node is not None
+    return node
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    executable = _install_node()
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    return executable
+
+
+def test_grpc_js_client_unary_server_stream_and_error_with_trailers(
+    node: str, sidecar: SidecarProcess, pki: Pki
+) -> None:
+    result = subprocess.run(
+        [
+            node,
+            "client.js",
+            f"127.0.0.1:{sidecar.port}",
+            str(pki.dir / "ca.pem"),
+            str(pki.cert("alice")),
+            str(pki.key("alice")),
+        ],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    outcome = json.loads(result.stdout)
+    assert outcome["unary"] == {"code": 0, "reply": "from node"}
+    assert outcome["serverStream"] == {"code": 0, "replies": ["n0", "n1", "n2"]}
+    error = outcome["error"]
+    assert error["code"] == 5  # NOT_FOUND, from the upstream, unchanged
+    assert error["details"] == "no such key"
+    assert error["trailers"]["x-up-trail"] == "bye"
+    assert error["trailers"]["x-up-trail-bin"] == "00ff10"
+
+
+def test_grpc_js_client_that_is_not_allowed_gets_permission_denied(
+    node: str, sidecar: SidecarProcess, pki: Pki
+) -> None:
+    result = subprocess.run(
+        [
+            node,
+            "client.js",
+            f"127.0.0.1:{sidecar.port}",
+            str(pki.dir / "ca.pem"),
+            str(pki.cert("mallory")),
+            str(pki.key("mallory")),
+        ],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    unary = json.loads(result.stdout)["unary"]
+    assert unary["code"] == 7  # PERMISSION_DENIED
+    assert unary["details"] == "peer CN=mallory is not allowed to call /probe.Probe/Unary"

@@ -17,10 +17,8 @@ from typing import NoReturn
 from sidecar import __version__
 from sidecar.addresses import parse_address
 from sidecar.config import LOG_LEVELS, Config
-from sidecar.errors import ConfigError, StartupError
+from sidecar.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
 from sidecar.policy import AllowRules
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 _DESCRIPTION = """\
 Put mutual TLS and a caller allowlist in front of a plain gRPC service, with no

@@ -1,6 +1,10 @@
-"""The exception tree: expected failures the user can fix, kept apart from bugs."""
+"""The exception tree: expected failures the user can fix, kept apart from bugs; exit codes."""
 
 from __future__ import annotations
+
+EXIT_OK = 0  # served, then stopped cleanly
+EXIT_RUNTIME = 1  # could not serve, or forced to stop
+EXIT_USAGE = 2  # a flag, setting or file is wrong
 
 
 class SidecarError(Exception):

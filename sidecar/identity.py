@@ -9,6 +9,7 @@ apart exactly rather than guessed from core's flattened string list.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,8 @@ class PeerIdentity:
         """The SPIFFE ID (the spiffe:// URI SAN), if the certificate is an X.509-SVID."""
         return next((uri for uri in self.uris if uri.startswith("spiffe://")), None)
 
-    def describe(self) -> str:
+    @functools.cached_property  # computed once per certificate: the relay logs it on every call
+    def description(self) -> str:
         """Short human form for logs and denial messages, e.g. `CN=alice, DNS=alice.example`."""
         parts = []
         if self.common_name is not None:

@@ -83,4 +83,4 @@ class Policy:
             for rule in rules:
                 if rule.matches(names):
                     return Decision(True, f"{rule.kind} {rule.pattern}")
-        return Decision(False, f"peer {identity.describe()} is not allowed to call {method}")
+        return Decision(False, f"peer {identity.description} is not allowed to call {method}")

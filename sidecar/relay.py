@@ -46,6 +46,10 @@ _MAX_CACHED_METHODS = 1024
 # request-streaming calls pay it, once, at their half-close.
 _CANCELLATION_GRACE_SECONDS = 0.005
 
+# How long the first call of a method waits, after the first request message, for
+# the client's end of stream before relaying as a stream (see _start_upstream_call).
+_PEEK_SECONDS = 0.002
+
 
 async def _let_pending_cancellation_land() -> None:
     """Give a client's cancellation that is on its way the time to reach the handler.
@@ -70,10 +74,12 @@ class _MethodRelay:
     def __init__(self, method: str, relay: Relay) -> None:
         self.method = method
         self._relay = relay
-        self._call_upstream = relay.upstream.channel.stream_stream(method)  # bytes in, bytes out
+        channel = relay.upstream.channel
+        self._stream_call = channel.stream_stream(method)  # bytes in, bytes out
+        self._single_request_call = channel.unary_stream(method)
         # Learned: has a call of this method ever carried other than one request
-        # message? Only such methods pay for the cancellation guard, so unary
-        # requests keep their latency.
+        # message? Such methods go straight to the stream path and pay for the
+        # cancellation guard; single-request calls keep their latency.
         self._request_streaming = False
 
     async def _requests(
@@ -88,6 +94,32 @@ class _MethodRelay:
             self._request_streaming = True
         if self._request_streaming:
             await _let_pending_cancellation_land()
+
+    async def _start_upstream_call(
+        self, requests: AsyncIterator[bytes], context: Any, record: CallRecord
+    ) -> Any:
+        """Start the upstream call, in the single-request form when the request is one message.
+
+        grpc.aio writes a stream call's messages in batches of their own, and when the
+        upstream ends the call before reading one (an unknown method, an interceptor
+        refusing the caller) the failed write replaces the upstream's status with
+        INTERNAL "Internal error from Core". A unary-stream call sends headers, the
+        message and the half-close in one batch: nothing to race. A unary client's
+        end-of-stream arrives with its message, so peeking for it costs one loop turn;
+        a streaming client is never held longer than _PEEK_SECONDS.
+        """
+        metadata = request_metadata(context.invocation_metadata())
+        timeout = context.time_remaining()  # None when the caller set no deadline
+        if not self._request_streaming:
+            peeked = await _peek_single_request(requests)
+            if isinstance(peeked, bytes):
+                record.messages_in = 1
+                record.bytes_in = len(peeked)
+                return self._single_request_call(peeked, metadata=metadata, timeout=timeout)
+            requests = peeked
+        return self._stream_call(
+            self._requests(requests, record), metadata=metadata, timeout=timeout
+        )
 
     async def handle(self, requests: AsyncIterator[bytes], context: Any) -> None:
         """Serve one call (a coroutine function: grpc.aio checks for one to run it as async)."""
@@ -115,7 +147,7 @@ class _MethodRelay:
             return
         identity = self._relay.identities.read(context.auth_context())
         if identity is not None:
-            record.peer = identity.describe()
+            record.peer = identity.description
         decision = policy.decide(identity, self.method)
         if not decision.allowed:
             logger.warning("denied: %s", decision.reason)
@@ -125,11 +157,7 @@ class _MethodRelay:
     async def _forward(
         self, requests: AsyncIterator[bytes], context: Any, record: CallRecord
     ) -> None:
-        call = self._call_upstream(
-            self._requests(requests, record),
-            metadata=request_metadata(context.invocation_metadata()),
-            timeout=context.time_remaining(),  # None when the caller set no deadline
-        )
+        call = await self._start_upstream_call(requests, context, record)
         try:
             headers = await call.initial_metadata()
             if headers:
@@ -151,6 +179,53 @@ class _MethodRelay:
         finally:
             if not call.done():
                 call.cancel()  # every way out of the handler ends the upstream call
+
+
+async def _next_or_end(requests: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        return None
+
+
+async def _replay(
+    first: bytes, pending: asyncio.Task[bytes | None], rest: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    yield first
+    second = await pending
+    if second is None:
+        return
+    yield second
+    async for message in rest:
+        yield message
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _peek_single_request(requests: AsyncIterator[bytes]) -> bytes | AsyncIterator[bytes]:
+    """The request if it is exactly one message; otherwise an iterator over all of them.
+
+    Never waits more than _PEEK_SECONDS for the end of the stream after the first
+    message; a read that is still pending then is handed on, not cancelled.
+    """
+    requests = aiter(requests)
+    first = await _next_or_end(requests)
+    if first is None:
+        return _empty()
+    pending = asyncio.ensure_future(_next_or_end(requests))
+    try:
+        await asyncio.wait_for(asyncio.shield(pending), _PEEK_SECONDS)
+    except asyncio.TimeoutError:
+        return _replay(first, pending, requests)
+    except BaseException:
+        pending.cancel()
+        raise
+    if pending.result() is None:
+        return first
+    return _replay(first, pending, requests)
 
 
 class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]

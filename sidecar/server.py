@@ -17,7 +17,7 @@ from types import TracebackType
 from grpc import aio
 
 from sidecar.config import Config
-from sidecar.errors import StartupError
+from sidecar.errors import EXIT_OK, EXIT_RUNTIME, StartupError
 from sidecar.policy import Policy
 from sidecar.relay import Relay
 from sidecar.tls import ServerCredentialStore, load_tls_material
@@ -38,8 +38,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
 )
-
-EXIT_FORCED = 1
 
 
 class Sidecar:
@@ -134,11 +132,11 @@ async def run(config: Config) -> int:
         else:
             logger.warning("%s again: exiting now", signum.name)
             logging.shutdown()
-            os._exit(EXIT_FORCED)  # the drain is what we would have waited for
+            os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await stop_requested.wait()
     await sidecar.stop(config.drain_grace)
-    return 0
+    return EXIT_OK

@@ -4,7 +4,9 @@ Every method is served by one generic handler as a stream-stream call: the wire
 does not carry a method's shape (a unary client sends one message then
 half-closes; a unary server replies one message then trailers), so a
 stream/stream bridge is correct for all four call types and the sidecar never
-needs the service's schema. Messages stay bytes: nothing is decoded.
+needs the service's schema. Messages stay bytes: nothing is decoded. Upstream, a
+request of exactly one message goes out as a unary-stream call, which is the same
+on the wire (see `_MethodRelay._start_upstream_call` for why).
 
 What the relay owns, per call:
 - the allowlist check (when a policy is set), before anything reaches the upstream;

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,17 +46,16 @@ def node() -> str:
     return executable
 
 
-def test_grpc_js_client_unary_server_stream_and_error_with_trailers(
-    node: str, sidecar: SidecarProcess, pki: Pki
-) -> None:
+def run_client(node: str, sidecar: SidecarProcess, pki: Pki, client: str) -> dict[str, Any]:
+    """Run client.js through the sidecar with client certificate `client`; its JSON report."""
     result = subprocess.run(
         [
             node,
             "client.js",
             f"127.0.0.1:{sidecar.port}",
             str(pki.dir / "ca.pem"),
-            str(pki.cert("alice")),
-            str(pki.key("alice")),
+            str(pki.cert(client)),
+            str(pki.key(client)),
         ],
         cwd=NODE_DIR,
         capture_output=True,
@@ -63,7 +63,14 @@ def test_grpc_js_client_unary_server_stream_and_error_with_trailers(
         timeout=60,
         check=True,
     )
-    outcome = json.loads(result.stdout)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_grpc_js_client_unary_server_stream_and_error_with_trailers(
+    node: str, sidecar: SidecarProcess, pki: Pki
+) -> None:
+    outcome = run_client(node, sidecar, pki, "alice")
     assert outcome["unary"] == {"code": 0, "reply": "from node"}
     assert outcome["serverStream"] == {"code": 0, "replies": ["n0", "n1", "n2"]}
     error = outcome["error"]
@@ -76,21 +83,6 @@ def test_grpc_js_client_unary_server_stream_and_error_with_trailers(
 def test_grpc_js_client_that_is_not_allowed_gets_permission_denied(
     node: str, sidecar: SidecarProcess, pki: Pki
 ) -> None:
-    result = subprocess.run(
-        [
-            node,
-            "client.js",
-            f"127.0.0.1:{sidecar.port}",
-            str(pki.dir / "ca.pem"),
-            str(pki.cert("mallory")),
-            str(pki.key("mallory")),
-        ],
-        cwd=NODE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    unary = json.loads(result.stdout)["unary"]
+    unary = run_client(node, sidecar, pki, "mallory")["unary"]
     assert unary["code"] == 7  # PERMISSION_DENIED
     assert unary["details"] == "peer CN=mallory is not allowed to call /probe.Probe/Unary"

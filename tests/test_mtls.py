@@ -140,24 +140,22 @@ def _tls_client(pki: Pki, **settings: object) -> ssl.SSLContext:
     return context
 
 
-def test_listener_negotiates_alpn_h2_and_modern_tls(sidecar: SidecarProcess, pki: Pki) -> None:
-    context = _tls_client(pki)
+def _handshake(port: int, context: ssl.SSLContext) -> tuple[str | None, str | None]:
+    """Complete a TLS handshake with the listener; return (TLS version, ALPN protocol)."""
     with (
-        socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
         context.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
-        assert tls.selected_alpn_protocol() == "h2"
-        assert tls.version() == "TLSv1.3"
+        return tls.version(), tls.selected_alpn_protocol()
+
+
+def test_listener_negotiates_alpn_h2_and_modern_tls(sidecar: SidecarProcess, pki: Pki) -> None:
+    assert _handshake(sidecar.port, _tls_client(pki)) == ("TLSv1.3", "h2")
 
 
 def test_listener_accepts_tls_1_2(sidecar: SidecarProcess, pki: Pki) -> None:
     context = _tls_client(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
-    with (
-        socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
-        assert tls.version() == "TLSv1.2"
-        assert tls.selected_alpn_protocol() == "h2"
+    assert _handshake(sidecar.port, context) == ("TLSv1.2", "h2")
 
 
 def test_listener_refuses_tls_below_1_2(sidecar: SidecarProcess, pki: Pki) -> None:

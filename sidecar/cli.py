@@ -167,6 +167,11 @@ def _run_event_loop(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["certs"]:
+        from sidecar.certs_cli import main as certs_main
+
+        return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)

@@ -23,6 +23,7 @@ class CallRecord:
     messages_in: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    route: str | None = None  # the route's name, when the configuration names it
 
 
 def log_call(record: CallRecord) -> None:
@@ -30,7 +31,7 @@ def log_call(record: CallRecord) -> None:
     if not access_logger.isEnabledFor(logging.INFO):
         return
     duration_ms = (time.monotonic() - record.started) * 1000
-    fields = {
+    fields: dict[str, object] = {
         "method": record.method,
         "peer": record.peer,
         "remote": record.remote,
@@ -39,9 +40,14 @@ def log_call(record: CallRecord) -> None:
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
     }
+    route = ""
+    if record.route is not None:
+        fields["route"] = record.route
+        route = f" route={record.route}"
     access_logger.info(
-        "%s peer=%r remote=%s code=%s duration_ms=%.3f bytes_in=%d bytes_out=%d",
+        "%s%s peer=%r remote=%s code=%s duration_ms=%.3f bytes_in=%d bytes_out=%d",
         record.method,
+        route,
         record.peer,
         record.remote,
         record.code.name,

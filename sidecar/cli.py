@@ -1,4 +1,4 @@
-"""The command line: parse flags into a Config, run the sidecar, map failures to exit codes.
+"""The command line: gather the configuration, run the sidecar, map failures to exit codes.
 
 Exit codes: 0 after a clean drain; 2 for a usage or configuration error (one
 line naming the flag or file, no traceback); 1 for a runtime failure.
@@ -8,152 +8,127 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import logging
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from sidecar import __version__
-from sidecar.addresses import parse_address
-from sidecar.config import LOG_LEVELS, Config
-from sidecar.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
-from sidecar.policy import AllowRules
+from sidecar.config import Config
+from sidecar.config_sources import CONFIG_ENV, Loaded, load
+from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
+from sidecar.settings import BY_KEY, SETTINGS
 
 _DESCRIPTION = """\
 Put mutual TLS and a caller allowlist in front of a plain gRPC service, with no
-change to the service. Every call is relayed as raw bytes: all four call types,
-metadata, headers, trailers, status details, deadlines and cancellation.
+change to the service (ingress), or let a plain client reach a remote service
+over mutual TLS (egress). Every call is relayed as raw bytes: all four call
+types, metadata, headers, trailers, status details, deadlines and cancellation.
 
   sidecar --upstream localhost:50051 --cert server.pem --key server.key \\
           --ca ca.pem --allow-cn alice --allow-cn bob
+  sidecar --mode egress --listen 127.0.0.1:50052 --upstream app.internal:8443 \\
+          --cert client.pem --key client.key --ca ca.pem
+  sidecar --config sidecar.yaml
+  sidecar certs --help
 """
 
 _EPILOG = """\
+settings: every flag --some-key is also the environment variable SIDECAR_SOME_KEY
+(lists comma-separated) and the key some_key in the --config file (YAML). Flags
+win over the environment, which wins over the file. --cert, --key and --ca take a
+file or the PEM text itself (a value starting with -----BEGIN).
 patterns: --allow-* take exact names or globs; '*' matches within one label
 (no '.' in CN/DNS, no '/' in URIs), '**' matches across labels, e.g.
 --allow-dns '*.prod.example.com', --allow-uri 'spiffe://example.org/ns/prod/**'.
 exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
 """
 
+_GROUPS = {
+    "route": None,  # the main group
+    "TLS": "TLS (a file path or inline PEM)",
+    "allowlist": "allowlist, ingress (checked on every call; a caller matching no rule gets "
+    "PERMISSION_DENIED)",
+    "process": None,
+    "logging": "logging",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, naming the flag, instead of argparse's usage block.
-        self.exit(EXIT_USAGE, f"sidecar: usage error: {message} (see sidecar --help)\n")
+        hint = _flag_hint(message)
+        self.exit(EXIT_USAGE, f"sidecar: usage error: {message}{hint} (see sidecar --help)\n")
+
+
+def _flag_hint(message: str) -> str:
+    prefix = "unrecognized arguments: "
+    if not message.startswith(prefix):
+        return ""
+    unknown = message[len(prefix) :].split()[0].split("=")[0]
+    known = [setting.flag_name for setting in SETTINGS] + ["--config", "--check-config"]
+    close = difflib.get_close_matches(unknown, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from the settings table: absent flags stay absent."""
     parser = _Parser(
         prog="sidecar",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     parser.add_argument(
-        "--mode",
-        choices=["ingress"],
-        default="ingress",
-        help="ingress: terminate mTLS from callers and relay to a local plaintext upstream "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--upstream",
-        required=True,
-        metavar="HOST:PORT",
-        help="the plain gRPC service to protect, e.g. localhost:50051 or unix:/run/app.sock; "
-        "must be on loopback unless --unsafe-upstream",
-    )
-    parser.add_argument(
-        "--listen",
-        default="0.0.0.0:8443",
-        metavar="HOST:PORT",
-        help="where callers connect with mTLS; port 0 picks a free port (default: %(default)s)",
-    )
-    tls = parser.add_argument_group("TLS")
-    tls.add_argument(
-        "--cert", required=True, metavar="FILE", help="server certificate chain, PEM (leaf first)"
-    )
-    tls.add_argument(
-        "--key", required=True, metavar="FILE", help="private key of --cert, PEM, unencrypted"
-    )
-    tls.add_argument(
-        "--ca",
-        required=True,
+        "--config",
         metavar="FILE",
-        help="CA bundle, PEM: callers must present a certificate that chains to it",
-    )
-    allow = parser.add_argument_group(
-        "allowlist (checked on every call; a caller matching no rule gets PERMISSION_DENIED)"
-    )
-    allow.add_argument(
-        "--allow-cn",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="allow callers whose certificate subject CN matches (repeatable)",
-    )
-    allow.add_argument(
-        "--allow-dns",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="allow callers with a matching DNS SAN (repeatable, case-insensitive)",
-    )
-    allow.add_argument(
-        "--allow-uri",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="allow callers with a matching URI SAN, SPIFFE IDs included (repeatable)",
-    )
-    allow.add_argument(
-        "--allow-all",
-        action="store_true",
-        help="accept any caller whose certificate chains to --ca (no identity check; mTLS stays)",
+        help=f"YAML file with the settings (or {CONFIG_ENV}); see config/sidecar.example.yaml",
     )
     parser.add_argument(
-        "--unsafe-upstream",
+        "--check-config",
         action="store_true",
-        help="allow an --upstream that is not on loopback (the upstream hop is plaintext)",
+        help="validate everything (files included), print the effective configuration with "
+        "the source of each value, and exit",
     )
-    parser.add_argument(
-        "--drain-grace",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, how long in-flight calls may finish (default: %(default)gs)",
-    )
-    logs = parser.add_argument_group("logging")
-    logs.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="(default: %(default)s)"
-    )
-    logs.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)"
-    )
+    groups = {
+        name: parser if title is None else parser.add_argument_group(title)
+        for name, title in _GROUPS.items()
+    }
+    for setting in SETTINGS:
+        if not setting.flag:
+            continue
+        help_text = setting.help
+        if setting.default not in (None, (), False):
+            help_text += " (default: %(default)s)"
+        options: dict[str, object] = {"help": help_text or None}
+        if setting.kind == "switch":
+            options["action"] = "store_true"
+        else:
+            options["metavar"] = setting.metavar
+            if setting.kind == "names":
+                options["action"] = "append"
+            if setting.choices:
+                options["choices"] = setting.choices
+                options.pop("metavar")
+        argument = groups[setting.group].add_argument(setting.flag_name, **options)  # type: ignore[arg-type]
+        if setting.default not in (None, (), False):
+            argument.default = argparse.SUPPRESS
+            # Shown in --help only; the loader applies defaults after the file and env.
+            argument.help = (argument.help or "").replace("%(default)s", str(setting.default))
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
-        mode=args.mode,
-        upstream=parse_address(args.upstream, "--upstream", allow_unix=True),
-        listen=parse_address(args.listen, "--listen"),
-        cert=Path(args.cert),
-        key=Path(args.key),
-        ca=Path(args.ca),
-        allow=AllowRules(
-            cn=tuple(args.allow_cn),
-            dns=tuple(args.allow_dns),
-            uri=tuple(args.allow_uri),
-            allow_all=args.allow_all,
-        ),
-        unsafe_upstream=args.unsafe_upstream,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        drain_grace=args.drain_grace,
-    )
+def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Loaded:
+    """The configuration from the parsed flags, the environment and the config file."""
+    given = vars(args)
+    flags = {key: value for key, value in given.items() if key in BY_KEY}
+    config_file = given.get("config") or environ.get(CONFIG_ENV) or None
+    return load(flags, environ, config_file)
 
 
 def _run_event_loop(config: Config) -> int:
@@ -174,14 +149,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args)
+        loaded = load_from_args(args, os.environ)
+        if getattr(args, "check_config", False):
+            return _check_config(loaded)
     except ConfigError as exc:
         print(f"sidecar: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    config = loaded.config
     from sidecar import logs
 
     logs.configure(config.log_format, config.log_level)
+    for warning in loaded.warnings:
+        logging.getLogger("sidecar").warning("%s", warning)
     if config.log_format == "json":
         # grpc core writes its own plain-text lines to stderr; keep the stream JSON.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -193,3 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _check_config(loaded: Loaded) -> int:
+    """Validate every route's credentials as serving would, then print the configuration."""
+    from sidecar.config_report import render
+    from sidecar.route import Route
+
+    routes = [Route(route) for route in loaded.config.routes]
+    for warning in loaded.warnings:
+        print(f"# warning: {warning}")
+    print(render(loaded, [route.material for route in routes]), end="")
+    return EXIT_OK

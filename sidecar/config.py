@@ -1,59 +1,154 @@
-"""The sidecar's configuration: one frozen value, validated when it is built.
+"""The sidecar's configuration: frozen values, validated when they are built.
 
-Every rule about what a valid configuration is lives here, and every error
-names the flag at fault. Files are read and checked later, by `tls`, when the
-listener is built; this module checks what can be known without I/O.
+A `Config` holds the process-wide settings and one or more `RouteConfig`s (a
+listener, its credentials and allowlist, and its upstream). Every rule about what
+a valid configuration is lives here, and every error names where the setting at
+fault came from (`--upstream`, `SIDECAR_CA`, `sidecar.yaml: routes[1].allow_cn`).
+How values are gathered from flags, environment and file is `config_sources`;
+files are read and checked by `tls`, when credentials are built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from sidecar.addresses import Address
 from sidecar.errors import ConfigError
 from sidecar.logs import LogFormat
+from sidecar.pem import PemSource
 from sidecar.policy import AllowRules
+from sidecar.settings import BY_KEY
 
-Mode = Literal["ingress"]
-LOG_LEVELS = ("debug", "info", "warning", "error")
+Mode = Literal["ingress", "egress"]
+
+DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One listener and where its calls go."""
+
+    mode: Mode
+    listen: Address
+    upstream: Address
+    cert: PemSource
+    key: PemSource
+    ca: PemSource
+    allow: AllowRules = field(default_factory=AllowRules)
+    server_name: str | None = None
+    unsafe_upstream: bool = False
+    unsafe_listen: bool = False
+    name: str | None = None
+    # Where each setting given came from, for error messages: key -> `--upstream`,
+    # `SIDECAR_UPSTREAM` or `sidecar.yaml: routes[0].upstream`.
+    where: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # The route's place in the config file (`sidecar.yaml: routes[1]`), when it
+    # is one of several; None for the single route of flags, env or a flat file.
+    location: str | None = field(default=None, compare=False, repr=False)
+
+    def label(self, key: str) -> str:
+        """How errors name a setting of this route: where it was set, or how to set it."""
+        if key in self.where:
+            return self.where[key]
+        return f"{self.location}.{key}" if self.location else BY_KEY[key].flag_name
+
+    @property
+    def tls_name(self) -> str:
+        """Egress: the name the remote's certificate must carry."""
+        return self.server_name or self.upstream.host
+
+    @property
+    def title(self) -> str:
+        """How log lines name this route: its name, or its mode when it has none."""
+        return f"route {self.name!r} ({self.mode})" if self.name else self.mode
+
+    def __post_init__(self) -> None:
+        if self.mode == "ingress":
+            self._check_ingress()
+        else:
+            self._check_egress()
+
+    def _check_ingress(self) -> None:
+        allow = self.allow
+        if allow.empty and not allow.allow_all:
+            if self.location:
+                prefix, names = f"{self.location}: ", ("allow_cn", "allow_dns", "allow_uri")
+                opt_out = "allow_all: true"
+            else:
+                prefix, names = "", ("--allow-cn", "--allow-dns", "--allow-uri")
+                opt_out = "--allow-all"
+            raise ConfigError(
+                f"{prefix}no allow rule: give {names[0]}, {names[1]} or {names[2]}, "
+                f"or {opt_out} to accept any certificate signed by the CA"
+            )
+        if allow.allow_all and not allow.empty:
+            raise ConfigError(
+                f"{self.label('allow_all')} cannot be combined with allow_cn/allow_dns/allow_uri"
+            )
+        if not self.upstream.is_loopback and not self.unsafe_upstream:
+            raise ConfigError(
+                f"{self.label('upstream')} {self.upstream} is not on loopback: the hop to the "
+                f"upstream is plaintext; set {self.label('unsafe_upstream')} to allow it"
+            )
+        for key, is_set in (
+            ("server_name", self.server_name is not None),
+            ("unsafe_listen", self.unsafe_listen),
+        ):
+            if is_set:
+                raise ConfigError(f"{self.label(key)} applies to egress routes only")
+
+    def _check_egress(self) -> None:
+        if not self.listen.is_loopback and not self.unsafe_listen:
+            raise ConfigError(
+                f"{self.label('listen')} {self.listen} is not on loopback: an egress listener "
+                "accepts plaintext calls and lends them this route's client certificate; "
+                f"set {self.label('unsafe_listen')} to allow it"
+            )
+        if self.upstream.unix_path is not None:
+            raise ConfigError(
+                f"{self.label('upstream')}: an egress upstream is a remote HOST:PORT, "
+                "not a unix socket"
+            )
+        for key, is_set in (
+            ("allow_cn", bool(self.allow.cn)),
+            ("allow_dns", bool(self.allow.dns)),
+            ("allow_uri", bool(self.allow.uri)),
+            ("allow_all", self.allow.allow_all),
+            ("unsafe_upstream", self.unsafe_upstream),
+        ):
+            if is_set:
+                raise ConfigError(
+                    f"{self.label(key)} applies to ingress routes only (an egress route "
+                    "checks the remote's certificate against the CA and the server name)"
+                )
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything one sidecar process needs to serve."""
+    """Everything one sidecar process needs to serve: its routes and shared settings."""
 
-    upstream: Address
-    listen: Address
-    cert: Path
-    key: Path
-    ca: Path
-    allow: AllowRules = field(default_factory=AllowRules)
-    mode: Mode = "ingress"
-    unsafe_upstream: bool = False
+    routes: tuple[RouteConfig, ...]
     log_format: LogFormat = "text"
     log_level: str = "info"
     drain_grace: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.allow.empty and not self.allow.allow_all:
-            raise ConfigError(
-                "no allow rule: give --allow-cn, --allow-dns or --allow-uri, "
-                "or --allow-all to accept any certificate signed by --ca"
-            )
-        if self.allow.allow_all and not self.allow.empty:
-            raise ConfigError(
-                "--allow-all cannot be combined with --allow-cn/--allow-dns/--allow-uri"
-            )
-        if not self.upstream.is_loopback and not self.unsafe_upstream:
-            raise ConfigError(
-                f"--upstream {self.upstream} is not on loopback: the hop to the upstream is "
-                "plaintext; pass --unsafe-upstream to allow it"
-            )
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(
-                f"--log-level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
-            )
-        if self.drain_grace < 0:
-            raise ConfigError(f"--drain-grace: {self.drain_grace:g} must not be negative")
+        if not self.routes:
+            raise ConfigError("routes: at least one route is needed")
+        names: dict[str, RouteConfig] = {}
+        listeners: dict[Address, RouteConfig] = {}
+        for route in self.routes:
+            if route.name is not None:
+                if route.name in names:
+                    raise ConfigError(f"{route.label('name')}: {route.name!r} names two routes")
+                names[route.name] = route
+            if route.listen.port != 0 or route.listen.unix_path:
+                other = listeners.get(route.listen)
+                if other is not None:
+                    raise ConfigError(
+                        f"{route.label('listen')}: {route.listen} is also "
+                        f"{other.label('listen')}; each route needs its own listener"
+                    )
+                listeners[route.listen] = route

@@ -125,7 +125,12 @@ class _MethodRelay:
 
     async def handle(self, requests: AsyncIterator[bytes], context: Any) -> None:
         """Serve one call (a coroutine function: grpc.aio checks for one to run it as async)."""
-        record = CallRecord(method=self.method, started=time.monotonic(), remote=context.peer())
+        record = CallRecord(
+            method=self.method,
+            started=time.monotonic(),
+            remote=context.peer(),
+            route=self._relay.route,
+        )
         try:
             await self._authorize(context, record)
             await self._forward(requests, context, record)
@@ -233,9 +238,10 @@ async def _peek_single_request(requests: AsyncIterator[bytes]) -> bytes | AsyncI
 class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The generic handler serving every method by relaying it to one upstream."""
 
-    def __init__(self, upstream: Upstream, policy: Policy | None) -> None:
+    def __init__(self, upstream: Upstream, policy: Policy | None, route: str | None = None) -> None:
         self.upstream = upstream
-        self.policy = policy
+        self.policy = policy  # None: no allowlist (an egress route's local callers)
+        self.route = route  # the route's name, for the access log
         self.identities = IdentityReader()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 

@@ -13,16 +13,21 @@ from __future__ import annotations
 import datetime
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.errors import ConfigError
+from sidecar.pem import PemSource
 
 _PEM_CERT_MARKER = b"-----BEGIN CERTIFICATE-----"
+
+# What the certificate is for: a listener (server) or an egress route (client).
+Role = Literal["server", "client"]
 
 
 @dataclass(frozen=True)
@@ -38,26 +43,15 @@ class TLSMaterial:
         return f"TLSMaterial(leaf={self.leaf.subject.rfc4514_string()!r})"
 
 
-def _read(path: Path, flag: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{flag}: no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{flag}: is a directory, not a file: {path}") from None
-    except PermissionError:
-        raise ConfigError(f"{flag}: permission denied reading {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
-
-
-def _load_certificates(data: bytes, flag: str, path: Path) -> list[x509.Certificate]:
+def _load_certificates(data: bytes, source: PemSource) -> list[x509.Certificate]:
     if _PEM_CERT_MARKER not in data:
-        raise ConfigError(f"{flag}: {path} holds no PEM certificate")
+        raise ConfigError(f"{source.setting}: {source.origin} holds no PEM certificate")
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise ConfigError(f"{flag}: {path} is not a valid PEM certificate ({exc})") from None
+        raise ConfigError(
+            f"{source.setting}: {source.origin} is not a valid PEM certificate ({exc})"
+        ) from None
 
 
 PrivateKey = (
@@ -68,15 +62,17 @@ PrivateKey = (
 )
 
 
-def _load_key(data: bytes, flag: str, path: Path) -> PrivateKey:
+def _load_key(data: bytes, source: PemSource) -> PrivateKey:
+    where = f"{source.setting}: {source.origin}"
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise ConfigError(f"{flag}: {path} is encrypted; give an unencrypted key") from None
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: {path} is not a PEM private key ({exc})") from None
+        raise ConfigError(f"{where} is encrypted; give an unencrypted key") from None
+    except ValueError:
+        # Not the parser's message: it could quote bytes of a key.
+        raise ConfigError(f"{where} is not a PEM private key") from None
     if not isinstance(key, PrivateKey):
-        raise ConfigError(f"{flag}: {path} holds an unsupported key type {type(key).__name__}")
+        raise ConfigError(f"{where} holds an unsupported key type {type(key).__name__}")
     return key
 
 
@@ -87,16 +83,32 @@ def _spki(key: PrivateKey | x509.Certificate) -> bytes:
     )
 
 
-def _check_validity(leaf: x509.Certificate, flag: str, path: Path) -> None:
+def _check_validity(leaf: x509.Certificate, source: PemSource) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
+    where = f"{source.setting}: certificate {source.origin}"
     if leaf.not_valid_after_utc <= now:
-        raise ConfigError(
-            f"{flag}: certificate {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"
-        )
+        raise ConfigError(f"{where} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z")
     if leaf.not_valid_before_utc > now:
         raise ConfigError(
-            f"{flag}: certificate {path} is not valid until "
-            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z"
+            f"{where} is not valid until {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z"
+        )
+
+
+def _check_usage(leaf: x509.Certificate, source: PemSource, role: Role) -> None:
+    """A certificate restricted to other usages is refused by the peer at every handshake."""
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # no EKU: any usage
+    wanted, peer = {
+        "server": (ExtendedKeyUsageOID.SERVER_AUTH, "callers"),
+        "client": (ExtendedKeyUsageOID.CLIENT_AUTH, "the remote"),
+    }[role]
+    if wanted not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        name = "serverAuth" if role == "server" else "clientAuth"
+        raise ConfigError(
+            f"{source.setting}: certificate {source.origin} lacks the {name} extended key "
+            f"usage, so {peer} would refuse it (issue it with --{role} or --both)"
         )
 
 
@@ -108,35 +120,30 @@ def _is_ca(certificate: x509.Certificate) -> bool:
     return constraints.value.ca
 
 
-def load_tls_material(
-    cert: Path,
-    key: Path,
-    ca: Path,
-    *,
-    cert_flag: str = "--cert",
-    key_flag: str = "--key",
-    ca_flag: str = "--ca",
-) -> TLSMaterial:
-    """Read and check cert, key and CA bundle; raise ConfigError naming the flag at fault.
+def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role) -> TLSMaterial:
+    """Read and check own chain, key and CA bundle; raise ConfigError naming the setting at fault.
 
-    Checks: each file exists and is readable; the certificate file holds PEM
-    certificates (leaf first, intermediates after); the key parses and is not
-    encrypted; the key matches the leaf; the leaf is valid now; the CA bundle holds
-    at least one CA certificate.
+    Checks: each source is readable; the certificate holds PEM certificates (leaf
+    first, intermediates after); the key parses and is not encrypted; the key
+    matches the leaf; the leaf is valid now and usable in its role (server for an
+    ingress listener, client for an egress route); the CA bundle holds at least
+    one CA certificate.
     """
-    cert_pem = _read(cert, cert_flag)
-    key_pem = _read(key, key_flag)
-    ca_pem = _read(ca, ca_flag)
+    cert_pem, key_pem, ca_pem = cert.read(), key.read(), ca.read()
 
-    leaf = _load_certificates(cert_pem, cert_flag, cert)[0]
-    if _spki(_load_key(key_pem, key_flag, key)) != _spki(leaf):
-        raise ConfigError(f"{key_flag} does not match {cert_flag} ({key} is not the key of {cert})")
-    _check_validity(leaf, cert_flag, cert)
+    leaf = _load_certificates(cert_pem, cert)[0]
+    if _spki(_load_key(key_pem, key)) != _spki(leaf):
+        raise ConfigError(
+            f"{key.setting} does not match {cert.setting} "
+            f"({key.origin} is not the key of {cert.origin})"
+        )
+    _check_validity(leaf, cert)
+    _check_usage(leaf, cert, role)
 
-    authorities = _load_certificates(ca_pem, ca_flag, ca)
+    authorities = _load_certificates(ca_pem, ca)
     if not any(_is_ca(certificate) for certificate in authorities):
         raise ConfigError(
-            f"{ca_flag}: {ca} holds no CA certificate (none has BasicConstraints CA:TRUE)"
+            f"{ca.setting}: {ca.origin} holds no CA certificate (none has BasicConstraints CA:TRUE)"
         )
     return TLSMaterial(cert_chain_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem, leaf=leaf)
 
@@ -176,3 +183,12 @@ class ServerCredentialStore:
         return grpc.dynamic_ssl_server_credentials(
             self._initial, self._fetch, require_client_authentication=True
         )
+
+
+def channel_credentials(material: TLSMaterial) -> grpc.ChannelCredentials:
+    """Client credentials for an egress route: present own chain, trust only the CA bundle."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=material.ca_pem,
+        private_key=material.key_pem,
+        certificate_chain=material.cert_chain_pem,
+    )

@@ -13,7 +13,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
     # Default backoff (1 s growing to 120 s) keeps failing calls for seconds after
-    # the app is back; a loopback upstream is cheap to retry, so retry fast.
+    # the upstream is back; retry fast instead (a reconnect is one TCP+TLS handshake).
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
@@ -22,11 +22,24 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 
 
 class Upstream:
-    """Where calls go: the address and the channel to it."""
+    """Where calls go: the address and the channel to it (plaintext, or mTLS for egress)."""
 
-    def __init__(self, address: Address) -> None:
+    def __init__(
+        self,
+        address: Address,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
-        self.channel = aio.insecure_channel(address.target, options=CHANNEL_OPTIONS)
+        self.server_name = server_name
+        if credentials is None:
+            self.channel = aio.insecure_channel(address.target, options=CHANNEL_OPTIONS)
+            return
+        options = CHANNEL_OPTIONS
+        if server_name and server_name != address.host:
+            # Checked against the remote's certificate and sent as SNI and :authority.
+            options += (("grpc.ssl_target_name_override", server_name),)
+        self.channel = aio.secure_channel(address.target, credentials, options=options)
 
     def connected(self) -> bool:
         """True when the channel has a live connection (used to tell transport from app errors)."""

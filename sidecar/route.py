@@ -1,0 +1,117 @@
+"""One route: a listener, its credentials and allowlist, the relay and the upstream it feeds.
+
+Ingress: an mTLS listener that requires a client certificate, the allowlist, and
+a plaintext upstream on loopback. Egress: a plaintext listener on loopback, no
+allowlist (local callers are trusted as the app itself), and an upstream that
+speaks mTLS with this route's client certificate. The relay is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from grpc import aio
+
+from sidecar.config import RouteConfig
+from sidecar.errors import StartupError
+from sidecar.policy import AllowRules, Policy
+from sidecar.relay import Relay
+from sidecar.tls import Role, ServerCredentialStore, channel_credentials, load_tls_material
+from sidecar.upstream import Upstream
+
+logger = logging.getLogger("sidecar.server")
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # A second instance on the same port would silently take half the connections.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    # Long-lived idle streams: accept clients' keepalive pings (even without calls)
+    # instead of answering them with GOAWAY too_many_pings, and ping idle clients
+    # ourselves so a vanished peer is noticed. No idle timeout: an idle stream stays.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+class Route:
+    """A listener relaying to one upstream, with an explicit lifecycle."""
+
+    def __init__(self, config: RouteConfig) -> None:
+        self.config = config
+        # Read and validate certificates first: a bad file is a ConfigError before
+        # anything is bound.
+        role: Role = "server" if config.mode == "ingress" else "client"
+        self.material = load_tls_material(config.cert, config.key, config.ca, role)
+        self._server_credentials = (
+            ServerCredentialStore(self.material) if config.mode == "ingress" else None
+        )
+        self._server: aio.Server | None = None
+        self._upstream: Upstream | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Bind the listener and start serving; grpc objects are made inside the running loop."""
+        config = self.config
+        if self._server_credentials is not None:
+            self._upstream = Upstream(config.upstream)
+            relay = Relay(self._upstream, Policy(config.allow), route=config.name)
+        else:
+            self._upstream = Upstream(
+                config.upstream, channel_credentials(self.material), config.tls_name
+            )
+            relay = Relay(self._upstream, None, route=config.name)
+        self._server = aio.server(handlers=[relay], options=SERVER_OPTIONS)
+        listen = config.listen
+        try:
+            if self._server_credentials is not None:
+                credentials = self._server_credentials.server_credentials()
+                self.port = self._server.add_secure_port(listen.target, credentials)
+            else:
+                self.port = self._server.add_insecure_port(listen.target)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {listen}: {exc} (address in use?)") from None
+        await self._server.start()
+        where = listen.target if listen.unix_path else f"{listen.host}:{self.port}"
+        if config.mode == "ingress":
+            logger.info(
+                "%s listening on %s (mTLS, client certificate required), relaying to %s; %s",
+                config.title,
+                where,
+                config.upstream,
+                describe_rules(config.allow),
+            )
+        else:
+            logger.info(
+                "%s listening on %s (plaintext, local callers), relaying over mTLS to %s "
+                "as %s, expecting server name %r",
+                config.title,
+                where,
+                config.upstream,
+                self.material.leaf.subject.rfc4514_string(),
+                config.tls_name,
+            )
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._upstream is not None:
+            await self._upstream.close()
+
+
+def describe_rules(rules: AllowRules) -> str:
+    if rules.allow_all:
+        return "allow-all: any certificate signed by the CA may call"
+    parts = [
+        f"{kind}={','.join(patterns)}"
+        for kind, patterns in (
+            ("allow-cn", rules.cn),
+            ("allow-dns", rules.dns),
+            ("allow-uri", rules.uri),
+        )
+        if patterns
+    ]
+    return "allow " + " ".join(parts)

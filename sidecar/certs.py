@@ -2,8 +2,8 @@
 
 EC P-256 by default (RSA on request), random serials, timezone-aware validity,
 critical BasicConstraints and KeyUsage, SKI/AKI, extended key usages and SANs on
-every leaf. Tests use this module to make their PKI; the `sidecar certs` command
-is a thin layer over it.
+every leaf; no certificate outlives its issuer. Tests use this module to make
+their PKI; the `sidecar certs` command is a thin layer over it.
 """
 
 from __future__ import annotations
@@ -75,10 +75,29 @@ def new_key(key_type: KeyType = "ec", rsa_bits: int = 2048) -> PrivateKey:
 
 
 def _validity(
-    days: int, not_before: datetime.datetime | None
+    days: int, not_before: datetime.datetime | None, issuer: x509.Certificate | None
 ) -> tuple[datetime.datetime, datetime.datetime]:
     start = not_before or datetime.datetime.now(datetime.timezone.utc) - _BACKDATE
-    return start, start + datetime.timedelta(days=days)
+    end = start + datetime.timedelta(days=days)
+    if issuer is not None:
+        # A chain is only as valid as its shortest-lived link; ending with the issuer
+        # keeps what the certificate says true.
+        end = min(end, issuer.not_valid_after_utc)
+    if end <= start:
+        raise ValueError(f"validity would end ({end:%Y-%m-%d}) before it starts")
+    return start, end
+
+
+def _authority_key_id(issuer: Issued) -> x509.AuthorityKeyIdentifier:
+    """AKI equal to the issuer's own SKI, so path builders match them byte for byte.
+
+    An issuer made elsewhere may compute its SKI another way than from_public_key.
+    """
+    try:
+        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
 
 def _name(common_name: str, organization: str | None = None) -> x509.Name:
@@ -93,12 +112,20 @@ def init_ca(
     *,
     days: int = 3650,
     key_type: KeyType = "ec",
+    rsa_bits: int = 2048,
     parent: Issued | None = None,
+    path_length: int | Literal["auto"] | None = "auto",
     not_before: datetime.datetime | None = None,
 ) -> Issued:
-    """Make a root CA, or an intermediate CA signed by parent."""
-    key = new_key(key_type)
-    start, end = _validity(days, not_before)
+    """Make a root CA, or an intermediate CA signed by parent.
+
+    path_length caps how many CAs may follow this one in a chain; "auto" means
+    unlimited for a root and 0 for an intermediate (it signs leaves only).
+    """
+    if path_length == "auto":
+        path_length = 0 if parent else None
+    key = new_key(key_type, rsa_bits)
+    start, end = _validity(days, not_before, parent.certificate if parent else None)
     subject = _name(name)
     issuer_name = parent.certificate.subject if parent else subject
     signing_key = parent.key if parent else key
@@ -110,7 +137,7 @@ def init_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -128,10 +155,7 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if parent:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
-            critical=False,
-        )
+        builder = builder.add_extension(_authority_key_id(parent), critical=False)
     return Issued(builder.sign(signing_key, hashes.SHA256()), key)
 
 
@@ -145,6 +169,7 @@ def issue(
     uris: Sequence[str] = (),
     days: int = 365,
     key_type: KeyType = "ec",
+    rsa_bits: int = 2048,
     not_before: datetime.datetime | None = None,
     cn_as_dns: bool | None = None,
     extended_key_usages: Sequence[x509.ObjectIdentifier] | None = None,
@@ -155,8 +180,8 @@ def issue(
     unless cn_as_dns is False (modern verifiers ignore the CN). extended_key_usages
     overrides the usages implied by `usage` (tests use it to build wrong-EKU certs).
     """
-    key = new_key(key_type)
-    start, end = _validity(days, not_before)
+    key = new_key(key_type, rsa_bits)
+    start, end = _validity(days, not_before, ca.certificate)
     if cn_as_dns is None:
         cn_as_dns = usage in ("server", "both")
     dns_names = list(dns)
@@ -195,10 +220,7 @@ def issue(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
+        .add_extension(_authority_key_id(ca), critical=False)
     )
     if extended_key_usages:
         builder = builder.add_extension(

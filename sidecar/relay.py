@@ -180,7 +180,7 @@ class _MethodRelay:
             record.code = error.code()
             await context.abort(
                 error.code(),
-                self._relay.describe_error(error),
+                await self._relay.describe_error(error),
                 response_metadata(error.trailing_metadata()),
             )
         finally:
@@ -255,10 +255,10 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._handlers[method] = handler
         return handler
 
-    def describe_error(self, error: aio.AioRpcError) -> str:
+    async def describe_error(self, error: aio.AioRpcError) -> str:
         """The details the caller sees: the upstream's own, or, for a failure to reach
-        the upstream, core's reason prefixed with the upstream's address."""
+        the upstream, a message naming the upstream and why it cannot be reached."""
         details: str = error.details() or ""
         if error.code() == grpc.StatusCode.UNAVAILABLE and not self.upstream.connected():
-            return f"upstream {self.upstream.address} unavailable: {details}"
+            return await self.upstream.describe_failure(details)
         return details

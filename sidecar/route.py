@@ -17,6 +17,7 @@ from sidecar.errors import StartupError
 from sidecar.policy import AllowRules, Policy
 from sidecar.relay import Relay
 from sidecar.tls import Role, ServerCredentialStore, channel_credentials, load_tls_material
+from sidecar.tls_diagnosis import TLSDiagnosis
 from sidecar.upstream import Upstream
 
 logger = logging.getLogger("sidecar.server")
@@ -59,8 +60,16 @@ class Route:
             self._upstream = Upstream(config.upstream)
             relay = Relay(self._upstream, Policy(config.allow), route=config.name)
         else:
+            diagnosis = TLSDiagnosis(
+                config.upstream,
+                config.tls_name,
+                self.material,
+                server_name_setting=config.label("server_name"),
+                ca_setting=config.label("ca"),
+                cert_setting=config.label("cert"),
+            )
             self._upstream = Upstream(
-                config.upstream, channel_credentials(self.material), config.tls_name
+                config.upstream, channel_credentials(self.material), config.tls_name, diagnosis
             )
             relay = Relay(self._upstream, None, route=config.name)
         self._server = aio.server(handlers=[relay], options=SERVER_OPTIONS)

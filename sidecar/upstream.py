@@ -7,6 +7,7 @@ from grpc import aio
 
 from sidecar import __version__
 from sidecar.addresses import Address
+from sidecar.tls_diagnosis import TLSDiagnosis
 
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     # The default 4 MiB receive cap applies at every hop; a relay must not add one.
@@ -29,9 +30,11 @@ class Upstream:
         address: Address,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
+        diagnosis: TLSDiagnosis | None = None,
     ) -> None:
         self.address = address
         self.server_name = server_name
+        self._diagnosis = diagnosis
         if credentials is None:
             self.channel = aio.insecure_channel(address.target, options=CHANNEL_OPTIONS)
             return
@@ -45,6 +48,14 @@ class Upstream:
         """True when the channel has a live connection (used to tell transport from app errors)."""
         state = self.channel.get_state(try_to_connect=False)
         return bool(state == grpc.ChannelConnectivity.READY)
+
+    async def describe_failure(self, details: str) -> str:
+        """What a caller is told when the upstream cannot be reached: core's details, with
+        the reason in plain words first when a TLS handshake is to blame."""
+        reason = await self._diagnosis.explain(details) if self._diagnosis else None
+        if reason is None:
+            return f"upstream {self.address} unavailable: {details}"
+        return f"upstream {self.address} unavailable: {reason} ({details})"
 
     async def close(self) -> None:
         await self.channel.close()

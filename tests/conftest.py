@@ -188,6 +188,25 @@ class SidecarProcess:
         )
 
 
+class Chain:
+    """Two sidecars in a row: a plaintext client talks to egress, which speaks mTLS to ingress.
+
+    Quacks like a SidecarProcess where relay tests need it: `channel()` opens the
+    local plaintext channel, `lines` are the ingress sidecar's log lines.
+    """
+
+    def __init__(self, egress: SidecarProcess, ingress: SidecarProcess) -> None:
+        self.egress = egress
+        self.ingress = ingress
+
+    @property
+    def lines(self) -> list[str]:
+        return self.ingress.lines
+
+    def channel(self, pki: Pki, client: str | None = "alice", **_: object) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.egress.port}", options=UNLIMITED)
+
+
 class SidecarFactory:
     def __init__(self, pki: Pki) -> None:
         self.pki = pki
@@ -218,11 +237,38 @@ class SidecarFactory:
         process.wait_ready()
         return process
 
-    def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def egress(self, remote_port: int, *args: str, client: str = "alice") -> SidecarProcess:
+        """Start an egress sidecar to remote_port on 127.0.0.1 and wait until it listens."""
+        process = self.start(
+            "--mode",
+            "egress",
+            "--upstream",
+            f"127.0.0.1:{remote_port}",
+            "--cert",
+            str(self.pki.cert(client)),
+            "--key",
+            str(self.pki.key(client)),
+            "--ca",
+            str(self.pki.dir / "ca.pem"),
+            *args,
+            default_tls=False,
+        )
+        process.wait_ready()
+        return process
+
+    def chain(self, upstream_port: int, *ingress_args: str) -> Chain:
+        """client -> egress (as alice) -> ingress -> upstream_port, both sidecars ready."""
+        ingress = self.serving(upstream_port, *(ingress_args or ("--allow-cn", "alice")))
+        return Chain(self.egress(ingress.port), ingress)
+
+    def run(
+        self, *args: str, timeout: float = 30, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run the sidecar command to completion (for start-up errors)."""
         return subprocess.run(
             [sys.executable, "-m", "sidecar", *args],
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
-from tests.conftest import Pki, SidecarFactory, SidecarProcess
+from tests.conftest import Chain, Pki, SidecarFactory, SidecarProcess
 from tests.probe import INIT_HEADERS, TRAILERS, Probe
 
 UNARY = "/probe.Probe/Unary"
@@ -19,6 +19,17 @@ SERVER_STREAM = "/probe.Probe/ServerStream"
 CLIENT_STREAM = "/probe.Probe/ClientStream"
 BIDI = "/probe.Probe/Bidi"
 MIB = 1024 * 1024
+
+
+@pytest.fixture(params=["ingress", "egress-ingress"])
+def sidecar(
+    request: pytest.FixtureRequest, sidecars: SidecarFactory, probe: Probe
+) -> SidecarProcess | Chain:
+    """Every relay behaviour holds through one ingress sidecar, and through an egress
+    sidecar in front of it (client -> egress -> mTLS -> ingress -> upstream)."""
+    if request.param == "ingress":
+        return sidecars.serving(probe.port, "--allow-cn", "alice")
+    return sidecars.chain(probe.port)
 
 
 def md_of(metadata: object) -> list[tuple[str, str | bytes]]:

@@ -22,8 +22,18 @@ def render(loaded: Loaded, materials: Sequence[TLSMaterial]) -> str:
     """The effective configuration; materials are the routes' validated credentials, in order."""
     config = loaded.config
     lines = ["# sidecar: configuration is valid; each value is followed by its source"]
+    if loaded.config_file:
+        lines.append(f"# file: {loaded.config_file}")
+    file_prefix = f"{loaded.config_file}: " if loaded.config_file else None
+
+    def line(indent: str, key: str, value: Value, given: Given | None, **kw: object) -> str:
+        source = "default" if given is None else given.where
+        if file_prefix and source.startswith(file_prefix):
+            source = "file"
+        return _line(indent, key, value, source, **kw)  # type: ignore[arg-type]
+
     for key in PROCESS_KEYS:
-        lines.append(_line("", key, getattr(config, key), loaded.process_sources.get(key)))
+        lines.append(line("", key, getattr(config, key), loaded.process_sources.get(key)))
     several = len(config.routes) > 1 or config.routes[0].location is not None
     if several:
         lines.append("routes:")
@@ -34,11 +44,13 @@ def render(loaded: Loaded, materials: Sequence[TLSMaterial]) -> str:
             value = _route_value(route, key)
             if value is None:
                 continue
-            line = _line(indent, key, value, layer.get(key), material if key == "cert" else None)
+            text = line(
+                indent, key, value, layer.get(key), material=material if key == "cert" else None
+            )
             if several and first:
-                line = "- " + line[2:]
+                text = "- " + text[2:]
                 first = False
-            lines.append(line)
+            lines.append(text)
     return "\n".join(lines) + "\n"
 
 
@@ -54,9 +66,8 @@ def _route_value(route: RouteConfig, key: str) -> Value | None:
 
 
 def _line(
-    indent: str, key: str, value: Value, given: Given | None, material: TLSMaterial | None = None
+    indent: str, key: str, value: Value, source: str, material: TLSMaterial | None = None
 ) -> str:
-    source = given.where if given is not None else "default"
     if material is not None:
         leaf = material.leaf
         source += (

@@ -6,6 +6,7 @@ A file holds one route at its top level, or several under `routes:`; with
 `routes:`, the top level holds only process settings, and flags or environment
 variables for route settings are refused rather than guessed at (which route
 would they change?). Paths in a file are relative to the file's directory.
+Top-level keys starting with `x-` are ignored, so they can hold YAML anchors.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Loaded:
     sources: tuple[Layer, ...]  # per route: the winning source of each setting
     process_sources: Layer
     warnings: tuple[str, ...]
+    config_file: str | None = None
 
 
 def load(
@@ -96,7 +98,13 @@ def load(
         routes=tuple(_route(layer, location) for layer, location in route_layers),
         **{key: given.value for key, given in process.items()},  # type: ignore[arg-type]
     )
-    return Loaded(config, tuple(layer for layer, _ in route_layers), process, tuple(warnings))
+    return Loaded(
+        config,
+        tuple(layer for layer, _ in route_layers),
+        process,
+        tuple(warnings),
+        config_file,
+    )
 
 
 def _route(layer: Layer, location: str | None) -> RouteConfig:
@@ -188,6 +196,8 @@ def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(document).__name__}")
 
     base = path.parent
+    # Top-level `x-` keys are free for YAML anchors, as in compose files.
+    document = {key: value for key, value in document.items() if not str(key).startswith("x-")}
     routes_document = document.pop("routes", None)
     allowed = (*PROCESS_KEYS, *ROUTE_KEYS) if routes_document is None else PROCESS_KEYS
     top = _settings(document, allowed, f"{path_text}: ", base, extra=("routes",))
@@ -220,6 +230,8 @@ def _settings(
                     f"{where}: with routes:, route settings go inside each route "
                     f"(the top level takes {', '.join(PROCESS_KEYS)})"
                 )
+            if key in PROCESS_KEYS:
+                raise ConfigError(f"{where}: {key} is process-wide; set it at the top level")
             hint = _did_you_mean(str(key), [*allowed, *extra])
             raise ConfigError(f"{where}: unknown setting{hint}")
         layer[key] = Given(from_file(BY_KEY[key], value, where, base), where)

@@ -46,6 +46,9 @@ class Pki:
             uris=["spiffe://example.org/ns/prod/sa/carol"],
         )
         self._issue("stranger", self.other_ca, "alice", usage="client")  # right name, wrong CA
+        self._issue(  # a remote that egress must not trust
+            "rogue-server", self.other_ca, "localhost", usage="server", ips=["127.0.0.1"]
+        )
         self._issue(
             "expired",
             self.ca,

@@ -47,12 +47,16 @@ class RouteConfig:
     # The route's place in the config file (`sidecar.yaml: routes[1]`), when it
     # is one of several; None for the single route of flags, env or a flat file.
     location: str | None = field(default=None, compare=False, repr=False)
+    # A config file is in use: name settings not given by their keys, not their flags.
+    from_file: bool = field(default=False, compare=False, repr=False)
 
     def label(self, key: str) -> str:
         """How errors name a setting of this route: where it was set, or how to set it."""
         if key in self.where:
             return self.where[key]
-        return f"{self.location}.{key}" if self.location else BY_KEY[key].flag_name
+        if self.location:
+            return f"{self.location}.{key}"
+        return key if self.from_file else BY_KEY[key].flag_name
 
     @property
     def tls_name(self) -> str:
@@ -73,9 +77,9 @@ class RouteConfig:
     def _check_ingress(self) -> None:
         allow = self.allow
         if allow.empty and not allow.allow_all:
-            if self.location:
-                prefix, names = f"{self.location}: ", ("allow_cn", "allow_dns", "allow_uri")
-                opt_out = "allow_all: true"
+            if self.location or self.from_file:
+                prefix = f"{self.location}: " if self.location else ""
+                names, opt_out = ("allow_cn", "allow_dns", "allow_uri"), "allow_all: true"
             else:
                 prefix, names = "", ("--allow-cn", "--allow-dns", "--allow-uri")
                 opt_out = "--allow-all"

@@ -95,7 +95,7 @@ def load(
         route_layers = [(layer, f"{config_file}: routes[{index}]") for index, layer in routes]
 
     config = Config(
-        routes=tuple(_route(layer, location) for layer, location in route_layers),
+        routes=tuple(_route(layer, location, config_file) for layer, location in route_layers),
         **{key: given.value for key, given in process.items()},  # type: ignore[arg-type]
     )
     return Loaded(
@@ -107,16 +107,19 @@ def load(
     )
 
 
-def _route(layer: Layer, location: str | None) -> RouteConfig:
-    def label(key: str) -> str:
-        return f"{location}.{key}" if location else BY_KEY[key].flag_name
-
+def _route(layer: Layer, location: str | None, config_file: str | None) -> RouteConfig:
     mode = layer["mode"].value if "mode" in layer else "ingress"
     required = [*REQUIRED_ROUTE_KEYS, *(("listen",) if mode == "egress" else ())]
-    missing = [label(key) for key in required if key not in layer]
+    missing = [key for key in required if key not in layer]
+    if missing and location:
+        raise ConfigError(f"{location}: missing {', '.join(missing)}")
+    if missing and config_file:
+        raise ConfigError(
+            f"missing {', '.join(missing)} (keys in {config_file}, SIDECAR_* variables or flags)"
+        )
     if missing:
-        how = "" if location else " (a flag, SIDECAR_* variable or --config file key)"
-        raise ConfigError(f"missing {', '.join(missing)}{how}")
+        flags = ", ".join(BY_KEY[key].flag_name for key in missing)
+        raise ConfigError(f"missing {flags} (flags, SIDECAR_* variables or a --config file)")
 
     def get(key: str) -> Any:
         given = layer.get(key)
@@ -141,6 +144,7 @@ def _route(layer: Layer, location: str | None) -> RouteConfig:
         name=get("name"),
         where={key: given.where for key, given in layer.items()},
         location=location,
+        from_file=config_file is not None,
     )
 
 

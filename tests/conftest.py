@@ -226,11 +226,16 @@ class SidecarFactory:
         ]
 
     def start(
-        self, *args: str, env: dict[str, str] | None = None, default_tls: bool = True
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        default_tls: bool = True,
+        listen: str | None = "127.0.0.1:0",
     ) -> SidecarProcess:
         """Start a sidecar on a free port (with the test server certificate), plus args."""
         tls = self.tls_args() if default_tls else []
-        process = SidecarProcess(["--listen", "127.0.0.1:0", *tls, *args], env)
+        listen_args = ["--listen", listen] if listen else []
+        process = SidecarProcess([*listen_args, *tls, *args], env)
         self.started.append(process)
         return process
 
@@ -277,6 +282,20 @@ class SidecarFactory:
             text=True,
             timeout=timeout,
         )
+
+
+def assert_config_error(
+    sidecars: SidecarFactory, args: list[str], *expected: str, env: dict[str, str] | None = None
+) -> str:
+    """Run the sidecar expecting exit 2 with one line on stderr holding every expected text."""
+    result = sidecars.run(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import certs
-from tests.conftest import Pki, SidecarFactory
+from tests.conftest import Pki, SidecarFactory, assert_config_error
 
 
 def good_args(pki: Pki) -> dict[str, str]:
@@ -31,17 +31,6 @@ def command(args: dict[str, str | None]) -> list[str]:
         if value is not None:
             line += [flag, value] if value != "" else [flag]
     return line
-
-
-def assert_config_error(sidecars: SidecarFactory, args: list[str], *expected: str) -> str:
-    result = sidecars.run(*args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    for text in expected:
-        assert text in lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -149,5 +138,10 @@ def test_help_documents_every_flag(sidecars: SidecarFactory) -> None:
         "--log-level",
         "--drain-grace",
         "--mode",
+        "--server-name",
+        "--unsafe-listen",
+        "--config",
+        "--check-config",
     ):
         assert flag in result.stdout
+    assert "SIDECAR_SOME_KEY" in result.stdout  # every flag is also an environment variable

@@ -11,6 +11,7 @@ import asyncio
 import difflib
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
@@ -60,7 +61,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, naming the flag, instead of argparse's usage block.
         hint = _flag_hint(message)
-        self.exit(EXIT_USAGE, f"sidecar: usage error: {message}{hint} (see sidecar --help)\n")
+        _say(f"usage error: {message}{hint} (see sidecar --help)")
+        self.exit(EXIT_USAGE)
+
+
+def _say(message: str) -> None:
+    """Print an error as one line on stderr, never echoing PEM text (it may be a private key)."""
+    message = _PEM_TEXT.sub("<PEM text, not shown>", message)
+    print(f"sidecar: {' '.join(message.split())}", file=sys.stderr)
+
+
+_PEM_TEXT = re.compile(r"-----BEGIN.*?(-----END[^-]*-----|$)", re.DOTALL)
 
 
 def _flag_hint(message: str) -> str:
@@ -153,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "check_config", False):
             return _check_config(loaded)
     except ConfigError as exc:
-        print(f"sidecar: config error: {exc}", file=sys.stderr)
+        _say(f"config error: {exc}")
         return EXIT_USAGE
 
     config = loaded.config
@@ -168,10 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_event_loop(config)
     except ConfigError as exc:
-        print(f"sidecar: config error: {exc}", file=sys.stderr)
+        _say(f"config error: {exc}")
         return EXIT_USAGE
     except StartupError as exc:
-        print(f"sidecar: {exc}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_RUNTIME
 
 

@@ -12,6 +12,7 @@ Top-level keys starting with `x-` are ignored, so they can hold YAML anchors.
 from __future__ import annotations
 
 import difflib
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,13 @@ from sidecar.settings import (
     Value,
     from_file,
     from_text,
+    names,
 )
 
 # The environment variable naming the config file, as --config does.
 CONFIG_ENV = "SIDECAR_CONFIG"
+_MAX_CONFIG_BYTES = 1024 * 1024
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def _flag_value(key: str, raw: object) -> Value:
     if isinstance(raw, bool):
         return raw
     if isinstance(raw, list):  # a repeatable flag: one pattern per use, commas kept
-        return tuple(str(item) for item in raw)
+        return names([str(item) for item in raw], where)
     return from_text(setting, str(raw), where)
 
 
@@ -180,7 +184,7 @@ def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
     """The file's top-level settings, and its routes when it has a `routes:` list."""
     path = Path(path_text)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(_read_text(path), Loader=_StrictLoader)
     except FileNotFoundError:
         raise ConfigError(f"--config: no such file: {path}") from None
     except IsADirectoryError:
@@ -189,6 +193,8 @@ def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--config: {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -202,6 +208,8 @@ def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
     base = path.parent
     # Top-level `x-` keys are free for YAML anchors, as in compose files.
     document = {key: value for key, value in document.items() if not str(key).startswith("x-")}
+    if "routes" in document and document["routes"] is None:
+        raise ConfigError(f"{path_text}: routes: expected a non-empty list of routes")
     routes_document = document.pop("routes", None)
     allowed = (*PROCESS_KEYS, *ROUTE_KEYS) if routes_document is None else PROCESS_KEYS
     top = _settings(document, allowed, f"{path_text}: ", base, extra=("routes",))
@@ -216,6 +224,35 @@ def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
             raise ConfigError(f"{prefix}: expected a mapping of route settings")
         routes.append((index, _settings(item, ROUTE_KEYS, f"{prefix}.", base)))
     return top, routes
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last one silently, so `allow_cn` written twice would quietly drop names)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue  # `<<: *anchor` merges may be overridden by explicit keys
+            key = key_node.value
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; only a regular file of sane size (not a FIFO, not /dev/zero)."""
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # before open: a FIFO blocks it
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"--config: {path} is {kind}")
+    with path.open("rb") as file:
+        data = file.read(_MAX_CONFIG_BYTES + 1)
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config: {path} is larger than {_MAX_CONFIG_BYTES // 1024} KiB")
+    return data.decode("utf-8")
 
 
 def _settings(

@@ -30,7 +30,12 @@ class PemSource:
             return cls(setting, inline=text.strip().encode() + b"\n")
         if not text.strip():
             raise ConfigError(f"{setting}: must name a file or hold PEM text")
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user that does not exist
+            raise ConfigError(f"{setting}: cannot expand the ~ in {text!r}") from None
+        if "\0" in text:
+            raise ConfigError(f"{setting}: a path cannot hold a NUL character")
         if base is not None and not path.is_absolute():
             path = base / path
         return cls(setting, path=path)

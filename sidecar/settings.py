@@ -10,6 +10,8 @@ its typed form, with errors that name where the value came from.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -148,6 +150,8 @@ ROUTE_KEYS = tuple(setting.key for setting in SETTINGS if setting.scope == "rout
 PROCESS_KEYS = tuple(setting.key for setting in SETTINGS if setting.scope == "process")
 REQUIRED_ROUTE_KEYS = ("upstream", "cert", "key", "ca")
 
+_MAX_SECONDS = 86_400 * 365  # anything longer is a typo
+
 Value = str | Address | PemSource | tuple[str, ...] | bool | float
 
 
@@ -158,7 +162,10 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
     take exactly `true` or `false` (or 1/0), never a guess.
     """
     if setting.kind == "names":
-        return tuple(name.strip() for name in text.split(",") if name.strip())
+        if not text.strip():
+            # An empty variable would silently replace the file's list with nothing.
+            raise ConfigError(f"{where}: empty; unset it, or give comma-separated names")
+        return names([name.strip() for name in text.split(",")], where)
     if setting.kind == "switch":
         lowered = text.strip().lower()
         if lowered in ("true", "1"):
@@ -168,9 +175,10 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
         raise ConfigError(f"{where}: expected true or false, got {text!r}")
     if setting.kind == "seconds":
         try:
-            return _seconds(float(text), where)
+            seconds = float(text)
         except ValueError:
             raise ConfigError(f"{where}: expected a number of seconds, got {text!r}") from None
+        return _seconds(seconds, where)
     return _from_string(setting, text, where, base)
 
 
@@ -181,7 +189,7 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
             value = [value]  # `allow_cn: alice` reads as the one-element list it means
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ConfigError(f"{where}: expected a list of strings, e.g. [alice, bob]")
-        return tuple(value)
+        return names(value, where)
     if setting.kind == "switch":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -189,12 +197,15 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
     if setting.kind == "seconds":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
-        return _seconds(float(value), where)
+        try:
+            return _seconds(float(value), where)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} seconds is out of range") from None
     if not isinstance(value, str):
+        # The type only: the value may be a private key pasted as a YAML list.
         example = {"address": " like 127.0.0.1:50051", "pem": " (a path or PEM text)"}
         raise ConfigError(
-            f"{where}: expected a string{example.get(setting.kind, '')}, "
-            f"got {type(value).__name__} {value!r}"
+            f"{where}: expected a string{example.get(setting.kind, '')}, got {type(value).__name__}"
         )
     return _from_string(setting, value, where, base)
 
@@ -211,7 +222,16 @@ def _from_string(setting: Setting, text: str, where: str, base: Path | None) -> 
     return text
 
 
+def names(items: Sequence[str], where: str) -> tuple[str, ...]:
+    """A list of allow patterns; an empty one would look like a rule and match nothing."""
+    if any(not item.strip() for item in items):
+        raise ConfigError(f"{where}: empty name in the list")
+    return tuple(items)
+
+
 def _seconds(value: float, where: str) -> float:
+    if not math.isfinite(value) or value > _MAX_SECONDS:
+        raise ConfigError(f"{where}: {value:g} seconds is out of range (at most {_MAX_SECONDS})")
     if value < 0:
         raise ConfigError(f"{where}: {value:g} must not be negative")
     return value

@@ -131,8 +131,10 @@ def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role
     """
     cert_pem, key_pem, ca_pem = cert.read(), key.read(), ca.read()
 
-    leaf = _load_certificates(cert_pem, cert)[0]
-    if _spki(_load_key(key_pem, key)) != _spki(leaf):
+    chain = _load_certificates(cert_pem, cert)
+    leaf = chain[0]
+    private_key = _load_key(key_pem, key)
+    if _spki(private_key) != _spki(leaf):
         raise ConfigError(
             f"{key.setting} does not match {cert.setting} "
             f"({key.origin} is not the key of {cert.origin})"
@@ -145,7 +147,23 @@ def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role
         raise ConfigError(
             f"{ca.setting}: {ca.origin} holds no CA certificate (none has BasicConstraints CA:TRUE)"
         )
-    return TLSMaterial(cert_chain_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem, leaf=leaf)
+    # grpc gets PEM re-encoded from what was parsed: cryptography reads PEM that
+    # BoringSSL refuses (folded lines, indentation from a YAML value), and a
+    # check that passes here must mean the handshake will load it.
+    return TLSMaterial(
+        cert_chain_pem=_pem(chain),
+        key_pem=private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        ca_pem=_pem(authorities),
+        leaf=leaf,
+    )
+
+
+def _pem(certificates: list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
 
 
 class ServerCredentialStore:

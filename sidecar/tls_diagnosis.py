@@ -6,7 +6,7 @@ certificate, as a bare "Socket closed". When an egress call fails that way, one
 diagnostic handshake (on a thread, with Python's ssl, at most one per few
 seconds) looks at what the remote presents and whether it accepts this route's
 certificate, and the local caller gets a sentence naming the cause and the
-setting to fix. The relay's calls never wait on this unless they already failed.
+setting to fix. Only calls that already failed wait for it, and for at most a second.
 """
 
 from __future__ import annotations
@@ -39,7 +39,21 @@ _TLS_HINTS = (
     "SSL",
 )
 _CACHE_SECONDS = 5.0
-_TIMEOUT_SECONDS = 3.0
+_TIMEOUT_SECONDS = 3.0  # connect and handshake
+_WAIT_SECONDS = 1.0  # how long a failed call waits for the diagnosis
+# Alerts by which a server says it refuses the client's certificate (RFC 8446 6.2).
+_CERTIFICATE_ALERTS = frozenset(
+    (
+        "bad_certificate",
+        "unsupported_certificate",
+        "certificate_revoked",
+        "certificate_expired",
+        "certificate_unknown",
+        "unknown_ca",
+        "access_denied",
+        "certificate_required",
+    )
+)
 # An HTTP/2 client preface and an empty SETTINGS frame: a remote that accepted
 # our certificate answers with its SETTINGS; one that refused it sends an alert.
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -50,7 +64,8 @@ class _Observed:
     """What one diagnostic handshake saw."""
 
     leaf: x509.Certificate | None = None
-    refused_ours: str | None = None  # the alert the remote answered our certificate with
+    refused_ours: str | None = None  # how the remote answered our certificate, if it refused it
+    failure: str | None = None  # any other reason the handshake failed
 
 
 class TLSDiagnosis:
@@ -70,23 +85,42 @@ class TLSDiagnosis:
         self._server_name = server_name
         self._material = material
         self._settings = (server_name_setting, ca_setting, cert_setting)
-        self._cached: tuple[float, str, str | None] | None = None  # (when, details, reason)
-        self._lock = asyncio.Lock()
+        self._cached: tuple[float, str | None] | None = None  # (when, reason)
+        self._running: asyncio.Future[str | None] | None = None
 
     async def explain(self, details: str) -> str | None:
-        """A plain reason for a failure core described as details, or None if it is not TLS."""
+        """A plain reason for a failure core described as details, or None if there is none.
+
+        The reason found is kept for a few seconds whatever core's text: with a
+        name that resolves to several addresses, core's "last error" alternates
+        between them (a TLS failure on one, connection refused on another).
+        """
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[0] < _CACHE_SECONDS:
+            return cached[1]
         if not any(hint in details for hint in _TLS_HINTS):
             return None
-        async with self._lock:  # concurrent failing calls share one handshake
-            cached = self._cached
-            if cached and cached[1] == details and time.monotonic() - cached[0] < _CACHE_SECONDS:
-                return cached[2]
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._diagnose(details))  # one at a time
+        try:
+            # The call has failed already; hold its answer back only briefly. A slow
+            # remote finishes the diagnosis in the background, for the next calls.
+            return await asyncio.wait_for(asyncio.shield(self._running), _WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _diagnose(self, details: str) -> str | None:
+        try:
             observed = await asyncio.to_thread(self._handshake)
             reason = self._reason(details, observed)
-            if reason is not None and (cached is None or cached[2] != reason):
-                logger.warning("remote %s: %s", self._address, reason)
-            self._cached = (time.monotonic(), details, reason)
-            return reason
+        except Exception:  # a remote can present anything; never fail the call over it
+            logger.debug("could not diagnose the handshake with %s", self._address, exc_info=True)
+            reason = None
+        previous = self._cached[1] if self._cached else None
+        if reason is not None and reason != previous:
+            logger.warning("remote %s: %s", self._address, reason)
+        self._cached = (time.monotonic(), reason)
+        return reason
 
     def _reason(self, details: str, observed: _Observed | None) -> str | None:
         server_name_setting, ca_setting, cert_setting = self._settings
@@ -105,13 +139,19 @@ class TLSDiagnosis:
                 f"the remote's certificate is not trusted by {ca_setting} ({cause}): it "
                 f"presented {presented}"
             )
-        if observed is not None and observed.refused_ours is not None:
+        if observed is None:
+            return None
+        if observed.refused_ours is not None:
             ours = self._material.leaf
             return (
                 f"the remote refused this route's client certificate "
                 f"{ours.subject.rfc4514_string()} (issued by {ours.issuer.rfc4514_string()}) "
                 f"from {cert_setting}: {observed.refused_ours}"
             )
+        if observed.failure == "wrong version number":
+            return f"the remote does not speak TLS (is {self._address} a plaintext port?)"
+        if observed.failure is not None:
+            return f"the TLS handshake with the remote failed: {observed.failure}"
         return None
 
     def _handshake(self) -> _Observed | None:
@@ -131,30 +171,36 @@ class TLSDiagnosis:
                 with context.wrap_socket(raw, server_hostname=sni) as tls:
                     der = tls.getpeercert(binary_form=True)
                     leaf = x509.load_der_x509_certificate(der) if der else None
-                    return _Observed(leaf, _refusal(tls))
+                    return _after_handshake(tls, leaf)
         except ssl.SSLError as exc:  # TLS 1.2: the remote refuses during the handshake
-            return _Observed(None, _alert(exc))
+            return _classify(exc, None)
         except OSError:
             return None
 
 
-def _refusal(tls: ssl.SSLSocket) -> str | None:
+def _after_handshake(tls: ssl.SSLSocket, leaf: x509.Certificate | None) -> _Observed:
     """TLS 1.3 sends the verdict on our certificate after the handshake: read it."""
     try:
         tls.sendall(_H2_PREFACE)
-        return None if tls.recv(64) else "it closed the connection"
+        if tls.recv(64):
+            return _Observed(leaf)  # the remote answered as HTTP/2: it took our certificate
     except ssl.SSLError as exc:
-        return _alert(exc)
+        return _classify(exc, leaf)
     except OSError:
-        return "it closed the connection"
+        pass
+    # A grpc server that refuses a client certificate closes without an alert.
+    return _Observed(leaf, refused_ours="it closed the connection after our certificate")
 
 
-def _alert(exc: ssl.SSLError) -> str:
+def _classify(exc: ssl.SSLError, leaf: x509.Certificate | None) -> _Observed:
     reason = (exc.reason or str(exc)).lower()
     for prefix in ("tlsv13_alert_", "tlsv1_alert_", "sslv3_alert_"):
         if reason.startswith(prefix):
-            return f"TLS alert {reason.removeprefix(prefix).replace('_', ' ')}"
-    return reason.replace("_", " ")
+            alert = reason.removeprefix(prefix)
+            if alert in _CERTIFICATE_ALERTS:
+                return _Observed(leaf, refused_ours=f"TLS alert {alert.replace('_', ' ')}")
+            return _Observed(leaf, failure=f"TLS alert {alert.replace('_', ' ')}")
+    return _Observed(leaf, failure=reason.replace("_", " "))
 
 
 def _describe(leaf: x509.Certificate) -> str:

@@ -290,6 +290,15 @@ CASES: list[tuple[str, object, list[str]]] = [
         lambda p: {"routes": [{"upstream": "127.0.0.1:1"}]},
         ["sidecar.yaml: routes[0]: missing cert, key, ca"],
     ),
+    ("routes null", lambda p: {"routes": None}, ["routes: expected a non-empty list"]),
+    ("empty name", lambda p: single(p, allow_cn=["alice", " "]), ["allow_cn: empty name"]),
+    ("nan seconds", lambda p: single(p, drain_grace=float("nan")), ["drain_grace: nan seconds"]),
+    ("huge seconds", lambda p: single(p, drain_grace=1e400), ["drain_grace: inf seconds"]),
+    (
+        "key given twice",
+        lambda p: "allow_cn: [alice]\nallow_cn: [bob]\n",
+        ["sidecar.yaml: 'allow_cn' is given twice at line 2"],
+    ),
     ("yaml syntax", lambda p: "allow_cn: [alice\n", ["sidecar.yaml:", "line 2"]),
     ("not a mapping", lambda p: "- upstream\n", ["expected a mapping of settings, got list"]),
 ]
@@ -309,6 +318,9 @@ def test_bad_config_file_exits_2_naming_the_key(
     ("args", "env", "expected"),
     [
         (["--config", "/nonexistent/sidecar.yaml"], {}, ["--config: no such file"]),
+        (["--config", "/dev/zero"], {}, ["--config: /dev/zero is not a regular file"]),
+        ([], {"SIDECAR_ALLOW_CN": ""}, ["SIDECAR_ALLOW_CN: empty; unset it"]),
+        (["--allow-cn", ""], {}, ["--allow-cn: empty name in the list"]),
         ([], {"SIDECAR_CONFIG": "/nonexistent/s.yaml"}, ["--config: no such file"]),
         (["--upstrem", "x"], {}, ["unrecognized arguments: --upstrem", "did you mean --upstream?"]),
         ([], {"SIDECAR_ALLOW_ALL": "yes"}, ["SIDECAR_ALLOW_ALL: expected true or false"]),
@@ -347,3 +359,28 @@ def test_route_flags_are_refused_with_a_file_of_several_routes(
         "SIDECAR_UPSTREAM:",
         env={"SIDECAR_UPSTREAM": "127.0.0.1:1"},
     )
+
+
+def test_errors_never_echo_pem_text(sidecars: SidecarFactory, pki: Pki, tmp_path: Path) -> None:
+    key_text = pki.key("server").read_text()
+    secret = key_text.splitlines()[1]
+    as_list = write(tmp_path, yaml.safe_dump({**single(pki), "key": key_text.splitlines()}))
+    for args, expected in (
+        (["--kye", key_text], "unrecognized arguments: --kye <PEM text, not shown>"),
+        (["--upstream", key_text], "--upstream: expected HOST:PORT, got '<PEM text, not shown>"),
+        (["--config", str(as_list)], "key: expected a string (a path or PEM text), got list"),
+    ):
+        line = assert_config_error(sidecars, args, expected)
+        assert secret not in line
+
+
+def test_pem_that_only_a_lenient_parser_reads_still_serves(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    # A key folded onto one line (a YAML value without `|`, or `tr '\\n' ' '`): the
+    # sidecar accepts it, so it must also work in the handshake.
+    folded = " ".join(pki.key("alice").read_text().split("\n"))
+    ingress = sidecars.serving(probe.port, "--allow-cn", "alice")
+    egress = sidecars.egress(ingress.port, "--key", folded)
+    with grpc.insecure_channel(f"127.0.0.1:{egress.port}") as channel:
+        assert channel.unary_unary(UNARY)(b"folded", timeout=10) == b"folded"

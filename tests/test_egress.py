@@ -88,6 +88,15 @@ def test_remote_refusing_our_certificate_is_named_as_the_cause(
     assert probe.calls == []
 
 
+def test_a_remote_that_does_not_speak_tls_is_named_as_such(
+    sidecars: SidecarFactory, probe: Probe
+) -> None:
+    egress = sidecars.egress(probe.port)  # the plaintext app itself, not its sidecar
+    details = refused(call_through(egress)).details()
+    assert "the remote does not speak TLS" in details
+    assert probe.calls == []
+
+
 def test_denial_at_the_remote_reaches_the_local_client_with_its_reason(
     sidecars: SidecarFactory, probe: Probe
 ) -> None:

@@ -33,11 +33,10 @@ from sidecar.certfiles import (
 )
 from sidecar.certs_args import build_parser, is_dns_name
 from sidecar.certs_inspect import describe, key_description
-from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError
+from sidecar.errors import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, ConfigError
 from sidecar.provision import decide, read_inputs
 from sidecar.verify import Purpose, VerificationFailed, dn, san_names, utc, verify
 
-EXIT_REJECTED = EXIT_RUNTIME  # verify: the files were read, and the certificate is not good
 _FILE_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 

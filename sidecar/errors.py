@@ -5,6 +5,7 @@ from __future__ import annotations
 EXIT_OK = 0  # served, then stopped cleanly
 EXIT_RUNTIME = 1  # could not serve, or forced to stop
 EXIT_USAGE = 2  # a flag, setting or file is wrong
+EXIT_REJECTED = EXIT_RUNTIME  # `certs verify`: the certificate was read and is not good
 
 
 class SidecarError(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.certfiles import read_bytes
 from sidecar.errors import ConfigError
 
 _PEM_START = "-----BEGIN"
@@ -50,13 +51,4 @@ class PemSource:
         if self.inline is not None:
             return self.inline
         assert self.path is not None
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"{self.setting}: no such file: {self.path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{self.setting}: is a directory, not a file: {self.path}") from None
-        except PermissionError:
-            raise ConfigError(f"{self.setting}: permission denied reading {self.path}") from None
-        except OSError as exc:
-            raise ConfigError(f"{self.setting}: cannot read {self.path}: {exc.strerror}") from None
+        return read_bytes(self.path, self.setting)

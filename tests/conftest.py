@@ -245,7 +245,14 @@ class SidecarFactory:
         process.wait_ready()
         return process
 
-    def egress(self, remote_port: int, *args: str, client: str = "alice") -> SidecarProcess:
+    def egress(
+        self,
+        remote_port: int,
+        *args: str,
+        client: str = "alice",
+        listen: str = "127.0.0.1:0",
+        wait: bool = True,
+    ) -> SidecarProcess:
         """Start an egress sidecar to remote_port on 127.0.0.1 and wait until it listens."""
         process = self.start(
             "--mode",
@@ -260,8 +267,10 @@ class SidecarFactory:
             str(self.pki.dir / "ca.pem"),
             *args,
             default_tls=False,
+            listen=listen,
         )
-        process.wait_ready()
+        if wait:
+            process.wait_ready()
         return process
 
     def chain(self, upstream_port: int, *ingress_args: str) -> Chain:

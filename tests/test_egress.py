@@ -123,21 +123,7 @@ def test_egress_listens_on_a_unix_socket(
 ) -> None:
     ingress = sidecars.serving(probe.port, "--allow-cn", "alice")
     socket_path = tmp_path / "egress.sock"
-    egress = sidecars.start(
-        "--mode",
-        "egress",
-        "--listen",
-        f"unix:{socket_path}",
-        "--upstream",
-        f"127.0.0.1:{ingress.port}",
-        "--cert",
-        str(pki.cert("alice")),
-        "--key",
-        str(pki.key("alice")),
-        "--ca",
-        str(pki.dir / "ca.pem"),
-        default_tls=False,
-    )
+    egress = sidecars.egress(ingress.port, listen=f"unix:{socket_path}", wait=False)
     egress.wait_for(f"egress listening on unix:{socket_path}")
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         assert channel.unary_unary(UNARY)(b"over a socket", timeout=10) == b"over a socket"

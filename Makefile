@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check demo bench clean
+.PHONY: test check demo demo-shell protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +18,22 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(BIN)/ruff check sidecar tests
-	$(BIN)/ruff format --check sidecar tests
+	$(BIN)/ruff check sidecar tests demo
+	$(BIN)/ruff format --check sidecar tests demo
 	$(BIN)/mypy
 
-demo:
-	@echo "make demo arrives with the demo issue (demo app, certificates, both sidecars)."
-	@echo "Until then, README.md 'Quick start' shows the secured path by hand."
-	@exit 1
+# The whole secured path on this machine: certificates, app, both sidecars, a session.
+demo: $(STAMP)
+	$(BIN)/python -m demo.run
+
+# The same chain, left running under the interactive client until `exit`.
+demo-shell: $(STAMP)
+	$(BIN)/python -m demo.run --shell
+
+# Regenerate demo/gen from protos/ (tests/test_demo.py fails when it is stale).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Idemo/gen=protos --python_out=. \
+		--grpc_python_out=. --pyi_out=. protos/*.proto
 
 bench:
 	@echo "make bench arrives with the performance issue."

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -105,10 +105,12 @@ def probe() -> Iterator[Probe]:
 class SidecarProcess:
     """`python -m sidecar ARGS` as a child process, its stderr collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.args = args
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", *args],
+            [*prefix, sys.executable, "-m", "sidecar", *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,

@@ -90,7 +90,7 @@ class Route:
                 config.title,
                 where,
                 config.upstream,
-                describe_rules(config.allow),
+                _describe_rules(config.allow),
             )
         else:
             logger.info(
@@ -111,7 +111,8 @@ class Route:
             await self._upstream.close()
 
 
-def describe_rules(rules: AllowRules) -> str:
+def _describe_rules(rules: AllowRules) -> str:
+    """The allowlist as the start-up line states it."""
     if rules.allow_all:
         return "allow-all: any certificate signed by the CA may call"
     parts = [

@@ -37,6 +37,9 @@ _TLS_HINTS = (
     "CERTIFICATE_VERIFY",
     "Socket closed",
     "SSL",
+    # A TLS 1.3 remote that refuses our certificate sends its alert after the
+    # handshake; core then fails to unwrap it ("Unwrap failed (TSI_DATA_CORRUPTED)").
+    "TSI_",
 )
 _CACHE_SECONDS = 5.0
 _TIMEOUT_SECONDS = 3.0  # connect and handshake
@@ -180,8 +183,11 @@ class TLSDiagnosis:
 
 def _after_handshake(tls: ssl.SSLSocket, leaf: x509.Certificate | None) -> _Observed:
     """TLS 1.3 sends the verdict on our certificate after the handshake: read it."""
-    try:
+    # The remote may have refused us already; then the send fails but its alert is
+    # still there to read.
+    with contextlib.suppress(ssl.SSLError, OSError):
         tls.sendall(_H2_PREFACE)
+    try:
         if tls.recv(64):
             return _Observed(leaf)  # the remote answered as HTTP/2: it took our certificate
     except ssl.SSLError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,34 @@ class Pki:
         )
 
 
+def install_debian_packages(packages: Sequence[str], needs: Sequence[str]) -> None:
+    """Install `packages` with apt-get unless everything in `needs` is there already.
+
+    A need is an executable on PATH, or an absolute path that must exist. The suite
+    needs some tools that are not Python packages (node, go); a fresh machine of
+    this kind gets them from Debian's packages, as root.
+    """
+
+    def present(need: str) -> bool:
+        return Path(need).exists() if need.startswith("/") else shutil.which(need) is not None
+
+    missing = [need for need in needs if not present(need)]
+    if not missing:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.fail(f"{', '.join(missing)} missing, and apt-get (as root) is not available")
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    missing = [need for need in needs if not present(need)]
+    assert not missing, f"installed {packages} but still missing {missing}"
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
@@ -102,15 +131,12 @@ def probe() -> Iterator[Probe]:
     upstream.stop()
 
 
-class SidecarProcess:
-    """`python -m sidecar ARGS` as a child process, its stderr collected line by line."""
+class ChildProcess:
+    """A command run in the background, its stdout and stderr collected line by line."""
 
-    def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()
-    ) -> None:
-        self.args = args
+    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "sidecar", *args],
+            list(command),
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
@@ -157,12 +183,13 @@ class SidecarProcess:
             self._changed.wait_for(seen, timeout)
         if not found:
             raise AssertionError(
-                f"no line matching {regex.pattern!r}; sidecar said:\n{self.output}"
+                f"no line matching {regex.pattern!r}; the process said:\n{self.output}"
             )
         return found[-1]
 
-    def wait_ready(self) -> int:
-        self.port = int(self.wait_for(LISTENING).group("port"))
+    def wait_ready(self, pattern: str | re.Pattern[str] = LISTENING) -> int:
+        """Wait for the line announcing the listening port (group "port"), and return it."""
+        self.port = int(self.wait_for(pattern).group("port"))
         return self.port
 
     def signal(self, signum: int) -> None:
@@ -181,6 +208,16 @@ class SidecarProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.wait_exit()
+
+
+class SidecarProcess(ChildProcess):
+    """`python -m sidecar ARGS` as a child process."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        super().__init__([*prefix, sys.executable, "-m", "sidecar", *args], env)
+        self.args = args
 
     def channel(
         self, pki: Pki, client: str | None = "alice", *, key_of: str | None = None

@@ -10,31 +10,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Pki, SidecarProcess
+from tests.conftest import Pki, SidecarProcess, install_debian_packages
 
 NODE_DIR = Path(__file__).parent / "node"
 
 
-def _install_node() -> str:
-    """Find node and npm, installing them from Debian's packages when missing (root only)."""
-    if not (shutil.which("node") and shutil.which("npm")):
-        if shutil.which("apt-get") is None:
-            pytest.fail("node and npm are missing and apt-get is not available to install them")
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "nodejs", "npm"],
-            check=True,
-            capture_output=True,
-            timeout=900,
-        )
-    node = shutil.which("node")
-    assert node is not None
-    return node
-
-
 @pytest.fixture(scope="module")
 def node() -> str:
-    executable = _install_node()
+    install_debian_packages(["nodejs", "npm"], ["node", "npm"])
+    executable = shutil.which("node")
+    assert executable is not None
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
         subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund"],

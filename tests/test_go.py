@@ -1,0 +1,209 @@
+"""Cross-language, as the Go/Python seed: grpc-go on both sides of the sidecar.
+
+A Go client (tests/go/crosslang.go, grpc-go from Debian's packages) calls the
+Python demo app through the ingress sidecar; the Python demo client reaches a Go
+server that requires and verifies client certificates through the egress sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from demo.gen import adder_pb2, adder_pb2_grpc
+from tests.conftest import ROOT, ChildProcess, Pki, SidecarFactory, install_debian_packages
+
+GO_SOURCE = Path(__file__).parent / "go" / "crosslang.go"
+GO_PACKAGES = [
+    "golang-go",
+    "golang-google-grpc-dev",
+    "golang-google-protobuf-dev",
+    # grpc-go's codec goes through golang/protobuf: 1.5 wraps the APIv2 messages that
+    # protoc-gen-go makes; 1.3, the default alternative, panics on them.
+    "golang-github-golang-protobuf-1-5-dev",
+    "protoc-gen-go",
+    "protoc-gen-go-grpc",
+    "protobuf-compiler",
+]
+GO_NEEDS = [
+    "go",
+    "protoc",
+    "protoc-gen-go",
+    "protoc-gen-go-grpc",
+    "/usr/share/gocode/src/google.golang.org/grpc/server.go",
+    "/usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go",  # 1.5, not 1.3
+]
+DEMO_APP_LISTENING = r"on 127\.0\.0\.1:(?P<port>\d+)"
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.fixture(scope="module")
+def crosslang(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go program, built from tests/go/crosslang.go and Go code generated from protos/.
+
+    GOPATH mode against Debian's /usr/share/gocode: nothing is fetched.
+    """
+    install_debian_packages(GO_PACKAGES, GO_NEEDS)
+    gopath = tmp_path_factory.mktemp("gopath")
+    program = gopath / "src" / "sidecar.demo" / "crosslang"
+    program.mkdir(parents=True)
+    shutil.copy(GO_SOURCE, program / "main.go")
+    protos = sorted(str(path) for path in (ROOT / "protos").glob("*.proto"))
+    subprocess.run(
+        ["protoc", f"-I{ROOT / 'protos'}", "-I/usr/include",
+         f"--go_out={gopath / 'src'}", f"--go-grpc_out={gopath / 'src'}", *protos],
+        check=True,
+    )  # fmt: skip
+    environment = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPATH": f"{gopath}:/usr/share/gocode",
+        "GOFLAGS": "",
+        "GOPROXY": "off",
+    }
+    if "GOCACHE" not in os.environ and "HOME" not in os.environ:
+        environment["GOCACHE"] = str(gopath / "cache")
+    executable = gopath / "crosslang"
+    subprocess.run(
+        ["go", "build", "-o", str(executable), "sidecar.demo/crosslang"],
+        env=environment,
+        check=True,
+        timeout=600,
+    )
+    return executable
+
+
+@pytest.fixture
+def demo_app(tmp_path: Path) -> Iterator[ChildProcess]:
+    """The Python demo app, plain gRPC on a free loopback port."""
+    app = ChildProcess(
+        [sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0",
+         "--data", str(tmp_path / "kv.json")]
+    )  # fmt: skip
+    app.wait_ready(DEMO_APP_LISTENING)
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+def go_server(crosslang: Path, pki: Pki) -> Iterator[ChildProcess]:
+    """The Go server: TLS with the test server certificate, client certificates required."""
+    server = ChildProcess(
+        [str(crosslang), "server", "-listen", "127.0.0.1:0", "-ca", str(pki.dir / "ca.pem"),
+         "-cert", str(pki.cert("server")), "-key", str(pki.key("server"))]
+    )  # fmt: skip
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+def go_client(crosslang: Path, pki: Pki, port: int, client: str) -> dict[str, Any]:
+    """Run the Go client against 127.0.0.1:port as `client`; its report, call by call."""
+    result = subprocess.run(
+        [str(crosslang), "client", "-target", f"127.0.0.1:{port}", "-server-name", "localhost",
+         "-ca", str(pki.dir / "ca.pem"), "-cert", str(pki.cert(client)),
+         "-key", str(pki.key(client))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def demo_client(port: int, script: str) -> str:
+    """Run the Python demo client (plaintext, as a legacy client) with `script` on stdin."""
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.client", "--target", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_go_client_calls_the_python_app_through_the_ingress(
+    crosslang: Path, pki: Pki, sidecars: SidecarFactory, demo_app: ChildProcess
+) -> None:
+    ingress = sidecars.serving(demo_app.port, "--allow-cn", "alice")
+    report = go_client(crosslang, pki, ingress.port, "alice")
+    assert report["put"] == {"code": 0, "message": "", "reply": {"previous": None}}
+    assert report["get"] == {"code": 0, "message": "", "reply": "go"}
+    assert report["delete"] == {"code": 0, "message": "", "reply": {"previous": "go"}}
+    assert report["get_missing"] == {"code": NOT_FOUND, "message": "no key 'language'"}
+    assert report["add"] == {"code": 0, "message": "", "reply": 42}
+    samples = report["metrics"]["reply"]
+    assert len(samples) == 3  # start, start + 1 min, end: the Python app's one a minute
+    assert {sample["name"] for sample in samples} == {"cpu"}
+    assert all(sample["labels"] == {"host": "app", "lang": "go"} for sample in samples)
+    # The access log names the Go client's certificate as the caller of each call.
+    ingress.wait_for(r"/api\.Metrics/Query peer='CN=alice'.* code=OK")
+
+
+def test_go_client_off_the_allowlist_is_refused_with_the_reason(
+    crosslang: Path, pki: Pki, sidecars: SidecarFactory, demo_app: ChildProcess
+) -> None:
+    ingress = sidecars.serving(demo_app.port, "--allow-cn", "alice")
+    report = go_client(crosslang, pki, ingress.port, "mallory")
+    for call, outcome in report.items():
+        assert outcome["code"] == PERMISSION_DENIED, (call, outcome)
+        assert "CN=mallory" in outcome["message"], (call, outcome)
+        assert "reply" not in outcome
+
+
+def test_python_client_reaches_the_go_server_through_the_egress(
+    pki: Pki, sidecars: SidecarFactory, go_server: ChildProcess
+) -> None:
+    # The Go server really insists on a client certificate: without one, nothing passes.
+    bare = grpc.secure_channel(f"127.0.0.1:{go_server.port}", pki.client_credentials(None))
+    with bare, pytest.raises(grpc.RpcError) as refused:
+        adder_pb2_grpc.AdderStub(bare).Add(adder_pb2.AddRequest(a=1, b=1), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    egress = sidecars.egress(go_server.port, client="alice")
+    output = demo_client(
+        egress.port,
+        "put language python\nget language\nput language go\ndelete language\n"
+        "get language\nadd 2 40\nmetrics cpu host=app\nexit\n",
+    )
+    assert output.splitlines()[:12] == [
+        "> put language python",
+        "ok (previous: none)",
+        "> get language",
+        "python",
+        "> put language go",
+        "ok (previous: 'python')",
+        "> delete language",
+        "ok (previous: 'go')",
+        "> get language",
+        'error: NOT_FOUND: no key "language"',  # the Go server's message, through unchanged
+        "> add 2 40",
+        "42",
+    ]
+    # The Go server saw the egress route's certificate as the verified caller.
+    assert "cpu{caller=alice,host=app,served_by=go}" in output
+
+
+def test_egress_explains_a_go_server_refusing_its_certificate(
+    pki: Pki, sidecars: SidecarFactory, go_server: ChildProcess
+) -> None:
+    # "stranger" is issued by another CA: Go's TLS stack refuses it during the handshake.
+    egress = sidecars.egress(go_server.port, client="stranger")
+    output = demo_client(egress.port, "add 2 40\nexit\n")
+    assert "error: UNAVAILABLE: " in output, output
+    assert "the remote refused this route's client certificate CN=alice" in output, output
+    assert "TLS alert bad certificate" in output, output

@@ -4,7 +4,9 @@ It serves the three seed services on 127.0.0.1 only and knows nothing of TLS:
 - kv.KV: a key-value store persisted to a JSON file (written atomically: a
   temporary file, fsync, then rename; read with json, never eval);
 - adder.Adder: adds two numbers;
-- api.Metrics: synthetic samples for a metric between two times, one a minute.
+- api.Metrics: synthetic samples for a metric between two times, one a minute;
+- grpc.health.v1.Health: SERVING for the server ("") and each service, as the
+  TLS-authentication seed's server adds.
 
     python -m demo.app --listen 127.0.0.1:50051 --data kv.json
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from demo.gen import (
     adder_pb2,
@@ -126,13 +129,15 @@ async def serve(listen: str, data: Path | None) -> None:
     kv_pb2_grpc.add_KVServicer_to_server(KeyValue(Store(data)), server)
     adder_pb2_grpc.add_AdderServicer_to_server(Adder(), server)
     metrics_pb2_grpc.add_MetricsServicer_to_server(Metrics(), server)
+    health_servicer = health.aio.HealthServicer()
+    for service in ("", "kv.KV", "adder.Adder", "api.Metrics"):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(listen)
     await server.start()
     host = listen.rpartition(":")[0]
-    print(
-        f"demo app: plain gRPC (no TLS) on {host}:{port}: kv.KV, adder.Adder, api.Metrics",
-        flush=True,
-    )
+    services = "kv.KV, adder.Adder, api.Metrics, grpc.health.v1.Health"
+    print(f"demo app: plain gRPC (no TLS) on {host}:{port}: {services}", flush=True)
     await server.wait_for_termination()
 
 

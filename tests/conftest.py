@@ -358,3 +358,15 @@ def sidecars(pki: Pki) -> Iterator[SidecarFactory]:
 def sidecar(sidecars: SidecarFactory, probe: Probe) -> SidecarProcess:
     """A sidecar in front of the probe that allows CN alice."""
     return sidecars.serving(probe.port, "--allow-cn", "alice")
+
+
+@pytest.fixture
+def demo_app(tmp_path: Path) -> Iterator[ChildProcess]:
+    """The demo app (demo/app.py), plain gRPC on a free loopback port, its store in tmp_path."""
+    app = ChildProcess(
+        [sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0",
+         "--data", str(tmp_path / "kv.json")]
+    )  # fmt: skip
+    app.wait_ready(r"on 127\.0\.0\.1:(?P<port>\d+)")
+    yield app
+    app.stop()

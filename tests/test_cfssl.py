@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -88,14 +86,6 @@ def cfssl_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     _cfssl(directory, "client", *signing, "-profile=client", "client-csr.json")
     return directory
-
-
-@pytest.fixture
-def demo_app(tmp_path: Path) -> Iterator[ChildProcess]:
-    app = ChildProcess([sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0"])
-    app.wait_ready(r"on 127\.0\.0\.1:(?P<port>\d+)")
-    yield app
-    app.stop()
 
 
 def test_sidecar_certs_verify_agrees_with_cfssl(

@@ -42,7 +42,6 @@ GO_NEEDS = [
     "/usr/share/gocode/src/google.golang.org/grpc/server.go",
     "/usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go",  # 1.5, not 1.3
 ]
-DEMO_APP_LISTENING = r"on 127\.0\.0\.1:(?P<port>\d+)"
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 
@@ -81,18 +80,6 @@ def crosslang(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return executable
-
-
-@pytest.fixture
-def demo_app(tmp_path: Path) -> Iterator[ChildProcess]:
-    """The Python demo app, plain gRPC on a free loopback port."""
-    app = ChildProcess(
-        [sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0",
-         "--data", str(tmp_path / "kv.json")]
-    )  # fmt: skip
-    app.wait_ready(DEMO_APP_LISTENING)
-    yield app
-    app.stop()
 
 
 @pytest.fixture

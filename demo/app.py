@@ -1,6 +1,6 @@
 """The demo app: a plain, insecure gRPC server, as a legacy service would be.
 
-It serves the three seed services on 127.0.0.1 only and knows nothing of TLS:
+It serves the seeds' services on 127.0.0.1 only and knows nothing of TLS:
 - kv.KV: a key-value store persisted to a JSON file (written atomically: a
   temporary file, fsync, then rename; read with json, never eval);
 - adder.Adder: adds two numbers;

@@ -182,20 +182,37 @@ class TLSDiagnosis:
 
 
 def _after_handshake(tls: ssl.SSLSocket, leaf: x509.Certificate | None) -> _Observed:
-    """TLS 1.3 sends the verdict on our certificate after the handshake: read it."""
-    # The remote may have refused us already; then the send fails but its alert is
-    # still there to read.
-    with contextlib.suppress(ssl.SSLError, OSError):
+    """Send an HTTP/2 preface and read the answer: the remote's verdict on our certificate.
+
+    Under TLS 1.3 the server judges the client's certificate after the client has
+    finished its handshake, so the verdict (an alert, or a close) only comes now.
+    """
+    version = tls.version()  # before the remote may close the connection
+    send_error: ssl.SSLError | None = None
+    try:
         tls.sendall(_H2_PREFACE)
+    except ssl.SSLError as exc:  # the remote may have refused us already; read its alert
+        send_error = exc
+    except OSError:
+        pass
     try:
         if tls.recv(64):
             return _Observed(leaf)  # the remote answered as HTTP/2: it took our certificate
     except ssl.SSLError as exc:
         return _classify(exc, leaf)
+    except TimeoutError:
+        return _Observed(
+            leaf, failure=f"no answer within {_TIMEOUT_SECONDS:g}s after the handshake"
+        )
     except OSError:
         pass
-    # A grpc server that refuses a client certificate closes without an alert.
-    return _Observed(leaf, refused_ours="it closed the connection after our certificate")
+    if version == "TLSv1.3":
+        # A grpc server that refuses a client certificate closes without an alert.
+        return _Observed(leaf, refused_ours="it closed the connection after our certificate")
+    # Under TLS 1.2 a finished handshake means the remote accepted our certificate.
+    if send_error is not None:
+        return _classify(send_error, leaf)
+    return _Observed(leaf, failure="the remote closed the connection after the handshake")
 
 
 def _classify(exc: ssl.SSLError, leaf: x509.Certificate | None) -> _Observed:

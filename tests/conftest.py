@@ -360,13 +360,39 @@ def sidecar(sidecars: SidecarFactory, probe: Probe) -> SidecarProcess:
     return sidecars.serving(probe.port, "--allow-cn", "alice")
 
 
+DEMO_APP_LISTENING = r"on 127\.0\.0\.1:(?P<port>\d+)"
+
+
+def start_demo_app(data: Path) -> ChildProcess:
+    """The demo app (demo/app.py), plain gRPC on a free loopback port, ready."""
+    app = ChildProcess(
+        [sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0", "--data", str(data)]
+    )
+    try:
+        app.wait_ready(DEMO_APP_LISTENING)
+    except BaseException:
+        app.stop()
+        raise
+    return app
+
+
 @pytest.fixture
 def demo_app(tmp_path: Path) -> Iterator[ChildProcess]:
-    """The demo app (demo/app.py), plain gRPC on a free loopback port, its store in tmp_path."""
-    app = ChildProcess(
-        [sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0",
-         "--data", str(tmp_path / "kv.json")]
-    )  # fmt: skip
-    app.wait_ready(r"on 127\.0\.0\.1:(?P<port>\d+)")
+    """The demo app, its store in tmp_path."""
+    app = start_demo_app(tmp_path / "kv.json")
     yield app
     app.stop()
+
+
+def run_demo_client(target: str, script: str, prefix: Sequence[str] = ()) -> str:
+    """Run the demo client (plaintext, as a legacy client) with `script` on stdin; its output."""
+    result = subprocess.run(
+        [*prefix, sys.executable, "-m", "demo.client", "--target", target],
+        cwd=ROOT,
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -19,6 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from demo.gen import kv_pb2, kv_pb2_grpc
 from tests.conftest import ChildProcess, SidecarFactory, install_debian_packages
 
+# On a fresh machine the fixtures first install cfssl: minutes, not the default 120 s.
+pytestmark = pytest.mark.timeout(1200)
+
 SERVER_NAMES = ["node04.example.com", "node.example.com"]  # the seed's -hostname
 CA_CONFIG = {
     "signing": {

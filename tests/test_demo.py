@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,7 @@ from pathlib import Path
 import grpc
 
 from demo.gen import kv_pb2, kv_pb2_grpc
-from tests.conftest import ROOT
-
-LISTENING = re.compile(r"on 127\.0\.0\.1:(\d+)")
+from tests.conftest import ROOT, start_demo_app
 
 
 def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
@@ -74,49 +71,27 @@ def test_client_answers_bad_commands_with_usage() -> None:
     assert "never-sent" not in result.stdout  # nothing after exit is run
 
 
-def start_app(data: Path) -> tuple[subprocess.Popen[str], int]:
-    app = subprocess.Popen(
-        [sys.executable, "-m", "demo.app", "--listen", "127.0.0.1:0", "--data", str(data)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert app.stdout is not None
-    line = app.stdout.readline()
-    found = LISTENING.search(line)
-    assert found, line
-    return app, int(found.group(1))
-
-
-def stop_app(app: subprocess.Popen[str]) -> None:
-    app.terminate()
-    app.wait(10)
-    if app.stdout is not None:
-        app.stdout.close()
-
-
 def test_the_store_survives_a_restart_and_writes_atomically(tmp_path: Path) -> None:
     data = tmp_path / "kv.json"
-    app, port = start_app(data)
+    app = start_demo_app(data)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = kv_pb2_grpc.KVStub(channel)
             first = stub.Put(kv_pb2.PutRequest(key="k", value="v1"), timeout=10)
             second = stub.Put(kv_pb2.PutRequest(key="k", value="v2"), timeout=10)
             gone = stub.Delete(kv_pb2.DeleteRequest(key="missing"), timeout=10)
     finally:
-        stop_app(app)
+        app.stop()
     assert not first.HasField("previous")
     assert second.previous == "v1"
     assert not gone.HasField("previous")  # deleting a missing key is not an error
     assert json.loads(data.read_text()) == {"k": "v2"}
     assert [path.name for path in tmp_path.iterdir()] == ["kv.json"]  # no temporary left
 
-    app, port = start_app(data)
+    app = start_demo_app(data)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             reply = kv_pb2_grpc.KVStub(channel).Get(kv_pb2.GetRequest(key="k"), timeout=10)
     finally:
-        stop_app(app)
+        app.stop()
     assert reply.value == "v2"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SidecarProcess
+from tests.conftest import ROOT, SidecarProcess, run_demo_client
 
 SUBNET = "10.203.0"
 HOSTS = {"app": 1, "web": 2, "rogue": 3}
@@ -108,12 +108,7 @@ def tls(directory: Path, name: str) -> list[str]:
 
 
 def client(net: Network, host: str, target: str, commands: str) -> str:
-    result = subprocess.run(
-        [*net.run(host), sys.executable, "-m", "demo.client", "--target", target],
-        cwd=ROOT, input=commands, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_demo_client(target, commands, prefix=net.run(host))
 
 
 def test_calls_cross_hosts_only_over_mtls_to_the_dns_name(network: Network, tmp_path: Path) -> None:

@@ -12,6 +12,10 @@ import pytest
 
 from tests.conftest import Pki, SidecarProcess, install_debian_packages
 
+# On a fresh machine the fixtures first install Node.js and run npm ci: minutes, not
+# the default 120 s.
+pytestmark = pytest.mark.timeout(1200)
+
 NODE_DIR = Path(__file__).parent / "node"
 
 

@@ -68,6 +68,9 @@ func addTLSFlags(flags *flag.FlagSet) tlsFlags {
 }
 
 func (f tlsFlags) load() (tls.Certificate, *x509.CertPool) {
+	if *f.ca == "" || *f.cert == "" || *f.key == "" {
+		fail("-ca, -cert and -key are required")
+	}
 	own, err := tls.LoadX509KeyPair(*f.cert, *f.key)
 	if err != nil {
 		fail(err.Error())
@@ -111,6 +114,9 @@ func runClient(arguments []string) {
 	serverName := flags.String("server-name", "", "name the ingress certificate must carry")
 	material := addTLSFlags(flags)
 	flags.Parse(arguments)
+	if *target == "" {
+		fail("-target is required")
+	}
 	own, pool := material.load()
 	creds := credentials.NewTLS(&tls.Config{
 		Certificates: []tls.Certificate{own},
@@ -227,6 +233,9 @@ func (adderServer) Add(_ context.Context, request *adder.AddRequest) (*adder.Add
 
 type metricsServer struct{ api.UnimplementedMetricsServer }
 
+// maxSamples bounds a reply whatever the range asked for, as the Python app does.
+const maxSamples = 1440
+
 // callerName is the common name of the client certificate TLS verified for this call.
 func callerName(ctx context.Context) string {
 	caller, ok := peer.FromContext(ctx)
@@ -248,9 +257,12 @@ func (metricsServer) Query(ctx context.Context, request *api.QueryMetricsRequest
 	for key, value := range request.Labels {
 		labels[key] = value
 	}
-	metric := &api.Metric{Name: request.MetricName, Labels: labels}
 	start, end := request.Start.AsTime(), request.End.AsTime()
-	for at := start; !at.After(end); at = at.Add(time.Minute) {
+	if end.Before(start) {
+		return nil, status.Error(codes.InvalidArgument, "end is before start")
+	}
+	metric := &api.Metric{Name: request.MetricName, Labels: labels}
+	for at := start; !at.After(end) && len(metric.Values) < maxSamples; at = at.Add(time.Minute) {
 		metric.Values = append(metric.Values, &api.Metric_SamplePair{
 			Time: timestamppb.New(at), Value: float64(at.Minute()),
 		})

@@ -18,8 +18,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
-	$(BIN)/ruff check sidecar tests demo
-	$(BIN)/ruff format --check sidecar tests demo
+	$(BIN)/ruff check sidecar tests demo bench
+	$(BIN)/ruff format --check sidecar tests demo bench
 	$(BIN)/mypy
 
 # The whole secured path on this machine: certificates, app, both sidecars, a session.

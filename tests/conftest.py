@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import grpc
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from bench import toolchain
 from sidecar import certs
 from tests.probe import Probe
 
@@ -91,31 +91,11 @@ class Pki:
 
 
 def install_debian_packages(packages: Sequence[str], needs: Sequence[str]) -> None:
-    """Install `packages` with apt-get unless everything in `needs` is there already.
-
-    A need is an executable on PATH, or an absolute path that must exist. The suite
-    needs some tools that are not Python packages (node, go); a fresh machine of
-    this kind gets them from Debian's packages, as root.
-    """
-
-    def present(need: str) -> bool:
-        return Path(need).exists() if need.startswith("/") else shutil.which(need) is not None
-
-    missing = [need for need in needs if not present(need)]
-    if not missing:
-        return
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.fail(f"{', '.join(missing)} missing, and apt-get (as root) is not available")
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (
-        ["apt-get", "update"],
-        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
-    ):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    missing = [need for need in needs if not present(need)]
-    assert not missing, f"installed {packages} but still missing {missing}"
+    """Install what a test needs from Debian's packages, or fail the test saying why."""
+    try:
+        toolchain.ensure_debian_packages(packages, needs)
+    except toolchain.ToolchainError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="session")

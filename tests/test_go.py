@@ -8,8 +8,6 @@ server that requires and verifies client certificates through the egress sidecar
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -20,12 +18,12 @@ from typing import Any
 import grpc
 import pytest
 
+from bench import toolchain
 from tests.conftest import (
     ROOT,
     ChildProcess,
     Pki,
     SidecarFactory,
-    install_debian_packages,
     run_demo_client,
 )
 
@@ -34,63 +32,22 @@ from tests.conftest import (
 pytestmark = pytest.mark.timeout(1200)
 
 GO_SOURCE = Path(__file__).parent / "go" / "crosslang.go"
-GO_PACKAGES = [
-    "golang-go",
-    "golang-google-grpc-dev",
-    "golang-google-protobuf-dev",
-    # grpc-go's codec goes through golang/protobuf: 1.5 wraps the APIv2 messages that
-    # protoc-gen-go makes; 1.3, the default alternative, panics on them.
-    "golang-github-golang-protobuf-1-5-dev",
-    "protoc-gen-go",
-    "protoc-gen-go-grpc",
-    "protobuf-compiler",
-]
-GO_NEEDS = [
-    "go",
-    "protoc",
-    "protoc-gen-go",
-    "protoc-gen-go-grpc",
-    "/usr/share/gocode/src/google.golang.org/grpc/server.go",
-    "/usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go",  # 1.5, not 1.3
-]
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 
 
 @pytest.fixture(scope="module")
 def crosslang(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Go program, built from tests/go/crosslang.go and Go code generated from protos/.
-
-    GOPATH mode against Debian's /usr/share/gocode: nothing is fetched.
-    """
-    install_debian_packages(GO_PACKAGES, GO_NEEDS)
-    gopath = tmp_path_factory.mktemp("gopath")
-    program = gopath / "src" / "sidecar.demo" / "crosslang"
-    program.mkdir(parents=True)
-    shutil.copy(GO_SOURCE, program / "main.go")
-    protos = sorted(str(path) for path in (ROOT / "protos").glob("*.proto"))
-    subprocess.run(
-        ["protoc", f"-I{ROOT / 'protos'}", "-I/usr/include",
-         f"--go_out={gopath / 'src'}", f"--go-grpc_out={gopath / 'src'}", *protos],
-        check=True,
-    )  # fmt: skip
-    environment = {
-        **os.environ,
-        "GO111MODULE": "off",
-        "GOPATH": f"{gopath}:/usr/share/gocode",
-        "GOFLAGS": "",
-        "GOPROXY": "off",
-    }
-    if "GOCACHE" not in os.environ and "HOME" not in os.environ:
-        environment["GOCACHE"] = str(gopath / "cache")
-    executable = gopath / "crosslang"
-    subprocess.run(
-        ["go", "build", "-o", str(executable), "sidecar.demo/crosslang"],
-        env=environment,
-        check=True,
-        timeout=600,
-    )
-    return executable
+    """The Go program, built from tests/go/crosslang.go and Go code generated from protos/."""
+    try:
+        return toolchain.build_go_program(
+            GO_SOURCE,
+            sorted((ROOT / "protos").glob("*.proto")),
+            tmp_path_factory.mktemp("gopath"),
+            "sidecar.demo",
+        )
+    except toolchain.ToolchainError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture

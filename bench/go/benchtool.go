@@ -1,0 +1,304 @@
+// Command benchtool is the benchmark's upstream and load generator (grpc-go).
+//
+//	benchtool server -listen 127.0.0.1:0
+//	    A plaintext bench.Echo server; prints "listening on HOST:PORT".
+//
+//	benchtool load -target HOST:PORT [-ca CA -cert CERT -key KEY -server-name NAME]
+//	    -workload unary|pingpong -size BYTES -concurrency N -connections K
+//	    -duration 5s -warmup 1s
+//	    Runs the workload and prints one JSON object: calls, seconds, calls_per_s,
+//	    p50_ms, p99_ms, errors and the first error's text.
+//
+//	benchtool idle -target HOST:PORT [-ca ...] -connections N
+//	    Opens N connections, makes one call on each so every hop is set up, prints
+//	    "ready", and holds them until its standard input closes.
+//
+// Without -ca the connection is plaintext (the upstream directly).
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"io/ioutil"
+	"net"
+	"os"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"sidecar.bench/gen/echo"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fail("usage: benchtool server|load|idle [flags]")
+	}
+	switch os.Args[1] {
+	case "server":
+		runServer(os.Args[2:])
+	case "load":
+		runLoad(os.Args[2:])
+	case "idle":
+		runIdle(os.Args[2:])
+	default:
+		fail("unknown command " + os.Args[1])
+	}
+}
+
+func fail(message string) {
+	fmt.Fprintln(os.Stderr, "benchtool:", message)
+	os.Exit(2)
+}
+
+const maxMessage = 64 << 20
+
+type echoServer struct{ echo.UnimplementedEchoServer }
+
+func (echoServer) Unary(_ context.Context, request *echo.Payload) (*echo.Payload, error) {
+	return request, nil
+}
+
+func (echoServer) PingPong(stream echo.Echo_PingPongServer) error {
+	for {
+		message, err := stream.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := stream.Send(message); err != nil {
+			return err
+		}
+	}
+}
+
+func runServer(arguments []string) {
+	flags := flag.NewFlagSet("server", flag.ExitOnError)
+	listen := flags.String("listen", "127.0.0.1:0", "HOST:PORT")
+	flags.Parse(arguments)
+	listener, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fail(err.Error())
+	}
+	server := grpc.NewServer(grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage))
+	echo.RegisterEchoServer(server, echoServer{})
+	fmt.Printf("listening on %s\n", listener.Addr())
+	os.Stdout.Sync()
+	if err := server.Serve(listener); err != nil {
+		fail(err.Error())
+	}
+}
+
+type dialFlags struct {
+	target, ca, cert, key, serverName *string
+}
+
+func addDialFlags(flags *flag.FlagSet) dialFlags {
+	return dialFlags{
+		target:     flags.String("target", "", "HOST:PORT"),
+		ca:         flags.String("ca", "", "CA (PEM); without it, plaintext"),
+		cert:       flags.String("cert", "", "client certificate (PEM)"),
+		key:        flags.String("key", "", "client key (PEM)"),
+		serverName: flags.String("server-name", "", "name the server certificate carries"),
+	}
+}
+
+func (f dialFlags) dial() *grpc.ClientConn {
+	if *f.target == "" {
+		fail("-target is required")
+	}
+	options := []grpc.DialOption{
+		grpc.WithBlock(),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)),
+	}
+	if *f.ca == "" {
+		options = append(options, grpc.WithInsecure())
+	} else {
+		own, err := tls.LoadX509KeyPair(*f.cert, *f.key)
+		if err != nil {
+			fail(err.Error())
+		}
+		caPEM, err := ioutil.ReadFile(*f.ca)
+		if err != nil {
+			fail(err.Error())
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(caPEM) {
+			fail("no certificate in " + *f.ca)
+		}
+		options = append(options, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+			Certificates: []tls.Certificate{own},
+			RootCAs:      pool,
+			ServerName:   *f.serverName,
+			MinVersion:   tls.VersionTLS12,
+		})))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, err := grpc.DialContext(ctx, *f.target, options...)
+	if err != nil {
+		fail("dial " + *f.target + ": " + err.Error())
+	}
+	return conn
+}
+
+// recorder collects call latencies after the warm-up, and errors.
+type recorder struct {
+	mu        sync.Mutex
+	latencies []time.Duration
+	errors    int
+	firstErr  string
+}
+
+func (r *recorder) add(latency time.Duration, err error, measuring bool) {
+	if !measuring && err == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
+		r.errors++
+		if r.firstErr == "" {
+			r.firstErr = err.Error()
+		}
+		return
+	}
+	r.latencies = append(r.latencies, latency)
+}
+
+func percentile(sorted []time.Duration, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	index := int(p * float64(len(sorted)-1))
+	return float64(sorted[index]) / float64(time.Millisecond)
+}
+
+func runLoad(arguments []string) {
+	flags := flag.NewFlagSet("load", flag.ExitOnError)
+	target := addDialFlags(flags)
+	workload := flags.String("workload", "unary", "unary or pingpong")
+	size := flags.Int("size", 64, "payload bytes")
+	concurrency := flags.Int("concurrency", 1, "calls (or streams) in flight")
+	connections := flags.Int("connections", 1, "connections the calls are spread over")
+	duration := flags.Duration("duration", 5*time.Second, "measured time")
+	warmup := flags.Duration("warmup", time.Second, "time before measuring")
+	flags.Parse(arguments)
+	if *connections < 1 || *concurrency < *connections {
+		fail("need 1 <= -connections <= -concurrency")
+	}
+	clients := make([]echo.EchoClient, *connections)
+	for i := range clients {
+		clients[i] = echo.NewEchoClient(target.dial())
+	}
+	payload := &echo.Payload{Data: make([]byte, *size)}
+	results := &recorder{}
+	start := time.Now()
+	measureFrom := start.Add(*warmup)
+	measureUntil := measureFrom.Add(*duration)
+	var workers sync.WaitGroup
+	for i := 0; i < *concurrency; i++ {
+		client := clients[i%len(clients)]
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			switch *workload {
+			case "unary":
+				unaryWorker(client, payload, measureFrom, measureUntil, results)
+			case "pingpong":
+				pingPongWorker(client, payload, measureFrom, measureUntil, results)
+			default:
+				fail("unknown workload " + *workload)
+			}
+		}()
+	}
+	workers.Wait()
+	sorted := results.latencies
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i] < sorted[j] })
+	seconds := duration.Seconds()
+	report := map[string]interface{}{
+		"calls":       len(sorted),
+		"seconds":     seconds,
+		"calls_per_s": float64(len(sorted)) / seconds,
+		"p50_ms":      percentile(sorted, 0.50),
+		"p99_ms":      percentile(sorted, 0.99),
+		"errors":      results.errors,
+		"first_error": results.firstErr,
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(report); err != nil {
+		fail(err.Error())
+	}
+}
+
+func unaryWorker(client echo.EchoClient, payload *echo.Payload, from, until time.Time, results *recorder) {
+	for {
+		began := time.Now()
+		if !began.Before(until) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		_, err := client.Unary(ctx, payload)
+		cancel()
+		results.add(time.Since(began), err, !began.Before(from))
+	}
+}
+
+func pingPongWorker(client echo.EchoClient, payload *echo.Payload, from, until time.Time, results *recorder) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := client.PingPong(ctx)
+	if err != nil {
+		results.add(0, err, true)
+		return
+	}
+	for {
+		began := time.Now()
+		if !began.Before(until) {
+			stream.CloseSend()
+			return
+		}
+		err := stream.Send(payload)
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		results.add(time.Since(began), err, !began.Before(from))
+		if err != nil {
+			return
+		}
+	}
+}
+
+func runIdle(arguments []string) {
+	flags := flag.NewFlagSet("idle", flag.ExitOnError)
+	target := addDialFlags(flags)
+	connections := flags.Int("connections", 1000, "connections to hold")
+	flags.Parse(arguments)
+	held := make([]*grpc.ClientConn, 0, *connections)
+	payload := &echo.Payload{Data: []byte("x")}
+	for i := 0; i < *connections; i++ {
+		conn := target.dial()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		_, err := echo.NewEchoClient(conn).Unary(ctx, payload)
+		cancel()
+		if err != nil {
+			fail(fmt.Sprintf("connection %d: %v", i, err))
+		}
+		held = append(held, conn)
+	}
+	fmt.Println("ready")
+	os.Stdout.Sync()
+	io.Copy(ioutil.Discard, bufio.NewReader(os.Stdin))
+	for _, conn := range held {
+		conn.Close()
+	}
+}

@@ -1,0 +1,232 @@
+"""The proxies the benchmark compares, each configured for the same job.
+
+The job: terminate mTLS on 127.0.0.1 (TLS 1.2+, ALPN h2, client certificate
+required and verified against the CA), allow only CN=bench-client, and relay
+gRPC to the plaintext upstream. haproxy and nginx come from Debian's packages.
+Each proxy is a running process tree whose CPU time and memory can be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import toolchain
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLOWED_CN = "bench-client"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+class Proxy:
+    """A proxy's process tree: started, measured, stopped."""
+
+    def __init__(self, name: str, command: Sequence[str], port: int, log: Path) -> None:
+        self.name = name
+        self.port = port
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            list(command), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def pids(self) -> list[int]:
+        """The process and its descendants (nginx's workers, say)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+        found, pending = [], [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            found.append(pid)
+            pending.extend(children.get(pid, []))
+        return found
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time of the whole tree so far."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / _TICKS
+
+    def _status_kib(self, key: str) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            found = re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE)
+            total += int(found.group(1)) if found else 0
+        return total
+
+    def rss_kib(self) -> int:
+        return self._status_kib("VmRSS")
+
+    def peak_rss_kib(self) -> int:
+        """Peak resident memory of the tree since the last reset_peak()."""
+        return self._status_kib("VmHWM")
+
+    def reset_peak(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # the process may have just exited
+                Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def wait_listening(port: int, proxy: Proxy, log: Path, timeout: float = 20) -> None:
+    """Wait until something accepts on 127.0.0.1:port (polling /proc/net/tcp, no connects)."""
+    wanted = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proxy.process.poll() is not None:
+            raise RuntimeError(f"{proxy.name} exited: {log.read_text()[-2000:]}")
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[1].endswith(wanted.strip()) and fields[3] == "0A":  # LISTEN
+                    return
+        time.sleep(0.05)  # polling a kernel table, not synchronising with the proxy
+    raise RuntimeError(f"{proxy.name} did not listen on {port} within {timeout}s")
+
+
+def start_sidecar(
+    certs: Certificates, port: int, upstream: int, workdir: Path, extra: Sequence[str] = ()
+) -> Proxy:
+    log = workdir / "sidecar.log"
+    command = [
+        sys.executable, "-m", "sidecar", "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"127.0.0.1:{upstream}", "--cert", str(certs.server_cert),
+        "--key", str(certs.server_key), "--ca", str(certs.ca), "--allow-cn", ALLOWED_CN,
+        "--log-level", "warning", *extra,
+    ]  # fmt: skip
+    proxy = Proxy("sidecar", command, port, log)
+    wait_listening(port, proxy, log)
+    return proxy
+
+
+def start_haproxy(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+    toolchain.ensure_debian_packages(["haproxy"], ["haproxy"])
+    bundle = workdir / "haproxy.pem"
+    bundle.write_bytes(certs.server_cert.read_bytes() + certs.server_key.read_bytes())
+    bundle.chmod(0o600)
+    config = workdir / "haproxy.cfg"
+    config.write_text(f"""\
+global
+    maxconn 9000
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+
+frontend mtls
+    bind 127.0.0.1:{port} ssl crt {bundle} ca-file {certs.ca} verify required alpn h2
+    http-request deny deny_status 403 unless {{ ssl_c_s_dn(CN) -m str {ALLOWED_CN} }}
+    default_backend app
+
+backend app
+    server app 127.0.0.1:{upstream} proto h2
+""")
+    log = workdir / "haproxy.log"
+    proxy = Proxy("haproxy", ["haproxy", "-db", "-f", str(config)], port, log)
+    wait_listening(port, proxy, log)
+    return proxy
+
+
+def start_nginx(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+    toolchain.ensure_debian_packages(["nginx"], ["nginx"])
+    prefix = workdir / "nginx"
+    prefix.mkdir(exist_ok=True)
+    config = prefix / "nginx.conf"
+    config.write_text(f"""\
+worker_processes auto;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    map $ssl_client_s_dn $allowed {{
+        "~(^|,)CN={ALLOWED_CN}(,|$)" 1;
+        default 0;
+    }}
+    upstream app {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {certs.server_cert};
+        ssl_certificate_key {certs.server_key};
+        ssl_client_certificate {certs.ca};
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        keepalive_requests 10000000;
+        keepalive_timeout 300s;
+        client_max_body_size 0;
+        location / {{
+            if ($allowed = 0) {{ return 403; }}
+            grpc_pass grpc://app;
+            grpc_read_timeout 300s;
+            grpc_send_timeout 300s;
+        }}
+    }}
+}}
+""")
+    log = prefix / "stderr.log"
+    command = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
+    proxy = Proxy("nginx", command, port, log)
+    wait_listening(port, proxy, log)
+    return proxy
+
+
+ProxyStarter = Callable[[Certificates, int, int, Path], Proxy]
+PROXIES: dict[str, ProxyStarter] = {
+    "sidecar": start_sidecar,
+    "haproxy": start_haproxy,
+    "nginx": start_nginx,
+}

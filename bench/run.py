@@ -1,0 +1,340 @@
+"""`make bench`: the same load through no proxy, the sidecar, haproxy and nginx, in one run.
+
+The upstream is a grpc-go echo server on 127.0.0.1; the load generator is grpc-go
+too (bench/go/benchtool.go), so neither is the Python under test. Every proxy does
+the same job (see bench/proxies.py). For each workload and target: calls/s, p50
+and p99 latency, the proxy's CPU time per 1000 calls and its peak RSS; then the
+idle-connection memory test. Only ratios inside one run mean anything: absolute
+figures on shared machines drift.
+
+    python -m bench.run [--duration 5] [--only sidecar,haproxy] [--json out.json]
+                        [--markdown BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench import proxies, toolchain
+from bench.proxies import Certificates, Proxy
+from sidecar import certs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    arguments: tuple[str, ...]
+
+
+WORKLOADS = (
+    Workload("unary 64 B, 1 in flight", ("-workload", "unary", "-size", "64", "-concurrency", "1")),
+    Workload(
+        "unary 64 B, 32 in flight",
+        ("-workload", "unary", "-size", "64", "-concurrency", "32", "-connections", "4"),
+    ),
+    Workload(
+        "bidi ping-pong 64 B, 4 streams",
+        ("-workload", "pingpong", "-size", "64", "-concurrency", "4"),
+    ),
+    Workload(
+        "unary 1 MiB, 2 in flight",
+        ("-workload", "unary", "-size", str(1 << 20), "-concurrency", "2"),
+    ),
+)
+
+
+@dataclass
+class Row:
+    workload: str
+    target: str
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_1k: float | None
+    peak_rss_mib: float | None
+    errors: int
+    first_error: str
+
+
+@dataclass
+class IdleRow:
+    target: str
+    connections: int
+    rss_before_mib: float
+    rss_after_mib: float
+    kib_per_connection: float
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def make_certificates(directory: Path) -> Certificates:
+    authority = certs.init_ca("Bench Root CA")
+    (directory / "ca.pem").write_bytes(authority.cert_pem)
+    server = certs.issue(authority, "localhost", usage="server", ips=["127.0.0.1"])
+    server_cert, server_key = server.write(directory, "server")
+    client = certs.issue(authority, proxies.ALLOWED_CN, usage="client")
+    client_cert, client_key = client.write(directory, "client")
+    return Certificates(directory / "ca.pem", server_cert, server_key, client_cert, client_key)
+
+
+@contextlib.contextmanager
+def upstream(benchtool: Path) -> Iterator[int]:
+    server = subprocess.Popen(
+        [str(benchtool), "server", "-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not found:
+            raise RuntimeError(f"the upstream did not start: {line!r}")
+        yield int(found.group(1))
+    finally:
+        server.kill()
+        server.wait()
+
+
+def tls_arguments(certificates: Certificates) -> list[str]:
+    return [
+        "-ca", str(certificates.ca), "-cert", str(certificates.client_cert),
+        "-key", str(certificates.client_key), "-server-name", "localhost",
+    ]  # fmt: skip
+
+
+def run_load(benchtool: Path, target: list[str], workload: Workload, duration: float) -> dict:
+    done = subprocess.run(
+        [str(benchtool), "load", *target, *workload.arguments,
+         "-duration", f"{duration}s", "-warmup", f"{min(1.0, duration)}s"],
+        capture_output=True, text=True, timeout=duration * 4 + 120,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.strip()}")
+    result: dict = json.loads(done.stdout)
+    return result
+
+
+def measure(
+    benchtool: Path, name: str, target: list[str], proxy: Proxy | None, duration: float
+) -> list[Row]:
+    rows = []
+    for workload in WORKLOADS:
+        if proxy is not None:
+            proxy.reset_peak()
+            cpu_before = proxy.cpu_seconds()
+        result = run_load(benchtool, target, workload, duration)
+        cpu_ms_per_1k = peak = None
+        if proxy is not None:
+            # The CPU spent during warm-up is counted too, over the calls of both.
+            spent = proxy.cpu_seconds() - cpu_before
+            total_calls = result["calls"] * (1 + min(1.0, duration) / duration)
+            cpu_ms_per_1k = spent * 1000 / max(total_calls, 1) * 1000
+            peak = proxy.peak_rss_kib() / 1024
+        rows.append(
+            Row(workload.name, name, result["calls_per_s"], result["p50_ms"], result["p99_ms"],
+                cpu_ms_per_1k, peak, result["errors"], result["first_error"])
+        )  # fmt: skip
+        print(f"  {workload.name:34} {result['calls_per_s']:10.0f} calls/s", flush=True)
+    return rows
+
+
+def measure_idle(benchtool: Path, target: list[str], proxy: Proxy, count: int) -> IdleRow:
+    before = proxy.rss_kib()
+    holder = subprocess.Popen(
+        [str(benchtool), "idle", *target, "-connections", str(count)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        if holder.stdout.readline().strip() != "ready":
+            raise RuntimeError(
+                f"idle connections failed: {holder.stderr.read() if holder.stderr else ''}"
+            )
+        after = proxy.rss_kib()
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(60)
+    return IdleRow(proxy.name, count, before / 1024, after / 1024, (after - before) / count)
+
+
+def machine() -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    versions = {}
+    for tool, command in (("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"]),
+                          ("go", ["go", "version"])):  # fmt: skip
+        with contextlib.suppress(OSError):
+            done = subprocess.run(command, capture_output=True, text=True)
+            versions[tool] = (done.stdout or done.stderr).splitlines()[0]
+    import grpc
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": model.group(1) if model else platform.processor(),
+        "cores": str(len(re.findall(r"^processor\s*:", cpuinfo, re.MULTILINE))),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        **versions,
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return "-"
+    return f"{numerator / denominator:.2f}x"
+
+
+def render(info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration: float) -> str:
+    lines = ["| workload | target | calls/s | p50 ms | p99 ms | proxy CPU ms / 1k calls "
+             "| proxy peak RSS MiB | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in rows:
+        cpu = f"{row.cpu_ms_per_1k:.1f}" if row.cpu_ms_per_1k is not None else "-"
+        rss = f"{row.peak_rss_mib:.1f}" if row.peak_rss_mib is not None else "-"
+        lines.append(
+            f"| {row.workload} | {row.target} | {row.calls_per_s:.0f} | {row.p50_ms:.3f} "
+            f"| {row.p99_ms:.3f} | {cpu} | {rss} | {row.errors} |"
+        )
+    lines += ["", "Ratios (same run):", "",
+              "| workload | sidecar / haproxy calls/s | sidecar / nginx calls/s "
+              "| sidecar / haproxy CPU per call | sidecar / direct calls/s "
+              "| latency added at p50: sidecar, haproxy, nginx (ms) |",
+              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    by_key = {(row.workload, row.target): row for row in rows}
+    for workload in dict.fromkeys(row.workload for row in rows):
+        get = lambda target: by_key.get((workload, target))  # noqa: E731
+        sidecar, haproxy, nginx, direct = (
+            get("sidecar"),
+            get("haproxy"),
+            get("nginx"),
+            get("direct"),
+        )
+        added = ", ".join(
+            f"{row.p50_ms - direct.p50_ms:+.3f}" if row and direct else "-"
+            for row in (sidecar, haproxy, nginx)
+        )
+        lines.append(
+            f"| {workload} "
+            f"| {ratio(sidecar and sidecar.calls_per_s, haproxy and haproxy.calls_per_s)} "
+            f"| {ratio(sidecar and sidecar.calls_per_s, nginx and nginx.calls_per_s)} "
+            f"| {ratio(sidecar and sidecar.cpu_ms_per_1k, haproxy and haproxy.cpu_ms_per_1k)} "
+            f"| {ratio(sidecar and sidecar.calls_per_s, direct and direct.calls_per_s)} "
+            f"| {added} |"
+        )
+    if idle:
+        lines += ["", "| idle mTLS connections | target | RSS before MiB | RSS after MiB "
+                  "| KiB per connection |", "|---:|---|---:|---:|---:|"]  # fmt: skip
+        for row in idle:
+            lines.append(
+                f"| {row.connections} | {row.target} | {row.rss_before_mib:.1f} "
+                f"| {row.rss_after_mib:.1f} | {row.kib_per_connection:.1f} |"
+            )
+    described = ", ".join(f"{key} {value}" for key, value in info.items())
+    return "\n".join(
+        [f"Machine: {described}.", f"Each workload: {duration:g} s measured after a warm-up.", "",
+         *lines]
+    )  # fmt: skip
+
+
+MARKDOWN_HEAD = """# Benchmarks
+
+Regenerated by `make bench` (`python -m bench.run --markdown BENCHMARKS.md`). The upstream and
+the load generator are grpc-go (bench/go/benchtool.go); every proxy terminates mTLS on 127.0.0.1,
+allows only CN=bench-client and relays to the plaintext upstream (bench/proxies.py has the exact
+haproxy and nginx configurations). Proxy CPU is user + system time of the proxy's processes during
+the workload, divided by the calls made. All processes share the machine's cores, so only ratios
+inside one run count.
+
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per workload")
+    parser.add_argument("--only", help="comma-separated targets (direct, sidecar, haproxy, nginx)")
+    parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
+    args = parser.parse_args(argv)
+    targets = ["direct", *proxies.PROXIES]
+    if args.only:
+        targets = [name for name in args.only.split(",") if name]
+        unknown = set(targets) - {"direct", *proxies.PROXIES}
+        if unknown:
+            parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as scratch:
+        workdir = Path(scratch)
+        try:
+            benchtool = toolchain.build_go_program(
+                ROOT / "bench" / "go" / "benchtool.go", [ROOT / "bench" / "echo.proto"],
+                workdir / "go", "sidecar.bench",
+            )  # fmt: skip
+        except toolchain.ToolchainError as error:
+            print(f"bench: {error}", file=sys.stderr)
+            return 1
+        certificates = make_certificates(workdir)
+        rows: list[Row] = []
+        idle: list[IdleRow] = []
+        with upstream(benchtool) as upstream_port:
+            for name in targets:
+                print(f"{name}:", flush=True)
+                if name == "direct":
+                    rows += measure(
+                        benchtool, name, ["-target", f"127.0.0.1:{upstream_port}"], None,
+                        args.duration,
+                    )  # fmt: skip
+                    continue
+                port = free_port()
+                proxy = proxies.PROXIES[name](certificates, port, upstream_port, workdir)
+                try:
+                    target = ["-target", f"127.0.0.1:{port}", *tls_arguments(certificates)]
+                    rows += measure(benchtool, name, target, proxy, args.duration)
+                    if args.idle:
+                        idle.append(measure_idle(benchtool, target, proxy, args.idle))
+                finally:
+                    proxy.stop()
+    info = machine()
+    report = render(info, rows, idle, args.duration)
+    print()
+    print(report)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "duration": args.duration,
+                 "rows": [asdict(row) for row in rows], "idle": [asdict(row) for row in idle]},
+                indent=2,
+            )
+        )  # fmt: skip
+    if args.markdown:
+        args.markdown.write_text(MARKDOWN_HEAD + report + "\n")
+    failed = [row for row in rows if row.errors]
+    for row in failed:
+        print(
+            f"bench: {row.target} / {row.workload}: {row.errors} errors, first: {row.first_error}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -205,8 +205,11 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def render(info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration: float) -> str:
-    lines = ["| workload | target | calls/s | p50 ms | p99 ms | proxy CPU ms / 1k calls "
-             "| proxy peak RSS MiB | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| workload | target | calls/s | p50 ms | p99 ms | proxy CPU ms / 1k calls "
+        "| proxy peak RSS MiB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         cpu = f"{row.cpu_ms_per_1k:.1f}" if row.cpu_ms_per_1k is not None else "-"
         rss = f"{row.peak_rss_mib:.1f}" if row.peak_rss_mib is not None else "-"
@@ -221,7 +224,6 @@ def render(info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration:
               "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     by_key = {(row.workload, row.target): row for row in rows}
     for workload in dict.fromkeys(row.workload for row in rows):
-        get = lambda target: by_key.get((workload, target))  # noqa: E731
         sidecar, haproxy, nginx, direct = (
             get("sidecar"),
             get("haproxy"),

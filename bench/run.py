@@ -225,10 +225,7 @@ def render(info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration:
     by_key = {(row.workload, row.target): row for row in rows}
     for workload in dict.fromkeys(row.workload for row in rows):
         sidecar, haproxy, nginx, direct = (
-            get("sidecar"),
-            get("haproxy"),
-            get("nginx"),
-            get("direct"),
+            by_key.get((workload, target)) for target in ("sidecar", "haproxy", "nginx", "direct")
         )
         added = ", ".join(
             f"{row.p50_ms - direct.p50_ms:+.3f}" if row and direct else "-"

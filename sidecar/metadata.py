@@ -36,6 +36,11 @@ def _dropped(key: str) -> bool:
     return key.startswith((":", "grpc-")) or key in _HOP_BY_HOP
 
 
+def crosses_in_request(key: str) -> bool:
+    """Whether the caller's metadata key reaches the upstream."""
+    return not _dropped(key)
+
+
 def request_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
     """The caller's metadata as the upstream should receive it."""
     return tuple((key, value) for key, value in metadata if not _dropped(key))

@@ -1,0 +1,119 @@
+"""Header blocks on the spliced path, against hpack's own encoder and decoder as the peers."""
+
+from __future__ import annotations
+
+import hpack
+import pytest
+
+from sidecar.headerblock import HeaderBlockError, RequestBlocks, ResponseBlocks
+
+USER_AGENT = b"sidecar/test"
+
+
+def request(path: str, *extra: tuple[str, str]) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("user-agent", "grpc-go/1.33.3"),
+        ("grpc-timeout", "9S"),
+        ("grpc-accept-encoding", "gzip"),
+        *extra,
+    ]
+
+
+EXTRA = (
+    ("x-trace", "abc"),
+    ("grpc-custom", "reserved"),
+    ("connection", "keep-alive"),
+    ("x-trace", "second"),
+    ("x-bin", "AAE"),
+)
+EXPECTED = [
+    (b":method", b"POST"),
+    (b":scheme", b"https"),
+    (b":path", b"/kv.KV/Get"),
+    (b":authority", b"localhost"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"grpc-timeout", b"9S"),
+    (b"grpc-accept-encoding", b"gzip"),
+    (b"x-trace", b"abc"),
+    (b"x-trace", b"second"),
+    (b"x-bin", b"AAE"),
+    (b"user-agent", USER_AGENT),
+]
+
+
+@pytest.mark.parametrize("huffman", [True, False])
+def test_requests_are_filtered_before_and_after_the_table_goes_to_zero(huffman: bool) -> None:
+    client, upstream = hpack.Encoder(), hpack.Decoder()
+    blocks = RequestBlocks(USER_AGENT)
+    # Before the client has seen our SETTINGS it indexes freely: later blocks refer
+    # to entries of earlier ones.
+    for _ in range(3):
+        rewritten, path = blocks.rewrite(client.encode(request("/kv.KV/Get", *EXTRA), huffman))
+        assert path == b"/kv.KV/Get"
+        assert upstream.decode(rewritten, raw=True) == EXPECTED
+    # Then it applies HEADER_TABLE_SIZE=0: its next block opens with a size update.
+    client.header_table_size = 0
+    for _ in range(3):
+        rewritten, path = blocks.rewrite(client.encode(request("/kv.KV/Get", *EXTRA), huffman))
+        assert path == b"/kv.KV/Get"
+        assert upstream.decode(rewritten, raw=True) == EXPECTED
+
+
+def test_stateless_blocks_keep_their_representations_byte_for_byte() -> None:
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    blocks = RequestBlocks(USER_AGENT)
+    blocks.rewrite(client.encode([(":method", "POST")]))  # opens with the size update
+    # With no table, blocks encoded apart concatenate into one valid block.
+    before = client.encode([(":method", "POST"), (":path", "/a/B"), ("x-k", "v")])
+    dropped = client.encode([("user-agent", "grpc-go/1.33.3"), ("grpc-custom", "x")])
+    after = client.encode([("x-other", "w")])
+    rewritten, _ = blocks.rewrite(before + dropped + after)
+    assert rewritten[: len(before) + len(after)] == before + after
+    tail = hpack.Decoder().decode(rewritten[len(before) + len(after) :], raw=True)
+    assert tail == [(b"user-agent", USER_AGENT)]
+
+
+def test_trailers_give_the_status_in_both_phases() -> None:
+    upstream = hpack.Encoder()
+    blocks = ResponseBlocks()
+    headers = [(":status", "200"), ("content-type", "application/grpc")]
+    trailers = [("grpc-status", "5"), ("grpc-message", "no such key")]
+    for table_size in (4096, 0):
+        upstream.header_table_size = table_size
+        assert blocks.status(upstream.encode(headers)) is None
+        assert blocks.status(upstream.encode(trailers)) == b"5"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(b"\x00\x05ab", id="name-cut-short"),
+        pytest.param(b"\x7f", id="integer-cut-short"),
+        pytest.param(b"\x00\x01a\x7f\xff\xff\xff\xff\xff\x01", id="huge-length"),
+    ],
+)
+def test_malformed_blocks_are_refused(block: bytes) -> None:
+    blocks = RequestBlocks(USER_AGENT)
+    blocks.rewrite(b"\x20")  # size update to 0: stateless from here
+    with pytest.raises(HeaderBlockError):
+        blocks.rewrite(block)
+
+
+def test_a_stateless_block_cannot_refer_to_the_dynamic_table() -> None:
+    blocks = RequestBlocks(USER_AGENT)
+    blocks.rewrite(b"\x20")
+    with pytest.raises(HeaderBlockError, match="table entry 62"):
+        blocks.rewrite(bytes([0x80 | 62]))
+
+
+def test_a_malformed_block_in_the_stateful_phase_is_refused() -> None:
+    with pytest.raises(HeaderBlockError):
+        RequestBlocks(USER_AGENT).rewrite(bytes([0x80 | 70]))

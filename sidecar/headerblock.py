@@ -37,7 +37,7 @@ def _integer(block: bytes, position: int, prefix_bits: int) -> tuple[int, int]:
     mask = (1 << prefix_bits) - 1
     value = block[position] & mask
     position += 1
-    if value < mask:
+    if value < mask:  # nearly always: one byte
         return value, position
     shift = 0
     while True:
@@ -117,6 +117,64 @@ def _fields(block: bytes) -> Iterator[tuple[bytes, int, int, int]]:
         yield name, start, position, value_start
 
 
+def _filter_stateless(block: bytes) -> tuple[list[bytes], bytes | None]:
+    """The kept runs of a stateless request block, and its :path.
+
+    _fields, unrolled: this runs once per call on the hot path, so integers of
+    one byte (nearly all of them) are read inline.
+    """
+    kept: list[bytes] = []
+    path = None
+    position, copied, size = 0, 0, len(block)
+    while position < size:
+        start, first = position, block[position]
+        if first & 0x80:  # indexed field
+            index = first & 0x7F
+            position += 1
+            if index == 0x7F:
+                index, position = _integer(block, start, 7)
+            if not 1 <= index <= len(_STATIC_NAMES):
+                raise HeaderBlockError(f"header block refers to table entry {index}")
+            name, value = HeaderTable.STATIC_TABLE[index - 1]
+            if name == b":path":
+                path = value
+            if not _request_keeps(name):
+                kept.append(block[copied:start])
+                copied = position
+            continue
+        if first & 0xE0 == 0x20:  # dynamic table size update: kept
+            _, position = _integer(block, position, 5)
+            continue
+        mask = 0x3F if first & 0x40 else 0x0F
+        index = first & mask
+        position += 1
+        if index == mask:
+            index, position = _integer(block, start, 6 if mask == 0x3F else 4)
+        if index:
+            if index > len(_STATIC_NAMES):
+                raise HeaderBlockError(f"header block refers to table entry {index}")
+            name = _STATIC_NAMES[index - 1]
+        else:
+            name, position = _string(block, position)
+        if name == b":path":
+            path, position = _string(block, position)
+        else:
+            if position >= size:
+                raise HeaderBlockError("header block ends inside a string")
+            length = block[position] & 0x7F
+            position += 1
+            if length == 0x7F:
+                length, position = _integer(block, position - 1, 7)
+            position += length
+            if position > size:
+                raise HeaderBlockError("header block ends inside a string")
+        if not _request_keeps(name):
+            kept.append(block[copied:start])
+            copied = position
+    kept.append(block[copied:])
+    return kept, path
+
+
 def _literal(name: bytes, value: bytes) -> bytes:
     """A literal field without indexing, new name, no Huffman: touches no table."""
     return b"\x00" + _length(len(name)) + name + _length(len(value)) + value
@@ -146,13 +204,24 @@ _KEEP_IN_REQUESTS = frozenset({b"te", b"content-type", b"grpc-timeout", b"grpc-e
                                b"grpc-accept-encoding"})  # fmt: skip
 
 
+_request_decisions: dict[bytes, bool] = {}
+
+
 def _request_keeps(name: bytes) -> bool:
     """Which request fields cross: pseudo-headers and the protocol's own fields, as sent
     (the splice forwards the message bytes unchanged, so their encoding and the caller's
     deadline still hold), and the application metadata that metadata.py lets through."""
-    if name.startswith(b":") or name in _KEEP_IN_REQUESTS:
-        return True
-    return metadata.crosses_in_request(name.decode("latin-1"))
+    decision = _request_decisions.get(name)
+    if decision is None:
+        decision = (
+            name.startswith(b":")
+            or name in _KEEP_IN_REQUESTS
+            or metadata.crosses_in_request(name.decode("latin-1"))
+        )
+        if len(_request_decisions) >= _CACHE_LIMIT:
+            _request_decisions.clear()
+        _request_decisions[name] = decision
+    return decision
 
 
 class RequestBlocks:
@@ -168,14 +237,7 @@ class RequestBlocks:
             self._decoder = None  # from here on the client's blocks stand alone
         if self._decoder is not None:
             return self._rewrite_stateful(self._decoder, block)
-        kept, path, copied = [], None, 0
-        for name, start, end, value_start in _fields(block):
-            if name == b":path":
-                path = _string(block, value_start)[0]
-            if name and not _request_keeps(name):
-                kept.append(block[copied:start])
-                copied = end
-        kept.append(block[copied:])
+        kept, path = _filter_stateless(block)
         kept.append(self._user_agent)
         return b"".join(kept), path
 

@@ -117,3 +117,20 @@ def test_a_stateless_block_cannot_refer_to_the_dynamic_table() -> None:
 def test_a_malformed_block_in_the_stateful_phase_is_refused() -> None:
     with pytest.raises(HeaderBlockError):
         RequestBlocks(USER_AGENT).rewrite(bytes([0x80 | 70]))
+
+
+def test_multi_byte_integers_are_read_in_every_position() -> None:
+    blocks = RequestBlocks(USER_AGENT)
+    blocks.rewrite(b"\x20")
+    long_value = b"v" * 300  # a length that needs a second byte
+    # user-agent as a literal without indexing: static index 58 needs 4 + 8 bits.
+    user_agent = b"\x0f\x2b" + b"\x05" + b"go/1."
+    application = b"\x00\x05x-big\x7f\xad\x01" + long_value  # 127 + 0x2d + 0x80 = 300
+    block = b"\x84" + user_agent + application  # :path / (static 4), then the two fields
+    rewritten, path = blocks.rewrite(block)
+    assert path == b"/"
+    assert hpack.Decoder().decode(rewritten, raw=True) == [
+        (b":path", b"/"),
+        (b"x-big", long_value),
+        (b"user-agent", USER_AGENT),
+    ]

@@ -1,0 +1,213 @@
+"""HTTP/2 frames on the spliced path: passed on as they are, except the few the sidecar must see.
+
+A FrameWalker reads one direction of a connection. Frame headers are parsed so
+that frame boundaries are known, and the bytes of most frames (DATA, PING,
+WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY) go out untouched, in runs as long
+as the input allows. Three kinds are looked at:
+- SETTINGS: HEADER_TABLE_SIZE is set to 0 in every one, so that each peer's
+  encoder ends up with no dynamic table (see headerblock.py);
+- HEADERS and CONTINUATION: the whole header block is handed to the direction's
+  `headers` callback, which returns the block to send on (requests are filtered;
+  responses go on unchanged);
+- RST_STREAM, and DATA or HEADERS ending a stream: reported to callbacks, for
+  the access log.
+Flow control is left to the two peers: DATA frames and WINDOW_UPDATEs cross
+unchanged, so the windows they advertise stay true end to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+SETTINGS_HEADER_TABLE_SIZE = 0x1
+
+_HEADER = 9
+_MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may have
+_MAX_HEADER_BLOCK = 1 << 20  # a caller's header block larger than this ends the connection
+_TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
+
+# (stream id, flags, header block) -> the block to send on
+HeadersCallback = Callable[[int, int, bytes], bytes]
+# (stream id) for a stream one side ended with END_STREAM on DATA
+StreamCallback = Callable[[int], None]
+# (stream id, error code)
+ResetCallback = Callable[[int, int], None]
+
+
+class FrameError(ValueError):
+    """The peer broke HTTP/2 framing; the connection must end (with GOAWAY PROTOCOL_ERROR)."""
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def header_frames(stream_id: int, end_stream: bool, block: bytes) -> bytes:
+    """A header block as HEADERS (+ CONTINUATION) frames no larger than any peer accepts."""
+    first, rest = block[:_MAX_OUTPUT_FRAME], block[_MAX_OUTPUT_FRAME:]
+    flags = (END_STREAM if end_stream else 0) | (0 if rest else END_HEADERS)
+    frames = [frame(HEADERS, flags, stream_id, first)]
+    while rest:
+        chunk, rest = rest[:_MAX_OUTPUT_FRAME], rest[_MAX_OUTPUT_FRAME:]
+        frames.append(frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk))
+    return b"".join(frames)
+
+
+def _zero_table_settings(payload: bytes) -> bytes:
+    """SETTINGS entries with HEADER_TABLE_SIZE replaced by, or extended with, 0."""
+    if len(payload) % 6:
+        raise FrameError("SETTINGS frame length is not a multiple of 6")
+    kept = [
+        payload[offset : offset + 6]
+        for offset in range(0, len(payload), 6)
+        if int.from_bytes(payload[offset : offset + 2], "big") != SETTINGS_HEADER_TABLE_SIZE
+    ]
+    kept.append(_TABLE_SIZE_ZERO)
+    return b"".join(kept)
+
+
+def _fragment(flags: int, payload: bytes) -> bytes:
+    """A HEADERS frame's header block fragment: padding and priority fields removed."""
+    start, end = 0, len(payload)
+    if flags & PADDED:
+        if not payload:
+            raise FrameError("padded HEADERS frame without a pad length")
+        start, end = 1, end - payload[0]
+    if flags & PRIORITY_FLAG:
+        start += 5
+    if start > end:
+        raise FrameError("HEADERS padding or priority longer than the frame")
+    return payload[start:end]
+
+
+class FrameWalker:
+    """One direction of a spliced HTTP/2 connection: `feed` bytes in, get bytes to send on.
+
+    With `preface`, the direction starts with the client connection preface, which
+    must be exactly that (anything else is not HTTP/2).
+    """
+
+    def __init__(
+        self,
+        headers: HeadersCallback,
+        *,
+        preface: bool,
+        ended: StreamCallback | None = None,
+        reset: ResetCallback | None = None,
+    ) -> None:
+        self._headers = headers
+        self._ended = ended
+        self._reset = reset
+        self._preface_left = len(PREFACE) if preface else 0
+        self._pending = b""  # an incomplete frame header, or a whole frame we must see
+        self._passing = 0  # payload bytes of the current pass-through frame still to come
+        # A header block spread over CONTINUATION frames: (stream id, flags, fragments).
+        self._block: tuple[int, int, list[bytes]] | None = None
+        self._block_size = 0
+
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
+        """The bytes to send on for `data`, in order (views into `data` where unchanged)."""
+        out: list[bytes | memoryview] = []
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        view = memoryview(data)
+        size = len(data)
+        position = 0
+        if self._preface_left:
+            taken = min(self._preface_left, size)
+            offset = len(PREFACE) - self._preface_left
+            if data[:taken] != PREFACE[offset : offset + taken]:
+                raise FrameError("the connection does not start with the HTTP/2 preface")
+            self._preface_left -= taken
+            position = taken
+        if self._passing:
+            taken = min(self._passing, size - position)
+            self._passing -= taken
+            position += taken
+        run_start = 0  # start of the run of input that goes out unchanged
+        while size - position >= _HEADER:
+            length = data[position] << 16 | data[position + 1] << 8 | data[position + 2]
+            kind = data[position + 3]
+            end = position + _HEADER + length
+            if kind == DATA or kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY, PUSH_PROMISE):
+                if self._block is not None:
+                    raise FrameError("a header block was interrupted by another frame")
+                if kind == DATA and data[position + 4] & END_STREAM and self._ended:
+                    stream_id = int.from_bytes(data[position + 5 : position + 9], "big")
+                    self._ended(stream_id & 0x7FFFFFFF)
+                if end > size:  # stream the rest of the payload as it comes
+                    self._passing = end - size
+                    position = size
+                    break
+                position = end
+                continue
+            if kind == RST_STREAM:
+                if self._block is not None:
+                    raise FrameError("a header block was interrupted by another frame")
+                if end > size:
+                    break
+                if self._reset:
+                    self._reset(
+                        int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF,
+                        int.from_bytes(data[position + 9 : end], "big"),
+                    )
+                position = end
+                continue
+            if length > _MAX_HEADER_BLOCK:
+                raise FrameError(f"frame of type {kind} is {length} bytes long")
+            if end > size:
+                break  # wait for the whole frame
+            replacement = self._rewrite(kind, data[position:end])
+            if replacement is not None:
+                out.append(view[run_start:position])
+                out.append(replacement)
+                run_start = end
+            position = end
+        out.append(view[run_start:position])
+        if position < size:
+            self._pending = bytes(view[position:])
+        return [chunk for chunk in out if len(chunk)]
+
+    def _rewrite(self, kind: int, whole: bytes) -> bytes | None:
+        """The bytes to send instead of this frame, or None to send it unchanged."""
+        flags = whole[4]
+        stream_id = int.from_bytes(whole[5:9], "big") & 0x7FFFFFFF
+        payload = whole[_HEADER:]
+        if self._block is not None and kind != CONTINUATION:
+            raise FrameError("a header block was interrupted by another frame")
+        if kind == SETTINGS:
+            if flags & ACK:
+                return None
+            return frame(SETTINGS, flags, stream_id, _zero_table_settings(payload))
+        if kind == HEADERS:
+            self._block = (stream_id, flags, [_fragment(flags, payload)])
+            self._block_size = len(payload)
+        elif kind == CONTINUATION:
+            if self._block is None or self._block[0] != stream_id:
+                raise FrameError("CONTINUATION without the HEADERS it continues")
+            self._block[2].append(payload)
+            self._block_size += len(payload)
+            if self._block_size > _MAX_HEADER_BLOCK:
+                raise FrameError("header block too large")
+            flags = flags | self._block[1]
+        else:
+            return None  # a frame type this sidecar does not know: passed as it is
+        if not flags & END_HEADERS:
+            return b""  # the block continues; sent whole once complete
+        stream_id, first_flags, fragments = self._block
+        self._block = None
+        received = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+        block = self._headers(stream_id, first_flags, received)
+        if block is received and kind == HEADERS and not first_flags & (PADDED | PRIORITY_FLAG):
+            return None  # unchanged, in one frame: send the frame as it came
+        return header_frames(stream_id, bool(first_flags & END_STREAM), block)

@@ -1,0 +1,149 @@
+"""HTTP/2 framing on the spliced path: what passes unchanged, what is rewritten, what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.frames import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    FrameError,
+    FrameWalker,
+    frame,
+)
+
+
+class Recorder:
+    def __init__(self, replace: bytes | None = None) -> None:
+        self.blocks: list[tuple[int, int, bytes]] = []
+        self.ended: list[int] = []
+        self.resets: list[tuple[int, int]] = []
+        self.replace = replace
+
+    def headers(self, stream_id: int, flags: int, block: bytes) -> bytes:
+        self.blocks.append((stream_id, flags, block))
+        return block if self.replace is None else self.replace
+
+    def walker(self, *, preface: bool = False) -> FrameWalker:
+        return FrameWalker(
+            self.headers,
+            preface=preface,
+            ended=self.ended.append,
+            reset=lambda stream_id, code: self.resets.append((stream_id, code)),
+        )
+
+
+def feed_in_pieces(walker: FrameWalker, data: bytes, piece: int) -> bytes:
+    out = b""
+    for offset in range(0, len(data), piece):
+        out += b"".join(bytes(chunk) for chunk in walker.feed(data[offset : offset + piece]))
+    return out
+
+
+PASS_THROUGH = (
+    frame(SETTINGS, 0x1, 0, b"")  # an ACK
+    + frame(DATA, 0, 1, b"\x00\x00\x00\x00\x05hello")
+    + frame(PING, 0, 0, b"12345678")
+    + frame(WINDOW_UPDATE, 0, 0, (65535).to_bytes(4, "big"))
+    + frame(DATA, 0, 3, bytes(40000))
+    + frame(0xFA, 0, 0, b"an extension frame type")
+)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 9, 100, 1 << 20])
+def test_frames_pass_unchanged_however_the_bytes_arrive(piece: int) -> None:
+    recorder = Recorder()
+    data = PREFACE + PASS_THROUGH
+    assert feed_in_pieces(recorder.walker(preface=True), data, piece) == data
+
+
+def test_end_of_stream_and_resets_are_reported() -> None:
+    recorder = Recorder()
+    recorder.walker().feed(
+        frame(DATA, END_STREAM, 5, b"x") + frame(RST_STREAM, 0, 7, (8).to_bytes(4, "big"))
+    )
+    assert recorder.ended == [5]
+    assert recorder.resets == [(7, 8)]
+
+
+def test_settings_always_carry_a_header_table_size_of_zero() -> None:
+    entries = (0x1).to_bytes(2, "big") + (4096).to_bytes(4, "big")
+    entries += (0x3).to_bytes(2, "big") + (100).to_bytes(4, "big")
+    out = b"".join(
+        Recorder().walker().feed(frame(SETTINGS, 0, 0, entries) + frame(SETTINGS, 0, 0, b""))
+    )
+    expected_first = (
+        (0x3).to_bytes(2, "big") + (100).to_bytes(4, "big") + (0x1).to_bytes(2, "big") + bytes(4)
+    )
+    assert out == frame(SETTINGS, 0, 0, expected_first) + frame(
+        SETTINGS, 0, 0, (0x1).to_bytes(2, "big") + bytes(4)
+    )
+
+
+def test_a_header_block_over_continuations_is_handed_over_whole_and_resent() -> None:
+    recorder = Recorder(replace=b"NEW")
+    padded = bytes([3]) + bytes(5) + b"part1" + b"pad"  # pad length, priority, fragment, padding
+    data = (
+        frame(HEADERS, END_STREAM | PADDED | PRIORITY_FLAG, 9, padded)
+        + frame(CONTINUATION, 0, 9, b"part2")
+        + frame(CONTINUATION, END_HEADERS, 9, b"part3")
+        + frame(DATA, 0, 1, b"after")
+    )
+    out = feed_in_pieces(recorder.walker(), data, 4)
+    assert recorder.blocks == [(9, END_STREAM | PADDED | PRIORITY_FLAG, b"part1part2part3")]
+    assert out == frame(HEADERS, END_STREAM | END_HEADERS, 9, b"NEW") + frame(DATA, 0, 1, b"after")
+
+
+def test_an_unchanged_single_headers_frame_goes_out_as_it_came() -> None:
+    recorder = Recorder()
+    data = frame(HEADERS, END_HEADERS, 1, b"block")
+    out = recorder.walker().feed(data)
+    assert b"".join(out) == data
+    assert isinstance(out[0], memoryview)  # a view of the input, not a rebuilt frame
+
+
+def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
+    recorder = Recorder(replace=bytes(40000))
+    out = b"".join(recorder.walker().feed(frame(HEADERS, END_HEADERS, 1, b"x")))
+    assert out == (
+        frame(HEADERS, 0, 1, bytes(16384))
+        + frame(CONTINUATION, 0, 1, bytes(16384))
+        + frame(CONTINUATION, END_HEADERS, 1, bytes(40000 - 2 * 16384))
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", "preface", id="not-http2"),
+        pytest.param(
+            PREFACE + frame(HEADERS, 0, 1, b"a") + frame(DATA, 0, 1, b"b"),
+            "interrupted",
+            id="header-block-interrupted",
+        ),
+        pytest.param(
+            PREFACE + frame(CONTINUATION, END_HEADERS, 1, b"a"),
+            "CONTINUATION",
+            id="stray-continuation",
+        ),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 0, b"12345"), "multiple of 6", id="bad-settings"),
+        pytest.param(
+            PREFACE + frame(HEADERS, PADDED | END_HEADERS, 1, b"\x09ab"),
+            "padding",
+            id="bad-padding",
+        ),
+    ],
+)
+def test_broken_framing_is_refused(data: bytes, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        Recorder().walker(preface=True).feed(data)

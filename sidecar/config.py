@@ -22,6 +22,7 @@ from sidecar.policy import AllowRules
 from sidecar.settings import BY_KEY
 
 Mode = Literal["ingress", "egress"]
+DataPlane = Literal["splice", "grpc"]
 
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
 
@@ -40,6 +41,7 @@ class RouteConfig:
     server_name: str | None = None
     unsafe_upstream: bool = False
     unsafe_listen: bool = False
+    data_plane: DataPlane = "splice"
     name: str | None = None
     # Where each setting given came from, for error messages: key -> `--upstream`,
     # `SIDECAR_UPSTREAM` or `sidecar.yaml: routes[0].upstream`.

@@ -145,6 +145,7 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         server_name=get("server_name"),
         unsafe_upstream=get("unsafe_upstream"),
         unsafe_listen=get("unsafe_listen"),
+        data_plane=get("data_plane"),
         name=get("name"),
         where={key: given.where for key, given in layer.items()},
         location=location,

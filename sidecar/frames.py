@@ -35,6 +35,9 @@ _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 HeadersCallback = Callable[[int, int, bytes], bytes]
 # (stream id) for a stream one side ended with END_STREAM on DATA
 StreamCallback = Callable[[int], None]
+# (stream id, buffer, start, end): DATA payload bytes buffer[start:end], padding excluded;
+# a frame that arrives in pieces is reported piece by piece
+DataCallback = Callable[[int, bytes, int, int], None]
 # (stream id, error code)
 ResetCallback = Callable[[int, int], None]
 
@@ -102,18 +105,26 @@ class FrameWalker:
         headers: HeadersCallback,
         *,
         preface: bool,
+        data: DataCallback | None = None,
         ended: StreamCallback | None = None,
         reset: ResetCallback | None = None,
     ) -> None:
         self._headers = headers
+        self._data = data
         self._ended = ended
         self._reset = reset
         self._preface_left = len(PREFACE) if preface else 0
         self._pending = b""  # an incomplete frame header, or a whole frame we must see
         self._passing = 0  # payload bytes of the current pass-through frame still to come
+        self._passing_stream = 0  # the stream of that frame, when it is DATA (else 0)
         # A header block spread over CONTINUATION frames: (stream id, flags, fragments).
         self._block: tuple[int, int, list[bytes]] | None = None
         self._block_size = 0
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """Whether the bytes returned so far end with a whole frame (a frame may be inserted)."""
+        return not self._passing
 
     def feed(self, data: bytes) -> list[bytes | memoryview]:
         """The bytes to send on for `data`, in order (views into `data` where unchanged)."""
@@ -133,20 +144,42 @@ class FrameWalker:
         if self._passing:
             taken = min(self._passing, size - position)
             self._passing -= taken
+            if self._passing_stream and self._data:
+                self._data(self._passing_stream, data, position, position + taken)
             position += taken
         run_start = 0  # start of the run of input that goes out unchanged
         while size - position >= _HEADER:
             length = data[position] << 16 | data[position + 1] << 8 | data[position + 2]
             kind = data[position + 3]
             end = position + _HEADER + length
-            if kind == DATA or kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY, PUSH_PROMISE):
+            if kind == DATA:
                 if self._block is not None:
                     raise FrameError("a header block was interrupted by another frame")
-                if kind == DATA and data[position + 4] & END_STREAM and self._ended:
-                    stream_id = int.from_bytes(data[position + 5 : position + 9], "big")
-                    self._ended(stream_id & 0x7FFFFFFF)
+                flags = data[position + 4]
+                stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                if self._data is not None:
+                    if flags & PADDED:  # taken whole: where the padding starts is in the frame
+                        if end > size:
+                            break
+                        if not length or data[position + _HEADER] >= length:
+                            raise FrameError("DATA padding longer than the frame")
+                        padding = data[position + _HEADER]
+                        self._data(stream_id, data, position + _HEADER + 1, end - padding)
+                    else:
+                        self._data(stream_id, data, position + _HEADER, min(end, size))
+                if flags & END_STREAM and self._ended:
+                    self._ended(stream_id)
                 if end > size:  # stream the rest of the payload as it comes
-                    self._passing = end - size
+                    self._passing, self._passing_stream = end - size, stream_id
+                    position = size
+                    break
+                position = end
+                continue
+            if kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY, PUSH_PROMISE):
+                if self._block is not None:
+                    raise FrameError("a header block was interrupted by another frame")
+                if end > size:  # stream the rest of the payload as it comes
+                    self._passing, self._passing_stream = end - size, 0
                     position = size
                     break
                 position = end

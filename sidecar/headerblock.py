@@ -262,6 +262,11 @@ class ResponseBlocks:
     def __init__(self) -> None:
         self._decoder: hpack.Decoder | None = hpack.Decoder()
 
+    @property
+    def follows_table(self) -> bool:
+        """Whether every block must still be read (the upstream may still use its table)."""
+        return self._decoder is not None
+
     def status(self, block: bytes) -> bytes | None:
         """The block's grpc-status value, if it has one (trailers do)."""
         if self._decoder is not None and _starts_with_table_reset(block):

@@ -110,3 +110,13 @@ class IdentityReader:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity
+
+    def from_der(self, der: bytes) -> PeerIdentity:
+        """The identity in a verified certificate, DER-encoded (as Python's ssl gives it)."""
+        identity = self._cache.get(der)
+        if identity is None:
+            identity = identity_from_certificate(x509.load_der_x509_certificate(der))
+            self._cache[der] = identity
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return identity

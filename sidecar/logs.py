@@ -40,3 +40,6 @@ def configure(log_format: LogFormat, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The HTTP/2 and HPACK libraries log every frame and header at debug level.
+    for chatty in ("hpack", "h2"):
+        logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))

@@ -3,7 +3,11 @@
 Ingress: an mTLS listener that requires a client certificate, the allowlist, and
 a plaintext upstream on loopback. Egress: a plaintext listener on loopback, no
 allowlist (local callers are trusted as the app itself), and an upstream that
-speaks mTLS with this route's client certificate. The relay is the same.
+speaks mTLS with this route's client certificate.
+
+Two data planes relay the calls: `front` (the default: each caller connection
+spliced frame by frame to its own upstream connection) and `relay` (each call
+relayed through grpc.aio, chosen with data_plane: grpc).
 """
 
 from __future__ import annotations
@@ -14,9 +18,17 @@ from grpc import aio
 
 from sidecar.config import RouteConfig
 from sidecar.errors import StartupError
+from sidecar.front import Front
 from sidecar.policy import AllowRules, Policy
 from sidecar.relay import Relay
-from sidecar.tls import Role, ServerCredentialStore, channel_credentials, load_tls_material
+from sidecar.tls import (
+    Role,
+    ServerCredentialStore,
+    channel_credentials,
+    client_ssl_context,
+    load_tls_material,
+    server_ssl_context,
+)
 from sidecar.tls_diagnosis import TLSDiagnosis
 from sidecar.upstream import Upstream
 
@@ -50,26 +62,54 @@ class Route:
             ServerCredentialStore(self.material) if config.mode == "ingress" else None
         )
         self._server: aio.Server | None = None
+        self._front: Front | None = None
         self._upstream: Upstream | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         """Bind the listener and start serving; grpc objects are made inside the running loop."""
+        if self.config.data_plane == "splice":
+            await self._start_front()
+        else:
+            await self._start_relay()
+        self._log_listening()
+
+    def _diagnosis(self) -> TLSDiagnosis:
+        config = self.config
+        return TLSDiagnosis(
+            config.upstream,
+            config.tls_name,
+            self.material,
+            server_name_setting=config.label("server_name"),
+            ca_setting=config.label("ca"),
+            cert_setting=config.label("cert"),
+        )
+
+    async def _start_front(self) -> None:
+        config = self.config
+        if config.mode == "ingress":
+            self._front = Front(config, server_ssl_context(self.material), Policy(config.allow))
+        else:
+            self._front = Front(
+                config,
+                None,
+                None,
+                upstream_tls=client_ssl_context(self.material),
+                diagnosis=self._diagnosis(),
+            )
+        self.port = await self._front.start()
+
+    async def _start_relay(self) -> None:
         config = self.config
         if self._server_credentials is not None:
             self._upstream = Upstream(config.upstream)
             relay = Relay(self._upstream, Policy(config.allow), route=config.name)
         else:
-            diagnosis = TLSDiagnosis(
-                config.upstream,
-                config.tls_name,
-                self.material,
-                server_name_setting=config.label("server_name"),
-                ca_setting=config.label("ca"),
-                cert_setting=config.label("cert"),
-            )
             self._upstream = Upstream(
-                config.upstream, channel_credentials(self.material), config.tls_name, diagnosis
+                config.upstream,
+                channel_credentials(self.material),
+                config.tls_name,
+                self._diagnosis(),
             )
             relay = Relay(self._upstream, None, route=config.name)
         self._server = aio.server(handlers=[relay], options=SERVER_OPTIONS)
@@ -83,6 +123,10 @@ class Route:
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {listen}: {exc} (address in use?)") from None
         await self._server.start()
+
+    def _log_listening(self) -> None:
+        config = self.config
+        listen = config.listen
         where = listen.target if listen.unix_path else f"{listen.host}:{self.port}"
         if config.mode == "ingress":
             logger.info(
@@ -105,6 +149,8 @@ class Route:
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""
+        if self._front is not None:
+            await self._front.stop(grace)
         if self._server is not None:
             await self._server.stop(grace)
         if self._upstream is not None:

@@ -30,6 +30,7 @@ Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds"]
 Scope = Literal["route", "process"]
 
 MODES = ("ingress", "egress")
+DATA_PLANES = ("splice", "grpc")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -130,6 +131,12 @@ SETTINGS: tuple[Setting, ...] = (
         "unsafe_listen", "switch", "route", "route",
         "egress: allow a --listen that is not on loopback (local callers are not authenticated)",
         default=False,
+    ),
+    Setting(
+        "data_plane", "choice", "route", "route",
+        "splice: each caller connection is relayed frame by frame over its own upstream "
+        "connection (fast); grpc: each call is relayed through grpc.aio (slower; a fallback)",
+        choices=DATA_PLANES, default="splice",
     ),
     Setting(
         "drain_grace", "seconds", "process", "process",

@@ -40,6 +40,8 @@ _TLS_HINTS = (
     # A TLS 1.3 remote that refuses our certificate sends its alert after the
     # handshake; core then fails to unwrap it ("Unwrap failed (TSI_DATA_CORRUPTED)").
     "TSI_",
+    # The spliced data plane's words for a remote that closed right after the handshake.
+    "TLS handshake",
 )
 _CACHE_SECONDS = 5.0
 _TIMEOUT_SECONDS = 3.0  # connect and handshake

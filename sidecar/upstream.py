@@ -22,6 +22,17 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
+async def describe_unavailable(
+    address: Address, details: str, diagnosis: TLSDiagnosis | None
+) -> str:
+    """What a caller is told when the upstream cannot be reached: the transport's details,
+    with the reason in plain words first when a TLS handshake is to blame."""
+    reason = await diagnosis.explain(details) if diagnosis else None
+    if reason is None:
+        return f"upstream {address} unavailable: {details}"
+    return f"upstream {address} unavailable: {reason} ({details})"
+
+
 class Upstream:
     """Where calls go: the address and the channel to it (plaintext, or mTLS for egress)."""
 
@@ -50,12 +61,7 @@ class Upstream:
         return bool(state == grpc.ChannelConnectivity.READY)
 
     async def describe_failure(self, details: str) -> str:
-        """What a caller is told when the upstream cannot be reached: core's details, with
-        the reason in plain words first when a TLS handshake is to blame."""
-        reason = await self._diagnosis.explain(details) if self._diagnosis else None
-        if reason is None:
-            return f"upstream {self.address} unavailable: {details}"
-        return f"upstream {self.address} unavailable: {reason} ({details})"
+        return await describe_unavailable(self.address, details, self._diagnosis)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,0 +1,310 @@
+"""A route's listener on the spliced data plane: accept, terminate TLS, decide, hand over.
+
+Ingress: each connection's TLS handshake runs here (Python's ssl, on uvloop),
+with a client certificate required and verified against the CA bundle. The
+caller's identity is read once per connection and the allowlist decides once
+per connection (its rules depend on the identity alone): an allowed caller's
+connection is spliced to the upstream (`splice.Splice`), a denied caller's is
+answered PERMISSION_DENIED, call by call, with the reason (`refusal.Refusal`),
+and never reaches the upstream. Egress: plaintext callers on loopback are
+spliced to the remote over TLS with this route's client certificate.
+
+The front keeps every open connection, so that a drain can tell each caller to
+start no new calls and wait for those in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Callable
+
+import grpc
+
+from sidecar import __version__
+from sidecar.addresses import Address
+from sidecar.config import RouteConfig
+from sidecar.errors import StartupError
+from sidecar.identity import IdentityReader
+from sidecar.policy import Policy
+from sidecar.refusal import Refusal
+from sidecar.splice import WRITE_BUFFER_HIGH, Splice
+from sidecar.tls_diagnosis import TLSDiagnosis
+from sidecar.upstream import describe_unavailable
+
+logger = logging.getLogger("sidecar.server")
+
+USER_AGENT = f"sidecar/{__version__}".encode()
+_HANDSHAKE_SECONDS = 10.0
+_CONNECT_SECONDS = 10.0
+
+
+def _remote_of(sock: socket.socket) -> str:
+    """The caller's address as gRPC names peers: ipv4:127.0.0.1:53412, ipv6:[::1]:53412."""
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:  # already gone
+        return "-"
+    return f"ipv6:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"ipv4:{host}:{port}"
+
+
+def _failure_details(error: BaseException | None) -> str:
+    """A transport failure in a few words: strerror for OS errors, ssl's reason for TLS."""
+    if isinstance(error, ssl.SSLError):
+        return str(error).split(" (_ssl.c:")[0]
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    if isinstance(error, TimeoutError | asyncio.TimeoutError):
+        return f"no connection within {_CONNECT_SECONDS:g}s"
+    return str(error) or type(error).__name__
+
+
+class _CallerProtocol(asyncio.Protocol):
+    """One caller connection, TLS done (ingress): its Splice or Refusal gets the bytes."""
+
+    def __init__(self, front: Front, remote: str) -> None:
+        self._front = front
+        self._transport: asyncio.Transport | None = None
+        self.handler: Splice | Refusal | None = None
+        self.remote = remote
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        assert self._transport is not None
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        front = self._front
+        front.connections.add(self)
+        if front.policy is None:  # egress: local callers are the app itself
+            self._splice("-")
+            return
+        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        identity = front.identities.from_der(der)
+        policy = front.policy
+        # The rules depend on the identity alone: one decision holds for every call.
+        if policy.decide(identity, "").allowed:
+            self._splice(identity.description)
+            return
+        self.handler = Refusal(
+            self._transport,
+            grpc.StatusCode.PERMISSION_DENIED,
+            lambda method: policy.decide(identity, method).reason,
+            peer=identity.description,
+            remote=self.remote,
+            route=front.config.name,
+            goaway=False,
+        )
+
+    def _splice(self, peer: str) -> None:
+        assert self._transport is not None
+        self.handler = Splice(
+            self._transport,
+            self._front.connect,
+            self._front.describe_failure,
+            peer=peer,
+            remote=self.remote,
+            route=self._front.config.name,
+            user_agent=USER_AGENT,
+        )
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.handler
+        if isinstance(handler, Splice):
+            handler.from_caller(data)
+        elif handler is not None:
+            handler.feed(data)
+
+    def eof_received(self) -> bool:
+        return False  # close; HTTP/2 has no use for a half-closed connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._front.forget(self)
+        if isinstance(self.handler, Splice):
+            self.handler.caller_lost()
+        elif self.handler is not None:
+            self.handler.connection_lost()
+
+    def pause_writing(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.pause_upstream()
+
+    def resume_writing(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.resume_upstream()
+
+    def drain(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.drain()
+        elif self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.abort()
+        elif self._transport is not None:
+            self._transport.abort()
+
+
+class Front:
+    """The listener of one route on the spliced data plane, with an explicit lifecycle."""
+
+    def __init__(
+        self,
+        config: RouteConfig,
+        tls: ssl.SSLContext | None,
+        policy: Policy | None,
+        upstream_tls: ssl.SSLContext | None = None,
+        diagnosis: TLSDiagnosis | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.identities = IdentityReader()
+        self.connections: set[_CallerProtocol] = set()
+        self._tls = tls
+        self._upstream_tls = upstream_tls
+        self._diagnosis = diagnosis
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
+        self._all_gone = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind and start accepting; return the port (0 for a unix socket)."""
+        listen = self.config.listen
+        try:
+            self._listeners = _bind(listen)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen on {listen}: {_failure_details(error)} (address in use?)"
+            ) from None
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            self._track(loop.create_task(self._accept(listener)))
+        if listen.unix_path is not None:
+            return 0
+        return int(self._listeners[0].getsockname()[1])
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as error:  # out of descriptors, say: keep serving the others
+                logger.warning("accepting a connection on %s failed: %s", self.config.listen, error)
+                await asyncio.sleep(0.1)  # let connections end before accepting again
+                continue
+            self._track(loop.create_task(self._open(sock)))
+
+    async def _open(self, sock: socket.socket) -> None:
+        """Run the TLS handshake (ingress) and give the connection its protocol."""
+        remote = _remote_of(sock)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        try:
+            if self._tls is None:
+                await loop.connect_accepted_socket(lambda: _CallerProtocol(self, remote), sock)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: _CallerProtocol(self, remote),
+                    sock,
+                    ssl=self._tls,
+                    ssl_handshake_timeout=_HANDSHAKE_SECONDS,
+                )
+        except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
+            logger.info("TLS handshake with %s failed: %s", remote, _failure_details(error))
+            sock.close()
+
+    async def connect(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+        """Open one connection to the upstream (TLS for egress) with the protocol given."""
+        loop = asyncio.get_running_loop()
+        upstream = self.config.upstream
+        if upstream.unix_path is not None:
+            opening = loop.create_unix_connection(factory, upstream.unix_path)
+        elif self._upstream_tls is not None:
+            opening = loop.create_connection(
+                factory,
+                upstream.host,
+                upstream.port,
+                ssl=self._upstream_tls,
+                server_hostname=self.config.tls_name,
+                ssl_handshake_timeout=_HANDSHAKE_SECONDS,
+            )
+        else:
+            opening = loop.create_connection(factory, upstream.host, upstream.port)
+        return await asyncio.wait_for(opening, _CONNECT_SECONDS)
+
+    async def describe_failure(self, error: BaseException | None) -> str:
+        return await describe_unavailable(
+            self.config.upstream, _failure_details(error), self._diagnosis
+        )
+
+    def forget(self, connection: _CallerProtocol) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            self._all_gone.set()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting; tell callers to start no new calls; wait up to grace for those
+        in flight, then end every connection (which cancels what is left upstream)."""
+        for task in list(self._tasks):
+            task.cancel()  # accept loops, and handshakes not yet done
+        for listener in self._listeners:
+            listener.close()
+        if self.config.listen.unix_path is not None and self._listeners:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.listen.unix_path)
+        self._listeners = []
+        self._all_gone.clear()
+        for connection in list(self.connections):
+            connection.drain()
+        if self.connections and grace:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), grace)
+        for connection in list(self.connections):
+            connection.abort()
+
+
+def _bind(address: Address) -> list[socket.socket]:
+    """Listening sockets for address: one per address a host name has (all on one port)."""
+    if address.unix_path is not None:
+        path = address.unix_path
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # a previous run's socket: bind would fail on it
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listeners = [listener]
+    else:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        listeners, port = [], address.port
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # unique, in order
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind((sockaddr[0], port, *sockaddr[2:]))
+            except OSError:
+                for opened in listeners:
+                    opened.close()
+                raise
+            port = listener.getsockname()[1]  # port 0: the others take the one picked
+    for listener in listeners:
+        listener.listen(4096)
+        listener.setblocking(False)
+    return listeners

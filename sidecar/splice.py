@@ -1,0 +1,409 @@
+"""The spliced data plane: one caller connection joined to one upstream connection.
+
+Bytes cross as they come. A `FrameWalker` per direction finds the frame
+boundaries; only header blocks are read (requests are filtered and get the
+sidecar's user-agent, trailers give the status for the access log) and DATA
+payloads are walked for message sizes when the access log is on. Everything else
+(DATA, flow control, PING, RST_STREAM, GOAWAY, SETTINGS but for the table size)
+crosses unchanged, so gRPC's semantics hold exactly: deadlines, cancellation,
+half-close, flow control, trailers and message sizes are the two peers' own.
+
+Until the upstream has sent its first bytes, the caller's bytes are also kept:
+if the upstream cannot be reached (connection refused, a TLS failure, closed
+before speaking), a `Refusal` replays them and answers each call UNAVAILABLE
+with the reason. Backpressure is end to end: when one side's write buffer is
+full, the other side stops being read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from sidecar.accesslog import CallRecord, access_logger, log_call
+from sidecar.frames import END_STREAM, GOAWAY, FrameError, FrameWalker, frame
+from sidecar.headerblock import HeaderBlockError, RequestBlocks, ResponseBlocks
+from sidecar.refusal import Refusal
+
+logger = logging.getLogger("sidecar.server")
+
+# Caller bytes kept for a replay until the upstream speaks; past this, the caller
+# is not read until it does (or fails).
+_REPLAY_LIMIT = 256 * 1024
+# Per transport: past this much unsent data, the other side stops being read.
+WRITE_BUFFER_HIGH = 256 * 1024
+
+_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+# How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
+_STATUS_BY_RESET = {
+    0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before trailers
+    0x7: grpc.StatusCode.UNAVAILABLE,  # REFUSED_STREAM
+    0x8: grpc.StatusCode.CANCELLED,  # CANCEL
+    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
+    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
+}
+# An upstream that accepted the connection (and, for TLS, finished the handshake)
+# and closed it without a byte: for TLS 1.3, typically a refused client certificate.
+_CLOSED_BEFORE_SPEAKING = ConnectionError(
+    "the connection was closed before the upstream spoke (after any TLS handshake)"
+)
+# "Shutting down; finish what you started, start nothing new" (RFC 9113 6.8).
+_GOAWAY_GRACEFUL = frame(GOAWAY, 0, 0, (0x7FFFFFFF).to_bytes(4, "big") + bytes(4))
+
+# Opens the upstream connection with the protocol from the factory given.
+Connector = Callable[
+    [Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.BaseTransport, object]]
+]
+# Turns a failure to reach the upstream into the details callers get.
+Describer = Callable[[BaseException | None], Awaitable[str]]
+
+
+class _Call:
+    """One gRPC call (an HTTP/2 stream) in flight, as the access log needs it."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "method",
+        "need_in",
+        "need_out",
+        "prefix_in",
+        "prefix_out",
+        "started",
+    )  # fmt: skip
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.started = time.monotonic()
+        self.bytes_in = self.bytes_out = 0
+        # Message framing state per direction: body bytes still to skip, and the
+        # part of a 5-byte message prefix seen so far.
+        self.need_in = self.need_out = 0
+        self.prefix_in = self.prefix_out = b""
+
+
+def _message_bytes(
+    need: int, prefix: bytes, data: bytes, start: int, end: int
+) -> tuple[int, int, bytes]:
+    """Walk gRPC message framing (flag byte, 4-byte length, body) over data[start:end]:
+    return the body bytes of the messages begun there, and the framing state after."""
+    total, position = 0, start
+    while position < end:
+        if need:
+            taken = min(need, end - position)
+            need -= taken
+            position += taken
+        elif not prefix and end - position >= 5:
+            need = int.from_bytes(data[position + 1 : position + 5], "big")
+            total += need
+            position += 5
+        else:
+            taken = min(5 - len(prefix), end - position)
+            prefix += bytes(data[position : position + taken])
+            position += taken
+            if len(prefix) == 5:
+                need = int.from_bytes(prefix[1:], "big")
+                total += need
+                prefix = b""
+    return total, need, prefix
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, splice: Splice) -> None:
+        self._splice = splice
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        self._splice.upstream_made(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self._splice.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return False  # close; HTTP/2 has no use for a half-closed connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._splice.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._splice.pause_caller("upstream busy")
+
+    def resume_writing(self) -> None:
+        self._splice.resume_caller("upstream busy")
+
+
+class Splice:
+    """A caller's connection relayed frame by frame over its own upstream connection."""
+
+    def __init__(
+        self,
+        caller: asyncio.Transport,
+        connect: Connector,
+        describe_failure: Describer,
+        *,
+        peer: str,
+        remote: str,
+        route: str | None,
+        user_agent: bytes,
+    ) -> None:
+        self._caller = caller
+        self._upstream: asyncio.Transport | None = None
+        self._describe_failure = describe_failure
+        self._peer, self._remote, self._route = peer, remote, route
+        self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
+        self._replay_size = 0
+        self._refusal: Refusal | None = None
+        self._pauses: set[str] = set()
+        self._calls: dict[int, _Call] = {}
+        self._last_stream = 0
+        self._draining = False
+        self._goaway_due = False
+        self._done = False
+        self._log = access_logger.isEnabledFor(logging.INFO)
+        self._requests = RequestBlocks(user_agent)
+        self._responses = ResponseBlocks()
+        self._outbound = FrameWalker(
+            self._request_headers,
+            preface=True,
+            data=self._request_data if self._log else None,
+            reset=self._caller_reset,
+        )
+        self._inbound = FrameWalker(
+            self._response_headers,
+            preface=False,
+            data=self._response_data if self._log else None,
+            reset=self._upstream_reset,
+        )
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(connect))
+
+    @property
+    def idle(self) -> bool:
+        """No call in flight."""
+        return not self._calls
+
+    # The caller's side (called by the listener's protocol).
+
+    def from_caller(self, data: bytes) -> None:
+        if self._refusal is not None:
+            self._refusal.feed(data)
+            return
+        if self._replay is not None:
+            self._replay.append(data)
+            self._replay_size += len(data)
+            if self._replay_size > _REPLAY_LIMIT:
+                self.pause_caller("upstream silent")
+            if self._upstream is None:
+                return  # relayed from the replay once connected
+        self._to_upstream(data)
+
+    def caller_lost(self) -> None:
+        self._connecting.cancel()
+        if self._refusal is not None:
+            self._refusal.connection_lost()
+        self._end_calls(grpc.StatusCode.CANCELLED)
+        if self._upstream is not None:
+            self._upstream.close()
+        self._done = True
+
+    def pause_upstream(self) -> None:
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def pause_caller(self, reason: str) -> None:
+        if not self._pauses:
+            self._caller.pause_reading()
+        self._pauses.add(reason)
+
+    def resume_caller(self, reason: str) -> None:
+        self._pauses.discard(reason)
+        if not self._pauses and not self._caller.is_closing():
+            self._caller.resume_reading()
+
+    def drain(self) -> None:
+        """Tell the caller to start no new calls; close once those in flight are done."""
+        self._draining = True
+        if self._refusal is not None or self._upstream is None or not self._calls:
+            self._close_both()
+            return
+        self._goaway_due = True
+        self._send_goaway_if_due()
+
+    def abort(self) -> None:
+        """End both connections now (the drain grace is over)."""
+        self._caller.abort()
+        if self._upstream is not None:
+            self._upstream.abort()
+
+    # The upstream's side.
+
+    async def _connect(self, connect: Connector) -> None:
+        try:
+            await connect(lambda: _UpstreamProtocol(self))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # refused, unreachable, TLS: every caller hears why
+            await self._fail(error)
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        """Connected: relay what the caller sent so far (before any upstream byte can arrive)."""
+        if self._done:
+            transport.close()
+            return
+        self._upstream = transport
+        for chunk in self._replay or ():
+            self._to_upstream(chunk)
+
+    def from_upstream(self, data: bytes) -> None:
+        if self._replay is not None:  # the upstream speaks: no replay will be needed
+            self._replay = None
+            self.resume_caller("upstream silent")
+        try:
+            chunks = self._inbound.feed(data)
+        except (FrameError, HeaderBlockError) as error:
+            logger.warning("upstream broke HTTP/2 on a connection for %s: %s", self._remote, error)
+            self._end_calls(grpc.StatusCode.INTERNAL)
+            self._close_both()
+            return
+        self._caller.writelines(chunks)
+        if self._goaway_due:
+            self._send_goaway_if_due()
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        if self._done or self._refusal is not None:
+            return
+        if self._replay is not None and self._refusal is None:  # lost before it spoke
+            self._upstream = None
+            asyncio.get_running_loop().create_task(self._fail(exc or _CLOSED_BEFORE_SPEAKING))
+            return
+        self._end_calls(grpc.StatusCode.UNAVAILABLE)
+        self._caller.close()  # after what is buffered for the caller
+
+    async def _fail(self, error: BaseException) -> None:
+        details = await self._describe_failure(error)
+        if self._done:
+            return
+        self._refusal = Refusal(
+            self._caller,
+            grpc.StatusCode.UNAVAILABLE,
+            lambda method: details,
+            peer=self._peer,
+            remote=self._remote,
+            route=self._route,
+            goaway=True,
+        )
+        replay, self._replay = self._replay or [], None
+        self._calls.clear()
+        self.resume_caller("upstream silent")
+        for chunk in replay:
+            self._refusal.feed(chunk)
+
+    # Frames.
+
+    def _to_upstream(self, data: bytes) -> None:
+        try:
+            chunks = self._outbound.feed(data)
+        except (FrameError, HeaderBlockError) as error:
+            logger.info("caller %s broke HTTP/2: %s", self._remote, error)
+            self._end_calls(grpc.StatusCode.INTERNAL)
+            self._close_both()
+            return
+        assert self._upstream is not None
+        self._upstream.writelines(chunks)
+
+    def _request_headers(self, stream_id: int, flags: int, block: bytes) -> bytes:
+        rewritten, path = self._requests.rewrite(block)
+        if stream_id > self._last_stream:
+            self._last_stream = stream_id
+            self._calls[stream_id] = _Call(path.decode("utf-8", "replace") if path else "-")
+        return rewritten
+
+    def _response_headers(self, stream_id: int, flags: int, block: bytes) -> bytes:
+        if flags & END_STREAM:
+            call = self._calls.pop(stream_id, None)
+            if self._log and call is not None:
+                status = self._responses.status(block)
+                code = (
+                    _STATUS_BY_CODE.get(int(status), grpc.StatusCode.UNKNOWN)
+                    if status
+                    else (grpc.StatusCode.UNKNOWN)
+                )
+                self._log_call(call, code)
+            elif self._responses.follows_table:
+                self._responses.status(block)
+            self._call_ended()
+        elif self._responses.follows_table:
+            self._responses.status(block)
+        return block
+
+    def _request_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            added, call.need_in, call.prefix_in = _message_bytes(
+                call.need_in, call.prefix_in, data, start, end
+            )
+            call.bytes_in += added
+
+    def _response_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            added, call.need_out, call.prefix_out = _message_bytes(
+                call.need_out, call.prefix_out, data, start, end
+            )
+            call.bytes_out += added
+
+    def _caller_reset(self, stream_id: int, error_code: int) -> None:
+        call = self._calls.pop(stream_id, None)
+        if call is not None and self._log:
+            self._log_call(call, grpc.StatusCode.CANCELLED)
+        self._call_ended()
+
+    def _upstream_reset(self, stream_id: int, error_code: int) -> None:
+        call = self._calls.pop(stream_id, None)
+        if call is not None and self._log:
+            self._log_call(call, _STATUS_BY_RESET.get(error_code, grpc.StatusCode.INTERNAL))
+        self._call_ended()
+
+    def _call_ended(self) -> None:
+        if self._draining and not self._calls:
+            # After this read's bytes are written: close() sends what is buffered first.
+            asyncio.get_running_loop().call_soon(self._close_both)
+
+    def _send_goaway_if_due(self) -> None:
+        if self._inbound.at_frame_boundary:
+            self._goaway_due = False
+            self._caller.write(_GOAWAY_GRACEFUL)
+
+    # Endings.
+
+    def _log_call(self, call: _Call, code: grpc.StatusCode) -> None:
+        log_call(
+            CallRecord(
+                method=call.method,
+                started=call.started,
+                remote=self._remote,
+                peer=self._peer,
+                code=code,
+                bytes_in=call.bytes_in,
+                bytes_out=call.bytes_out,
+                route=self._route,
+            )
+        )
+
+    def _end_calls(self, code: grpc.StatusCode) -> None:
+        calls, self._calls = self._calls, {}
+        if self._log:
+            for call in calls.values():
+                self._log_call(call, code)
+
+    def _close_both(self) -> None:
+        self._caller.close()
+        if self._upstream is not None:
+            self._upstream.close()

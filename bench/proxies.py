@@ -125,18 +125,39 @@ def wait_listening(port: int, proxy: Proxy, log: Path, timeout: float = 20) -> N
 
 
 def start_sidecar(
-    certs: Certificates, port: int, upstream: int, workdir: Path, extra: Sequence[str] = ()
+    certs: Certificates,
+    port: int,
+    upstream: int,
+    workdir: Path,
+    *,
+    name: str = "sidecar",
+    extra: Sequence[str] = ("--log-level", "warning"),
 ) -> Proxy:
-    log = workdir / "sidecar.log"
+    """The sidecar as deployed; by default without the access log, as haproxy and nginx
+    are configured here (their logs are off)."""
+    log = workdir / f"{name}.log"
     command = [
         sys.executable, "-m", "sidecar", "--listen", f"127.0.0.1:{port}",
         "--upstream", f"127.0.0.1:{upstream}", "--cert", str(certs.server_cert),
         "--key", str(certs.server_key), "--ca", str(certs.ca), "--allow-cn", ALLOWED_CN,
-        "--log-level", "warning", *extra,
+        *extra,
     ]  # fmt: skip
-    proxy = Proxy("sidecar", command, port, log)
+    proxy = Proxy(name, command, port, log)
     wait_listening(port, proxy, log)
     return proxy
+
+
+def start_sidecar_logging(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+    """The sidecar with its default access log: one line per call (to a file)."""
+    return start_sidecar(certs, port, upstream, workdir, name="sidecar+log", extra=())
+
+
+def start_sidecar_grpc(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+    """The per-call data plane (grpc.aio), still used by `data_plane: grpc`."""
+    return start_sidecar(
+        certs, port, upstream, workdir, name="sidecar-grpc",
+        extra=("--log-level", "warning", "--data-plane", "grpc"),
+    )  # fmt: skip
 
 
 def start_haproxy(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
@@ -227,6 +248,8 @@ http {{
 ProxyStarter = Callable[[Certificates, int, int, Path], Proxy]
 PROXIES: dict[str, ProxyStarter] = {
     "sidecar": start_sidecar,
+    "sidecar+log": start_sidecar_logging,
+    "sidecar-grpc": start_sidecar_grpc,
     "haproxy": start_haproxy,
     "nginx": start_nginx,
 }

@@ -7,8 +7,8 @@ and p99 latency, the proxy's CPU time per 1000 calls and its peak RSS; then the
 idle-connection memory test. Only ratios inside one run mean anything: absolute
 figures on shared machines drift.
 
-    python -m bench.run [--duration 5] [--only sidecar,haproxy] [--json out.json]
-                        [--markdown BENCHMARKS.md]
+    python -m bench.run [--duration 4] [--rounds 3] [--only sidecar,haproxy]
+                        [--json out.json] [--markdown BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -132,27 +132,49 @@ def run_load(benchtool: Path, target: list[str], workload: Workload, duration: f
     return result
 
 
+def run_once(
+    benchtool: Path, name: str, target: list[str], proxy: Proxy | None, workload: Workload,
+    duration: float,
+) -> Row:  # fmt: skip
+    if proxy is not None:
+        proxy.reset_peak()
+        cpu_before = proxy.cpu_seconds()
+    result = run_load(benchtool, target, workload, duration)
+    cpu_ms_per_1k = peak = None
+    if proxy is not None:
+        # The CPU spent during warm-up is counted too, over the calls of both.
+        spent = proxy.cpu_seconds() - cpu_before
+        total_calls = result["calls"] * (1 + min(1.0, duration) / duration)
+        cpu_ms_per_1k = spent * 1000 / max(total_calls, 1) * 1000
+        peak = proxy.peak_rss_kib() / 1024
+    return Row(workload.name, name, result["calls_per_s"], result["p50_ms"], result["p99_ms"],
+               cpu_ms_per_1k, peak, result["errors"], result["first_error"])  # fmt: skip
+
+
 def measure(
-    benchtool: Path, name: str, target: list[str], proxy: Proxy | None, duration: float
+    benchtool: Path,
+    workload: Workload,
+    targets: dict[str, tuple[list[str], Proxy | None]],
+    duration: float,
+    rounds: int,
 ) -> list[Row]:
+    """Each target `rounds` times, interleaved (so that a noisy moment on the machine
+    does not land on one target only); per target, the round of median calls/s."""
+    samples: dict[str, list[Row]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (target, proxy) in targets.items():
+            samples[name].append(run_once(benchtool, name, target, proxy, workload, duration))
     rows = []
-    for workload in WORKLOADS:
-        if proxy is not None:
-            proxy.reset_peak()
-            cpu_before = proxy.cpu_seconds()
-        result = run_load(benchtool, target, workload, duration)
-        cpu_ms_per_1k = peak = None
-        if proxy is not None:
-            # The CPU spent during warm-up is counted too, over the calls of both.
-            spent = proxy.cpu_seconds() - cpu_before
-            total_calls = result["calls"] * (1 + min(1.0, duration) / duration)
-            cpu_ms_per_1k = spent * 1000 / max(total_calls, 1) * 1000
-            peak = proxy.peak_rss_kib() / 1024
-        rows.append(
-            Row(workload.name, name, result["calls_per_s"], result["p50_ms"], result["p99_ms"],
-                cpu_ms_per_1k, peak, result["errors"], result["first_error"])
-        )  # fmt: skip
-        print(f"  {workload.name:34} {result['calls_per_s']:10.0f} calls/s", flush=True)
+    for name, runs in samples.items():
+        median = sorted(runs, key=lambda row: row.calls_per_s)[len(runs) // 2]
+        median.errors = sum(row.errors for row in runs)
+        median.first_error = next((row.first_error for row in runs if row.first_error), "")
+        peaks = [row.peak_rss_mib for row in runs if row.peak_rss_mib is not None]
+        median.peak_rss_mib = max(peaks) if peaks else None
+        spread = ", ".join(f"{row.calls_per_s:.0f}" for row in runs)
+        print(f"  {workload.name:32} {name:13} {median.calls_per_s:9.0f} calls/s ({spread})",
+              flush=True)  # fmt: skip
+        rows.append(median)
     return rows
 
 
@@ -204,7 +226,9 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
-def render(info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration: float) -> str:
+def render(
+    info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration: float, rounds: int
+) -> str:
     lines = [
         "| workload | target | calls/s | p50 ms | p99 ms | proxy CPU ms / 1k calls "
         "| proxy peak RSS MiB | errors |",
@@ -249,7 +273,9 @@ def render(info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration:
             )
     described = ", ".join(f"{key} {value}" for key, value in info.items())
     return "\n".join(
-        [f"Machine: {described}.", f"Each workload: {duration:g} s measured after a warm-up.", "",
+        [f"Machine: {described}.",
+         f"Each figure: the median of {rounds} rounds of {duration:g} s (each after a 1 s "
+         "warm-up), the targets alternating round by round.", "",
          *lines]
     )  # fmt: skip
 
@@ -268,8 +294,13 @@ inside one run count.
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per workload")
-    parser.add_argument("--only", help="comma-separated targets (direct, sidecar, haproxy, nginx)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measurements per workload and target (median)"
+    )
+    parser.add_argument(
+        "--only", help=f"comma-separated targets ({', '.join(['direct', *proxies.PROXIES])})"
+    )
     parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
@@ -294,32 +325,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         certificates = make_certificates(workdir)
         rows: list[Row] = []
         idle: list[IdleRow] = []
-        with upstream(benchtool) as upstream_port:
+        with upstream(benchtool) as upstream_port, contextlib.ExitStack() as running:
+            # Every target is up for the whole run (idle when not under load), so that
+            # the rounds of one workload can alternate between them.
+            started: dict[str, tuple[list[str], Proxy | None]] = {}
             for name in targets:
-                print(f"{name}:", flush=True)
                 if name == "direct":
-                    rows += measure(
-                        benchtool, name, ["-target", f"127.0.0.1:{upstream_port}"], None,
-                        args.duration,
-                    )  # fmt: skip
+                    started[name] = (["-target", f"127.0.0.1:{upstream_port}"], None)
                     continue
                 port = free_port()
                 proxy = proxies.PROXIES[name](certificates, port, upstream_port, workdir)
-                try:
-                    target = ["-target", f"127.0.0.1:{port}", *tls_arguments(certificates)]
-                    rows += measure(benchtool, name, target, proxy, args.duration)
-                    if args.idle:
-                        idle.append(measure_idle(benchtool, target, proxy, args.idle))
-                finally:
-                    proxy.stop()
+                running.callback(proxy.stop)
+                target = ["-target", f"127.0.0.1:{port}", *tls_arguments(certificates)]
+                started[name] = (target, proxy)
+            for workload in WORKLOADS:
+                rows += measure(benchtool, workload, started, args.duration, args.rounds)
+            if args.idle:
+                for target, maybe_proxy in started.values():
+                    if maybe_proxy is not None:
+                        idle.append(measure_idle(benchtool, target, maybe_proxy, args.idle))
     info = machine()
-    report = render(info, rows, idle, args.duration)
+    report = render(info, rows, idle, args.duration, args.rounds)
     print()
     print(report)
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"machine": info, "duration": args.duration,
+                {"machine": info, "duration": args.duration, "rounds": args.rounds,
                  "rows": [asdict(row) for row in rows], "idle": [asdict(row) for row in idle]},
                 indent=2,
             )

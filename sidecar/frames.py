@@ -27,12 +27,14 @@ END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 0x1
 
 _HEADER = 9
+_WHOLE_BLOCK_MASK = END_HEADERS | PADDED | PRIORITY_FLAG
 _MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may have
 _MAX_HEADER_BLOCK = 1 << 20  # a caller's header block larger than this ends the connection
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 
-# (stream id, flags, header block) -> the block to send on
-HeadersCallback = Callable[[int, int, bytes], bytes]
+# (stream id, flags, buffer, start, end) for the header block buffer[start:end]
+# -> the block to send instead, or None to send it unchanged
+HeadersCallback = Callable[[int, int, bytes, int, int], "bytes | None"]
 # (stream id) for a stream one side ended with END_STREAM on DATA
 StreamCallback = Callable[[int], None]
 # (stream id, buffer, start, end): DATA payload bytes buffer[start:end], padding excluded;
@@ -127,11 +129,15 @@ class FrameWalker:
         return not self._passing
 
     def feed(self, data: bytes) -> list[bytes | memoryview]:
-        """The bytes to send on for `data`, in order (views into `data` where unchanged)."""
+        """The bytes to send on for `data`, in order (views into `data` where unchanged).
+
+        The hot path of the splice: one pass, locals only, and the common frames
+        (DATA, a HEADERS frame holding a whole block, PING, WINDOW_UPDATE)
+        handled inline.
+        """
         out: list[bytes | memoryview] = []
         if self._pending:
             data, self._pending = self._pending + data, b""
-        view = memoryview(data)
         size = len(data)
         position = 0
         if self._preface_left:
@@ -141,32 +147,35 @@ class FrameWalker:
                 raise FrameError("the connection does not start with the HTTP/2 preface")
             self._preface_left -= taken
             position = taken
+        on_data = self._data
         if self._passing:
             taken = min(self._passing, size - position)
             self._passing -= taken
-            if self._passing_stream and self._data:
-                self._data(self._passing_stream, data, position, position + taken)
+            if self._passing_stream and on_data:
+                on_data(self._passing_stream, data, position, position + taken)
             position += taken
+        on_headers = self._headers
         run_start = 0  # start of the run of input that goes out unchanged
+        view: memoryview | None = None
         while size - position >= _HEADER:
             length = data[position] << 16 | data[position + 1] << 8 | data[position + 2]
             kind = data[position + 3]
             end = position + _HEADER + length
+            if self._block is not None and kind != CONTINUATION:
+                raise FrameError("a header block was interrupted by another frame")
             if kind == DATA:
-                if self._block is not None:
-                    raise FrameError("a header block was interrupted by another frame")
                 flags = data[position + 4]
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
-                if self._data is not None:
+                if on_data is not None:
                     if flags & PADDED:  # taken whole: where the padding starts is in the frame
                         if end > size:
                             break
                         if not length or data[position + _HEADER] >= length:
                             raise FrameError("DATA padding longer than the frame")
                         padding = data[position + _HEADER]
-                        self._data(stream_id, data, position + _HEADER + 1, end - padding)
+                        on_data(stream_id, data, position + _HEADER + 1, end - padding)
                     else:
-                        self._data(stream_id, data, position + _HEADER, min(end, size))
+                        on_data(stream_id, data, position + _HEADER, min(end, size))
                 if flags & END_STREAM and self._ended:
                     self._ended(stream_id)
                 if end > size:  # stream the rest of the payload as it comes
@@ -175,9 +184,24 @@ class FrameWalker:
                     break
                 position = end
                 continue
+            if kind == HEADERS and data[position + 4] & _WHOLE_BLOCK_MASK == END_HEADERS:
+                # A whole block in one frame, without padding or priority: the usual case.
+                if length > _MAX_HEADER_BLOCK:
+                    raise FrameError(f"HEADERS frame is {length} bytes long")
+                if end > size:
+                    break
+                flags = data[position + 4]
+                stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                replacement = on_headers(stream_id, flags, data, position + _HEADER, end)
+                if replacement is not None:
+                    if view is None:
+                        view = memoryview(data)
+                    out.append(view[run_start:position])
+                    out.append(header_frames(stream_id, bool(flags & END_STREAM), replacement))
+                    run_start = end
+                position = end
+                continue
             if kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY, PUSH_PROMISE):
-                if self._block is not None:
-                    raise FrameError("a header block was interrupted by another frame")
                 if end > size:  # stream the rest of the payload as it comes
                     self._passing, self._passing_stream = end - size, 0
                     position = size
@@ -185,8 +209,6 @@ class FrameWalker:
                 position = end
                 continue
             if kind == RST_STREAM:
-                if self._block is not None:
-                    raise FrameError("a header block was interrupted by another frame")
                 if end > size:
                     break
                 if self._reset:
@@ -202,13 +224,21 @@ class FrameWalker:
                 break  # wait for the whole frame
             replacement = self._rewrite(kind, data[position:end])
             if replacement is not None:
+                if view is None:
+                    view = memoryview(data)
                 out.append(view[run_start:position])
                 out.append(replacement)
                 run_start = end
             position = end
-        out.append(view[run_start:position])
         if position < size:
-            self._pending = bytes(view[position:])
+            self._pending = data[position:]
+        if not out:  # nothing rewritten: the input itself, as far as it was walked
+            if position == size:
+                return [data] if size else []
+            return [data[:position]] if position else []
+        if view is None:
+            view = memoryview(data)
+        out.append(view[run_start:position])
         return [chunk for chunk in out if len(chunk)]
 
     def _rewrite(self, kind: int, whole: bytes) -> bytes | None:
@@ -240,7 +270,9 @@ class FrameWalker:
         stream_id, first_flags, fragments = self._block
         self._block = None
         received = fragments[0] if len(fragments) == 1 else b"".join(fragments)
-        block = self._headers(stream_id, first_flags, received)
-        if block is received and kind == HEADERS and not first_flags & (PADDED | PRIORITY_FLAG):
-            return None  # unchanged, in one frame: send the frame as it came
+        block = self._headers(stream_id, first_flags, received, 0, len(received))
+        if block is None:
+            if kind == HEADERS and not first_flags & (PADDED | PRIORITY_FLAG):
+                return None  # unchanged, in one frame: send the frame as it came
+            block = received
         return header_frames(stream_id, bool(first_flags & END_STREAM), block)

@@ -23,7 +23,8 @@ from hpack.table import HeaderTable
 from sidecar import metadata
 
 _STATIC_NAMES = tuple(name for name, _ in HeaderTable.STATIC_TABLE)
-_CACHE_LIMIT = 4096  # distinct encoded names or values remembered; cleared when full
+_CACHE_LIMIT = 4096
+_REWRITTEN_LIMIT = 64  # distinct request blocks remembered per connection  # distinct encoded names or values remembered; cleared when full
 
 
 class HeaderBlockError(ValueError):
@@ -230,6 +231,9 @@ class RequestBlocks:
     def __init__(self, user_agent: bytes) -> None:
         self._decoder: hpack.Decoder | None = hpack.Decoder()
         self._user_agent = _literal(b"user-agent", user_agent)
+        # Once blocks stand alone, a client sends the same bytes for the same method
+        # and metadata: remember recent answers.
+        self._rewritten: dict[bytes, tuple[bytes, bytes | None]] = {}
 
     def rewrite(self, block: bytes) -> tuple[bytes, bytes | None]:
         """The block as the upstream gets it, and the request's :path."""
@@ -237,9 +241,16 @@ class RequestBlocks:
             self._decoder = None  # from here on the client's blocks stand alone
         if self._decoder is not None:
             return self._rewrite_stateful(self._decoder, block)
+        known = self._rewritten.get(block)
+        if known is not None:
+            return known
         kept, path = _filter_stateless(block)
         kept.append(self._user_agent)
-        return b"".join(kept), path
+        answer = b"".join(kept), path
+        if len(self._rewritten) >= _REWRITTEN_LIMIT:
+            self._rewritten.clear()
+        self._rewritten[block] = answer
+        return answer
 
     def _rewrite_stateful(self, decoder: hpack.Decoder, block: bytes) -> tuple[bytes, bytes | None]:
         try:

@@ -272,7 +272,7 @@ class Splice:
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
             return
-        self._caller.writelines(chunks)
+        self._caller.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if self._goaway_due:
             self._send_goaway_if_due()
 
@@ -316,20 +316,24 @@ class Splice:
             self._close_both()
             return
         assert self._upstream is not None
-        self._upstream.writelines(chunks)
+        self._upstream.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
-    def _request_headers(self, stream_id: int, flags: int, block: bytes) -> bytes:
-        rewritten, path = self._requests.rewrite(block)
+    def _request_headers(
+        self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
+    ) -> bytes:
+        rewritten, path = self._requests.rewrite(buffer[start:end])
         if stream_id > self._last_stream:
             self._last_stream = stream_id
             self._calls[stream_id] = _Call(path.decode("utf-8", "replace") if path else "-")
         return rewritten
 
-    def _response_headers(self, stream_id: int, flags: int, block: bytes) -> bytes:
+    def _response_headers(
+        self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
+    ) -> None:
         if flags & END_STREAM:
             call = self._calls.pop(stream_id, None)
             if self._log and call is not None:
-                status = self._responses.status(block)
+                status = self._responses.status(buffer[start:end])
                 code = (
                     _STATUS_BY_CODE.get(int(status), grpc.StatusCode.UNKNOWN)
                     if status
@@ -337,11 +341,11 @@ class Splice:
                 )
                 self._log_call(call, code)
             elif self._responses.follows_table:
-                self._responses.status(block)
+                self._responses.status(buffer[start:end])
             self._call_ended()
         elif self._responses.follows_table:
-            self._responses.status(block)
-        return block
+            self._responses.status(buffer[start:end])
+        return None  # responses cross unchanged
 
     def _request_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
         call = self._calls.get(stream_id)

@@ -21,14 +21,17 @@ BIDI = "/probe.Probe/Bidi"
 MIB = 1024 * 1024
 
 
-@pytest.fixture(params=["ingress", "egress-ingress"])
+@pytest.fixture(params=["ingress", "egress-ingress", "ingress-grpc"])
 def sidecar(
     request: pytest.FixtureRequest, sidecars: SidecarFactory, probe: Probe
 ) -> SidecarProcess | Chain:
-    """Every relay behaviour holds through one ingress sidecar, and through an egress
-    sidecar in front of it (client -> egress -> mTLS -> ingress -> upstream)."""
+    """Every relay behaviour holds through one ingress sidecar, through an egress
+    sidecar in front of it (client -> egress -> mTLS -> ingress -> upstream), and
+    through an ingress on the per-call data plane (data_plane: grpc)."""
     if request.param == "ingress":
         return sidecars.serving(probe.port, "--allow-cn", "alice")
+    if request.param == "ingress-grpc":
+        return sidecars.serving(probe.port, "--allow-cn", "alice", "--data-plane", "grpc")
     return sidecars.chain(probe.port)
 
 

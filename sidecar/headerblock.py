@@ -23,8 +23,8 @@ from hpack.table import HeaderTable
 from sidecar import metadata
 
 _STATIC_NAMES = tuple(name for name, _ in HeaderTable.STATIC_TABLE)
-_CACHE_LIMIT = 4096
-_REWRITTEN_LIMIT = 64  # distinct request blocks remembered per connection  # distinct encoded names or values remembered; cleared when full
+_CACHE_LIMIT = 4096  # distinct encoded names or values remembered; cleared when full
+_REWRITTEN_LIMIT = 64  # distinct request blocks remembered per connection
 
 
 class HeaderBlockError(ValueError):

@@ -217,7 +217,8 @@ class Front:
                     ssl_handshake_timeout=_HANDSHAKE_SECONDS,
                 )
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
-            logger.info("TLS handshake with %s failed: %s", remote, _failure_details(error))
+            what = "connection from" if self._tls is None else "TLS handshake with"
+            logger.info("%s %s failed: %s", what, remote, _failure_details(error))
             sock.close()
 
     async def connect(

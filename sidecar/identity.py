@@ -1,9 +1,10 @@
 """Who is calling: the caller's identity, read from the client certificate of the connection.
 
-grpc core has already verified the chain when a call reaches us; this module only
-names the caller. The certificate is parsed once and cached by its PEM bytes, so
-the per-call cost is a dictionary lookup, and SAN types (DNS, URI, IP) are told
-apart exactly rather than guessed from core's flattened string list.
+The TLS layer (Python's ssl on the spliced data plane, grpc core on the per-call
+one) has already verified the chain; this module only names the caller. The
+certificate is parsed once and cached by its bytes, so each further connection or
+call costs a dictionary lookup, and SAN types (DNS, URI, IP) are told apart
+exactly rather than guessed from core's flattened string list.
 """
 
 from __future__ import annotations

@@ -198,6 +198,8 @@ class Splice:
                 self.pause_caller("upstream silent")
             if self._upstream is None:
                 return  # relayed from the replay once connected
+        elif self._upstream is None:
+            return  # the upstream is gone and the caller's connection is closing
         self._to_upstream(data)
 
     def caller_lost(self) -> None:
@@ -279,8 +281,8 @@ class Splice:
     def upstream_lost(self, exc: BaseException | None) -> None:
         if self._done or self._refusal is not None:
             return
-        if self._replay is not None and self._refusal is None:  # lost before it spoke
-            self._upstream = None
+        self._upstream = None
+        if self._replay is not None:  # lost before it spoke: the calls can still be answered
             asyncio.get_running_loop().create_task(self._fail(exc or _CLOSED_BEFORE_SPEAKING))
             return
         self._end_calls(grpc.StatusCode.UNAVAILABLE)

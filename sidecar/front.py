@@ -206,20 +206,26 @@ class Front:
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
+        if self._tls is None:
+            await loop.connect_accepted_socket(lambda: _CallerProtocol(self, remote), sock)
+            return
+        # The event loop closes a socket whose handshake failed as it is, unread input
+        # and all, which makes the kernel send a reset: the caller may then lose what
+        # it had not read and sees "connection reset". A second descriptor keeps the
+        # connection open past that, for a clean close.
+        spare = sock.dup()
         try:
-            if self._tls is None:
-                await loop.connect_accepted_socket(lambda: _CallerProtocol(self, remote), sock)
-            else:
-                await loop.connect_accepted_socket(
-                    lambda: _CallerProtocol(self, remote),
-                    sock,
-                    ssl=self._tls,
-                    ssl_handshake_timeout=_HANDSHAKE_SECONDS,
-                )
+            await loop.connect_accepted_socket(
+                lambda: _CallerProtocol(self, remote),
+                sock,
+                ssl=self._tls,
+                ssl_handshake_timeout=_HANDSHAKE_SECONDS,
+            )
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
-            what = "connection from" if self._tls is None else "TLS handshake with"
-            logger.info("%s %s failed: %s", what, remote, _failure_details(error))
-            sock.close()
+            logger.info("TLS handshake with %s failed: %s", remote, _failure_details(error))
+            _close_gracefully(spare)
+        else:
+            spare.close()
 
     async def connect(
         self, factory: Callable[[], asyncio.Protocol]
@@ -275,6 +281,16 @@ class Front:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
         for connection in list(self.connections):
             connection.abort()
+
+
+def _close_gracefully(sock: socket.socket) -> None:
+    """Close with a FIN, not a reset (closing with unread input sends RST)."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        while sock.recv(65536):
+            pass
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def _bind(address: Address) -> list[socket.socket]:

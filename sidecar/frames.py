@@ -1,9 +1,10 @@
 """HTTP/2 frames on the spliced path: passed on as they are, except the few the sidecar must see.
 
 A FrameWalker reads one direction of a connection. Frame headers are parsed so
-that frame boundaries are known, and the bytes of most frames (DATA, PING,
-WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY) go out untouched, in runs as long
-as the input allows. Three kinds are looked at:
+that frame boundaries are known, and the bytes of most frames (DATA,
+WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY, and PING unless a `ping` callback
+takes them) go out untouched, in runs as long as the input allows. Three kinds
+are looked at:
 - SETTINGS: HEADER_TABLE_SIZE is set to 0 in every one, so that each peer's
   encoder ends up with no dynamic table (see headerblock.py);
 - HEADERS and CONTINUATION: the whole header block is handed to the direction's
@@ -42,6 +43,8 @@ StreamCallback = Callable[[int], None]
 DataCallback = Callable[[int, bytes, int, int], None]
 # (stream id, error code)
 ResetCallback = Callable[[int, int], None]
+# (opaque data) of a PING the peer sent, to be answered by the caller of feed
+PingCallback = Callable[[bytes], None]
 
 
 class FrameError(ValueError):
@@ -99,7 +102,11 @@ class FrameWalker:
     """One direction of a spliced HTTP/2 connection: `feed` bytes in, get bytes to send on.
 
     With `preface`, the direction starts with the client connection preface, which
-    must be exactly that (anything else is not HTTP/2).
+    must be exactly that (anything else is not HTTP/2). With `ping`, PING frames are
+    taken out of the stream and handed to it, for the splice to answer: a PING is
+    about one connection, and answering it where it arrives spares a crossing and
+    a wake-up of the other side for every ping (gRPC clients and servers send one
+    per burst of data, to estimate the bandwidth-delay product).
     """
 
     def __init__(
@@ -110,8 +117,10 @@ class FrameWalker:
         data: DataCallback | None = None,
         ended: StreamCallback | None = None,
         reset: ResetCallback | None = None,
+        ping: PingCallback | None = None,
     ) -> None:
         self._headers = headers
+        self._ping = ping
         self._data = data
         self._ended = ended
         self._reset = reset
@@ -199,6 +208,21 @@ class FrameWalker:
                     out.append(view[run_start:position])
                     out.append(header_frames(stream_id, bool(flags & END_STREAM), replacement))
                     run_start = end
+                position = end
+                continue
+            if kind == PING and self._ping is not None:
+                # Answered on this side (see `ping`), never relayed: the ACKs the peer
+                # sends are for pings this side never relayed, and are dropped too.
+                if length != 8:
+                    raise FrameError("PING frame payload is not 8 bytes")
+                if end > size:
+                    break
+                if not data[position + 4] & ACK:
+                    self._ping(data[position + _HEADER : end])
+                if view is None:
+                    view = memoryview(data)
+                out.append(view[run_start:position])
+                run_start = end
                 position = end
                 continue
             if kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY, PUSH_PROMISE):

@@ -3,10 +3,12 @@
 Bytes cross as they come. A `FrameWalker` per direction finds the frame
 boundaries; only header blocks are read (requests are filtered and get the
 sidecar's user-agent, trailers give the status for the access log) and DATA
-payloads are walked for message sizes when the access log is on. Everything else
-(DATA, flow control, PING, RST_STREAM, GOAWAY, SETTINGS but for the table size)
-crosses unchanged, so gRPC's semantics hold exactly: deadlines, cancellation,
-half-close, flow control, trailers and message sizes are the two peers' own.
+payloads are walked for message sizes when the access log is on. PINGs are
+answered by the splice on the side they come from (a PING is about one
+connection; relaying it would cost a crossing each way). Everything else (DATA,
+flow control, RST_STREAM, GOAWAY, SETTINGS but for the table size) crosses
+unchanged, so gRPC's semantics hold exactly: deadlines, cancellation, half-close,
+flow control, trailers and message sizes are the two peers' own.
 
 Until the upstream has sent its first bytes, the caller's bytes are also kept:
 if the upstream cannot be reached (connection refused, a TLS failure, closed
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from sidecar.accesslog import CallRecord, access_logger, log_call
-from sidecar.frames import END_STREAM, GOAWAY, FrameError, FrameWalker, frame
+from sidecar.frames import ACK, END_STREAM, GOAWAY, PING, FrameError, FrameWalker, frame
 from sidecar.headerblock import HeaderBlockError, RequestBlocks, ResponseBlocks
 from sidecar.refusal import Refusal
 
@@ -161,7 +163,10 @@ class Splice:
         self._calls: dict[int, _Call] = {}
         self._last_stream = 0
         self._draining = False
-        self._goaway_due = False
+        # Frames of our own (PING ACKs, GOAWAY) for each side, sent at the next frame
+        # boundary of what is relayed to that side.
+        self._own_to_caller: list[bytes] = []
+        self._own_to_upstream: list[bytes] = []
         self._done = False
         self._log = access_logger.isEnabledFor(logging.INFO)
         self._requests = RequestBlocks(user_agent)
@@ -171,12 +176,14 @@ class Splice:
             preface=True,
             data=self._request_data if self._log else None,
             reset=self._caller_reset,
+            ping=self._caller_ping,
         )
         self._inbound = FrameWalker(
             self._response_headers,
             preface=False,
             data=self._response_data if self._log else None,
             reset=self._upstream_reset,
+            ping=self._upstream_ping,
         )
         self._connecting = asyncio.get_running_loop().create_task(self._connect(connect))
 
@@ -235,8 +242,8 @@ class Splice:
         if self._refusal is not None or self._upstream is None or not self._calls:
             self._close_both()
             return
-        self._goaway_due = True
-        self._send_goaway_if_due()
+        self._own_to_caller.append(_GOAWAY_GRACEFUL)
+        self._send_own_to_caller()
 
     def abort(self) -> None:
         """End both connections now (the drain grace is over)."""
@@ -274,9 +281,12 @@ class Splice:
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
             return
-        self._caller.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if self._goaway_due:
-            self._send_goaway_if_due()
+        if len(chunks) == 1:
+            self._caller.write(chunks[0])
+        else:
+            self._caller.writelines(chunks)  # no join: a DATA run may be large
+        if self._own_to_caller:
+            self._send_own_to_caller()
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         if self._done or self._refusal is not None:
@@ -318,7 +328,12 @@ class Splice:
             self._close_both()
             return
         assert self._upstream is not None
-        self._upstream.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if len(chunks) == 1:
+            self._upstream.write(chunks[0])
+        else:
+            self._upstream.writelines(chunks)  # no join: a DATA run may be large
+        if self._own_to_upstream:
+            self._send_own_to_upstream()
 
     def _request_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
@@ -382,10 +397,23 @@ class Splice:
             # After this read's bytes are written: close() sends what is buffered first.
             asyncio.get_running_loop().call_soon(self._close_both)
 
-    def _send_goaway_if_due(self) -> None:
+    def _caller_ping(self, opaque: bytes) -> None:
+        self._own_to_caller.append(frame(PING, ACK, 0, opaque))
+        self._send_own_to_caller()
+
+    def _upstream_ping(self, opaque: bytes) -> None:
+        self._own_to_upstream.append(frame(PING, ACK, 0, opaque))
+        self._send_own_to_upstream()
+
+    def _send_own_to_caller(self) -> None:
         if self._inbound.at_frame_boundary:
-            self._goaway_due = False
-            self._caller.write(_GOAWAY_GRACEFUL)
+            frames, self._own_to_caller = self._own_to_caller, []
+            self._caller.write(b"".join(frames))
+
+    def _send_own_to_upstream(self) -> None:
+        if self._upstream is not None and self._outbound.at_frame_boundary:
+            frames, self._own_to_upstream = self._own_to_upstream, []
+            self._upstream.write(b"".join(frames))
 
     # Endings.
 

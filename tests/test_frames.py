@@ -149,3 +149,32 @@ def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
 def test_broken_framing_is_refused(data: bytes, message: str) -> None:
     with pytest.raises(FrameError, match=message):
         Recorder().walker(preface=True).feed(data)
+
+
+@pytest.mark.parametrize("piece", [1, 5, 1000])
+def test_pings_are_taken_out_for_an_answer_and_their_acks_dropped(piece: int) -> None:
+    pings: list[bytes] = []
+    walker = FrameWalker(lambda *_: None, preface=False, ping=pings.append)
+    data = (
+        frame(DATA, 0, 1, b"before")
+        + frame(PING, 0, 0, b"12345678")
+        + frame(PING, 0x1, 0, b"ackackac")  # an ACK: answers a ping this side never relayed
+        + frame(DATA, 0, 1, b"after")
+    )
+    out = feed_in_pieces(walker, data, piece)
+    assert out == frame(DATA, 0, 1, b"before") + frame(DATA, 0, 1, b"after")
+    assert pings == [b"12345678"]
+
+
+def test_data_payloads_are_reported_piece_by_piece_without_padding() -> None:
+    seen: list[tuple[int, bytes]] = []
+    walker = FrameWalker(
+        lambda *_: None,
+        preface=False,
+        data=lambda stream_id, buffer, start, end: seen.append((stream_id, buffer[start:end])),
+    )
+    padded = frame(DATA, PADDED, 3, bytes((2,)) + b"padded" + b"\x00\x00")
+    out = feed_in_pieces(walker, frame(DATA, 0, 1, b"0123456789") + padded, 4)
+    assert out == frame(DATA, 0, 1, b"0123456789") + padded
+    assert b"".join(chunk for stream_id, chunk in seen if stream_id == 1) == b"0123456789"
+    assert [chunk for stream_id, chunk in seen if stream_id == 3] == [b"padded"]

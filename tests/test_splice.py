@@ -155,6 +155,15 @@ def test_response_and_trailers_cross_unchanged_at_the_frame_level(
     assert stream_id == 1
 
 
+def test_pings_are_answered_by_the_sidecar(sidecar_alice: SidecarProcess, pki: Pki) -> None:
+    with tls_socket(sidecar_alice.port, pki) as sock:
+        caller = H2Caller(sock)
+        caller.connection.ping(b"\x00sidecar")
+        caller.flush()
+        ack = caller.until(h2.events.PingAckReceived)
+        assert ack.ping_data == b"\x00sidecar"
+
+
 def test_a_caller_that_stops_reading_holds_the_upstream_back(
     sidecar_alice: SidecarProcess, pki: Pki, probe: Probe
 ) -> None:

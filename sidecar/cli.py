@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from sidecar import __version__
+from sidecar import __version__, allocator
 from sidecar.config import Config
 from sidecar.config_sources import CONFIG_ENV, Loaded, load
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
@@ -144,6 +144,8 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Load
 
 def _run_event_loop(config: Config) -> int:
     from sidecar.server import run  # imports grpc: after GRPC_VERBOSITY is settled
+
+    allocator.tune_for_relaying()
 
     try:
         import uvloop

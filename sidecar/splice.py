@@ -187,11 +187,6 @@ class Splice:
         )
         self._connecting = asyncio.get_running_loop().create_task(self._connect(connect))
 
-    @property
-    def idle(self) -> bool:
-        """No call in flight."""
-        return not self._calls
-
     # The caller's side (called by the listener's protocol).
 
     def from_caller(self, data: bytes) -> None:
@@ -232,7 +227,9 @@ class Splice:
         self._pauses.add(reason)
 
     def resume_caller(self, reason: str) -> None:
-        self._pauses.discard(reason)
+        if reason not in self._pauses:
+            return
+        self._pauses.remove(reason)
         if not self._pauses and not self._caller.is_closing():
             self._caller.resume_reading()
 

@@ -62,6 +62,14 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
 
 def header_frames(stream_id: int, end_stream: bool, block: bytes) -> bytes:
     """A header block as HEADERS (+ CONTINUATION) frames no larger than any peer accepts."""
+    if len(block) <= _MAX_OUTPUT_FRAME:  # the usual case: one frame
+        flags = END_HEADERS | (END_STREAM if end_stream else 0)
+        return (
+            len(block).to_bytes(3, "big")
+            + bytes((HEADERS, flags))
+            + stream_id.to_bytes(4, "big")
+            + block
+        )
     first, rest = block[:_MAX_OUTPUT_FRAME], block[_MAX_OUTPUT_FRAME:]
     flags = (END_STREAM if end_stream else 0) | (0 if rest else END_HEADERS)
     frames = [frame(HEADERS, flags, stream_id, first)]

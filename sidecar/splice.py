@@ -160,7 +160,9 @@ class Splice:
         self._replay_size = 0
         self._refusal: Refusal | None = None
         self._pauses: set[str] = set()
-        self._calls: dict[int, _Call] = {}
+        # Calls in flight by stream; without the access log only the keys are kept
+        # (the drain waits for them).
+        self._calls: dict[int, _Call | None] = {}
         self._last_stream = 0
         self._draining = False
         # Frames of our own (PING ACKs, GOAWAY) for each side, sent at the next frame
@@ -338,7 +340,9 @@ class Splice:
         rewritten, path = self._requests.rewrite(buffer[start:end])
         if stream_id > self._last_stream:
             self._last_stream = stream_id
-            self._calls[stream_id] = _Call(path.decode("utf-8", "replace") if path else "-")
+            self._calls[stream_id] = (
+                _Call(path.decode("utf-8", "replace") if path else "-") if self._log else None
+            )
         return rewritten
 
     def _response_headers(
@@ -348,11 +352,9 @@ class Splice:
             call = self._calls.pop(stream_id, None)
             if self._log and call is not None:
                 status = self._responses.status(buffer[start:end])
-                code = (
-                    _STATUS_BY_CODE.get(int(status), grpc.StatusCode.UNKNOWN)
-                    if status
-                    else (grpc.StatusCode.UNKNOWN)
-                )
+                code = grpc.StatusCode.UNKNOWN
+                if status is not None and status.isdigit():
+                    code = _STATUS_BY_CODE.get(int(status), code)
                 self._log_call(call, code)
             elif self._responses.follows_table:
                 self._responses.status(buffer[start:end])
@@ -430,8 +432,8 @@ class Splice:
 
     def _end_calls(self, code: grpc.StatusCode) -> None:
         calls, self._calls = self._calls, {}
-        if self._log:
-            for call in calls.values():
+        for call in calls.values():
+            if call is not None:
                 self._log_call(call, code)
 
     def _close_both(self) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -103,21 +103,17 @@ class IdentityReader:
             ):
                 return _identity_from_core_names(auth_context)
             return None
-        pem = pems[0]
-        identity = self._cache.get(pem)
-        if identity is None:
-            identity = identity_from_certificate(x509.load_pem_x509_certificate(pem))
-            self._cache[pem] = identity
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return identity
+        return self._cached(pems[0], x509.load_pem_x509_certificate)
 
     def from_der(self, der: bytes) -> PeerIdentity:
         """The identity in a verified certificate, DER-encoded (as Python's ssl gives it)."""
-        identity = self._cache.get(der)
+        return self._cached(der, x509.load_der_x509_certificate)
+
+    def _cached(self, encoded: bytes, load: Callable[[bytes], x509.Certificate]) -> PeerIdentity:
+        identity = self._cache.get(encoded)
         if identity is None:
-            identity = identity_from_certificate(x509.load_der_x509_certificate(der))
-            self._cache[der] = identity
+            identity = identity_from_certificate(load(encoded))
+            self._cache[encoded] = identity
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity

@@ -54,16 +54,9 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]  # gener
         if len(self._pending) > 1:
             return  # a write is already scheduled
         try:
-            asyncio.get_running_loop().call_soon(self._write_pending)
+            asyncio.get_running_loop().call_soon(self.flush)
         except RuntimeError:  # no loop in this thread
             self._write_pending_locked()
-
-    def _write_pending(self) -> None:
-        self.acquire()
-        try:
-            self._write_pending_locked()
-        finally:
-            self.release()
 
     def _write_pending_locked(self) -> None:
         if self._pending:

@@ -114,6 +114,13 @@ def _message_bytes(
     return total, need, prefix
 
 
+def _write(transport: asyncio.Transport, chunks: list[bytes | memoryview]) -> None:
+    if len(chunks) == 1:
+        transport.write(chunks[0])
+    else:
+        transport.writelines(chunks)  # no join: a DATA run may be large
+
+
 class _UpstreamProtocol(asyncio.Protocol):
     def __init__(self, splice: Splice) -> None:
         self._splice = splice
@@ -280,10 +287,7 @@ class Splice:
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
             return
-        if len(chunks) == 1:
-            self._caller.write(chunks[0])
-        else:
-            self._caller.writelines(chunks)  # no join: a DATA run may be large
+        _write(self._caller, chunks)
         if self._own_to_caller:
             self._send_own_to_caller()
 
@@ -327,10 +331,7 @@ class Splice:
             self._close_both()
             return
         assert self._upstream is not None
-        if len(chunks) == 1:
-            self._upstream.write(chunks[0])
-        else:
-            self._upstream.writelines(chunks)  # no join: a DATA run may be large
+        _write(self._upstream, chunks)
         if self._own_to_upstream:
             self._send_own_to_upstream()
 

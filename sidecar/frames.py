@@ -30,7 +30,11 @@ SETTINGS_HEADER_TABLE_SIZE = 0x1
 _HEADER = 9
 _WHOLE_BLOCK_MASK = END_HEADERS | PADDED | PRIORITY_FLAG
 _MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may have
-_MAX_HEADER_BLOCK = 1 << 20  # a caller's header block larger than this ends the connection
+# A header block (or another frame read whole) larger than this ends the connection:
+# gRPC servers refuse header lists far smaller (grpc core: 16 KiB), and the bound
+# also bounds the copying of a frame that arrives a few bytes at a time.
+_MAX_HEADER_BLOCK = 256 * 1024
+_MAX_FRAGMENTS = 1024  # CONTINUATION frames in one header block
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 
 # (stream id, flags, buffer, start, end) for the header block buffer[start:end]
@@ -139,11 +143,14 @@ class FrameWalker:
         # A header block spread over CONTINUATION frames: (stream id, flags, fragments).
         self._block: tuple[int, int, list[bytes]] | None = None
         self._block_size = 0
+        self._first_frame_done = False
 
     @property
     def at_frame_boundary(self) -> bool:
-        """Whether the bytes returned so far end with a whole frame (a frame may be inserted)."""
-        return not self._passing
+        """Whether a frame of the sidecar's own may be inserted now: the bytes returned so
+        far end with a whole frame, and the peer's first frame (its SETTINGS, which
+        must come first, RFC 9113 3.4) has gone out."""
+        return self._first_frame_done and not self._passing
 
     def feed(self, data: bytes) -> list[bytes | memoryview]:
         """The bytes to send on for `data`, in order (views into `data` where unchanged).
@@ -185,6 +192,8 @@ class FrameWalker:
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
                 if on_data is not None:
                     if flags & PADDED:  # taken whole: where the padding starts is in the frame
+                        if length > _MAX_HEADER_BLOCK:
+                            raise FrameError(f"padded DATA frame is {length} bytes long")
                         if end > size:
                             break
                         if not length or data[position + _HEADER] >= length:
@@ -233,7 +242,11 @@ class FrameWalker:
                 run_start = end
                 position = end
                 continue
-            if kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY, PUSH_PROMISE):
+            if kind == PUSH_PROMISE:  # gRPC never pushes; a push would carry a header block
+                raise FrameError("PUSH_PROMISE is not allowed")
+            if kind == RST_STREAM and length != 4:
+                raise FrameError("RST_STREAM frame payload is not 4 bytes")
+            if kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY):
                 if end > size:  # stream the rest of the payload as it comes
                     self._passing, self._passing_stream = end - size, 0
                     position = size
@@ -283,6 +296,7 @@ class FrameWalker:
         if kind == SETTINGS:
             if flags & ACK:
                 return None
+            self._first_frame_done = True  # once it is out; the peer's first frame
             return frame(SETTINGS, flags, stream_id, _zero_table_settings(payload))
         if kind == HEADERS:
             self._block = (stream_id, flags, [_fragment(flags, payload)])
@@ -291,8 +305,8 @@ class FrameWalker:
             if self._block is None or self._block[0] != stream_id:
                 raise FrameError("CONTINUATION without the HEADERS it continues")
             self._block[2].append(payload)
-            self._block_size += len(payload)
-            if self._block_size > _MAX_HEADER_BLOCK:
+            self._block_size += _HEADER + len(payload)  # empty CONTINUATIONs count too
+            if self._block_size > _MAX_HEADER_BLOCK or len(self._block[2]) > _MAX_FRAGMENTS:
                 raise FrameError("header block too large")
             flags = flags | self._block[1]
         else:

@@ -132,11 +132,15 @@ class _CallerProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if isinstance(self.handler, Splice):
-            self.handler.pause_upstream()
+            self.handler.caller_busy()
+        elif self._transport is not None:  # a refusal: its answers wait for the caller
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         if isinstance(self.handler, Splice):
-            self.handler.resume_upstream()
+            self.handler.caller_ready()
+        elif self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def drain(self) -> None:
         if isinstance(self.handler, Splice):
@@ -205,6 +209,7 @@ class Front:
         remote = _remote_of(sock)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(sock)
         loop = asyncio.get_running_loop()
         if self._tls is None:
             await loop.connect_accepted_socket(lambda: _CallerProtocol(self, remote), sock)
@@ -224,8 +229,8 @@ class Front:
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
             logger.info("TLS handshake with %s failed: %s", remote, _failure_details(error))
             _close_gracefully(spare)
-        else:
-            spare.close()
+        finally:
+            spare.close()  # closing twice is harmless
 
     async def connect(
         self, factory: Callable[[], asyncio.Protocol]
@@ -281,6 +286,16 @@ class Front:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
         for connection in list(self.connections):
             connection.abort()
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive on a caller's connection: PINGs are answered by the sidecar, so a
+    caller that vanished without a FIN (a NAT timeout, a dead host) is found by TCP,
+    after about two minutes of silence, and its upstream connection closed with it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _close_gracefully(sock: socket.socket) -> None:

@@ -25,6 +25,9 @@ from sidecar import metadata
 _STATIC_NAMES = tuple(name for name, _ in HeaderTable.STATIC_TABLE)
 _CACHE_LIMIT = 4096  # distinct encoded names or values remembered; cleared when full
 _REWRITTEN_LIMIT = 64  # distinct request blocks remembered per connection
+# Only small things are remembered: a caller must not fill the caches with big ones.
+_CACHED_STRING_LIMIT = 128  # bytes of an encoded name or value
+_CACHED_BLOCK_LIMIT = 2048  # bytes of a request block
 
 
 class HeaderBlockError(ValueError):
@@ -79,9 +82,10 @@ def _string(block: bytes, position: int) -> tuple[bytes, int]:
             text = decode_huffman(raw)
         except Exception as error:  # hpack raises its own HPACKDecodingError
             raise HeaderBlockError(f"bad Huffman string: {error}") from None
-        if len(_decoded) >= _CACHE_LIMIT:
-            _decoded.clear()
-        _decoded[raw] = text
+        if len(raw) <= _CACHED_STRING_LIMIT:
+            if len(_decoded) >= _CACHE_LIMIT:
+                _decoded.clear()
+            _decoded[raw] = text
     return text, end
 
 
@@ -176,9 +180,11 @@ def _filter_stateless(block: bytes) -> tuple[list[bytes], bytes | None]:
     return kept, path
 
 
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A literal field without indexing, new name, no Huffman: touches no table."""
-    return b"\x00" + _length(len(name)) + name + _length(len(value)) + value
+def _literal(name: bytes, value: bytes, *, never_indexed: bool = False) -> bytes:
+    """A literal field without indexing (or never indexed), new name, no Huffman:
+    touches no table."""
+    prefix = b"\x10" if never_indexed else b"\x00"
+    return prefix + _length(len(name)) + name + _length(len(value)) + value
 
 
 def _length(value: int) -> bytes:
@@ -219,9 +225,10 @@ def _request_keeps(name: bytes) -> bool:
             or name in _KEEP_IN_REQUESTS
             or metadata.crosses_in_request(name.decode("latin-1"))
         )
-        if len(_request_decisions) >= _CACHE_LIMIT:
-            _request_decisions.clear()
-        _request_decisions[name] = decision
+        if len(name) <= _CACHED_STRING_LIMIT:
+            if len(_request_decisions) >= _CACHE_LIMIT:
+                _request_decisions.clear()
+            _request_decisions[name] = decision
     return decision
 
 
@@ -247,9 +254,10 @@ class RequestBlocks:
         kept, path = _filter_stateless(block)
         kept.append(self._user_agent)
         answer = b"".join(kept), path
-        if len(self._rewritten) >= _REWRITTEN_LIMIT:
-            self._rewritten.clear()
-        self._rewritten[block] = answer
+        if len(block) <= _CACHED_BLOCK_LIMIT:
+            if len(self._rewritten) >= _REWRITTEN_LIMIT:
+                self._rewritten.clear()
+            self._rewritten[block] = answer
         return answer
 
     def _rewrite_stateful(self, decoder: hpack.Decoder, block: bytes) -> tuple[bytes, bytes | None]:
@@ -258,11 +266,14 @@ class RequestBlocks:
         except Exception as error:  # hpack's HPACKError and friends
             raise HeaderBlockError(f"bad request header block: {error}") from None
         parts, path = [], None
-        for name, value in decoded:
+        for decoded_field in decoded:
+            name, value = decoded_field
             if name == b":path":
                 path = value
             if _request_keeps(name):
-                parts.append(_literal(name, value))
+                # RFC 7541 6.2.3: a field the client marked never-indexed stays so.
+                never = isinstance(decoded_field, hpack.NeverIndexedHeaderTuple)
+                parts.append(_literal(name, value, never_indexed=never))
         parts.append(self._user_agent)
         return b"".join(parts), path
 

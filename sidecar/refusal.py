@@ -74,7 +74,7 @@ class Refusal:
         self._goaway_sent = False
         self._linger: asyncio.TimerHandle | None = None
         if goaway:  # a caller that sends no call, or keeps the connection, is closed
-            self._linger = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
+            self._linger = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.abort)
 
     def feed(self, data: bytes) -> None:
         """Answer what the caller sent; a caller breaking HTTP/2 loses the connection."""

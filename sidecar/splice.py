@@ -38,6 +38,10 @@ logger = logging.getLogger("sidecar.server")
 _REPLAY_LIMIT = 256 * 1024
 # Per transport: past this much unsent data, the other side stops being read.
 WRITE_BUFFER_HIGH = 256 * 1024
+# How long a closing connection may take to send what is buffered for a peer.
+_CLOSE_GRACE_SECONDS = 10.0
+# PING ACKs queued for a caller that is not reading, before its connection is cut.
+_MAX_ACKS_WHILE_BUSY = 1000
 
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 # How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
@@ -114,6 +118,13 @@ def _message_bytes(
     return total, need, prefix
 
 
+def _close_within(transport: asyncio.Transport, seconds: float) -> None:
+    """Close after what is buffered is sent, or abort if the peer does not read it in time."""
+    transport.close()
+    if transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(seconds, transport.abort)
+
+
 def _write(transport: asyncio.Transport, chunks: list[bytes | memoryview]) -> None:
     if len(chunks) == 1:
         transport.write(chunks[0])
@@ -166,6 +177,11 @@ class Splice:
         self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
         self._replay_size = 0
         self._refusal: Refusal | None = None
+        self._failing = False
+        self._broken = False  # a peer broke HTTP/2: nothing more is relayed
+        self._caller_busy = False  # the caller's write buffer is full
+        self._acks_while_busy = 0
+        self._failure: asyncio.Task[None] | None = None
         self._pauses: set[str] = set()
         # Calls in flight by stream; without the access log only the keys are kept
         # (the drain waits for them).
@@ -219,14 +235,21 @@ class Splice:
             self._refusal.connection_lost()
         self._end_calls(grpc.StatusCode.CANCELLED)
         if self._upstream is not None:
-            self._upstream.close()
+            # Nothing more can reach the caller: the upstream's calls end now, and an
+            # upstream that stopped reading cannot hold its connection open.
+            self._upstream.abort()
         self._done = True
 
-    def pause_upstream(self) -> None:
+    def caller_busy(self) -> None:
+        """The caller is not reading: stop reading the upstream (the caller is still read:
+        it may be blocked sending until it is, and HTTP/2 flow control bounds its DATA)."""
+        self._caller_busy = True
         if self._upstream is not None:
             self._upstream.pause_reading()
 
-    def resume_upstream(self) -> None:
+    def caller_ready(self) -> None:
+        self._caller_busy = False
+        self._acks_while_busy = 0
         if self._upstream is not None:
             self._upstream.resume_reading()
 
@@ -274,15 +297,20 @@ class Splice:
             return
         self._upstream = transport
         for chunk in self._replay or ():
+            if self._broken:
+                break
             self._to_upstream(chunk)
 
     def from_upstream(self, data: bytes) -> None:
+        if self._broken:
+            return
         if self._replay is not None:  # the upstream speaks: no replay will be needed
             self._replay = None
             self.resume_caller("upstream silent")
         try:
             chunks = self._inbound.feed(data)
         except (FrameError, HeaderBlockError) as error:
+            self._broken = True
             logger.warning("upstream broke HTTP/2 on a connection for %s: %s", self._remote, error)
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
@@ -296,12 +324,17 @@ class Splice:
             return
         self._upstream = None
         if self._replay is not None:  # lost before it spoke: the calls can still be answered
-            asyncio.get_running_loop().create_task(self._fail(exc or _CLOSED_BEFORE_SPEAKING))
+            self._failure = asyncio.get_running_loop().create_task(
+                self._fail(exc or _CLOSED_BEFORE_SPEAKING)
+            )
             return
         self._end_calls(grpc.StatusCode.UNAVAILABLE)
-        self._caller.close()  # after what is buffered for the caller
+        _close_within(self._caller, _CLOSE_GRACE_SECONDS)  # what is buffered goes first
 
     async def _fail(self, error: BaseException) -> None:
+        if self._failing:  # a timeout and a close can both report one failure
+            return
+        self._failing = True
         details = await self._describe_failure(error)
         if self._done:
             return
@@ -316,6 +349,7 @@ class Splice:
         )
         replay, self._replay = self._replay or [], None
         self._calls.clear()
+        self._own_to_caller.clear()  # the refusal answers the replayed PINGs itself
         self.resume_caller("upstream silent")
         for chunk in replay:
             self._refusal.feed(chunk)
@@ -323,9 +357,12 @@ class Splice:
     # Frames.
 
     def _to_upstream(self, data: bytes) -> None:
+        if self._broken:
+            return
         try:
             chunks = self._outbound.feed(data)
         except (FrameError, HeaderBlockError) as error:
+            self._broken = True
             logger.info("caller %s broke HTTP/2: %s", self._remote, error)
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
@@ -398,6 +435,16 @@ class Splice:
             asyncio.get_running_loop().call_soon(self._close_both)
 
     def _caller_ping(self, opaque: bytes) -> None:
+        if self._caller_busy:
+            # Our answers pile up while the caller does not read: a caller that keeps
+            # pinging all the same is flooding (the answer to the HTTP/2 "ping flood").
+            self._acks_while_busy += 1
+            if self._acks_while_busy > _MAX_ACKS_WHILE_BUSY:
+                logger.info("caller %s sends PINGs without reading the answers", self._remote)
+                self._broken = True
+                self._end_calls(grpc.StatusCode.UNAVAILABLE)
+                self._caller.abort()
+                return
         self._own_to_caller.append(frame(PING, ACK, 0, opaque))
         self._send_own_to_caller()
 
@@ -438,6 +485,6 @@ class Splice:
                 self._log_call(call, code)
 
     def _close_both(self) -> None:
-        self._caller.close()
+        _close_within(self._caller, _CLOSE_GRACE_SECONDS)
         if self._upstream is not None:
-            self._upstream.close()
+            _close_within(self._upstream, _CLOSE_GRACE_SECONDS)

@@ -144,8 +144,16 @@ def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
             "padding",
             id="bad-padding",
         ),
+        pytest.param(PREFACE + frame(0x5, END_HEADERS, 1, b"\x00\x00\x00\x02"), "PUSH_PROMISE",
+                     id="push-promise"),
+        pytest.param(PREFACE + frame(RST_STREAM, 0, 1, bytes(5000)), "4 bytes", id="long-reset"),
+        pytest.param(
+            PREFACE + frame(HEADERS, 0, 1, b"a") + frame(CONTINUATION, 0, 1, b"") * 2000,
+            "too large",
+            id="continuation-flood",
+        ),
     ],
-)
+)  # fmt: skip
 def test_broken_framing_is_refused(data: bytes, message: str) -> None:
     with pytest.raises(FrameError, match=message):
         Recorder().walker(preface=True).feed(data)
@@ -178,3 +186,14 @@ def test_data_payloads_are_reported_piece_by_piece_without_padding() -> None:
     assert out == frame(DATA, 0, 1, b"0123456789") + padded
     assert b"".join(chunk for stream_id, chunk in seen if stream_id == 1) == b"0123456789"
     assert [chunk for stream_id, chunk in seen if stream_id == 3] == [b"padded"]
+
+
+def test_frames_of_our_own_wait_for_the_peers_settings_and_for_a_frame_boundary() -> None:
+    walker = Recorder().walker(preface=False)
+    assert not walker.at_frame_boundary  # nothing may precede the peer's SETTINGS
+    walker.feed(frame(SETTINGS, 0, 0, b""))
+    assert walker.at_frame_boundary
+    walker.feed(frame(DATA, 0, 1, bytes(100))[:50])  # in the middle of a DATA frame
+    assert not walker.at_frame_boundary
+    walker.feed(bytes(59))
+    assert walker.at_frame_boundary

@@ -134,3 +134,15 @@ def test_multi_byte_integers_are_read_in_every_position() -> None:
         (b"x-big", long_value),
         (b"user-agent", USER_AGENT),
     ]
+
+
+def test_never_indexed_fields_stay_never_indexed_when_re_encoded() -> None:
+    """RFC 7541 6.2.3: an intermediary keeps the never-indexed representation."""
+    encoder = hpack.Encoder()
+    block = encoder.encode(
+        [(":path", "/a.B/C"), hpack.NeverIndexedHeaderTuple("x-secret", "s3cret")], huffman=False
+    )
+    rewritten, _ = RequestBlocks(b"sidecar/test").rewrite(block)  # the stateful phase
+    assert b"\x10\x08x-secret\x06s3cret" in rewritten
+    decoded = hpack.Decoder().decode(rewritten, raw=True)
+    assert any(isinstance(field, hpack.NeverIndexedHeaderTuple) for field in decoded)

@@ -52,7 +52,7 @@ class Refusal:
 
     def __init__(
         self,
-        transport: asyncio.BaseTransport,
+        transport: asyncio.Transport,
         code: grpc.StatusCode,
         details: Callable[[str], str],
         *,
@@ -143,4 +143,4 @@ class Refusal:
     def _flush(self) -> None:
         outgoing = self._connection.data_to_send()
         if outgoing and not self._transport.is_closing():
-            self._transport.write(outgoing)  # type: ignore[attr-defined]
+            self._transport.write(outgoing)

@@ -268,11 +268,23 @@ class Splice:
     def drain(self) -> None:
         """Tell the caller to start no new calls; close once those in flight are done."""
         self._draining = True
-        if self._refusal is not None or self._upstream is None or not self._calls:
+        if self._refusal is not None or self._upstream is None:
             self._close_both()
+            return
+        if not self._calls:
+            self._close_drained()
             return
         self._own_to_caller.append(_GOAWAY_GRACEFUL)
         self._send_own_to_caller()
+
+    def _close_drained(self) -> None:
+        """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
+        the caller started after all (before it saw the first GOAWAY) is known to it as
+        not processed and is retried elsewhere, then the close."""
+        if self._inbound.at_frame_boundary:
+            last = self._last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR
+            self._caller.write(frame(GOAWAY, 0, 0, last))
+        self._close_both()
 
     def abort(self) -> None:
         """End both connections now (the drain grace is over)."""
@@ -432,7 +444,7 @@ class Splice:
     def _call_ended(self) -> None:
         if self._draining and not self._calls:
             # After this read's bytes are written: close() sends what is buffered first.
-            asyncio.get_running_loop().call_soon(self._close_both)
+            asyncio.get_running_loop().call_soon(self._close_drained)
 
     def _caller_ping(self, opaque: bytes) -> None:
         if self._caller_busy:

@@ -221,6 +221,9 @@ def test_drain_sends_goaway_and_lets_the_call_in_flight_finish(
         while chunk := sock.recv(MIB):
             rest += chunk
         assert grpc_frame(b"in flight") in rest, "the reply must arrive before the close"
+        # The last word names the last stream relayed (1): anything later was not processed.
+        final_goaway = bytes.fromhex("0000080700000000000000000100000000")
+        assert rest.endswith(final_goaway)
     assert process.wait_exit() == 0
 
 

@@ -133,6 +133,8 @@ def _write(transport: asyncio.Transport, chunks: list[bytes | memoryview]) -> No
 
 
 class _UpstreamProtocol(asyncio.Protocol):
+    """The upstream connection's events, handed to its Splice."""
+
     def __init__(self, splice: Splice) -> None:
         self._splice = splice
 

@@ -49,6 +49,8 @@ DataCallback = Callable[[int, bytes, int, int], None]
 ResetCallback = Callable[[int, int], None]
 # (opaque data) of a PING the peer sent, to be answered by the caller of feed
 PingCallback = Callable[[bytes], None]
+# () when the peer acknowledges a SETTINGS frame (each of ours carries HEADER_TABLE_SIZE 0)
+AckCallback = Callable[[], None]
 
 
 class FrameError(ValueError):
@@ -130,8 +132,10 @@ class FrameWalker:
         ended: StreamCallback | None = None,
         reset: ResetCallback | None = None,
         ping: PingCallback | None = None,
+        settings_acked: AckCallback | None = None,
     ) -> None:
         self._headers = headers
+        self._settings_acked = settings_acked
         self._ping = ping
         self._data = data
         self._ended = ended
@@ -295,6 +299,8 @@ class FrameWalker:
             raise FrameError("a header block was interrupted by another frame")
         if kind == SETTINGS:
             if flags & ACK:
+                if self._settings_acked is not None:
+                    self._settings_acked()
                 return None
             self._first_frame_done = True  # once it is out; the peer's first frame
             return frame(SETTINGS, flags, stream_id, _zero_table_settings(payload))

@@ -237,14 +237,21 @@ class RequestBlocks:
 
     def __init__(self, user_agent: bytes) -> None:
         self._decoder: hpack.Decoder | None = hpack.Decoder()
+        self._limited = False
         self._user_agent = _literal(b"user-agent", user_agent)
         # Once blocks stand alone, a client sends the same bytes for the same method
         # and metadata: remember recent answers.
         self._rewritten: dict[bytes, tuple[bytes, bytes | None]] = {}
 
+    def table_limited(self) -> None:
+        """The client has acknowledged a SETTINGS_HEADER_TABLE_SIZE of 0: its table can no
+        longer grow, and the block that opens with the reset to 0 ends the stateful phase.
+        (Before that, a reset could be followed by growth again.)"""
+        self._limited = True
+
     def rewrite(self, block: bytes) -> tuple[bytes, bytes | None]:
         """The block as the upstream gets it, and the request's :path."""
-        if self._decoder is not None and _starts_with_table_reset(block):
+        if self._decoder is not None and self._limited and _starts_with_table_reset(block):
             self._decoder = None  # from here on the client's blocks stand alone
         if self._decoder is not None:
             return self._rewrite_stateful(self._decoder, block)
@@ -283,15 +290,20 @@ class ResponseBlocks:
 
     def __init__(self) -> None:
         self._decoder: hpack.Decoder | None = hpack.Decoder()
+        self._limited = False
 
     @property
     def follows_table(self) -> bool:
         """Whether every block must still be read (the upstream may still use its table)."""
         return self._decoder is not None
 
+    def table_limited(self) -> None:
+        """The upstream has acknowledged a SETTINGS_HEADER_TABLE_SIZE of 0 (see RequestBlocks)."""
+        self._limited = True
+
     def status(self, block: bytes) -> bytes | None:
         """The block's grpc-status value, if it has one (trailers do)."""
-        if self._decoder is not None and _starts_with_table_reset(block):
+        if self._decoder is not None and self._limited and _starts_with_table_reset(block):
             self._decoder = None
         if self._decoder is not None:
             try:

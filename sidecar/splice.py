@@ -204,6 +204,7 @@ class Splice:
             data=self._request_data if self._log else None,
             reset=self._caller_reset,
             ping=self._caller_ping,
+            settings_acked=self._requests.table_limited,  # the client acks the upstream's
         )
         self._inbound = FrameWalker(
             self._response_headers,
@@ -211,6 +212,7 @@ class Splice:
             data=self._response_data if self._log else None,
             reset=self._upstream_reset,
             ping=self._upstream_ping,
+            settings_acked=self._responses.table_limited,
         )
         self._connecting = asyncio.get_running_loop().create_task(self._connect(connect))
 

@@ -58,7 +58,8 @@ def test_requests_are_filtered_before_and_after_the_table_goes_to_zero(huffman: 
         rewritten, path = blocks.rewrite(client.encode(request("/kv.KV/Get", *EXTRA), huffman))
         assert path == b"/kv.KV/Get"
         assert upstream.decode(rewritten, raw=True) == EXPECTED
-    # Then it applies HEADER_TABLE_SIZE=0: its next block opens with a size update.
+    # Then it acknowledges HEADER_TABLE_SIZE=0: its next block opens with a size update.
+    blocks.table_limited()
     client.header_table_size = 0
     for _ in range(3):
         rewritten, path = blocks.rewrite(client.encode(request("/kv.KV/Get", *EXTRA), huffman))
@@ -70,6 +71,7 @@ def test_stateless_blocks_keep_their_representations_byte_for_byte() -> None:
     client = hpack.Encoder()
     client.header_table_size = 0
     blocks = RequestBlocks(USER_AGENT)
+    blocks.table_limited()  # the client acknowledged our SETTINGS
     blocks.rewrite(client.encode([(":method", "POST")]))  # opens with the size update
     # With no table, blocks encoded apart concatenate into one valid block.
     before = client.encode([(":method", "POST"), (":path", "/a/B"), ("x-k", "v")])
@@ -88,6 +90,8 @@ def test_trailers_give_the_status_in_both_phases() -> None:
     trailers = [("grpc-status", "5"), ("grpc-message", "no such key")]
     for table_size in (4096, 0):
         upstream.header_table_size = table_size
+        if table_size == 0:
+            blocks.table_limited()
         assert blocks.status(upstream.encode(headers)) is None
         assert blocks.status(upstream.encode(trailers)) == b"5"
 
@@ -102,6 +106,7 @@ def test_trailers_give_the_status_in_both_phases() -> None:
 )
 def test_malformed_blocks_are_refused(block: bytes) -> None:
     blocks = RequestBlocks(USER_AGENT)
+    blocks.table_limited()
     blocks.rewrite(b"\x20")  # size update to 0: stateless from here
     with pytest.raises(HeaderBlockError):
         blocks.rewrite(block)
@@ -109,6 +114,7 @@ def test_malformed_blocks_are_refused(block: bytes) -> None:
 
 def test_a_stateless_block_cannot_refer_to_the_dynamic_table() -> None:
     blocks = RequestBlocks(USER_AGENT)
+    blocks.table_limited()
     blocks.rewrite(b"\x20")
     with pytest.raises(HeaderBlockError, match="table entry 62"):
         blocks.rewrite(bytes([0x80 | 62]))
@@ -121,6 +127,7 @@ def test_a_malformed_block_in_the_stateful_phase_is_refused() -> None:
 
 def test_multi_byte_integers_are_read_in_every_position() -> None:
     blocks = RequestBlocks(USER_AGENT)
+    blocks.table_limited()
     blocks.rewrite(b"\x20")
     long_value = b"v" * 300  # a length that needs a second byte
     # user-agent as a literal without indexing: static index 58 needs 4 + 8 bits.
@@ -146,3 +153,17 @@ def test_never_indexed_fields_stay_never_indexed_when_re_encoded() -> None:
     assert b"\x10\x08x-secret\x06s3cret" in rewritten
     decoded = hpack.Decoder().decode(rewritten, raw=True)
     assert any(isinstance(field, hpack.NeverIndexedHeaderTuple) for field in decoded)
+
+
+def test_a_reset_before_the_settings_ack_can_be_followed_by_growth() -> None:
+    """Until the client acknowledges our SETTINGS its table may grow again after a
+    reset to 0 (RFC 7541 4.2); the blocks that use it must still be read."""
+    client, upstream = hpack.Encoder(), hpack.Decoder()
+    blocks = RequestBlocks(USER_AGENT)
+    client.header_table_size = 0
+    blocks.rewrite(client.encode(request("/kv.KV/Get")))
+    client.header_table_size = 4096  # grows again, and indexes
+    for _ in range(2):
+        rewritten, path = blocks.rewrite(client.encode(request("/kv.KV/Put", ("x-k", "v"))))
+        assert path == b"/kv.KV/Put"
+        assert (b"x-k", b"v") in upstream.decode(rewritten, raw=True)

@@ -294,9 +294,7 @@ class FrameWalker:
         """The bytes to send instead of this frame, or None to send it unchanged."""
         flags = whole[4]
         stream_id = int.from_bytes(whole[5:9], "big") & 0x7FFFFFFF
-        payload = whole[_HEADER:]
-        if self._block is not None and kind != CONTINUATION:
-            raise FrameError("a header block was interrupted by another frame")
+        payload = whole[_HEADER:]  # (feed has refused any frame interrupting a block)
         if kind == SETTINGS:
             if flags & ACK:
                 if self._settings_acked is not None:

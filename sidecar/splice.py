@@ -42,6 +42,15 @@ WRITE_BUFFER_HIGH = 256 * 1024
 _CLOSE_GRACE_SECONDS = 10.0
 # PING ACKs queued for a caller that is not reading, before its connection is cut.
 _MAX_ACKS_WHILE_BUSY = 1000
+# How long a PING ACK waits for relayed bytes going the same way, to ride with them
+# instead of costing a write (and, to a caller, a TLS record) of its own. gRPC peers
+# ping once per burst of data they receive, so without this every unary call costs
+# two extra writes and two extra wake-ups of the peers. A millisecond is far below
+# any keepalive timeout and within the jitter of a bandwidth-delay estimate.
+_ACK_DELAY_SECONDS = 0.001
+# Relayed chunks of at most this many bytes in all are joined before a write, so that
+# they leave in one TLS record (a record holds up to 16 KiB).
+_JOIN_LIMIT = 16 * 1024
 
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 # How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
@@ -128,6 +137,9 @@ def _close_within(transport: asyncio.Transport, seconds: float) -> None:
 def _write(transport: asyncio.Transport, chunks: list[bytes | memoryview]) -> None:
     if len(chunks) == 1:
         transport.write(chunks[0])
+    elif sum(map(len, chunks)) <= _JOIN_LIMIT:
+        if chunks:
+            transport.write(b"".join(chunks))
     else:
         transport.writelines(chunks)  # no join: a DATA run may be large
 
@@ -191,9 +203,12 @@ class Splice:
         self._last_stream = 0
         self._draining = False
         # Frames of our own (PING ACKs, GOAWAY) for each side, sent at the next frame
-        # boundary of what is relayed to that side.
+        # boundary of what is relayed to that side, and a timer that sends PING ACKs
+        # which found no relayed bytes to ride with (see _ACK_DELAY_SECONDS).
         self._own_to_caller: list[bytes] = []
         self._own_to_upstream: list[bytes] = []
+        self._caller_acks_due: asyncio.TimerHandle | None = None
+        self._upstream_acks_due: asyncio.TimerHandle | None = None
         self._done = False
         self._log = access_logger.isEnabledFor(logging.INFO)
         self._requests = RequestBlocks(user_agent)
@@ -214,7 +229,8 @@ class Splice:
             ping=self._upstream_ping,
             settings_acked=self._responses.table_limited,
         )
-        self._connecting = asyncio.get_running_loop().create_task(self._connect(connect))
+        self._loop = asyncio.get_running_loop()
+        self._connecting = self._loop.create_task(self._connect(connect))
 
     # The caller's side (called by the listener's protocol).
 
@@ -331,9 +347,9 @@ class Splice:
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
             return
+        if self._own_to_caller and self._inbound.at_frame_boundary:
+            chunks += self._take_own_to_caller()
         _write(self._caller, chunks)
-        if self._own_to_caller:
-            self._send_own_to_caller()
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         if self._done or self._refusal is not None:
@@ -384,9 +400,9 @@ class Splice:
             self._close_both()
             return
         assert self._upstream is not None
+        if self._own_to_upstream and self._outbound.at_frame_boundary:
+            chunks += self._take_own_to_upstream()
         _write(self._upstream, chunks)
-        if self._own_to_upstream:
-            self._send_own_to_upstream()
 
     def _request_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
@@ -462,21 +478,46 @@ class Splice:
                 self._caller.abort()
                 return
         self._own_to_caller.append(frame(PING, ACK, 0, opaque))
-        self._send_own_to_caller()
+        if self._caller_acks_due is None:
+            self._caller_acks_due = self._loop.call_later(
+                _ACK_DELAY_SECONDS, self._send_own_to_caller
+            )
 
     def _upstream_ping(self, opaque: bytes) -> None:
         self._own_to_upstream.append(frame(PING, ACK, 0, opaque))
-        self._send_own_to_upstream()
+        if self._upstream_acks_due is None:
+            self._upstream_acks_due = self._loop.call_later(
+                _ACK_DELAY_SECONDS, self._send_own_to_upstream
+            )
+
+    def _take_own_to_caller(self) -> list[bytes]:
+        """The frames of our own waiting for the caller, now sent with relayed bytes."""
+        if self._caller_acks_due is not None:
+            self._caller_acks_due.cancel()
+            self._caller_acks_due = None
+        frames, self._own_to_caller = self._own_to_caller, []
+        return frames
+
+    def _take_own_to_upstream(self) -> list[bytes]:
+        if self._upstream_acks_due is not None:
+            self._upstream_acks_due.cancel()
+            self._upstream_acks_due = None
+        frames, self._own_to_upstream = self._own_to_upstream, []
+        return frames
 
     def _send_own_to_caller(self) -> None:
-        if self._inbound.at_frame_boundary:
-            frames, self._own_to_caller = self._own_to_caller, []
-            self._caller.write(b"".join(frames))
+        """Send our frames for the caller now, unless a relayed frame is half sent (the rest
+        of it is still to come from the upstream, and they go out after it)."""
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            _write(self._caller, self._take_own_to_caller())
 
     def _send_own_to_upstream(self) -> None:
-        if self._upstream is not None and self._outbound.at_frame_boundary:
-            frames, self._own_to_upstream = self._own_to_upstream, []
-            self._upstream.write(b"".join(frames))
+        if (
+            self._upstream is not None
+            and self._outbound.at_frame_boundary
+            and not self._upstream.is_closing()
+        ):
+            _write(self._upstream, self._take_own_to_upstream())
 
     # Endings.
 

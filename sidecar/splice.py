@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -134,7 +134,7 @@ def _close_within(transport: asyncio.Transport, seconds: float) -> None:
         asyncio.get_running_loop().call_later(seconds, transport.abort)
 
 
-def _write(transport: asyncio.Transport, chunks: list[bytes | memoryview]) -> None:
+def _write(transport: asyncio.Transport, chunks: Sequence[bytes | memoryview]) -> None:
     if len(chunks) == 1:
         transport.write(chunks[0])
     elif sum(map(len, chunks)) <= _JOIN_LIMIT:

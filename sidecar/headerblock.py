@@ -301,17 +301,29 @@ class ResponseBlocks:
         """The upstream has acknowledged a SETTINGS_HEADER_TABLE_SIZE of 0 (see RequestBlocks)."""
         self._limited = True
 
-    def status(self, block: bytes) -> bytes | None:
-        """The block's grpc-status value, if it has one (trailers do)."""
+    def status(self, block: bytes) -> tuple[bytes | None, bytes | None]:
+        """The block's grpc-status and :status values, each if it has one (trailers carry
+        grpc-status; response headers carry :status, and grpc-status when trailers-only)."""
         if self._decoder is not None and self._limited and _starts_with_table_reset(block):
             self._decoder = None
+        grpc_status = http_status = None
         if self._decoder is not None:
             try:
                 decoded = self._decoder.decode(block, raw=True)
             except Exception as error:
                 raise HeaderBlockError(f"bad response header block: {error}") from None
-            return next((value for name, value in decoded if name == b"grpc-status"), None)
-        for name, _, _, value_start in _fields(block):
+            for name, value in decoded:
+                if name == b"grpc-status":
+                    grpc_status = value
+                elif name == b":status":
+                    http_status = value
+            return grpc_status, http_status
+        for name, start, _, value_start in _fields(block):
             if name == b"grpc-status":
-                return _string(block, value_start)[0]
-        return None
+                grpc_status = _string(block, value_start)[0]
+            elif name == b":status":
+                if value_start < 0:  # indexed: the value is the static table's
+                    http_status = HeaderTable.STATIC_TABLE[_integer(block, start, 7)[0] - 1][1]
+                else:
+                    http_status = _string(block, value_start)[0]
+        return grpc_status, http_status

@@ -61,6 +61,18 @@ _STATUS_BY_RESET = {
     0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
     0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
 }
+# How a gRPC client reads a response that ends without grpc-status (a server that is
+# not gRPC, or a proxy's error page): "HTTP to gRPC Status Code Mapping" in gRPC's docs.
+_STATUS_BY_HTTP = {
+    b"400": grpc.StatusCode.INTERNAL,
+    b"401": grpc.StatusCode.UNAUTHENTICATED,
+    b"403": grpc.StatusCode.PERMISSION_DENIED,
+    b"404": grpc.StatusCode.UNIMPLEMENTED,
+    b"429": grpc.StatusCode.UNAVAILABLE,
+    b"502": grpc.StatusCode.UNAVAILABLE,
+    b"503": grpc.StatusCode.UNAVAILABLE,
+    b"504": grpc.StatusCode.UNAVAILABLE,
+}
 # An upstream that accepted the connection (and, for TLS, finished the handshake)
 # and closed it without a byte: for TLS 1.3, typically a refused client certificate.
 _CLOSED_BEFORE_SPEAKING = ConnectionError(
@@ -83,6 +95,7 @@ class _Call:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "http_status",
         "method",
         "need_in",
         "need_out",
@@ -95,6 +108,7 @@ class _Call:
         self.method = method
         self.started = time.monotonic()
         self.bytes_in = self.bytes_out = 0
+        self.http_status: bytes | None = None  # the response's :status, once it came
         # Message framing state per direction: body bytes still to skip, and the
         # part of a 5-byte message prefix seen so far.
         self.need_in = self.need_out = 0
@@ -125,6 +139,15 @@ def _message_bytes(
                 total += need
                 prefix = b""
     return total, need, prefix
+
+
+def _status_code(grpc_status: bytes | None, http_status: bytes | None) -> grpc.StatusCode:
+    """The status a gRPC client reads from a response's grpc-status, or else its :status."""
+    if grpc_status is not None:
+        if grpc_status.isdigit():
+            return _STATUS_BY_CODE.get(int(grpc_status), grpc.StatusCode.UNKNOWN)
+        return grpc.StatusCode.UNKNOWN
+    return _STATUS_BY_HTTP.get(http_status or b"", grpc.StatusCode.UNKNOWN)
 
 
 def _close_within(transport: asyncio.Transport, seconds: float) -> None:
@@ -225,6 +248,7 @@ class Splice:
             self._response_headers,
             preface=False,
             data=self._response_data if self._log else None,
+            ended=self._upstream_ended,
             reset=self._upstream_reset,
             ping=self._upstream_ping,
             settings_acked=self._responses.table_limited,
@@ -418,20 +442,30 @@ class Splice:
     def _response_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
     ) -> None:
-        if flags & END_STREAM:
-            call = self._calls.pop(stream_id, None)
-            if self._log and call is not None:
-                status = self._responses.status(buffer[start:end])
-                code = grpc.StatusCode.UNKNOWN
-                if status is not None and status.isdigit():
-                    code = _STATUS_BY_CODE.get(int(status), code)
-                self._log_call(call, code)
-            elif self._responses.follows_table:
-                self._responses.status(buffer[start:end])
-            self._call_ended()
-        elif self._responses.follows_table:
+        if self._log:
+            call = self._calls.get(stream_id)
+            grpc_status, http_status = self._responses.status(buffer[start:end])
+            if call is not None and http_status is not None:
+                call.http_status = http_status
+            if flags & END_STREAM:
+                self._calls.pop(stream_id, None)
+                if call is not None:
+                    self._log_call(call, _status_code(grpc_status, call.http_status))
+                self._call_ended()
+            return None
+        if self._responses.follows_table:
             self._responses.status(buffer[start:end])
+        if flags & END_STREAM:
+            self._calls.pop(stream_id, None)
+            self._call_ended()
         return None  # responses cross unchanged
+
+    def _upstream_ended(self, stream_id: int) -> None:
+        """A response that ended with DATA, without trailers: not a gRPC server's."""
+        call = self._calls.pop(stream_id, None)
+        if call is not None:
+            self._log_call(call, _status_code(None, call.http_status))
+        self._call_ended()
 
     def _request_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
         call = self._calls.get(stream_id)

@@ -88,12 +88,15 @@ def test_trailers_give_the_status_in_both_phases() -> None:
     blocks = ResponseBlocks()
     headers = [(":status", "200"), ("content-type", "application/grpc")]
     trailers = [("grpc-status", "5"), ("grpc-message", "no such key")]
+    # A :status the static table has only by name is sent as a literal.
+    not_grpc = [(":status", "503"), ("content-type", "text/plain")]
     for table_size in (4096, 0):
         upstream.header_table_size = table_size
         if table_size == 0:
             blocks.table_limited()
-        assert blocks.status(upstream.encode(headers)) is None
-        assert blocks.status(upstream.encode(trailers)) == b"5"
+        assert blocks.status(upstream.encode(headers)) == (None, b"200")
+        assert blocks.status(upstream.encode(trailers)) == (b"5", None)
+        assert blocks.status(upstream.encode(not_grpc)) == (None, b"503")
 
 
 @pytest.mark.parametrize(

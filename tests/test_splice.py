@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,3 +235,68 @@ def test_the_grpc_data_plane_still_relays(sidecars: SidecarFactory, pki: Pki, pr
     with process.channel(pki, client="mallory") as channel, pytest.raises(grpc.RpcError) as raised:
         channel.unary_unary(UNARY)(b"x", timeout=10)
     assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotGrpcUpstream:
+    """An HTTP/2 server that is not gRPC: 404 with a text body on one path, a bare 503
+    (headers only) on every other. No grpc-status anywhere."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self.listener.accept()
+        connection = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        connection.initiate_connection()
+        with sock:
+            while data := sock.recv(MIB):
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        stream = event.stream_id
+                        if dict(event.headers)[b":path"] == b"/missing":
+                            connection.send_headers(
+                                stream, [(":status", "404"), ("content-type", "text/plain")]
+                            )
+                            connection.send_data(stream, b"not found", end_stream=True)
+                        else:
+                            connection.send_headers(stream, [(":status", "503")], end_stream=True)
+                sock.sendall(connection.data_to_send())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_response_without_grpc_status_is_logged_with_the_status_clients_read(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    """gRPC's HTTP-to-status mapping: 404 is UNIMPLEMENTED, 503 UNAVAILABLE; and a response
+    that ends with DATA instead of trailers still ends its call."""
+    upstream = NotGrpcUpstream()
+    try:
+        process = sidecars.serving(upstream.port, "--allow-cn", "alice", "--drain-grace", "30")
+        with tls_socket(process.port, pki) as sock:
+            caller = H2Caller(sock)
+            for path, status in (("/missing", b"404"), ("/overloaded", b"503")):
+                caller.call(path, b"x")
+                events: list[h2.events.Event] = []
+                while not any(isinstance(event, h2.events.StreamEnded) for event in events):
+                    events += caller.events()
+                (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+                assert dict(response.headers)[b":status"] == status
+            process.wait_for(r"sidecar.access: /missing .* code=UNIMPLEMENTED")
+            process.wait_for(r"sidecar.access: /overloaded .* code=UNAVAILABLE")
+            # No call is left in flight, so the drain's first word is its last: a GOAWAY
+            # naming stream 3, then the close.
+            process.signal(signal.SIGTERM)
+            rest = b""
+            while chunk := sock.recv(MIB):
+                rest += chunk
+            assert rest.endswith(bytes.fromhex("0000080700000000000000000300000000"))
+        assert process.wait_exit() == 0
+    finally:
+        upstream.close()

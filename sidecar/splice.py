@@ -44,10 +44,14 @@ _CLOSE_GRACE_SECONDS = 10.0
 _MAX_ACKS_WHILE_BUSY = 1000
 # How long a PING ACK waits for relayed bytes going the same way, to ride with them
 # instead of costing a write (and, to a caller, a TLS record) of its own. gRPC peers
-# ping once per burst of data they receive, so without this every unary call costs
-# two extra writes and two extra wake-ups of the peers. A millisecond is far below
-# any keepalive timeout and within the jitter of a bandwidth-delay estimate.
-_ACK_DELAY_SECONDS = 0.001
+# ping once per burst of data they receive (to estimate the bandwidth-delay product),
+# so without this every unary call costs two extra writes and two extra wake-ups of
+# the peers. While data flows, the ACK goes out with it at once: it travels the same
+# way as the data the pinging peer receives. The wait is for a quiet connection (a
+# keepalive PING): far below any keepalive timeout, and well above the event loop's
+# 1 ms timer resolution, which made a 1 ms wait often end before the reply it waited
+# for.
+_ACK_DELAY_SECONDS = 0.005
 # Relayed chunks of at most this many bytes in all are joined before a write, so that
 # they leave in one TLS record (a record holds up to 16 KiB).
 _JOIN_LIMIT = 16 * 1024

@@ -40,7 +40,8 @@ _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 # (stream id, flags, buffer, start, end) for the header block buffer[start:end]
 # -> the block to send instead, or None to send it unchanged
 HeadersCallback = Callable[[int, int, bytes, int, int], "bytes | None"]
-# (stream id) for a stream one side ended with END_STREAM on DATA
+# (stream id) for a stream one side ended with END_STREAM on DATA, once that frame has
+# been passed whole
 StreamCallback = Callable[[int], None]
 # (stream id, buffer, start, end): DATA payload bytes buffer[start:end], padding excluded;
 # a frame that arrives in pieces is reported piece by piece
@@ -144,6 +145,7 @@ class FrameWalker:
         self._pending = b""  # an incomplete frame header, or a whole frame we must see
         self._passing = 0  # payload bytes of the current pass-through frame still to come
         self._passing_stream = 0  # the stream of that frame, when it is DATA (else 0)
+        self._passing_ends = False  # that frame is DATA with END_STREAM
         # A header block spread over CONTINUATION frames: (stream id, flags, fragments).
         self._block: tuple[int, int, list[bytes]] | None = None
         self._block_size = 0
@@ -181,6 +183,10 @@ class FrameWalker:
             self._passing -= taken
             if self._passing_stream and on_data:
                 on_data(self._passing_stream, data, position, position + taken)
+            if self._passing_ends and not self._passing:
+                self._passing_ends = False
+                if self._ended:
+                    self._ended(self._passing_stream)
             position += taken
         on_headers = self._headers
         run_start = 0  # start of the run of input that goes out unchanged
@@ -206,12 +212,13 @@ class FrameWalker:
                         on_data(stream_id, data, position + _HEADER + 1, end - padding)
                     else:
                         on_data(stream_id, data, position + _HEADER, min(end, size))
-                if flags & END_STREAM and self._ended:
-                    self._ended(stream_id)
                 if end > size:  # stream the rest of the payload as it comes
                     self._passing, self._passing_stream = end - size, stream_id
+                    self._passing_ends = bool(flags & END_STREAM)
                     position = size
                     break
+                if flags & END_STREAM and self._ended:
+                    self._ended(stream_id)
                 position = end
                 continue
             if kind == HEADERS and data[position + 4] & _WHOLE_BLOCK_MASK == END_HEADERS:

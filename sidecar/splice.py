@@ -2,10 +2,11 @@
 
 Bytes cross as they come. A `FrameWalker` per direction finds the frame
 boundaries; only header blocks are read (requests are filtered and get the
-sidecar's user-agent, trailers give the status for the access log) and DATA
-payloads are walked for message sizes when the access log is on. PINGs are
-answered by the splice on the side they come from (a PING is about one
-connection; relaying it would cost a crossing each way). Everything else (DATA,
+sidecar's user-agent; trailers, or a non-gRPC response's :status, give the
+status for the access log) and DATA payloads are walked for message sizes when
+the access log is on. PINGs are answered by the splice on the side they come
+from (a PING is about one connection; relaying it would cost a crossing each
+way), the answer riding with the next bytes relayed that way. Everything else (DATA,
 flow control, RST_STREAM, GOAWAY, SETTINGS but for the table size) crosses
 unchanged, so gRPC's semantics hold exactly: deadlines, cancellation, half-close,
 flow control, trailers and message sizes are the two peers' own.
@@ -210,6 +211,7 @@ class Splice:
         remote: str,
         route: str | None,
         user_agent: bytes,
+        ack_delay: float = _ACK_DELAY_SECONDS,
     ) -> None:
         self._caller = caller
         self._upstream: asyncio.Transport | None = None
@@ -229,11 +231,13 @@ class Splice:
         self._calls: dict[int, _Call | None] = {}
         self._last_stream = 0
         self._draining = False
+        self._drain_closed = False
         # Frames of our own (PING ACKs, GOAWAY) for each side, sent at the next frame
         # boundary of what is relayed to that side, and a timer that sends PING ACKs
         # which found no relayed bytes to ride with (see _ACK_DELAY_SECONDS).
         self._own_to_caller: list[bytes] = []
         self._own_to_upstream: list[bytes] = []
+        self._ack_delay = ack_delay
         self._caller_acks_due: asyncio.TimerHandle | None = None
         self._upstream_acks_due: asyncio.TimerHandle | None = None
         self._done = False
@@ -279,6 +283,7 @@ class Splice:
 
     def caller_lost(self) -> None:
         self._connecting.cancel()
+        self._cancel_ack_timers()
         if self._refusal is not None:
             self._refusal.connection_lost()
         self._end_calls(grpc.StatusCode.CANCELLED)
@@ -329,9 +334,12 @@ class Splice:
         """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
         the caller started after all (before it saw the first GOAWAY) is known to it as
         not processed and is retried elsewhere, then the close."""
-        if self._inbound.at_frame_boundary:
+        if self._drain_closed:  # a stream's end and its reset can both schedule this
+            return
+        self._drain_closed = True
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
             last = self._last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR
-            self._caller.write(frame(GOAWAY, 0, 0, last))
+            _write(self._caller, [*self._take_own_to_caller(), frame(GOAWAY, 0, 0, last)])
         self._close_both()
 
     def abort(self) -> None:
@@ -409,6 +417,7 @@ class Splice:
         )
         replay, self._replay = self._replay or [], None
         self._calls.clear()
+        self._cancel_ack_timers()
         self._own_to_caller.clear()  # the refusal answers the replayed PINGs itself
         self.resume_caller("upstream silent")
         for chunk in replay:
@@ -517,15 +526,13 @@ class Splice:
                 return
         self._own_to_caller.append(frame(PING, ACK, 0, opaque))
         if self._caller_acks_due is None:
-            self._caller_acks_due = self._loop.call_later(
-                _ACK_DELAY_SECONDS, self._send_own_to_caller
-            )
+            self._caller_acks_due = self._loop.call_later(self._ack_delay, self._send_own_to_caller)
 
     def _upstream_ping(self, opaque: bytes) -> None:
         self._own_to_upstream.append(frame(PING, ACK, 0, opaque))
         if self._upstream_acks_due is None:
             self._upstream_acks_due = self._loop.call_later(
-                _ACK_DELAY_SECONDS, self._send_own_to_upstream
+                self._ack_delay, self._send_own_to_upstream
             )
 
     def _take_own_to_caller(self) -> list[bytes]:
@@ -543,9 +550,17 @@ class Splice:
         frames, self._own_to_upstream = self._own_to_upstream, []
         return frames
 
+    def _cancel_ack_timers(self) -> None:
+        for timer in (self._caller_acks_due, self._upstream_acks_due):
+            if timer is not None:
+                timer.cancel()
+        self._caller_acks_due = self._upstream_acks_due = None
+
     def _send_own_to_caller(self) -> None:
-        """Send our frames for the caller now, unless a relayed frame is half sent (the rest
-        of it is still to come from the upstream, and they go out after it)."""
+        """Send our frames for the caller now, unless a relayed frame is half sent: the rest
+        of it is still to come from the upstream, and they go out after it (the timer's
+        handle then stays set, so no new timer starts: the walker reaches a frame boundary
+        only in `feed`, and both callers of `feed` send what waits once it does)."""
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             _write(self._caller, self._take_own_to_caller())
 
@@ -580,6 +595,7 @@ class Splice:
                 self._log_call(call, code)
 
     def _close_both(self) -> None:
+        self._cancel_ack_timers()
         _close_within(self._caller, _CLOSE_GRACE_SECONDS)
         if self._upstream is not None:
             _close_within(self._upstream, _CLOSE_GRACE_SECONDS)

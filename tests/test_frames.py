@@ -78,6 +78,18 @@ def test_end_of_stream_and_resets_are_reported() -> None:
     assert recorder.resets == [(7, 8)]
 
 
+def test_a_stream_ends_once_its_last_data_frame_has_passed_whole() -> None:
+    recorder = Recorder()
+    walker = recorder.walker()
+    last = frame(DATA, END_STREAM, 5, bytes(1000))
+    walker.feed(last[:500])
+    assert recorder.ended == []  # the rest of the frame is still to be relayed
+    walker.feed(last[500:999])
+    assert recorder.ended == []
+    walker.feed(last[999:])
+    assert recorder.ended == [5]
+
+
 def test_settings_always_carry_a_header_table_size_of_zero() -> None:
     entries = (0x1).to_bytes(2, "big") + (4096).to_bytes(4, "big")
     entries += (0x3).to_bytes(2, "big") + (100).to_bytes(4, "big")

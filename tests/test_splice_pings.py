@@ -1,0 +1,149 @@
+"""The splice's answers to PINGs, byte for byte, over real socket pairs.
+
+The splice answers a PING on the side it comes from, and the answer waits for the
+next bytes relayed that way, so that it costs no write of its own: it must come
+after a whole frame (never inside one), on a quiet connection it must come anyway
+(after the wait), and a drain must not lose it. Each test plays the caller and the
+upstream on the far ends of two socket pairs, with a Splice in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import uvloop
+
+from sidecar.frames import ACK, DATA, PING, PREFACE, SETTINGS, WINDOW_UPDATE, frame
+from sidecar.splice import Splice
+
+SETTINGS_EMPTY = frame(SETTINGS, 0, 0, b"")
+# What the splice sends on for an empty SETTINGS: HEADER_TABLE_SIZE (0x1) set to 0.
+SETTINGS_ZERO_TABLE = frame(SETTINGS, 0, 0, (1).to_bytes(2, "big") + (0).to_bytes(4, "big"))
+NEVER = 3600.0  # an ACK delay no test outlasts: the answer can only ride with relayed bytes
+
+
+@dataclass
+class Ends:
+    """The test's ends of the two connections, and the splice between them."""
+
+    caller: socket.socket
+    upstream: socket.socket
+    splice: Splice
+
+    async def send(self, sock: socket.socket, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+    async def receive(self, sock: socket.socket, count: int) -> bytes:
+        """Exactly `count` bytes (fails after 10 s without them)."""
+        loop = asyncio.get_running_loop()
+        data = b""
+        while len(data) < count:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, count - len(data)), 10)
+            if not chunk:
+                raise ConnectionError(f"closed after {len(data)} of {count} bytes: {data!r}")
+            data += chunk
+        return data
+
+    async def started(self) -> None:
+        """Both sides have sent their preface and SETTINGS, and got them relayed."""
+        await self.send(self.caller, PREFACE + SETTINGS_EMPTY)
+        assert await self.receive(self.upstream, 39) == PREFACE + SETTINGS_ZERO_TABLE
+        await self.send(self.upstream, SETTINGS_EMPTY)
+        assert await self.receive(self.caller, 15) == SETTINGS_ZERO_TABLE
+
+
+class _CallerProtocol(asyncio.Protocol):
+    splice: Splice
+
+    def data_received(self, data: bytes) -> None:
+        self.splice.from_caller(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.splice.caller_lost()
+
+
+def run_spliced(test: Callable[[Ends], Awaitable[None]], ack_delay: float) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        caller_end, caller_side = socket.socketpair()
+        upstream_end, upstream_side = socket.socketpair()
+        for sock in (caller_end, upstream_end):
+            sock.setblocking(False)
+        transport, protocol = await loop.connect_accepted_socket(_CallerProtocol, caller_side)
+
+        async def connect(factory: Callable[[], asyncio.Protocol]) -> tuple[object, object]:
+            return await loop.connect_accepted_socket(factory, upstream_side)
+
+        async def describe(error: BaseException | None) -> str:
+            return str(error)
+
+        protocol.splice = Splice(
+            transport,
+            connect,  # type: ignore[arg-type]
+            describe,
+            peer="CN=test",
+            remote="unix:test",
+            route=None,
+            user_agent=b"sidecar/test",
+            ack_delay=ack_delay,
+        )
+        try:
+            await test(Ends(caller_end, upstream_end, protocol.splice))
+        finally:
+            protocol.splice.abort()
+            caller_end.close()
+            upstream_end.close()
+
+    uvloop.run(main())
+
+
+def test_an_answer_rides_after_the_frame_being_relayed_never_inside_it() -> None:
+    async def test(ends: Ends) -> None:
+        await ends.started()
+        await ends.send(ends.caller, frame(PING, 0, 0, b"caller-1"))
+        data = frame(DATA, 0, 1, bytes(range(250)) * 4)
+        await ends.send(ends.upstream, data[:100])
+        # The first 100 bytes of the DATA frame come through, and nothing else:
+        assert await ends.receive(ends.caller, 100) == data[:100]
+        await ends.send(ends.upstream, data[100:])
+        # ...and the answer follows the frame's last byte.
+        answer = await ends.receive(ends.caller, len(data) - 100 + 17)
+        assert answer == data[100:] + frame(PING, ACK, 0, b"caller-1")
+
+        # The same the other way: the upstream's PING is answered with the caller's bytes.
+        await ends.send(ends.upstream, frame(PING, 0, 0, b"upstream"))
+        window_update = frame(WINDOW_UPDATE, 0, 0, (1000).to_bytes(4, "big"))
+        await ends.send(ends.caller, window_update)
+        answer = await ends.receive(ends.upstream, 13 + 17)
+        assert answer == window_update + frame(PING, ACK, 0, b"upstream")
+
+    run_spliced(test, ack_delay=NEVER)
+
+
+def test_on_a_quiet_connection_the_answer_comes_after_the_wait() -> None:
+    async def test(ends: Ends) -> None:
+        await ends.started()
+        await ends.send(ends.caller, frame(PING, 0, 0, b"keepaliv"))
+        assert await ends.receive(ends.caller, 17) == frame(PING, ACK, 0, b"keepaliv")
+
+    run_spliced(test, ack_delay=0.005)
+
+
+def test_a_drain_sends_the_answers_waiting_before_its_last_goaway() -> None:
+    async def test(ends: Ends) -> None:
+        await ends.started()
+        await ends.send(ends.caller, frame(PING, 0, 0, b"drained!"))
+        # Wait until the splice has read the PING: the upstream sees the caller's next bytes.
+        window_update = frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
+        await ends.send(ends.caller, window_update)
+        # (the answer stays with the splice: it rides only towards the caller)
+        assert await ends.receive(ends.upstream, 13) == window_update
+        ends.splice.drain()  # no call in flight: the last word at once
+        last_goaway = bytes.fromhex("000008070000000000" + "00000000" + "00000000")
+        rest = await ends.receive(ends.caller, 17 + 17)
+        assert rest == frame(PING, ACK, 0, b"drained!") + last_goaway
+
+    run_spliced(test, ack_delay=NEVER)

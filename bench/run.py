@@ -7,7 +7,7 @@ and p99 latency, the proxy's CPU time per 1000 calls and its peak RSS; then the
 idle-connection memory test. Only ratios inside one run mean anything: absolute
 figures on shared machines drift.
 
-    python -m bench.run [--duration 4] [--rounds 3] [--only sidecar,haproxy]
+    python -m bench.run [--duration 4] [--rounds 5] [--only sidecar,haproxy]
                         [--json out.json] [--markdown BENCHMARKS.md]
 """
 
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="measurements per workload and target (median)"
+        "--rounds", type=int, default=5, help="measurements per workload and target (median)"
     )
     parser.add_argument(
         "--only", help=f"comma-separated targets ({', '.join(['direct', *proxies.PROXIES])})"

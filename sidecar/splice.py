@@ -172,6 +172,29 @@ def _write(transport: asyncio.Transport, chunks: Sequence[bytes | memoryview]) -
         transport.writelines(chunks)  # no join: a DATA run may be large
 
 
+class _OwnFrames:
+    """Frames of the splice's own (PING answers, GOAWAY) for one side, waiting for the next
+    frame boundary of the bytes relayed that way, and the timer that sends PING answers
+    which found no relayed bytes to ride with (see _ACK_DELAY_SECONDS)."""
+
+    __slots__ = ("frames", "timer")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def take(self) -> list[bytes]:
+        """The frames, now sent (with relayed bytes or on their own)."""
+        self.cancel()
+        frames, self.frames = self.frames, []
+        return frames
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class _UpstreamProtocol(asyncio.Protocol):
     """The upstream connection's events, handed to its Splice."""
 
@@ -232,14 +255,9 @@ class Splice:
         self._last_stream = 0
         self._draining = False
         self._drain_closed = False
-        # Frames of our own (PING ACKs, GOAWAY) for each side, sent at the next frame
-        # boundary of what is relayed to that side, and a timer that sends PING ACKs
-        # which found no relayed bytes to ride with (see _ACK_DELAY_SECONDS).
-        self._own_to_caller: list[bytes] = []
-        self._own_to_upstream: list[bytes] = []
+        self._own_to_caller = _OwnFrames()
+        self._own_to_upstream = _OwnFrames()
         self._ack_delay = ack_delay
-        self._caller_acks_due: asyncio.TimerHandle | None = None
-        self._upstream_acks_due: asyncio.TimerHandle | None = None
         self._done = False
         self._log = access_logger.isEnabledFor(logging.INFO)
         self._requests = RequestBlocks(user_agent)
@@ -327,7 +345,7 @@ class Splice:
         if not self._calls:
             self._close_drained()
             return
-        self._own_to_caller.append(_GOAWAY_GRACEFUL)
+        self._own_to_caller.frames.append(_GOAWAY_GRACEFUL)
         self._send_own_to_caller()
 
     def _close_drained(self) -> None:
@@ -339,7 +357,7 @@ class Splice:
         self._drain_closed = True
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             last = self._last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR
-            _write(self._caller, [*self._take_own_to_caller(), frame(GOAWAY, 0, 0, last)])
+            _write(self._caller, [*self._own_to_caller.take(), frame(GOAWAY, 0, 0, last)])
         self._close_both()
 
     def abort(self) -> None:
@@ -383,8 +401,8 @@ class Splice:
             self._end_calls(grpc.StatusCode.INTERNAL)
             self._close_both()
             return
-        if self._own_to_caller and self._inbound.at_frame_boundary:
-            chunks += self._take_own_to_caller()
+        if self._own_to_caller.frames and self._inbound.at_frame_boundary:
+            chunks += self._own_to_caller.take()
         _write(self._caller, chunks)
 
     def upstream_lost(self, exc: BaseException | None) -> None:
@@ -418,7 +436,7 @@ class Splice:
         replay, self._replay = self._replay or [], None
         self._calls.clear()
         self._cancel_ack_timers()
-        self._own_to_caller.clear()  # the refusal answers the replayed PINGs itself
+        self._own_to_caller.frames.clear()  # the refusal answers the replayed PINGs itself
         self.resume_caller("upstream silent")
         for chunk in replay:
             self._refusal.feed(chunk)
@@ -437,8 +455,8 @@ class Splice:
             self._close_both()
             return
         assert self._upstream is not None
-        if self._own_to_upstream and self._outbound.at_frame_boundary:
-            chunks += self._take_own_to_upstream()
+        if self._own_to_upstream.frames and self._outbound.at_frame_boundary:
+            chunks += self._own_to_upstream.take()
         _write(self._upstream, chunks)
 
     def _request_headers(
@@ -524,37 +542,19 @@ class Splice:
                 self._end_calls(grpc.StatusCode.UNAVAILABLE)
                 self._caller.abort()
                 return
-        self._own_to_caller.append(frame(PING, ACK, 0, opaque))
-        if self._caller_acks_due is None:
-            self._caller_acks_due = self._loop.call_later(self._ack_delay, self._send_own_to_caller)
+        self._answer_ping(self._own_to_caller, opaque, self._send_own_to_caller)
 
     def _upstream_ping(self, opaque: bytes) -> None:
-        self._own_to_upstream.append(frame(PING, ACK, 0, opaque))
-        if self._upstream_acks_due is None:
-            self._upstream_acks_due = self._loop.call_later(
-                self._ack_delay, self._send_own_to_upstream
-            )
+        self._answer_ping(self._own_to_upstream, opaque, self._send_own_to_upstream)
 
-    def _take_own_to_caller(self) -> list[bytes]:
-        """The frames of our own waiting for the caller, now sent with relayed bytes."""
-        if self._caller_acks_due is not None:
-            self._caller_acks_due.cancel()
-            self._caller_acks_due = None
-        frames, self._own_to_caller = self._own_to_caller, []
-        return frames
-
-    def _take_own_to_upstream(self) -> list[bytes]:
-        if self._upstream_acks_due is not None:
-            self._upstream_acks_due.cancel()
-            self._upstream_acks_due = None
-        frames, self._own_to_upstream = self._own_to_upstream, []
-        return frames
+    def _answer_ping(self, own: _OwnFrames, opaque: bytes, send: Callable[[], None]) -> None:
+        own.frames.append(frame(PING, ACK, 0, opaque))
+        if own.timer is None:
+            own.timer = self._loop.call_later(self._ack_delay, send)
 
     def _cancel_ack_timers(self) -> None:
-        for timer in (self._caller_acks_due, self._upstream_acks_due):
-            if timer is not None:
-                timer.cancel()
-        self._caller_acks_due = self._upstream_acks_due = None
+        self._own_to_caller.cancel()
+        self._own_to_upstream.cancel()
 
     def _send_own_to_caller(self) -> None:
         """Send our frames for the caller now, unless a relayed frame is half sent: the rest
@@ -562,7 +562,7 @@ class Splice:
         handle then stays set, so no new timer starts: the walker reaches a frame boundary
         only in `feed`, and both callers of `feed` send what waits once it does)."""
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
-            _write(self._caller, self._take_own_to_caller())
+            _write(self._caller, self._own_to_caller.take())
 
     def _send_own_to_upstream(self) -> None:
         if (
@@ -570,7 +570,7 @@ class Splice:
             and self._outbound.at_frame_boundary
             and not self._upstream.is_closing()
         ):
-            _write(self._upstream, self._take_own_to_upstream())
+            _write(self._upstream, self._own_to_upstream.take())
 
     # Endings.
 

@@ -291,7 +291,7 @@ class FrameWalker:
         if not out:  # nothing rewritten: the input itself, as far as it was walked
             if position == size:
                 return [data] if size else []
-            return [data[:position]] if position else []
+            return [memoryview(data)[:position]] if position else []  # a view: no copy
         if view is None:
             view = memoryview(data)
         out.append(view[run_start:position])

@@ -165,9 +165,10 @@ def _close_within(transport: asyncio.Transport, seconds: float) -> None:
 def _write(transport: asyncio.Transport, chunks: Sequence[bytes | memoryview]) -> None:
     if len(chunks) == 1:
         transport.write(chunks[0])
+    elif not chunks:
+        return
     elif sum(map(len, chunks)) <= _JOIN_LIMIT:
-        if chunks:
-            transport.write(b"".join(chunks))
+        transport.write(b"".join(chunks))
     else:
         transport.writelines(chunks)  # no join: a DATA run may be large
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import proxies, toolchain
@@ -68,6 +68,7 @@ class Row:
     peak_rss_mib: float | None
     errors: int
     first_error: str
+    rounds: list[float] = field(default_factory=list)  # calls/s of every round, in order
 
 
 @dataclass
@@ -171,6 +172,7 @@ def measure(
         median.first_error = next((row.first_error for row in runs if row.first_error), "")
         peaks = [row.peak_rss_mib for row in runs if row.peak_rss_mib is not None]
         median.peak_rss_mib = max(peaks) if peaks else None
+        median.rounds = [row.calls_per_s for row in runs]
         spread = ", ".join(f"{row.calls_per_s:.0f}" for row in runs)
         print(f"  {workload.name:32} {name:13} {median.calls_per_s:9.0f} calls/s ({spread})",
               flush=True)  # fmt: skip
@@ -230,16 +232,17 @@ def render(
     info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration: float, rounds: int
 ) -> str:
     lines = [
-        "| workload | target | calls/s | p50 ms | p99 ms | proxy CPU ms / 1k calls "
-        "| proxy peak RSS MiB | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | target | calls/s | rounds: lowest-highest | p50 ms | p99 ms "
+        "| proxy CPU ms / 1k calls | proxy peak RSS MiB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cpu = f"{row.cpu_ms_per_1k:.1f}" if row.cpu_ms_per_1k is not None else "-"
         rss = f"{row.peak_rss_mib:.1f}" if row.peak_rss_mib is not None else "-"
+        spread = f"{min(row.rounds):.0f}-{max(row.rounds):.0f}" if row.rounds else "-"
         lines.append(
-            f"| {row.workload} | {row.target} | {row.calls_per_s:.0f} | {row.p50_ms:.3f} "
-            f"| {row.p99_ms:.3f} | {cpu} | {rss} | {row.errors} |"
+            f"| {row.workload} | {row.target} | {row.calls_per_s:.0f} | {spread} "
+            f"| {row.p50_ms:.3f} | {row.p99_ms:.3f} | {cpu} | {rss} | {row.errors} |"
         )
     lines += ["", "Ratios (same run):", "",
               "| workload | sidecar / haproxy calls/s | sidecar / nginx calls/s "

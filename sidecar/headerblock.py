@@ -68,6 +68,8 @@ _decoded: dict[bytes, bytes] = {}
 
 def _string(block: bytes, position: int) -> tuple[bytes, int]:
     """RFC 7541 5.2: a string literal, Huffman-decoded; returns (text, next position)."""
+    if position >= len(block):
+        raise HeaderBlockError("header block ends before a string")
     huffman = block[position] & 0x80
     length, start = _integer(block, position, 7)
     end = start + length
@@ -220,10 +222,13 @@ def _request_keeps(name: bytes) -> bool:
     deadline still hold), and the application metadata that metadata.py lets through."""
     decision = _request_decisions.get(name)
     if decision is None:
+        # HTTP/2 names are lowercase (RFC 9113 8.2.1); one that is not is judged by its
+        # lowercase form, so that "User-Agent" or "GRPC-X" cannot slip past the filter.
+        lowered = name.lower()
         decision = (
-            name.startswith(b":")
-            or name in _KEEP_IN_REQUESTS
-            or metadata.crosses_in_request(name.decode("latin-1"))
+            lowered.startswith(b":")
+            or lowered in _KEEP_IN_REQUESTS
+            or metadata.crosses_in_request(lowered.decode("latin-1"))
         )
         if len(name) <= _CACHED_STRING_LIMIT:
             if len(_request_decisions) >= _CACHE_LIMIT:

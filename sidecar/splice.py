@@ -397,10 +397,12 @@ class Splice:
         try:
             chunks = self._inbound.feed(data)
         except (FrameError, HeaderBlockError) as error:
-            self._broken = True
             logger.warning("upstream broke HTTP/2 on a connection for %s: %s", self._remote, error)
-            self._end_calls(grpc.StatusCode.INTERNAL)
-            self._close_both()
+            self._stop_relaying()
+            return
+        except Exception:  # a bug in reading the peer's bytes costs this connection only
+            logger.exception("internal error relaying for %s", self._remote)
+            self._stop_relaying()
             return
         if self._own_to_caller.frames and self._inbound.at_frame_boundary:
             chunks += self._own_to_caller.take()
@@ -450,10 +452,12 @@ class Splice:
         try:
             chunks = self._outbound.feed(data)
         except (FrameError, HeaderBlockError) as error:
-            self._broken = True
             logger.info("caller %s broke HTTP/2: %s", self._remote, error)
-            self._end_calls(grpc.StatusCode.INTERNAL)
-            self._close_both()
+            self._stop_relaying()
+            return
+        except Exception:  # a bug in reading the peer's bytes costs this connection only
+            logger.exception("internal error relaying for %s", self._remote)
+            self._stop_relaying()
             return
         assert self._upstream is not None
         if self._own_to_upstream.frames and self._outbound.at_frame_boundary:
@@ -594,6 +598,12 @@ class Splice:
         for call in calls.values():
             if call is not None:
                 self._log_call(call, code)
+
+    def _stop_relaying(self) -> None:
+        """A peer broke HTTP/2 (or the sidecar failed reading it): end both connections."""
+        self._broken = True
+        self._end_calls(grpc.StatusCode.INTERNAL)
+        self._close_both()
 
     def _close_both(self) -> None:
         self._cancel_ack_timers()

@@ -105,6 +105,8 @@ def test_trailers_give_the_status_in_both_phases() -> None:
         pytest.param(b"\x00\x05ab", id="name-cut-short"),
         pytest.param(b"\x7f", id="integer-cut-short"),
         pytest.param(b"\x00\x01a\x7f\xff\xff\xff\xff\xff\x01", id="huge-length"),
+        pytest.param(b"\x04", id="name-without-value"),
+        pytest.param(b"\x00", id="literal-without-name"),
     ],
 )
 def test_malformed_blocks_are_refused(block: bytes) -> None:
@@ -113,6 +115,28 @@ def test_malformed_blocks_are_refused(block: bytes) -> None:
     blocks.rewrite(b"\x20")  # size update to 0: stateless from here
     with pytest.raises(HeaderBlockError):
         blocks.rewrite(block)
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_names_in_uppercase_are_judged_by_their_lowercase_form(stateless: bool) -> None:
+    client, upstream = hpack.Encoder(), hpack.Decoder()
+    blocks = RequestBlocks(USER_AGENT)
+    if stateless:
+        blocks.table_limited()
+        client.header_table_size = 0
+    # hpack's encoder lowercases names: encode them as literals by hand.
+    sneaky = b"".join(
+        b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+        for name, value in (
+            (b"User-Agent", b"evil"), (b"GRPC-X", b"1"), (b"Connection", b"close"), (b"X-Ok", b"v")
+        )
+    )  # fmt: skip
+    rewritten, _ = blocks.rewrite(client.encode([(":method", "POST")]) + sneaky)
+    assert upstream.decode(rewritten, raw=True) == [
+        (b":method", b"POST"),
+        (b"X-Ok", b"v"),
+        (b"user-agent", USER_AGENT),
+    ]
 
 
 def test_a_stateless_block_cannot_refer_to_the_dynamic_table() -> None:

@@ -78,6 +78,10 @@ class Refusal:
 
     def feed(self, data: bytes) -> None:
         """Answer what the caller sent; a caller breaking HTTP/2 loses the connection."""
+        if self._goaway_sent:
+            # Frames for calls already answered, or calls after the last one answered (the
+            # caller retries those elsewhere): h2 would call any frame now a protocol error.
+            return
         try:
             events = self._connection.receive_data(data)
         except h2.exceptions.ProtocolError as error:
@@ -114,16 +118,22 @@ class Refusal:
         details = self._details(method)
         if self._code == grpc.StatusCode.PERMISSION_DENIED:
             logger.warning("denied: %s", details)
-        self._connection.send_headers(
-            stream_id,
-            [
-                (b":status", b"200"),
-                (b"content-type", b"application/grpc"),
-                (b"grpc-status", str(self._code.value[0]).encode()),
-                (b"grpc-message", grpc_message(details)),
-            ],
-            end_stream=True,
-        )
+        code = self._code
+        try:
+            self._connection.send_headers(
+                stream_id,
+                [
+                    (b":status", b"200"),
+                    (b"content-type", b"application/grpc"),
+                    (b"grpc-status", str(code.value[0]).encode()),
+                    (b"grpc-message", grpc_message(details)),
+                ],
+                end_stream=True,
+            )
+        except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError):
+            # The caller reset the call in the same read (a deadline already past, say);
+            # h2 forgets a closed stream once a later one opens.
+            code, ended = grpc.StatusCode.CANCELLED, True
         if not ended:
             # The caller may still be sending; tell it to stop (RFC 9113 8.1). Its
             # END_STREAM may already be in this read, which closed the stream.
@@ -135,7 +145,7 @@ class Refusal:
                 started=started,
                 remote=self._remote,
                 peer=self._peer,
-                code=self._code,
+                code=code,
                 route=self._route,
             )
         )

@@ -301,3 +301,26 @@ def test_a_response_without_grpc_status_is_logged_with_the_status_clients_read(
         assert process.wait_exit() == 0
     finally:
         upstream.close()
+
+
+def test_a_denied_call_reset_in_the_same_read_leaves_the_connection_answering(
+    sidecar_alice: SidecarProcess, pki: Pki
+) -> None:
+    with tls_socket(sidecar_alice.port, pki, client="mallory") as sock:
+        caller = H2Caller(sock)
+        first = caller.connection.get_next_available_stream_id()
+        caller.connection.send_headers(
+            first, [(":method", "POST"), (":scheme", "https"), (":path", UNARY),
+                    (":authority", "localhost"), ("content-type", "application/grpc")],
+        )  # fmt: skip
+        caller.connection.reset_stream(first, 8)  # CANCEL, in the same write
+        caller.flush()
+        second = caller.call(UNARY, b"x")
+        headers: list[tuple[bytes, bytes]] = []
+        while not headers:
+            for event in caller.events():
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == second:
+                    headers = event.headers
+        assert (b"grpc-status", b"7") in headers  # PERMISSION_DENIED
+    sidecar_alice.wait_for(r"sidecar.access: /probe.Probe/Unary peer='CN=mallory' .* code=CANCELLED")
+    assert not any("Traceback" in line for line in sidecar_alice.lines)

@@ -322,5 +322,7 @@ def test_a_denied_call_reset_in_the_same_read_leaves_the_connection_answering(
                 if isinstance(event, h2.events.ResponseReceived) and event.stream_id == second:
                     headers = event.headers
         assert (b"grpc-status", b"7") in headers  # PERMISSION_DENIED
-    sidecar_alice.wait_for(r"sidecar.access: /probe.Probe/Unary peer='CN=mallory' .* code=CANCELLED")
+    sidecar_alice.wait_for(
+        r"sidecar.access: /probe.Probe/Unary peer='CN=mallory' .* code=CANCELLED"
+    )
     assert not any("Traceback" in line for line in sidecar_alice.lines)

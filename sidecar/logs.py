@@ -61,8 +61,18 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]  # gener
     def _write_pending_locked(self) -> None:
         if self._pending:
             lines, self._pending = "".join(self._pending), []
-            self.stream.write(lines)
-            self.stream.flush()
+            try:
+                self.stream.write(lines)
+                self.stream.flush()
+            except Exception as error:
+                # As StreamHandler does: report on stderr if it still works, never raise.
+                # (Raised from a loop callback, the error would be logged, scheduling
+                # another write that fails: a loop spinning for as long as stderr is gone.)
+                self.handleError(
+                    logging.makeLogRecord(
+                        {"msg": "%d log lines lost: %s", "args": (lines.count("\n"), error)}
+                    )
+                )
 
     def flush(self) -> None:
         self.acquire()

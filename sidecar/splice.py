@@ -355,6 +355,8 @@ class Splice:
         not processed and is retried elsewhere, then the close."""
         if self._drain_closed:  # a stream's end and its reset can both schedule this
             return
+        if self._calls:  # a call started in the same loop turn as the last one ended
+            return  # (its own end schedules this again)
         self._drain_closed = True
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             last = self._last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR

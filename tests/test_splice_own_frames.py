@@ -1,10 +1,12 @@
-"""The splice's answers to PINGs, byte for byte, over real socket pairs.
+"""The splice's own frames (PING answers, the drain's GOAWAYs), byte for byte, over
+real socket pairs.
 
 The splice answers a PING on the side it comes from, and the answer waits for the
 next bytes relayed that way, so that it costs no write of its own: it must come
 after a whole frame (never inside one), on a quiet connection it must come anyway
-(after the wait), and a drain must not lose it. Each test plays the caller and the
-upstream on the far ends of two socket pairs, with a Splice in between.
+(after the wait), and a drain must not lose it. A drain's last GOAWAY must not
+cut off a call that started as the last one ended. Each test plays the caller and
+the upstream on the far ends of two socket pairs, with a Splice in between.
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import hpack
 import uvloop
 
-from sidecar.frames import ACK, DATA, PING, PREFACE, SETTINGS, WINDOW_UPDATE, frame
+from sidecar.frames import (
+    ACK,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PING,
+    PREFACE,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+)
 from sidecar.splice import Splice
 
 SETTINGS_EMPTY = frame(SETTINGS, 0, 0, b"")
@@ -145,5 +160,42 @@ def test_a_drain_sends_the_answers_waiting_before_its_last_goaway() -> None:
         last_goaway = bytes.fromhex("000008070000000000" + "00000000" + "00000000")
         rest = await ends.receive(ends.caller, 17 + 17)
         assert rest == frame(PING, ACK, 0, b"drained!") + last_goaway
+
+    run_spliced(test, ack_delay=NEVER)
+
+
+def test_a_call_starting_as_the_last_one_ends_holds_the_drain_open() -> None:
+    caller_headers = hpack.Encoder()
+
+    def request(stream_id: int) -> bytes:
+        block = caller_headers.encode(
+            [(":method", "POST"), (":scheme", "https"), (":path", "/a.B/C"),
+             (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
+        )  # fmt: skip
+        return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
+
+    def trailers(stream_id: int) -> bytes:
+        block = hpack.Encoder().encode([(":status", "200"), ("grpc-status", "0")])
+        return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
+
+    def goaway(last_stream: int) -> bytes:
+        return frame(GOAWAY, 0, 0, last_stream.to_bytes(4, "big") + bytes(4))
+
+    async def test(ends: Ends) -> None:
+        await ends.started()
+        await ends.send(ends.caller, request(1))
+        header = await ends.receive(ends.upstream, 9)  # call 1 reaches the app
+        await ends.receive(ends.upstream, int.from_bytes(header[:3], "big"))
+        ends.splice.drain()
+        assert await ends.receive(ends.caller, 17) == goaway(0x7FFFFFFF)
+        # Call 1 ends and call 3 starts in the same turn of the loop (one read each).
+        ends.splice.from_upstream(trailers(1))
+        ends.splice.from_caller(request(3))
+        header = await ends.receive(ends.upstream, 9)  # call 3 reaches the app...
+        await ends.receive(ends.upstream, int.from_bytes(header[:3], "big"))
+        await ends.send(ends.upstream, trailers(3))  # ...which answers it
+        # The connection stayed open for call 3: its answer comes, then the last GOAWAY.
+        expected = trailers(1) + trailers(3) + goaway(3)
+        assert await ends.receive(ends.caller, len(expected)) == expected
 
     run_spliced(test, ack_delay=NEVER)

@@ -251,7 +251,10 @@ class Front:
             )
         else:
             opening = loop.create_connection(factory, upstream.host, upstream.port)
-        return await asyncio.wait_for(opening, _CONNECT_SECONDS)
+        transport, protocol = await asyncio.wait_for(opening, _CONNECT_SECONDS)
+        if upstream.unix_path is None:
+            _keep_alive(transport.get_extra_info("socket"))
+        return transport, protocol
 
     async def describe_failure(self, error: BaseException | None) -> str:
         return await describe_unavailable(
@@ -289,9 +292,11 @@ class Front:
 
 
 def _keep_alive(sock: socket.socket) -> None:
-    """TCP keepalive on a caller's connection: PINGs are answered by the sidecar, so a
-    caller that vanished without a FIN (a NAT timeout, a dead host) is found by TCP,
-    after about two minutes of silence, and its upstream connection closed with it."""
+    """TCP keepalive, on both connections of a splice: PINGs are answered by the sidecar
+    on the side they come from, so neither peer's keepalive PINGs cross it. A peer that
+    vanished without a FIN (a NAT timeout, a dead host, an egress's remote across a
+    partition) is found by TCP after about two minutes of silence, and the other
+    connection closed with it."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, option):  # Linux names; other systems keep their defaults

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -326,3 +327,24 @@ def test_a_denied_call_reset_in_the_same_read_leaves_the_connection_answering(
         r"sidecar.access: /probe.Probe/Unary peer='CN=mallory' .* code=CANCELLED"
     )
     assert not any("Traceback" in line for line in sidecar_alice.lines)
+
+
+def test_both_connections_of_a_splice_have_tcp_keepalive(
+    sidecar_alice: SidecarProcess, pki: Pki, probe: Probe
+) -> None:
+    """The sidecar answers PINGs itself, so a peer's keepalive never crosses it: TCP's
+    must find a peer that vanished, on the caller's side and on the app's."""
+    with tls_socket(sidecar_alice.port, pki) as sock:
+        caller = H2Caller(sock)
+        caller.call(UNARY, b"x")
+        caller.until(h2.events.StreamEnded)
+        for peer in (f"127.0.0.1:{sidecar_alice.port}", f"127.0.0.1:{probe.port}"):
+            # The sidecar's own sockets: it listens on the first, connects to the second.
+            where = "src" if peer.endswith(f":{sidecar_alice.port}") else "dst"
+            shown = subprocess.run(
+                ["ss", "-tnoH", "-p", "state", "established", where, peer],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            mine = [line for line in shown.splitlines() if f"pid={sidecar_alice.proc.pid}," in line]
+            assert mine, f"no connection of the sidecar with {where} {peer}: {shown!r}"
+            assert all("timer:(keepalive" in line for line in mine), mine

@@ -32,7 +32,7 @@ _WHOLE_BLOCK_MASK = END_HEADERS | PADDED | PRIORITY_FLAG
 _MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may have
 # A header block (or another frame read whole) larger than this ends the connection:
 # gRPC servers refuse header lists far smaller (grpc core: 16 KiB), and the bound
-# also bounds the copying of a frame that arrives a few bytes at a time.
+# also bounds what is held of a frame that arrives a few bytes at a time.
 _MAX_HEADER_BLOCK = 256 * 1024
 _MAX_FRAGMENTS = 1024  # CONTINUATION frames in one header block
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
@@ -142,7 +142,11 @@ class FrameWalker:
         self._ended = ended
         self._reset = reset
         self._preface_left = len(PREFACE) if preface else 0
-        self._pending = b""  # an incomplete frame header, or a whole frame we must see
+        # An incomplete frame header, or a frame we must see whole, and how many bytes
+        # that takes: pieces are appended (amortised) and walked only once all are here,
+        # so a frame sent a byte at a time costs linear, not quadratic, copying.
+        self._pending = bytearray()
+        self._awaiting = 0
         self._passing = 0  # payload bytes of the current pass-through frame still to come
         self._passing_stream = 0  # the stream of that frame, when it is DATA (else 0)
         self._passing_ends = False  # that frame is DATA with END_STREAM
@@ -167,7 +171,10 @@ class FrameWalker:
         """
         out: list[bytes | memoryview] = []
         if self._pending:
-            data, self._pending = self._pending + data, b""
+            self._pending += data
+            if len(self._pending) < self._awaiting:
+                return []
+            data, self._pending = bytes(self._pending), bytearray()
         size = len(data)
         position = 0
         if self._preface_left:
@@ -287,7 +294,12 @@ class FrameWalker:
                 run_start = end
             position = end
         if position < size:
-            self._pending = data[position:]
+            self._pending = bytearray(data[position:])
+            self._awaiting = (
+                _HEADER
+                if size - position < _HEADER
+                else _HEADER + int.from_bytes(data[position : position + 3], "big")
+            )
         if not out:  # nothing rewritten: the input itself, as far as it was walked
             if position == size:
                 return [data] if size else []

@@ -11,7 +11,9 @@ are looked at:
   `headers` callback, which returns the block to send on (requests are filtered;
   responses go on unchanged);
 - RST_STREAM, and DATA or HEADERS ending a stream: reported to callbacks, for
-  the access log.
+  the access log;
+- GOAWAY, with a `goaway` callback: its last stream id is reported (the frame
+  goes on unchanged), so that the splice's own GOAWAYs never name a higher one.
 Flow control is left to the two peers: DATA frames and WINDOW_UPDATEs cross
 unchanged, so the windows they advertise stay true end to end.
 """
@@ -48,6 +50,8 @@ StreamCallback = Callable[[int], None]
 DataCallback = Callable[[int, bytes, int, int], None]
 # (stream id, error code)
 ResetCallback = Callable[[int, int], None]
+# (last stream id) of a GOAWAY the peer sent (the frame itself is passed on unchanged)
+GoawayCallback = Callable[[int], None]
 # (opaque data) of a PING the peer sent, to be answered by the caller of feed
 PingCallback = Callable[[bytes], None]
 # () when the peer acknowledges a SETTINGS frame (each of ours carries HEADER_TABLE_SIZE 0)
@@ -134,8 +138,10 @@ class FrameWalker:
         reset: ResetCallback | None = None,
         ping: PingCallback | None = None,
         settings_acked: AckCallback | None = None,
+        goaway: GoawayCallback | None = None,
     ) -> None:
         self._headers = headers
+        self._goaway = goaway
         self._settings_acked = settings_acked
         self._ping = ping
         self._data = data
@@ -264,7 +270,7 @@ class FrameWalker:
                 raise FrameError("PUSH_PROMISE is not allowed")
             if kind == RST_STREAM and length != 4:
                 raise FrameError("RST_STREAM frame payload is not 4 bytes")
-            if kind in (PING, WINDOW_UPDATE, PRIORITY, GOAWAY):
+            if kind in (PING, WINDOW_UPDATE, PRIORITY) or (kind == GOAWAY and not self._goaway):
                 if end > size:  # stream the rest of the payload as it comes
                     self._passing, self._passing_stream = end - size, 0
                     position = size
@@ -314,6 +320,12 @@ class FrameWalker:
         flags = whole[4]
         stream_id = int.from_bytes(whole[5:9], "big") & 0x7FFFFFFF
         payload = whole[_HEADER:]  # (feed has refused any frame interrupting a block)
+        if kind == GOAWAY:  # with a `goaway` callback, read whole (debug data is small)
+            if len(payload) < 8:
+                raise FrameError("GOAWAY frame payload is shorter than 8 bytes")
+            assert self._goaway is not None
+            self._goaway(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF)
+            return None
         if kind == SETTINGS:
             if flags & ACK:
                 if self._settings_acked is not None:

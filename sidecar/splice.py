@@ -254,6 +254,10 @@ class Splice:
         # (the drain waits for them).
         self._calls: dict[int, _Call | None] = {}
         self._last_stream = 0
+        # The lowest last-stream id of the upstream's GOAWAYs (relayed to the caller): the
+        # sidecar's own GOAWAYs must not name a higher one (RFC 9113 6.8), and streams
+        # above it are ignored by the upstream, so they are not tracked as calls.
+        self._upstream_last: int | None = None
         self._draining = False
         self._drain_closed = False
         self._own_to_caller = _OwnFrames()
@@ -279,6 +283,7 @@ class Splice:
             reset=self._upstream_reset,
             ping=self._upstream_ping,
             settings_acked=self._responses.table_limited,
+            goaway=self._upstream_goaway,
         )
         self._loop = asyncio.get_running_loop()
         self._connecting = self._loop.create_task(self._connect(connect))
@@ -346,8 +351,9 @@ class Splice:
         if not self._calls:
             self._close_drained()
             return
-        self._own_to_caller.frames.append(_GOAWAY_GRACEFUL)
-        self._send_own_to_caller()
+        if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
+            self._own_to_caller.frames.append(_GOAWAY_GRACEFUL)
+            self._send_own_to_caller()
 
     def _close_drained(self) -> None:
         """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
@@ -359,7 +365,10 @@ class Splice:
             return  # (its own end schedules this again)
         self._drain_closed = True
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
-            last = self._last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR
+            last_stream = self._last_stream
+            if self._upstream_last is not None:
+                last_stream = min(last_stream, self._upstream_last)
+            last = last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR
             _write(self._caller, [*self._own_to_caller.take(), frame(GOAWAY, 0, 0, last)])
         self._close_both()
 
@@ -470,6 +479,8 @@ class Splice:
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
     ) -> bytes:
         rewritten, path = self._requests.rewrite(buffer[start:end])
+        if self._upstream_last is not None and stream_id > self._upstream_last:
+            return rewritten  # the upstream said it will not process it: no call to track
         if stream_id > self._last_stream:
             self._last_stream = stream_id
             self._calls[stream_id] = (
@@ -497,6 +508,17 @@ class Splice:
             self._calls.pop(stream_id, None)
             self._call_ended()
         return None  # responses cross unchanged
+
+    def _upstream_goaway(self, last_stream: int) -> None:
+        if self._upstream_last is None or last_stream < self._upstream_last:
+            self._upstream_last = last_stream
+        # Calls above it will never be answered: the caller learns so from the GOAWAY itself.
+        for stream_id in [s for s in self._calls if s > last_stream]:
+            call = self._calls.pop(stream_id)
+            if call is not None:
+                self._log_call(call, grpc.StatusCode.UNAVAILABLE)
+        if self._draining and not self._calls:
+            self._loop.call_soon(self._close_drained)
 
     def _upstream_ended(self, stream_id: int) -> None:
         """A response that ended with DATA, without trailers: not a gRPC server's."""

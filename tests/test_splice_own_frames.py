@@ -164,38 +164,62 @@ def test_a_drain_sends_the_answers_waiting_before_its_last_goaway() -> None:
     run_spliced(test, ack_delay=NEVER)
 
 
+def request(encoder: hpack.Encoder, stream_id: int) -> bytes:
+    block = encoder.encode(
+        [(":method", "POST"), (":scheme", "https"), (":path", "/a.B/C"),
+         (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
+    )  # fmt: skip
+    return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
+
+
+def trailers(stream_id: int) -> bytes:
+    block = hpack.Encoder().encode([(":status", "200"), ("grpc-status", "0")])
+    return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
+
+
+def goaway(last_stream: int) -> bytes:
+    return frame(GOAWAY, 0, 0, last_stream.to_bytes(4, "big") + bytes(4))
+
+
+async def relayed_whole_frame(ends: Ends) -> bytes:
+    """One frame as the upstream receives it."""
+    header = await ends.receive(ends.upstream, 9)
+    return header + await ends.receive(ends.upstream, int.from_bytes(header[:3], "big"))
+
+
 def test_a_call_starting_as_the_last_one_ends_holds_the_drain_open() -> None:
     caller_headers = hpack.Encoder()
 
-    def request(stream_id: int) -> bytes:
-        block = caller_headers.encode(
-            [(":method", "POST"), (":scheme", "https"), (":path", "/a.B/C"),
-             (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
-        )  # fmt: skip
-        return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
-
-    def trailers(stream_id: int) -> bytes:
-        block = hpack.Encoder().encode([(":status", "200"), ("grpc-status", "0")])
-        return frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block)
-
-    def goaway(last_stream: int) -> bytes:
-        return frame(GOAWAY, 0, 0, last_stream.to_bytes(4, "big") + bytes(4))
-
     async def test(ends: Ends) -> None:
         await ends.started()
-        await ends.send(ends.caller, request(1))
-        header = await ends.receive(ends.upstream, 9)  # call 1 reaches the app
-        await ends.receive(ends.upstream, int.from_bytes(header[:3], "big"))
+        await ends.send(ends.caller, request(caller_headers, 1))
+        await relayed_whole_frame(ends)  # call 1 reaches the app
         ends.splice.drain()
         assert await ends.receive(ends.caller, 17) == goaway(0x7FFFFFFF)
         # Call 1 ends and call 3 starts in the same turn of the loop (one read each).
         ends.splice.from_upstream(trailers(1))
-        ends.splice.from_caller(request(3))
-        header = await ends.receive(ends.upstream, 9)  # call 3 reaches the app...
-        await ends.receive(ends.upstream, int.from_bytes(header[:3], "big"))
+        ends.splice.from_caller(request(caller_headers, 3))
+        await relayed_whole_frame(ends)  # call 3 reaches the app...
         await ends.send(ends.upstream, trailers(3))  # ...which answers it
         # The connection stayed open for call 3: its answer comes, then the last GOAWAY.
         expected = trailers(1) + trailers(3) + goaway(3)
+        assert await ends.receive(ends.caller, len(expected)) == expected
+
+    run_spliced(test, ack_delay=NEVER)
+
+
+def test_after_the_apps_goaway_the_drain_names_no_higher_stream() -> None:
+    caller_headers = hpack.Encoder()
+
+    async def test(ends: Ends) -> None:
+        await ends.started()
+        await ends.send(ends.caller, request(caller_headers, 1))
+        await relayed_whole_frame(ends)
+        await ends.send(ends.upstream, goaway(1))  # the app stops (graceful, or max age)
+        assert await ends.receive(ends.caller, 17) == goaway(1)  # relayed unchanged
+        ends.splice.drain()  # a GOAWAY(2^31-1) now would raise the id: none is sent
+        await ends.send(ends.upstream, trailers(1))
+        expected = trailers(1) + goaway(1)
         assert await ends.receive(ends.caller, len(expected)) == expected
 
     run_spliced(test, ack_delay=NEVER)

@@ -59,7 +59,7 @@ AckCallback = Callable[[], None]
 
 
 class FrameError(ValueError):
-    """The peer broke HTTP/2 framing; the connection must end (with GOAWAY PROTOCOL_ERROR)."""
+    """The peer broke HTTP/2 framing: the splice closes both connections."""
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
@@ -256,6 +256,8 @@ class FrameWalker:
                 # sends are for pings this side never relayed, and are dropped too.
                 if length != 8:
                     raise FrameError("PING frame payload is not 8 bytes")
+                if int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF:
+                    raise FrameError("PING frame on a stream")  # RFC 9113 6.7
                 if end > size:
                     break
                 if not data[position + 4] & ACK:

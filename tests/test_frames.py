@@ -9,6 +9,7 @@ from sidecar.frames import (
     DATA,
     END_HEADERS,
     END_STREAM,
+    GOAWAY,
     HEADERS,
     PADDED,
     PING,
@@ -184,6 +185,20 @@ def test_pings_are_taken_out_for_an_answer_and_their_acks_dropped(piece: int) ->
     out = feed_in_pieces(walker, data, piece)
     assert out == frame(DATA, 0, 1, b"before") + frame(DATA, 0, 1, b"after")
     assert pings == [b"12345678"]
+
+
+def test_a_ping_on_a_stream_is_refused() -> None:
+    walker = FrameWalker(lambda *_: None, preface=False, ping=lambda _: None)
+    with pytest.raises(FrameError, match="PING frame on a stream"):
+        walker.feed(frame(PING, 0, 1, b"12345678"))
+
+
+def test_a_goaway_is_reported_and_passed_on_unchanged() -> None:
+    last: list[int] = []
+    walker = FrameWalker(lambda *_: None, preface=False, goaway=last.append)
+    goaway = frame(GOAWAY, 0, 0, (5).to_bytes(4, "big") + bytes(4) + b"debug data")
+    assert feed_in_pieces(walker, goaway, 3) == goaway
+    assert last == [5]
 
 
 def test_data_payloads_are_reported_piece_by_piece_without_padding() -> None:

@@ -9,7 +9,9 @@ sidecar's memory.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import signal
 import socket
 import ssl
@@ -329,6 +331,20 @@ def test_a_denied_call_reset_in_the_same_read_leaves_the_connection_answering(
     assert not any("Traceback" in line for line in sidecar_alice.lines)
 
 
+def socket_option_of(pid: int, fd: int, level: int, option: int) -> int:
+    """A socket option of another process's socket (pidfd_getfd, Linux 5.6+; as root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd
+        if copy < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        with socket.socket(fileno=copy) as sock:
+            return sock.getsockopt(level, option)
+    finally:
+        os.close(pidfd)
+
+
 def test_both_connections_of_a_splice_have_tcp_keepalive(
     sidecar_alice: SidecarProcess, pki: Pki, probe: Probe
 ) -> None:
@@ -338,13 +354,19 @@ def test_both_connections_of_a_splice_have_tcp_keepalive(
         caller = H2Caller(sock)
         caller.call(UNARY, b"x")
         caller.until(h2.events.StreamEnded)
-        for peer in (f"127.0.0.1:{sidecar_alice.port}", f"127.0.0.1:{probe.port}"):
-            # The sidecar's own sockets: it listens on the first, connects to the second.
-            where = "src" if peer.endswith(f":{sidecar_alice.port}") else "dst"
+        for where, peer in (("src", sidecar_alice.port), ("dst", probe.port)):
+            # The sidecar's own sockets: it accepted on the first port, connected to the second.
             shown = subprocess.run(
-                ["ss", "-tnoH", "-p", "state", "established", where, peer],
+                ["ss", "-tnpH", "state", "established", where, f"127.0.0.1:{peer}"],
                 capture_output=True, text=True, check=True,
             ).stdout  # fmt: skip
-            mine = [line for line in shown.splitlines() if f"pid={sidecar_alice.proc.pid}," in line]
-            assert mine, f"no connection of the sidecar with {where} {peer}: {shown!r}"
-            assert all("timer:(keepalive" in line for line in mine), mine
+            fds = [
+                int(found.group(1))
+                for line in shown.splitlines()
+                if (found := re.search(rf"pid={sidecar_alice.proc.pid},fd=(\d+)", line))
+            ]
+            assert fds, f"no connection of the sidecar with {where} port {peer}: {shown!r}"
+            for fd in fds:
+                pid = sidecar_alice.proc.pid
+                assert socket_option_of(pid, fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                assert socket_option_of(pid, fd, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60

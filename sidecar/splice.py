@@ -405,15 +405,8 @@ class Splice:
         if self._replay is not None:  # the upstream speaks: no replay will be needed
             self._replay = None
             self.resume_caller("upstream silent")
-        try:
-            chunks = self._inbound.feed(data)
-        except (FrameError, HeaderBlockError) as error:
-            logger.warning("upstream broke HTTP/2 on a connection for %s: %s", self._remote, error)
-            self._stop_relaying()
-            return
-        except Exception:  # a bug in reading the peer's bytes costs this connection only
-            logger.exception("internal error relaying for %s", self._remote)
-            self._stop_relaying()
+        chunks = self._walked(self._inbound, data, from_upstream=True)
+        if chunks is None:
             return
         if self._own_to_caller.frames and self._inbound.at_frame_boundary:
             chunks += self._own_to_caller.take()
@@ -460,20 +453,32 @@ class Splice:
     def _to_upstream(self, data: bytes) -> None:
         if self._broken:
             return
-        try:
-            chunks = self._outbound.feed(data)
-        except (FrameError, HeaderBlockError) as error:
-            logger.info("caller %s broke HTTP/2: %s", self._remote, error)
-            self._stop_relaying()
-            return
-        except Exception:  # a bug in reading the peer's bytes costs this connection only
-            logger.exception("internal error relaying for %s", self._remote)
-            self._stop_relaying()
+        chunks = self._walked(self._outbound, data, from_upstream=False)
+        if chunks is None:
             return
         assert self._upstream is not None
         if self._own_to_upstream.frames and self._outbound.at_frame_boundary:
             chunks += self._own_to_upstream.take()
         _write(self._upstream, chunks)
+
+    def _walked(
+        self, walker: FrameWalker, data: bytes, *, from_upstream: bool
+    ) -> list[bytes | memoryview] | None:
+        """The bytes to send on for `data`; None when its sender broke HTTP/2, or the
+        sidecar failed reading it: then both connections end, and only they."""
+        try:
+            return walker.feed(data)
+        except (FrameError, HeaderBlockError) as error:
+            if from_upstream:  # the operator's own app: worth a warning
+                logger.warning(
+                    "upstream broke HTTP/2 on a connection for %s: %s", self._remote, error
+                )
+            else:
+                logger.info("caller %s broke HTTP/2: %s", self._remote, error)
+        except Exception:
+            logger.exception("internal error relaying for %s", self._remote)
+        self._stop_relaying()
+        return None
 
     def _request_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int

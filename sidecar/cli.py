@@ -52,6 +52,8 @@ _GROUPS = {
     "TLS": "TLS (a file path or inline PEM)",
     "allowlist": "allowlist, ingress (checked on every call; a caller matching no rule gets "
     "PERMISSION_DENIED)",
+    "limits": "limits (budgets per caller connection; the defaults are far above what real "
+    "clients use)",
     "process": None,
     "logging": "logging",
 }

@@ -16,6 +16,7 @@ from typing import Literal
 
 from sidecar.addresses import Address
 from sidecar.errors import ConfigError
+from sidecar.limits import Limits
 from sidecar.logs import LogFormat
 from sidecar.pem import PemSource
 from sidecar.policy import AllowRules
@@ -25,6 +26,23 @@ Mode = Literal["ingress", "egress"]
 DataPlane = Literal["splice", "grpc"]
 
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
+
+# Budgets grpc core's server has no equivalent for (the others map to its channel
+# arguments: see route.py).
+_SPLICE_ONLY_LIMITS = frozenset(
+    {
+        "max_connections",
+        "max_pending_handshakes",
+        "max_chain_length",
+        "connect_timeout",
+        "header_timeout",
+        "max_header_fields",
+        "control_frame_rate",
+        "reset_rate",
+        "denied_calls",
+        "denied_lifetime",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,7 @@ class RouteConfig:
     unsafe_listen: bool = False
     data_plane: DataPlane = "splice"
     name: str | None = None
+    limits: Limits = field(default_factory=Limits)
     # Where each setting given came from, for error messages: key -> `--upstream`,
     # `SIDECAR_UPSTREAM` or `sidecar.yaml: routes[0].upstream`.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -75,6 +94,18 @@ class RouteConfig:
             self._check_ingress()
         else:
             self._check_egress()
+        if self.data_plane == "grpc":
+            self._check_grpc_plane()
+
+    def _check_grpc_plane(self) -> None:
+        """The per-call plane runs on grpc core's HTTP/2 server, which has its own budgets:
+        a budget it cannot honour is refused when given, never silently ignored."""
+        for key in self.where:
+            if key in _SPLICE_ONLY_LIMITS:
+                raise ConfigError(
+                    f"{self.label(key)} applies to data_plane splice only (grpc core, which "
+                    "serves data_plane grpc, has no such setting)"
+                )
 
     def _check_ingress(self) -> None:
         allow = self.allow

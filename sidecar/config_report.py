@@ -13,6 +13,7 @@ import yaml
 from sidecar.addresses import Address
 from sidecar.config import RouteConfig
 from sidecar.config_sources import Given, Loaded
+from sidecar.limits import LIMIT_KEYS
 from sidecar.pem import PemSource
 from sidecar.settings import PROCESS_KEYS, ROUTE_KEYS, Value
 from sidecar.tls import TLSMaterial
@@ -59,6 +60,8 @@ def _route_value(route: RouteConfig, key: str) -> Value | None:
         allow = route.allow
         value = getattr(allow, key if key == "allow_all" else key.removeprefix("allow_"))
         return value if value else None
+    if key in LIMIT_KEYS:
+        return getattr(route.limits, key)  # type: ignore[no-any-return]
     value = getattr(route, key)
     if key in ("unsafe_upstream", "unsafe_listen") and not value:
         return None

@@ -22,6 +22,7 @@ import yaml
 
 from sidecar.config import DEFAULT_INGRESS_LISTEN, Config, RouteConfig
 from sidecar.errors import ConfigError
+from sidecar.limits import LIMIT_KEYS, Limits
 from sidecar.policy import AllowRules
 from sidecar.settings import (
     BY_KEY,
@@ -147,6 +148,7 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         unsafe_listen=get("unsafe_listen"),
         data_plane=get("data_plane"),
         name=get("name"),
+        limits=Limits(**{key: get(key) for key in LIMIT_KEYS}),
         where={key: given.where for key, given in layer.items()},
         location=location,
         from_file=config_file is not None,

@@ -22,8 +22,8 @@ from sidecar.pem import PemSource
 
 # text: a string; choice: one of `choices`; address: HOST:PORT or unix:/path;
 # pem: a file path or inline PEM; names: a list of strings; switch: a boolean;
-# seconds: a non-negative number.
-Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds"]
+# seconds: a non-negative number; count: a positive whole number.
+Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds", "count"]
 
 # route: belongs to one listener (repeated per item under `routes:`);
 # process: shared by the whole process (top level of the file only).
@@ -138,6 +138,82 @@ SETTINGS: tuple[Setting, ...] = (
         "connection (fast); grpc: each call is relayed through grpc.aio (slower; a fallback)",
         choices=DATA_PLANES, default="splice",
     ),
+    # Budgets (see limits.py): each protects the sidecar and its other callers from one
+    # caller; the defaults are far above what real clients use.
+    Setting(
+        "max_connections", "count", "route", "limits",
+        "caller connections open at once; beyond it a new caller is answered UNAVAILABLE "
+        "and closed",
+        metavar="N", default=10_000,
+    ),
+    Setting(
+        "max_pending_handshakes", "count", "route", "limits",
+        "TLS handshakes in progress at once; beyond it the oldest is closed",
+        metavar="N", default=1_000,
+    ),
+    Setting(
+        "handshake_timeout", "seconds", "route", "limits",
+        "how long a caller has to complete its TLS handshake",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "max_chain_length", "count", "route", "limits",
+        "certificates a peer may present in its chain, leaf included",
+        metavar="N", default=10,
+    ),
+    Setting(
+        "connect_timeout", "seconds", "route", "limits",
+        "how long the upstream has to accept a connection (and finish TLS, egress) and send "
+        "its first bytes",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "idle_timeout", "seconds", "route", "limits",
+        "a caller connection with no call in flight for this long is closed (GOAWAY first); "
+        "0: never",
+        metavar="SECONDS", default=300.0,
+    ),
+    Setting(
+        "header_timeout", "seconds", "route", "limits",
+        "how long a caller may take to send a header block or frame it has started",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "max_header_list_size", "count", "route", "limits",
+        "bytes of a request's header list, decoded (RFC 9113 6.5.2); larger requests are "
+        "answered RESOURCE_EXHAUSTED",
+        metavar="BYTES", default=16_384,
+    ),
+    Setting(
+        "max_header_fields", "count", "route", "limits",
+        "fields in a request's header list; more are answered RESOURCE_EXHAUSTED",
+        metavar="N", default=256,
+    ),
+    Setting(
+        "control_frame_rate", "count", "route", "limits",
+        "control frames (PING, SETTINGS, PRIORITY, RST_STREAM, WINDOW_UPDATE, empty DATA) per "
+        "second a caller connection may send, in bursts of ten times that; DATA relayed to it "
+        "earns more; beyond it the connection is closed (GOAWAY ENHANCE_YOUR_CALM)",
+        metavar="N", default=1_000,
+    ),
+    Setting(
+        "reset_rate", "count", "route", "limits",
+        "calls per second a caller connection may cancel before the upstream answered, in "
+        "bursts of ten times that; beyond it the connection is closed (GOAWAY "
+        "ENHANCE_YOUR_CALM; the 'rapid reset' attack)",
+        metavar="N", default=100,
+    ),
+    Setting(
+        "denied_calls", "count", "route", "limits",
+        "calls answered PERMISSION_DENIED on one connection of a denied caller before it "
+        "is closed",
+        metavar="N", default=100,
+    ),
+    Setting(
+        "denied_lifetime", "seconds", "route", "limits",
+        "how long a denied caller's connection stays open",
+        metavar="SECONDS", default=10.0,
+    ),
     Setting(
         "drain_grace", "seconds", "process", "process",
         "on SIGTERM/SIGINT, how long in-flight calls may finish",
@@ -159,7 +235,9 @@ REQUIRED_ROUTE_KEYS = ("upstream", "cert", "key", "ca")
 
 _MAX_SECONDS = 86_400 * 365  # anything longer is a typo
 
-Value = str | Address | PemSource | tuple[str, ...] | bool | float
+_MAX_COUNT = 2**31 - 1
+
+Value = str | Address | PemSource | tuple[str, ...] | bool | float | int
 
 
 def from_text(setting: Setting, text: str, where: str, base: Path | None = None) -> Value:
@@ -186,6 +264,12 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
         except ValueError:
             raise ConfigError(f"{where}: expected a number of seconds, got {text!r}") from None
         return _seconds(seconds, where)
+    if setting.kind == "count":
+        try:
+            count = int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected a whole number, got {text!r}") from None
+        return _count(count, where)
     return _from_string(setting, text, where, base)
 
 
@@ -208,6 +292,10 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
             return _seconds(float(value), where)
         except OverflowError:
             raise ConfigError(f"{where}: {value} seconds is out of range") from None
+    if setting.kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return _count(value, where)
     if not isinstance(value, str):
         # The type only: the value may be a private key pasted as a YAML list.
         example = {"address": " like 127.0.0.1:50051", "pem": " (a path or PEM text)"}
@@ -234,6 +322,14 @@ def names(items: Sequence[str], where: str) -> tuple[str, ...]:
     if any(not item.strip() for item in items):
         raise ConfigError(f"{where}: empty name in the list")
     return tuple(items)
+
+
+def _count(value: int, where: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{where}: {value} must be at least 1")
+    if value > _MAX_COUNT:
+        raise ConfigError(f"{where}: {value} is out of range (at most {_MAX_COUNT})")
+    return value
 
 
 def _seconds(value: float, where: str) -> float:

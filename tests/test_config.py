@@ -292,6 +292,13 @@ CASES: list[tuple[str, object, list[str]]] = [
     ),
     ("routes null", lambda p: {"routes": None}, ["routes: expected a non-empty list"]),
     ("empty name", lambda p: single(p, allow_cn=["alice", " "]), ["allow_cn: empty name"]),
+    ("count type", lambda p: single(p, reset_rate=1.5), ["reset_rate: expected a whole number"]),
+    ("zero count", lambda p: single(p, max_connections=0), ["max_connections: 0 must be at least"]),
+    (
+        "limit the grpc plane lacks",
+        lambda p: single(p, data_plane="grpc", reset_rate=50),
+        ["reset_rate applies to data_plane splice only"],
+    ),
     ("nan seconds", lambda p: single(p, drain_grace=float("nan")), ["drain_grace: nan seconds"]),
     ("huge seconds", lambda p: single(p, drain_grace=1e400), ["drain_grace: inf seconds"]),
     (
@@ -326,6 +333,7 @@ def test_bad_config_file_exits_2_naming_the_key(
         ([], {"SIDECAR_ALLOW_ALL": "yes"}, ["SIDECAR_ALLOW_ALL: expected true or false"]),
         ([], {"SIDECAR_UPSTREAM": "nope"}, ["SIDECAR_UPSTREAM: expected HOST:PORT"]),
         ([], {"SIDECAR_DRAIN_GRACE": "-3"}, ["SIDECAR_DRAIN_GRACE: -3 must not be negative"]),
+        (["--max-header-fields", "many"], {}, ["--max-header-fields: expected a whole number"]),
         (["--mode", "egress", "--upstream", "127.0.0.1:1"], {}, ["missing --listen"]),
         (
             ["--mode", "egress", "--listen", "127.0.0.1:0", "--upstream", "unix:/run/x.sock"],

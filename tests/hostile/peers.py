@@ -1,0 +1,224 @@
+"""Tools for the hostile-peer suite: raw HTTP/2 over mTLS, and what the sidecar costs.
+
+An attack here is a caller that speaks HTTP/2 frame by frame (`RawPeer`), so it
+can send what no gRPC library would. Alongside, a well-behaved caller measures
+service (`ping_round_trip`: the sidecar's own answer to a PING on a fresh
+connection, which no upstream helps with; `unary_ok`: a real call), and
+`Footprint` reads the sidecar process's resident memory and open descriptors
+from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import grpc
+import hpack
+
+from sidecar.frames import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PING,
+    PREFACE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+)
+from tests.conftest import Pki, SidecarProcess
+
+__all__ = [
+    "ACK",
+    "CONTINUATION",
+    "DATA",
+    "END_HEADERS",
+    "END_STREAM",
+    "GOAWAY",
+    "HEADERS",
+    "PING",
+    "RST_STREAM",
+    "SETTINGS",
+    "WINDOW_UPDATE",
+    "Footprint",
+    "RawPeer",
+    "frame",
+    "ping_round_trip",
+    "request_block",
+    "unary_ok",
+]
+
+METHOD = "/probe.Probe/Unary"
+
+
+def client_context(pki: Pki, client: str | None) -> ssl.SSLContext:
+    """A TLS client context like a gRPC client's: ALPN h2, the test CA, `client`'s certificate."""
+    context = ssl.create_default_context(cafile=str(pki.dir / "ca.pem"))
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(pki.cert(client), pki.key(client))
+    return context
+
+
+def request_block(
+    method: str = METHOD,
+    extra: tuple[tuple[str, str], ...] = (),
+    encoder: hpack.Encoder | None = None,
+) -> bytes:
+    """A gRPC request's header block (stateless unless an encoder with a table is given)."""
+    if encoder is None:
+        encoder = hpack.Encoder()
+        encoder.header_table_size = 0
+    headers = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", method),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *extra,
+    ]
+    return bytes(encoder.encode(headers))
+
+
+def message(payload: bytes = b"") -> bytes:
+    """One gRPC message: uncompressed flag, length, payload."""
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+class RawPeer:
+    """A caller speaking raw HTTP/2 to a sidecar: TLS (or plain, for egress), frame by frame."""
+
+    def __init__(
+        self,
+        port: int,
+        pki: Pki | None = None,
+        client: str | None = "alice",
+        *,
+        timeout: float = 10.0,
+        preface: bool = True,
+    ) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if pki is not None:
+            self.sock: socket.socket = client_context(pki, client).wrap_socket(
+                raw, server_hostname="localhost"
+            )
+        else:
+            self.sock = raw
+        self._buffer = b""
+        if preface:
+            self.send(PREFACE + frame(SETTINGS, 0, 0, b""))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_frame(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        self.send(frame(kind, flags, stream_id, payload))
+
+    def call(self, stream_id: int, method: str = METHOD, body: bytes | None = b"") -> None:
+        """Start a unary call on stream_id (and end its request, unless body is None)."""
+        ends = body is None
+        self.send_frame(HEADERS, END_HEADERS | (END_STREAM if ends else 0), stream_id,
+                        request_block(method))  # fmt: skip
+        if body is not None:
+            self.send_frame(DATA, END_STREAM, stream_id, message(body))
+
+    def read_frame(self) -> tuple[int, int, int, bytes] | None:
+        """The next frame (kind, flags, stream id, payload); None once the connection ends."""
+        while True:
+            if len(self._buffer) >= 9:
+                length = int.from_bytes(self._buffer[:3], "big")
+                if len(self._buffer) >= 9 + length:
+                    head, self._buffer = self._buffer[: 9 + length], self._buffer[9 + length :]
+                    stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                    return head[3], head[4], stream_id, head[9:]
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionError, ssl.SSLError):
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+    def read_until(self, kind: int, stream_id: int | None = None) -> tuple[int, int, bytes] | None:
+        """Frames up to the first of `kind` (on stream_id, if given): its (flags, stream, payload)."""
+        while (read := self.read_frame()) is not None:
+            got_kind, flags, got_stream, payload = read
+            if got_kind == kind and stream_id in (None, got_stream):
+                return flags, got_stream, payload
+        return None
+
+    def closed_within(self, seconds: float) -> bool:
+        """Whether the sidecar ends the connection within `seconds` (frames read are dropped)."""
+        self.sock.settimeout(seconds)
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                if self.read_frame() is None:
+                    return True
+        except TimeoutError:
+            return False
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def ping_round_trip(port: int, pki: Pki | None, client: str | None = "alice") -> float:
+    """Seconds from a PING to its ACK on a fresh connection: how responsive the sidecar is.
+
+    Includes the TLS handshake's wait for the sidecar's first bytes, so it measures
+    the event loop's latency twice over; only the PING's own round trip is returned.
+    """
+    with RawPeer(port, pki, client) as peer:
+        assert peer.read_until(SETTINGS) is not None, "no SETTINGS from the sidecar"
+        started = time.monotonic()
+        peer.send_frame(PING, 0, 0, b"measure!")
+        while (read := peer.read_until(PING)) is not None:
+            if read[0] & ACK and read[2] == b"measure!":
+                return time.monotonic() - started
+        raise AssertionError("the sidecar closed the connection instead of answering the PING")
+
+
+def unary_ok(sidecar: SidecarProcess, pki: Pki, timeout: float = 5.0) -> bool:
+    """Whether a well-behaved caller's unary call succeeds within timeout."""
+    with sidecar.channel(pki) as channel:
+        call = channel.unary_unary(METHOD)
+        try:
+            call(b"ping", timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return True
+
+
+class Footprint:
+    """A process's resident memory and open descriptors, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    @property
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    @property
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -150,7 +150,7 @@ class RawPeer:
             self._buffer += chunk
 
     def read_until(self, kind: int, stream_id: int | None = None) -> tuple[int, int, bytes] | None:
-        """Frames up to the first of `kind` (on stream_id, if given): its (flags, stream, payload)."""
+        """Read up to the first frame of `kind` (on stream_id if given): flags, stream, payload."""
         while (read := self.read_frame()) is not None:
             got_kind, flags, got_stream, payload = read
             if got_kind == kind and stream_id in (None, got_stream):

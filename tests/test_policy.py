@@ -8,7 +8,7 @@ from sidecar.identity import PeerIdentity
 from sidecar.policy import AllowRules, Policy
 
 CAROL = PeerIdentity(
-    common_name="carol",
+    common_names=("carol",),
     dns_names=("carol.svc.example.org",),
     uris=("spiffe://example.org/ns/prod/sa/carol",),
     ip_addresses=("10.1.2.3",),
@@ -65,4 +65,4 @@ def test_caller_without_certificate_is_denied_unless_allow_all() -> None:
 
 def test_spiffe_id_is_the_spiffe_uri() -> None:
     assert CAROL.spiffe_id == "spiffe://example.org/ns/prod/sa/carol"
-    assert PeerIdentity(common_name="x", uris=("https://a.example",)).spiffe_id is None
+    assert PeerIdentity(common_names=("x",), uris=("https://a.example",)).spiffe_id is None

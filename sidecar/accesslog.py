@@ -1,4 +1,10 @@
-"""The access log: one line per call, with method, caller, status, duration and bytes."""
+"""The access log: one line per call, with method, caller, status, duration and bytes.
+
+The method is the caller's `:path` and the peer its certificate's names: in the
+text line both are escaped (`logs.escape`), so no caller can end the line early,
+forge another, or pass one field for another; the JSON format carries them as
+they are (json.dumps escapes).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,15 @@ from dataclasses import dataclass
 
 import grpc
 
+from sidecar.loglimit import LogLimiter
+from sidecar.logs import escape
+
 access_logger = logging.getLogger("sidecar.access")
+# A denied caller's calls cost the sidecar next to nothing, so it can make thousands a
+# second: their lines are rate limited per caller (the rest counted in a summary line).
+_denied_calls = LogLimiter(access_logger)
+
+_LINE = "%s%s peer='%s' remote=%s code=%s duration_ms=%.3f bytes_in=%d bytes_out=%d"
 
 
 @dataclass(slots=True)
@@ -18,7 +32,7 @@ class CallRecord:
     method: str
     started: float  # time.monotonic() at arrival
     remote: str = "-"  # the caller's address, as grpc names it (ipv4:127.0.0.1:53412)
-    peer: str = "-"  # the caller's certificate identity, when the listener has one
+    peer: str = "-"  # the caller's identity (PeerIdentity.description), when the listener has one
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     messages_in: int = 0
     bytes_in: int = 0
@@ -44,15 +58,30 @@ def log_call(record: CallRecord) -> None:
     if record.route is not None:
         fields["route"] = record.route
         route = f" route={record.route}"
-    access_logger.info(
-        "%s%s peer=%r remote=%s code=%s duration_ms=%.3f bytes_in=%d bytes_out=%d",
-        record.method,
+    args = (
+        _token(record.method),
         route,
-        record.peer,
-        record.remote,
+        _quoted(record.peer),
+        _token(record.remote),
         record.code.name,
         duration_ms,
         record.bytes_in,
         record.bytes_out,
-        extra={"fields": fields},
     )
+    if record.code is grpc.StatusCode.PERMISSION_DENIED:
+        _denied_calls.log(logging.INFO, record.peer, _LINE, *args, extra={"fields": fields})
+    else:
+        access_logger.info(_LINE, *args, extra={"fields": fields})
+
+
+def _token(text: str) -> str:
+    """`text` escaped as one space-free word of the line (`:path` may hold anything)."""
+    escaped = escape(text)
+    return escaped.replace(" ", "\\x20") if " " in escaped else escaped
+
+
+def _quoted(peer: str) -> str:
+    """The inside of `peer='...'`: a description is escaped already, so only quotes are added."""
+    if not (peer.isascii() and peer.isprintable()):
+        peer = escape(peer)
+    return peer.replace("'", "\\'") if "'" in peer else peer

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 # The key lines share once max_keys distinct keys are live: a peer inventing keys
@@ -69,8 +69,18 @@ class LogLimiter:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
-    def log(self, level: int, key: Hashable, msg: str, *args: object) -> None:
-        """Log `msg % args` at `level` unless `key` has used up its burst in this period."""
+    def log(
+        self,
+        level: int,
+        key: Hashable,
+        msg: str,
+        *args: object,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        """Log `msg % args` at `level` unless `key` has used up its burst in this period.
+
+        `extra` goes with the line when it is written (as Logger.log's), not with a summary.
+        """
         if not self.logger.isEnabledFor(level):
             return
         now = time.monotonic()
@@ -94,7 +104,7 @@ class LogLimiter:
                     self._schedule(window.ends - now)
         self._write(summaries)
         if emit:
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, extra=extra)
 
     def flush(self) -> None:
         """Write the summary of every line suppressed so far, now (at shutdown, say)."""

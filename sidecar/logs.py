@@ -1,4 +1,12 @@
-"""Logging set-up: human text or one JSON object per line, on stderr."""
+"""Logging set-up: human text or one JSON object per line, on stderr; caller text made safe.
+
+Names, methods and reasons in log lines come from callers (a certificate's names,
+a request's `:path`). In the text format they pass through `escape`, so that a
+line feed cannot forge a line, an escape sequence cannot rewrite the terminal,
+and a look-alike letter cannot pass for another: what is not printable ASCII is
+shown as `\\xNN` / `\\uNNNN`, like repr without the quotes. The JSON format
+escapes by itself (json.dumps, ASCII only).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,33 @@ from typing import Literal, TextIO
 LogFormat = Literal["text", "json"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped_char(char: str) -> str:
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if " " <= char <= "~":
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` in printable ASCII: backslash, controls and all non-ASCII escaped, as repr does.
+
+    Two different texts never escape to the same line, and the result holds no line
+    break of any kind (LF, CR, VT, FF, NEL, U+2028...), no terminal escape and no
+    letter that only looks like an ASCII one.
+    """
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to do, no copy
+    return "".join(map(_escaped_char, text))
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,7 +63,9 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        # ASCII only: NEL and U+2028 are line breaks to some readers, and json.dumps
+        # leaves them raw otherwise; parsed, the line says the same.
+        return json.dumps(entry)
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic at runtime only from 3.11

@@ -29,8 +29,11 @@ import h2.events
 import h2.exceptions
 
 from sidecar.accesslog import CallRecord, log_call
+from sidecar.loglimit import LogLimiter
 
 logger = logging.getLogger("sidecar.server")
+# A line per denied call would let a denied caller write the log at its call rate.
+_denials = LogLimiter(logger)
 
 # After a GOAWAY, how long the caller has to read the answers and close.
 _LINGER_SECONDS = 10.0
@@ -117,7 +120,7 @@ class Refusal:
         )
         details = self._details(method)
         if self._code == grpc.StatusCode.PERMISSION_DENIED:
-            logger.warning("denied: %s", details)
+            _denials.log(logging.WARNING, self._peer, "denied: %s", details)
         code = self._code
         try:
             self._connection.send_headers(

@@ -19,9 +19,11 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -152,6 +154,27 @@ def _identity_from_core_names(auth_context: Mapping[str, Sequence[bytes]]) -> Pe
     )
 
 
+class PeerCertificateTolerantSSLObject(ssl.SSLObject):
+    """An SSLObject whose decoded `getpeercert()` survives a certificate it cannot decode.
+
+    asyncio's and uvloop's TLS transports call `getpeercert()` as every handshake
+    completes (for the `peercert` extra), and Python's ssl decodes each name as
+    UTF-8: a CA-signed SAN that is not raises UnicodeDecodeError there, so the
+    handshake fails with a traceback and the caller learns nothing. The sidecar
+    reads identities from the DER form only (`IdentityReader.from_der`), which says
+    why the names cannot be read and denies the caller cleanly; the decoded form is
+    then empty. Set it as a server context's `sslobject_class`.
+    """
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        if binary_form:
+            return super().getpeercert(True)
+        try:
+            return super().getpeercert(False)
+        except ValueError:  # UnicodeDecodeError: a name that is not UTF-8
+            return {}
+
+
 class IdentityReader:
     """Turns a call's auth context into a PeerIdentity, caching parsed certificates."""
 
@@ -186,7 +209,7 @@ class IdentityReader:
                 # Once per certificate (the cache remembers it): each of its connections
                 # and calls is denied, and each denial is logged, rate limited.
                 logger.warning(
-                    "certificate %s: its names cannot be read, no allow rule matches it",
+                    "a caller's certificate cannot be read, no allow rule matches it: %s",
                     identity.description,
                 )
             self._cache[encoded] = identity

@@ -11,16 +11,27 @@ first of them said. No line is dropped without being counted in such a summary.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 # The key lines share once max_keys distinct keys are live: a peer inventing keys
 # (a fresh certificate or reason per connection) ends up in one shared budget.
 _OVERFLOW = object()
+
+# Every limiter, so that the summaries still owed are written when the process exits.
+_limiters: weakref.WeakSet[LogLimiter] = weakref.WeakSet()
+
+
+@atexit.register  # runs before logging's own shutdown (atexit goes in reverse order)
+def _flush_all() -> None:
+    for limiter in list(_limiters):
+        limiter.flush()
 
 
 @dataclass(slots=True)
@@ -40,8 +51,8 @@ class LogLimiter:
     '<N> more like "<first line>" suppressed in the last <period>s'.
 
     Summaries are written by a timer on the running event loop when one runs, else on the
-    next call to `log` (or `flush`). At most `max_keys` keys are tracked at a time; lines
-    with further keys share one budget until a period ends.
+    next call to `log` (or `flush`, or at exit). At most `max_keys` keys are tracked at a
+    time; lines with further keys share one budget until a period ends.
     """
 
     def __init__(
@@ -51,6 +62,7 @@ class LogLimiter:
         burst: int = 5,
         period: float = 10.0,
         max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if burst < 1:
             raise ValueError("burst should be at least 1")
@@ -62,12 +74,14 @@ class LogLimiter:
         self.burst = burst
         self.period = period
         self.max_keys = max_keys
+        self._clock = clock
         # Ordered by the end of each key's window (a window starts when its key is first
         # seen after the previous one ended), so the expired ones are always at the front.
         self._windows: OrderedDict[Hashable, _Window] = OrderedDict()
         self._lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        _limiters.add(self)
 
     def log(
         self,
@@ -83,7 +97,7 @@ class LogLimiter:
         """
         if not self.logger.isEnabledFor(level):
             return
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             summaries = self._expire(now)
             window = self._windows.get(key)
@@ -159,7 +173,7 @@ class LogLimiter:
         self._timer_loop = None
 
     def _on_timer(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._timer = None
             self._timer_loop = None

@@ -4,8 +4,10 @@ Names, methods and reasons in log lines come from callers (a certificate's names
 a request's `:path`). In the text format they pass through `escape`, so that a
 line feed cannot forge a line, an escape sequence cannot rewrite the terminal,
 and a look-alike letter cannot pass for another: what is not printable ASCII is
-shown as `\\xNN` / `\\uNNNN`, like repr without the quotes. The JSON format
-escapes by itself (json.dumps, ASCII only).
+shown as `\\xNN` / `\\uNNNN`, like repr without the quotes. Behind that, the text
+formatter itself escapes whatever in a message is not printable (a library's
+error quoting a caller's bytes, say), so every record is one line. The JSON
+format escapes by itself (json.dumps, ASCII only).
 """
 
 from __future__ import annotations
@@ -46,6 +48,22 @@ def escape(text: str) -> str:
     if text.isascii() and text.isprintable() and "\\" not in text:
         return text  # the common case: nothing to do, no copy
     return "".join(map(_escaped_char, text))
+
+
+def _one_line(message: str) -> str:
+    """message with what is not printable escaped; backslashes and letters left as they are
+    (values escaped at their source keep their form)."""
+    if message.isprintable():
+        return message
+    return "".join(char if char.isprintable() else _escaped_char(char) for char in message)
+
+
+class TextFormatter(logging.Formatter):
+    """The human format, one line per record (a traceback, the sidecar's own, follows it)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _one_line(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -125,7 +143,7 @@ def configure(log_format: LogFormat, level: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(_TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

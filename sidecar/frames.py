@@ -16,6 +16,21 @@ are looked at:
   goes on unchanged), so that the splice's own GOAWAYs never name a higher one.
 Flow control is left to the two peers: DATA frames and WINDOW_UPDATEs cross
 unchanged, so the windows they advertise stay true end to end.
+
+A stream whose request block the `headers` callback answers with `DROP` (the
+splice answered it itself: a request it refused) never reaches the other side:
+its later frames are left out too, and the flow-controlled length of its DATA is
+reported (`dropped_data`), for the splice to give the sender its window back.
+
+The walker also keeps the budgets a hostile peer could exhaust within reach of
+the connection that owns it (sans-IO: it counts, the connection enforces): it
+walks at most `frames_per_pass` frames and `block_bytes_per_pass` header-block
+bytes per call of `feed`, keeping the rest (`backlog`) for the next call, so one
+read of tiny frames cannot hold the event loop; it counts control frames (the
+ones that cost the receiver work and carry no request: PING, SETTINGS, PRIORITY,
+RST_STREAM, WINDOW_UPDATE, empty DATA, frames of unknown types) and frames that
+carry data (DATA with a payload, HEADERS); and it bounds what it holds of a
+frame or header block to `max_block` bytes.
 """
 
 from __future__ import annotations
@@ -37,11 +52,28 @@ _MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may hav
 # also bounds what is held of a frame that arrives a few bytes at a time.
 _MAX_HEADER_BLOCK = 256 * 1024
 _MAX_FRAGMENTS = 1024  # CONTINUATION frames in one header block
+_MAX_DROPPED = 1024  # dropped streams remembered (their late frames are left out)
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 
+SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+_FRAMES_PER_PASS = 1000  # about a millisecond of walking
+_BLOCK_BYTES_PER_PASS = 32 * 1024  # a few milliseconds of header-block scanning
+
+
+class _Drop:
+    """The answer of a `headers` callback that drops the stream (see the module doc)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()
+
 # (stream id, flags, buffer, start, end) for the header block buffer[start:end]
-# -> the block to send instead, or None to send it unchanged
-HeadersCallback = Callable[[int, int, bytes, int, int], "bytes | None"]
+# -> the block to send instead, None to send it unchanged, or DROP
+HeadersCallback = Callable[[int, int, bytes, int, int], "bytes | _Drop | None"]
 # (stream id) for a stream one side ended with END_STREAM on DATA, once that frame has
 # been passed whole
 StreamCallback = Callable[[int], None]
@@ -56,6 +88,10 @@ GoawayCallback = Callable[[int], None]
 PingCallback = Callable[[bytes], None]
 # () when the peer acknowledges a SETTINGS frame (each of ours carries HEADER_TABLE_SIZE 0)
 AckCallback = Callable[[], None]
+# (the peer's SETTINGS_MAX_HEADER_LIST_SIZE) when a SETTINGS frame of the peer sets it
+HeaderListCallback = Callable[[int], None]
+# (flow-controlled bytes) of DATA left out because its stream was dropped
+DroppedCallback = Callable[[int], None]
 
 
 class FrameError(ValueError):
@@ -90,16 +126,35 @@ def header_frames(stream_id: int, end_stream: bool, block: bytes) -> bytes:
     return b"".join(frames)
 
 
-def _zero_table_settings(payload: bytes) -> bytes:
-    """SETTINGS entries with HEADER_TABLE_SIZE replaced by, or extended with, 0."""
+def _rewritten_settings(
+    payload: bytes, header_list_limit: int | None, header_list: HeaderListCallback | None
+) -> bytes:
+    """SETTINGS entries with HEADER_TABLE_SIZE replaced by, or extended with, 0, and, with a
+    header_list_limit, MAX_HEADER_LIST_SIZE lowered to it (or added): the receiver learns
+    the sidecar's limit, and a client that honours it fails early with a clear error."""
     if len(payload) % 6:
         raise FrameError("SETTINGS frame length is not a multiple of 6")
-    kept = [
-        payload[offset : offset + 6]
-        for offset in range(0, len(payload), 6)
-        if int.from_bytes(payload[offset : offset + 2], "big") != SETTINGS_HEADER_TABLE_SIZE
-    ]
+    kept = []
+    for offset in range(0, len(payload), 6):
+        identifier = int.from_bytes(payload[offset : offset + 2], "big")
+        if identifier == SETTINGS_HEADER_TABLE_SIZE:
+            continue
+        if identifier == SETTINGS_MAX_HEADER_LIST_SIZE:
+            value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
+            if header_list is not None:
+                header_list(value)
+            if header_list_limit is not None:
+                continue  # replaced below by the lower of the two
+        kept.append(payload[offset : offset + 6])
     kept.append(_TABLE_SIZE_ZERO)
+    if header_list_limit is not None:
+        for offset in range(0, len(payload), 6):
+            if int.from_bytes(payload[offset : offset + 2], "big") == SETTINGS_MAX_HEADER_LIST_SIZE:
+                value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
+                header_list_limit = min(header_list_limit, value)
+        kept.append(
+            SETTINGS_MAX_HEADER_LIST_SIZE.to_bytes(2, "big") + header_list_limit.to_bytes(4, "big")
+        )
     return b"".join(kept)
 
 
@@ -139,27 +194,46 @@ class FrameWalker:
         ping: PingCallback | None = None,
         settings_acked: AckCallback | None = None,
         goaway: GoawayCallback | None = None,
+        header_list: HeaderListCallback | None = None,
+        dropped_data: DroppedCallback | None = None,
+        header_list_limit: int | None = None,
+        max_block: int = _MAX_HEADER_BLOCK,
+        frames_per_pass: int = _FRAMES_PER_PASS,
+        block_bytes_per_pass: int = _BLOCK_BYTES_PER_PASS,
     ) -> None:
         self._headers = headers
         self._goaway = goaway
         self._settings_acked = settings_acked
+        self._header_list = header_list
+        self._header_list_limit = header_list_limit
+        self._dropped_data = dropped_data
         self._ping = ping
         self._data = data
         self._ended = ended
         self._reset = reset
+        self._max_block = max_block
+        self._frames_per_pass = frames_per_pass
+        self._block_bytes_per_pass = block_bytes_per_pass
         self._preface_left = len(PREFACE) if preface else 0
         # An incomplete frame header, or a frame we must see whole, and how many bytes
         # that takes: pieces are appended (amortised) and walked only once all are here,
-        # so a frame sent a byte at a time costs linear, not quadratic, copying.
+        # so a frame sent a byte at a time costs linear, not quadratic, copying. Input
+        # left over when a pass's budget ran out waits here too (awaiting 0).
         self._pending = bytearray()
         self._awaiting = 0
         self._passing = 0  # payload bytes of the current pass-through frame still to come
         self._passing_stream = 0  # the stream of that frame, when it is DATA (else 0)
         self._passing_ends = False  # that frame is DATA with END_STREAM
+        self._passing_dropped = False  # that frame is left out (its stream was dropped)
         # A header block spread over CONTINUATION frames: (stream id, flags, fragments).
         self._block: tuple[int, int, list[bytes]] | None = None
         self._block_size = 0
         self._first_frame_done = False
+        # Streams the headers callback dropped (insertion-ordered, bounded).
+        self.dropped: dict[int, None] = {}
+        self.control_frames = 0  # see the module doc; counted for the connection's budget
+        self.data_frames = 0  # DATA with a payload, and HEADERS
+        self.backlog = False  # input is waiting for the next pass (the budget ran out)
 
     @property
     def at_frame_boundary(self) -> bool:
@@ -168,12 +242,36 @@ class FrameWalker:
         must come first, RFC 9113 3.4) has gone out."""
         return self._first_frame_done and not self._passing
 
+    @property
+    def first_frame_done(self) -> bool:
+        """Whether the peer's first frame, its SETTINGS, has been walked."""
+        return self._first_frame_done
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether the peer has started a frame that is walked whole, or a header block,
+        and not finished it: held here until it does (bounded by max_block)."""
+        return (bool(self._pending) and not self.backlog) or self._block is not None
+
+    def drop(self, stream_id: int) -> None:
+        """Leave out the stream's further frames (it was answered and ended here)."""
+        self.dropped[stream_id] = None
+        if len(self.dropped) > _MAX_DROPPED:
+            del self.dropped[next(iter(self.dropped))]
+
+    def detach(self) -> None:
+        """Forget every callback, so that the owner and the walker do not keep each other
+        alive once the connection is gone (they would wait for the cycle collector)."""
+        self._headers = _refuse_headers
+        self._goaway = self._settings_acked = self._header_list = None
+        self._dropped_data = self._ping = self._data = self._ended = self._reset = None
+
     def feed(self, data: bytes) -> list[bytes | memoryview]:
         """The bytes to send on for `data`, in order (views into `data` where unchanged).
 
         The hot path of the splice: one pass, locals only, and the common frames
         (DATA, a HEADERS frame holding a whole block, PING, WINDOW_UPDATE)
-        handled inline.
+        handled inline. With `backlog` set after a call, feed(b"") walks on.
         """
         out: list[bytes | memoryview] = []
         if self._pending:
@@ -181,6 +279,7 @@ class FrameWalker:
             if len(self._pending) < self._awaiting:
                 return []
             data, self._pending = bytes(self._pending), bytearray()
+        self.backlog = False
         size = len(data)
         position = 0
         if self._preface_left:
@@ -191,20 +290,36 @@ class FrameWalker:
             self._preface_left -= taken
             position = taken
         on_data = self._data
+        run_start = 0  # start of the run of input that goes out unchanged
+        view: memoryview | None = None
         if self._passing:
             taken = min(self._passing, size - position)
             self._passing -= taken
-            if self._passing_stream and on_data:
+            if self._passing_dropped:
+                if position:
+                    view = memoryview(data)
+                    out.append(view[:position])
+                run_start = position + taken
+            elif self._passing_stream and on_data:
                 on_data(self._passing_stream, data, position, position + taken)
             if self._passing_ends and not self._passing:
                 self._passing_ends = False
-                if self._ended:
+                if self._passing_dropped:
+                    self.dropped.pop(self._passing_stream, None)
+                elif self._ended:
                     self._ended(self._passing_stream)
+            if not self._passing:
+                self._passing_dropped = False
             position += taken
         on_headers = self._headers
-        run_start = 0  # start of the run of input that goes out unchanged
-        view: memoryview | None = None
+        dropped = self.dropped
+        frames_left = self._frames_per_pass
+        block_bytes_left = self._block_bytes_per_pass
         while size - position >= _HEADER:
+            frames_left -= 1
+            if frames_left < 0 or block_bytes_left < 0:
+                self.backlog = True  # the rest waits for the next pass
+                break
             length = data[position] << 16 | data[position + 1] << 8 | data[position + 2]
             kind = data[position + 3]
             end = position + _HEADER + length
@@ -213,9 +328,29 @@ class FrameWalker:
             if kind == DATA:
                 flags = data[position + 4]
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                if length:
+                    self.data_frames += 1
+                elif not flags & END_STREAM:
+                    self.control_frames += 1  # an empty DATA frame carries nothing
+                if dropped and stream_id in dropped:
+                    if self._dropped_data is not None and length:
+                        self._dropped_data(length)
+                    if view is None:
+                        view = memoryview(data)
+                    out.append(view[run_start:position])
+                    if end > size:
+                        self._passing, self._passing_stream = end - size, stream_id
+                        self._passing_ends = bool(flags & END_STREAM)
+                        self._passing_dropped = True
+                        run_start = position = size
+                        break
+                    if flags & END_STREAM:
+                        del dropped[stream_id]
+                    run_start = position = end
+                    continue
                 if on_data is not None:
                     if flags & PADDED:  # taken whole: where the padding starts is in the frame
-                        if length > _MAX_HEADER_BLOCK:
+                        if length > self._max_block:
                             raise FrameError(f"padded DATA frame is {length} bytes long")
                         if end > size:
                             break
@@ -236,10 +371,12 @@ class FrameWalker:
                 continue
             if kind == HEADERS and data[position + 4] & _WHOLE_BLOCK_MASK == END_HEADERS:
                 # A whole block in one frame, without padding or priority: the usual case.
-                if length > _MAX_HEADER_BLOCK:
+                if length > self._max_block:
                     raise FrameError(f"HEADERS frame is {length} bytes long")
                 if end > size:
                     break
+                self.data_frames += 1
+                block_bytes_left -= length
                 flags = data[position + 4]
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
                 replacement = on_headers(stream_id, flags, data, position + _HEADER, end)
@@ -247,7 +384,12 @@ class FrameWalker:
                     if view is None:
                         view = memoryview(data)
                     out.append(view[run_start:position])
-                    out.append(header_frames(stream_id, bool(flags & END_STREAM), replacement))
+                    if replacement is DROP:
+                        self.drop(stream_id)
+                    else:
+                        out.append(
+                            header_frames(stream_id, bool(flags & END_STREAM), replacement)  # type: ignore[arg-type]
+                        )
                     run_start = end
                 position = end
                 continue
@@ -261,6 +403,7 @@ class FrameWalker:
                 if end > size:
                     break
                 if not data[position + 4] & ACK:
+                    self.control_frames += 1
                     self._ping(data[position + _HEADER : end])
                 if view is None:
                     view = memoryview(data)
@@ -273,6 +416,19 @@ class FrameWalker:
             if kind == RST_STREAM and length != 4:
                 raise FrameError("RST_STREAM frame payload is not 4 bytes")
             if kind in (PING, WINDOW_UPDATE, PRIORITY) or (kind == GOAWAY and not self._goaway):
+                self.control_frames += 1
+                if dropped and kind != GOAWAY and length <= 8:
+                    if end > size:
+                        break  # read whole: it may be left out
+                    stream_id = (
+                        int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                    )
+                    if stream_id in dropped:
+                        if view is None:
+                            view = memoryview(data)
+                        out.append(view[run_start:position])
+                        run_start = position = end
+                        continue
                 if end > size:  # stream the rest of the payload as it comes
                     self._passing, self._passing_stream = end - size, 0
                     position = size
@@ -282,17 +438,25 @@ class FrameWalker:
             if kind == RST_STREAM:
                 if end > size:
                     break
+                self.control_frames += 1
+                stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                if dropped and stream_id in dropped:
+                    del dropped[stream_id]  # the stream is over on both sides now
+                    if view is None:
+                        view = memoryview(data)
+                    out.append(view[run_start:position])
+                    run_start = position = end
+                    continue
                 if self._reset:
-                    self._reset(
-                        int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF,
-                        int.from_bytes(data[position + 9 : end], "big"),
-                    )
+                    self._reset(stream_id, int.from_bytes(data[position + 9 : end], "big"))
                 position = end
                 continue
-            if length > _MAX_HEADER_BLOCK:
+            if length > self._max_block:
                 raise FrameError(f"frame of type {kind} is {length} bytes long")
             if end > size:
                 break  # wait for the whole frame
+            if kind in (HEADERS, CONTINUATION):
+                block_bytes_left -= length
             replacement = self._rewrite(kind, data[position:end])
             if replacement is not None:
                 if view is None:
@@ -303,12 +467,15 @@ class FrameWalker:
             position = end
         if position < size:
             self._pending = bytearray(data[position:])
-            self._awaiting = (
-                _HEADER
-                if size - position < _HEADER
-                else _HEADER + int.from_bytes(data[position : position + 3], "big")
-            )
-        if not out:  # nothing rewritten: the input itself, as far as it was walked
+            if self.backlog:
+                self._awaiting = 0
+            else:
+                self._awaiting = (
+                    _HEADER
+                    if size - position < _HEADER
+                    else _HEADER + int.from_bytes(data[position : position + 3], "big")
+                )
+        if not out and not run_start:  # nothing left out: the input, as far as it was walked
             if position == size:
                 return [data] if size else []
             return [memoryview(data)[:position]] if position else []  # a view: no copy
@@ -333,8 +500,11 @@ class FrameWalker:
                 if self._settings_acked is not None:
                     self._settings_acked()
                 return None
+            if self._first_frame_done:
+                self.control_frames += 1  # the first is part of the connection preface
             self._first_frame_done = True  # once it is out; the peer's first frame
-            return frame(SETTINGS, flags, stream_id, _zero_table_settings(payload))
+            payload = _rewritten_settings(payload, self._header_list_limit, self._header_list)
+            return frame(SETTINGS, flags, stream_id, payload)
         if kind == HEADERS:
             self._block = (stream_id, flags, [_fragment(flags, payload)])
             self._block_size = len(payload)
@@ -343,19 +513,28 @@ class FrameWalker:
                 raise FrameError("CONTINUATION without the HEADERS it continues")
             self._block[2].append(payload)
             self._block_size += _HEADER + len(payload)  # empty CONTINUATIONs count too
-            if self._block_size > _MAX_HEADER_BLOCK or len(self._block[2]) > _MAX_FRAGMENTS:
+            if self._block_size > self._max_block or len(self._block[2]) > _MAX_FRAGMENTS:
                 raise FrameError("header block too large")
             flags = flags | self._block[1]
         else:
+            self.control_frames += 1
             return None  # a frame type this sidecar does not know: passed as it is
         if not flags & END_HEADERS:
             return b""  # the block continues; sent whole once complete
         stream_id, first_flags, fragments = self._block
         self._block = None
+        self.data_frames += 1
         received = fragments[0] if len(fragments) == 1 else b"".join(fragments)
         block = self._headers(stream_id, first_flags, received, 0, len(received))
+        if block is DROP:
+            self.drop(stream_id)
+            return b""
         if block is None:
             if kind == HEADERS and not first_flags & (PADDED | PRIORITY_FLAG):
                 return None  # unchanged, in one frame: send the frame as it came
             block = received
-        return header_frames(stream_id, bool(first_flags & END_STREAM), block)
+        return header_frames(stream_id, bool(first_flags & END_STREAM), block)  # type: ignore[arg-type]
+
+
+def _refuse_headers(stream_id: int, flags: int, buffer: bytes, start: int, end: int) -> None:
+    raise FrameError("the connection is closed")

@@ -7,6 +7,7 @@ import pytest
 from sidecar.frames import (
     CONTINUATION,
     DATA,
+    DROP,
     END_HEADERS,
     END_STREAM,
     GOAWAY,
@@ -14,6 +15,7 @@ from sidecar.frames import (
     PADDED,
     PING,
     PREFACE,
+    PRIORITY,
     PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
@@ -50,6 +52,8 @@ def feed_in_pieces(walker: FrameWalker, data: bytes, piece: int) -> bytes:
     out = b""
     for offset in range(0, len(data), piece):
         out += b"".join(bytes(chunk) for chunk in walker.feed(data[offset : offset + piece]))
+        while walker.backlog:
+            out += b"".join(bytes(chunk) for chunk in walker.feed(b""))
     return out
 
 
@@ -168,8 +172,11 @@ def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
     ],
 )  # fmt: skip
 def test_broken_framing_is_refused(data: bytes, message: str) -> None:
+    walker = Recorder().walker(preface=True)
     with pytest.raises(FrameError, match=message):
-        Recorder().walker(preface=True).feed(data)
+        walker.feed(data)
+        while walker.backlog:  # a pass walks a bounded number of frames
+            walker.feed(b"")
 
 
 @pytest.mark.parametrize("piece", [1, 5, 1000])
@@ -224,3 +231,103 @@ def test_frames_of_our_own_wait_for_the_peers_settings_and_for_a_frame_boundary(
     assert not walker.at_frame_boundary
     walker.feed(bytes(59))
     assert walker.at_frame_boundary
+
+
+def test_a_pass_walks_a_bounded_number_of_frames_and_the_rest_waits() -> None:
+    walker = Recorder().walker(preface=False)
+    priorities = frame(SETTINGS, 0, 0, b"") + frame(PRIORITY, 0, 1, bytes(5)) * 5000
+    first = b"".join(bytes(chunk) for chunk in walker.feed(priorities))
+    assert walker.backlog
+    assert 0 < len(first) < len(priorities) and (len(first) - 15) % 14 == 0  # whole frames
+    rest = b""
+    while walker.backlog:
+        rest += b"".join(bytes(chunk) for chunk in walker.feed(b""))
+    assert first + rest == frame(SETTINGS, 0, 0, bytes.fromhex("000100000000")) + priorities[9:]
+    assert walker.control_frames == 5000
+
+
+def test_a_dropped_stream_is_left_out_and_its_data_reported_for_flow_control() -> None:
+    credited: list[int] = []
+    drop_stream = 3
+
+    def headers(stream_id: int, flags: int, buffer: bytes, start: int, end: int) -> object:
+        return DROP if stream_id == drop_stream else None
+
+    walker = FrameWalker(
+        headers,  # type: ignore[arg-type]
+        preface=False,
+        dropped_data=credited.append,
+        ended=lambda stream_id: None,
+    )
+    kept = frame(HEADERS, END_HEADERS, 1, b"block") + frame(DATA, 0, 1, b"kept")
+    left_out = (
+        frame(HEADERS, END_HEADERS, 3, b"refused")
+        + frame(DATA, 0, 3, bytes(1000))
+        + frame(WINDOW_UPDATE, 0, 3, (10).to_bytes(4, "big"))
+        + frame(PRIORITY, 0, 3, bytes(5))
+        + frame(DATA, PADDED | END_STREAM, 3, bytes((4,)) + bytes(20))
+    )
+    after = frame(WINDOW_UPDATE, 0, 1, (10).to_bytes(4, "big")) + frame(DATA, END_STREAM, 1, b"x")
+    for piece in (1, 7, 100_000):
+        credited.clear()
+        walker = FrameWalker(headers, preface=False, dropped_data=credited.append)  # type: ignore[arg-type]
+        walker.feed(frame(SETTINGS, 0, 0, b""))
+        assert feed_in_pieces(walker, kept + left_out + after, piece) == kept + after
+        assert sum(credited) == 1000 + 21  # padding and its length byte are flow-controlled
+        assert not walker.dropped  # its END_STREAM ended it on both sides
+
+
+def test_a_reset_of_a_dropped_stream_is_left_out_and_ends_it() -> None:
+    resets: list[tuple[int, int]] = []
+    walker = FrameWalker(
+        lambda *_: DROP,  # type: ignore[arg-type,return-value]
+        preface=False,
+        reset=lambda stream_id, code: resets.append((stream_id, code)),
+    )
+    walker.feed(frame(SETTINGS, 0, 0, b""))
+    out = walker.feed(frame(HEADERS, END_HEADERS, 1, b"x") + frame(RST_STREAM, 0, 1, bytes(4)))
+    assert b"".join(bytes(chunk) for chunk in out) == b""
+    assert resets == [] and not walker.dropped
+
+
+def test_control_frames_and_data_frames_are_counted() -> None:
+    walker = Recorder().walker(preface=False)
+    walker.feed(
+        frame(SETTINGS, 0, 0, b"")  # the preface's SETTINGS: not counted
+        + frame(SETTINGS, 0, 0, b"")
+        + frame(PRIORITY, 0, 1, bytes(5))
+        + frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
+        + frame(RST_STREAM, 0, 1, bytes(4))
+        + frame(DATA, 0, 1, b"")  # empty, not ending the stream
+        + frame(DATA, END_STREAM, 3, b"")  # a half-close: not a control frame
+        + frame(0xFA, 0, 0, b"extension")
+        + frame(HEADERS, END_HEADERS, 5, b"block")
+        + frame(DATA, 0, 5, b"payload")
+    )
+    assert (walker.control_frames, walker.data_frames) == (6, 2)
+
+
+def test_settings_to_a_peer_carry_the_lower_header_list_limit() -> None:
+    seen: list[int] = []
+    walker = FrameWalker(
+        lambda *_: None, preface=False, header_list_limit=16384, header_list=seen.append
+    )
+    entry = (0x6).to_bytes(2, "big") + (65536).to_bytes(4, "big")
+    out = b"".join(bytes(chunk) for chunk in walker.feed(frame(SETTINGS, 0, 0, entry)))
+    table_zero = bytes.fromhex("000100000000")
+    assert out == frame(SETTINGS, 0, 0, table_zero + bytes.fromhex("000600004000"))
+    assert seen == [65536]
+    lower = (0x6).to_bytes(2, "big") + (4096).to_bytes(4, "big")
+    out = b"".join(bytes(chunk) for chunk in walker.feed(frame(SETTINGS, 0, 0, lower)))
+    assert out == frame(SETTINGS, 0, 0, table_zero + bytes.fromhex("000600001000"))
+
+
+def test_a_started_block_is_held_and_reported_as_unfinished() -> None:
+    walker = Recorder().walker(preface=False)
+    walker.feed(frame(SETTINGS, 0, 0, b""))
+    walker.feed(frame(HEADERS, 0, 1, b"part"))
+    assert walker.in_frame
+    walker.feed(frame(CONTINUATION, END_HEADERS, 1, b"rest"))
+    assert not walker.in_frame
+    walker.feed(frame(HEADERS, END_HEADERS, 3, b"whole")[:7])
+    assert walker.in_frame

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check demo demo-shell protos bench clean
+.PHONY: test check demo demo-shell protos bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ protos: $(STAMP)
 # The same load through no proxy, the sidecar, haproxy and nginx; rewrites BENCHMARKS.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --markdown BENCHMARKS.md --json bench/results.json
+
+# tests/fuzz with a large budget (the HYPOTHESIS_PROFILE "fuzz" in tests/fuzz/conftest.py;
+# `make test` runs the same properties briefly). No per-test timeout: each runs for minutes.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/fuzz --timeout=0 \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,34 @@
+"""Hypothesis profiles for the fuzz suite: a modest budget in `make test`, a large one in
+`make fuzz`.
+
+HYPOTHESIS_PROFILE=fuzz (set by `make fuzz`) selects the long run. Examples that
+failed are kept under .pytest_cache (ignored by git) and replayed first next time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+_DATABASE = DirectoryBasedExampleDatabase(
+    str(Path(__file__).resolve().parents[2] / ".pytest_cache" / "hypothesis")
+)
+# Generated streams are large by Hypothesis's standards, and a shared 2-core machine
+# makes timings noisy: neither is a finding.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+
+settings.register_profile(
+    "ci", max_examples=150, deadline=None, database=_DATABASE, suppress_health_check=_QUIET
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=40_000,
+    deadline=None,
+    database=_DATABASE,
+    suppress_health_check=_QUIET,
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,141 @@
+"""FrameWalker against hyperframe: for any bytes, what crosses and what is reported agrees with
+the oracle (tests/fuzz/frame_oracle.py), or the walker refuses with FrameError or
+HeaderBlockError; however the bytes are cut into reads, the result is the same."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from sidecar.frames import FrameError, FrameWalker
+from sidecar.headerblock import HeaderBlockError, RequestBlocks
+from tests.fuzz.frame_oracle import FrameOracle, Hooks, check_output, replacement, split
+from tests.fuzz.streams import FrameCase, chunkings, frame_cases, hooks
+
+REFUSALS = (FrameError, HeaderBlockError)
+
+
+@dataclass
+class Recorder:
+    """A FrameWalker with the callbacks `hooks` names, recording what they are told."""
+
+    hooks: Hooks
+    events: list[tuple[object, ...]] = field(default_factory=list)
+    requests: RequestBlocks | None = None  # rewrite == "request": the splice's own filter
+
+    def headers(
+        self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
+    ) -> bytes | None:
+        block = bytes(buffer[start:end])
+        self.events.append(("headers", stream_id, flags, block))
+        if self.requests is not None:
+            return self.requests.rewrite(block)[0]
+        return replacement(self.hooks.rewrite, stream_id, block)
+
+    def data(self, stream_id: int, buffer: bytes, start: int, end: int) -> None:
+        self.events.append(("data", stream_id, bytes(buffer[start:end])))
+
+    def ended(self, stream_id: int) -> None:
+        self.events.append(("ended", stream_id))
+
+    def reset(self, stream_id: int, code: int) -> None:
+        self.events.append(("reset", stream_id, code))
+
+    def ping(self, opaque: bytes) -> None:
+        self.events.append(("ping", bytes(opaque)))
+
+    def acked(self) -> None:
+        self.events.append(("acked",))
+        if self.requests is not None:
+            self.requests.table_limited()
+
+    def goaway(self, last_stream_id: int) -> None:
+        self.events.append(("goaway", last_stream_id))
+
+    def walker(self, *, preface: bool) -> FrameWalker:
+        hooks = self.hooks
+        if hooks.rewrite == "request":
+            self.requests = RequestBlocks(b"sidecar/fuzz")
+        return FrameWalker(
+            self.headers,
+            preface=preface,
+            data=self.data if hooks.data else None,
+            ended=self.ended if hooks.ended else None,
+            reset=self.reset if hooks.reset else None,
+            ping=self.ping if hooks.ping else None,
+            settings_acked=self.acked if hooks.acked or self.requests else None,
+            goaway=self.goaway if hooks.goaway else None,
+        )
+
+
+@given(frame_cases())
+def test_each_frame_crosses_as_hyperframe_reads_it_or_is_refused(case: FrameCase) -> None:
+    recorder = Recorder(case.hooks)
+    walker = recorder.walker(preface=case.preface)
+    oracle = FrameOracle(case.hooks, preface=case.preface)
+    agreed = 0
+    for piece, complete in split(case.stream, case.preface):
+        verdict = oracle.judge(piece, complete)
+        event(f"verdict: {verdict.kind}")
+        recorder.events.clear()
+        try:
+            sent = b"".join(bytes(chunk) for chunk in walker.feed(piece))
+        except REFUSALS as error:
+            assert verdict.kind != "agree", (
+                f"refused ({error}) a frame the oracle accepts: {piece!r}"
+            )
+            return
+        assert verdict.kind != "refuse", f"not refused ({verdict.why}): {piece!r}"
+        if verdict.kind == "unjudged":
+            return  # the oracle refuses it: what follows cannot be judged
+        check_output(sent, verdict.output)
+        assert recorder.events == verdict.events
+        if complete:
+            assert walker.at_frame_boundary == oracle.settings_seen
+        agreed += 1
+    event(f"pieces agreed: {min(agreed, 8)}{'+' if agreed >= 8 else ''}")
+
+
+def _normalised(events: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    """Events with DATA pieces joined per run of one stream (a frame's payload is reported
+    in as many pieces as it arrived in)."""
+    joined: list[tuple[object, ...]] = []
+    for reported in events:
+        if reported[0] == "data" and joined and joined[-1][:2] == reported[:2]:
+            previous = joined[-1][2]
+            assert isinstance(previous, bytes) and isinstance(reported[2], bytes)
+            joined[-1] = ("data", reported[1], previous + reported[2])
+        elif reported[0] != "data" or reported[2]:
+            joined.append(reported)
+    return joined
+
+
+def _walk(case: FrameCase, pieces: list[bytes]) -> tuple[bytes, list[tuple[object, ...]], bool]:
+    """(bytes sent until the end or a refusal, events, whether the walker refused)."""
+    recorder = Recorder(case.hooks)
+    walker = recorder.walker(preface=case.preface)
+    sent: list[bytes] = []
+    try:
+        for piece in pieces:
+            sent.extend(bytes(chunk) for chunk in walker.feed(piece))
+    except REFUSALS:
+        return b"".join(sent), _normalised(recorder.events), True
+    return b"".join(sent), _normalised(recorder.events), False
+
+
+request_hooks = st.one_of(hooks, hooks.map(lambda h: Hooks(**{**h.__dict__, "rewrite": "request"})))
+
+
+@given(st.data(), frame_cases(request_hooks))
+def test_however_the_bytes_arrive_the_same_bytes_cross(
+    data: st.DataObject, case: FrameCase
+) -> None:
+    cuts = data.draw(chunkings(len(case.stream)))
+    whole_sent, whole_events, whole_refused = _walk(case, [case.stream])
+    pieces_sent, pieces_events, pieces_refused = _walk(case, [case.stream[a:b] for a, b in cuts])
+    assert pieces_refused == whole_refused
+    assert pieces_events == whole_events
+    if not whole_refused:  # (a refused feed sends nothing: what went before differs)
+        assert pieces_sent == whole_sent

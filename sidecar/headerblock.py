@@ -10,12 +10,22 @@ representations finds the names, and kept representations are copied as they
 are. Until then (the first blocks of a connection may be sent before the peer
 has seen our SETTINGS) hpack's decoder follows the table, and kept fields are
 re-encoded as literals that never touch the upstream's table.
+
+Every request field is judged on the way (metadata.py's table): a request
+larger than the header-list budget, with too many fields, or malformed (RFC 9113
+8.2) raises RequestRefused, and the splice answers it itself; it never reaches
+the upstream. Until a client's table is empty each block is decoded and
+re-encoded, so the decoded bytes a connection may send in that phase are
+bounded too (a few indexed bytes could otherwise stand for megabytes: HPACK
+amplification).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import grpc
 import hpack
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
@@ -124,8 +134,9 @@ def _fields(block: bytes) -> Iterator[tuple[bytes, int, int, int]]:
         yield name, start, position, value_start
 
 
-def _filter_stateless(block: bytes) -> tuple[list[bytes], bytes | None]:
-    """The kept runs of a stateless request block, and its :path.
+def _filter_stateless(block: bytes, check: _RequestCheck) -> tuple[list[bytes], bytes | None]:
+    """The kept runs of a stateless request block, and its :path; every field is judged
+    by `check`, which raises RequestRefused for a request the splice must answer itself.
 
     _fields, unrolled: this runs once per call on the hot path, so integers of
     one byte (nearly all of them) are read inline.
@@ -143,39 +154,25 @@ def _filter_stateless(block: bytes) -> tuple[list[bytes], bytes | None]:
             if not 1 <= index <= len(_STATIC_NAMES):
                 raise HeaderBlockError(f"header block refers to table entry {index}")
             name, value = HeaderTable.STATIC_TABLE[index - 1]
-            if name == b":path":
-                path = value
-            if not _request_keeps(name):
-                kept.append(block[copied:start])
-                copied = position
-            continue
-        if first & 0xE0 == 0x20:  # dynamic table size update: kept
+        elif first & 0xE0 == 0x20:  # dynamic table size update: kept
             _, position = _integer(block, position, 5)
             continue
-        mask = 0x3F if first & 0x40 else 0x0F
-        index = first & mask
-        position += 1
-        if index == mask:
-            index, position = _integer(block, start, 6 if mask == 0x3F else 4)
-        if index:
-            if index > len(_STATIC_NAMES):
-                raise HeaderBlockError(f"header block refers to table entry {index}")
-            name = _STATIC_NAMES[index - 1]
         else:
-            name, position = _string(block, position)
-        if name == b":path":
-            path, position = _string(block, position)
-        else:
-            if position >= size:
-                raise HeaderBlockError("header block ends inside a string")
-            length = block[position] & 0x7F
+            mask = 0x3F if first & 0x40 else 0x0F
+            index = first & mask
             position += 1
-            if length == 0x7F:
-                length, position = _integer(block, position - 1, 7)
-            position += length
-            if position > size:
-                raise HeaderBlockError("header block ends inside a string")
-        if not _request_keeps(name):
+            if index == mask:
+                index, position = _integer(block, start, 6 if mask == 0x3F else 4)
+            if index:
+                if index > len(_STATIC_NAMES):
+                    raise HeaderBlockError(f"header block refers to table entry {index}")
+                name = _STATIC_NAMES[index - 1]
+            else:
+                name, position = _string(block, position)
+            value, position = _string(block, position)
+        if name == b":path":
+            path = value
+        if not check.keeps(name, value):
             kept.append(block[copied:start])
             copied = position
     kept.append(block[copied:])
@@ -209,44 +206,120 @@ def _starts_with_table_reset(block: bytes) -> bool:
     return reset
 
 
-_KEEP_IN_REQUESTS = frozenset({b"te", b"content-type", b"grpc-timeout", b"grpc-encoding",
-                               b"grpc-accept-encoding"})  # fmt: skip
+class RequestRefused(Exception):
+    """A request the splice answers itself, with this status and details, instead of
+    relaying it (too large, or malformed: RFC 9113 8.2); the connection goes on."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
-_request_decisions: dict[bytes, bool] = {}
+_verdicts: dict[bytes, str] = {}
 
 
-def _request_keeps(name: bytes) -> bool:
-    """Which request fields cross: pseudo-headers and the protocol's own fields, as sent
-    (the splice forwards the message bytes unchanged, so their encoding and the caller's
-    deadline still hold), and the application metadata that metadata.py lets through."""
-    decision = _request_decisions.get(name)
-    if decision is None:
-        # HTTP/2 names are lowercase (RFC 9113 8.2.1); one that is not is judged by its
-        # lowercase form, so that "User-Agent" or "GRPC-X" cannot slip past the filter.
-        lowered = name.lower()
-        decision = (
-            lowered.startswith(b":")
-            or lowered in _KEEP_IN_REQUESTS
-            or metadata.crosses_in_request(lowered.decode("latin-1"))
-        )
+def _verdict(name: bytes) -> str:
+    """metadata.request_verdict, remembered for small names (the same few recur)."""
+    verdict = _verdicts.get(name)
+    if verdict is None:
+        verdict = metadata.request_verdict(name)
         if len(name) <= _CACHED_STRING_LIMIT:
-            if len(_request_decisions) >= _CACHE_LIMIT:
-                _request_decisions.clear()
-            _request_decisions[name] = decision
-    return decision
+            if len(_verdicts) >= _CACHE_LIMIT:
+                _verdicts.clear()
+            _verdicts[name] = verdict
+    return verdict
+
+
+class _RequestCheck:
+    """One request block's fields, judged one by one against the budgets and RFC 9113."""
+
+    __slots__ = ("_fields", "_limits", "_pseudo", "_regular", "_size", "_trailers")
+
+    def __init__(self, limits: HeaderLimits, trailers: bool) -> None:
+        self._limits = limits
+        self._trailers = trailers
+        self._size = self._fields = 0
+        self._pseudo: list[bytes] = []
+        self._regular = False
+
+    def keeps(self, name: bytes, value: bytes) -> bool:
+        """Whether the field crosses; raises RequestRefused when the request cannot."""
+        limits = self._limits
+        self._fields += 1
+        self._size += len(name) + len(value) + 32  # RFC 9113 6.5.2
+        if self._fields > limits.max_fields:
+            raise RequestRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request has more than {limits.max_fields} header fields",
+            )
+        if self._size > limits.list_size:
+            raise RequestRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request headers are larger than {limits.list_size} bytes",
+            )
+        verdict = _verdict(name)
+        if verdict is metadata.KEEP or verdict is metadata.DROP:
+            problem = metadata.value_problem(name, value)
+        else:
+            problem = verdict
+        if not problem:
+            if name[:1] == b":":
+                if self._regular or self._trailers:
+                    problem = f"pseudo-header {name.decode()} after regular fields"
+                elif name in self._pseudo:
+                    problem = f"pseudo-header {name.decode()} twice"
+                self._pseudo.append(name)
+            else:
+                self._regular = True
+        if problem:
+            raise RequestRefused(grpc.StatusCode.INTERNAL, f"malformed request: {problem}")
+        return verdict is metadata.KEEP
+
+    def done(self) -> None:
+        """The block is over: a request must name its method, scheme and path (8.3.1)."""
+        if self._trailers:
+            return
+        for required in (b":method", b":scheme", b":path"):
+            if required not in self._pseudo:
+                raise RequestRefused(
+                    grpc.StatusCode.INTERNAL,
+                    f"malformed request: no {required.decode()} pseudo-header",
+                )
+
+
+@dataclass
+class HeaderLimits:
+    """What one request's header list may hold (max_header_list_size, max_header_fields),
+    and how many decoded bytes a connection may send while its HPACK table is in use."""
+
+    list_size: int = 16384
+    max_fields: int = 256
+    stateful_bytes: int = 1024 * 1024
 
 
 class RequestBlocks:
     """One connection's request header blocks, client to upstream."""
 
-    def __init__(self, user_agent: bytes) -> None:
+    def __init__(self, user_agent: bytes, limits: HeaderLimits | None = None) -> None:
+        self.limits = limits if limits is not None else HeaderLimits()
         self._decoder: hpack.Decoder | None = hpack.Decoder()
+        self._decoder.max_header_list_size = self.limits.list_size
+        self._stateful_left = self.limits.stateful_bytes
         self._limited = False
         self._user_agent = _literal(b"user-agent", user_agent)
         # Once blocks stand alone, a client sends the same bytes for the same method
-        # and metadata: remember recent answers.
+        # and metadata: remember recent answers (only requests that crossed).
         self._rewritten: dict[bytes, tuple[bytes, bytes | None]] = {}
+
+    def lower_list_size(self, size: int) -> None:
+        """The upstream accepts header lists of at most `size` bytes (its SETTINGS): a request
+        larger than that is answered here rather than refused by the upstream."""
+        if size < self.limits.list_size:
+            self.limits.list_size = size
+            self._rewritten.clear()
+            if self._decoder is not None:
+                self._decoder.max_header_list_size = size
 
     def table_limited(self) -> None:
         """The client has acknowledged a SETTINGS_HEADER_TABLE_SIZE of 0: its table can no
@@ -254,39 +327,68 @@ class RequestBlocks:
         (Before that, a reset could be followed by growth again.)"""
         self._limited = True
 
-    def rewrite(self, block: bytes) -> tuple[bytes, bytes | None]:
-        """The block as the upstream gets it, and the request's :path."""
+    def rewrite(self, block: bytes, *, trailers: bool = False) -> tuple[bytes, bytes | None]:
+        """The block as the upstream gets it, and the request's :path.
+
+        Raises RequestRefused for a request to answer here (the connection goes on),
+        HeaderBlockError for a block that ends the connection.
+        """
         if self._decoder is not None and self._limited and _starts_with_table_reset(block):
             self._decoder = None  # from here on the client's blocks stand alone
         if self._decoder is not None:
-            return self._rewrite_stateful(self._decoder, block)
-        known = self._rewritten.get(block)
-        if known is not None:
-            return known
-        kept, path = _filter_stateless(block)
-        kept.append(self._user_agent)
+            return self._rewrite_stateful(self._decoder, block, trailers)
+        if not trailers:
+            known = self._rewritten.get(block)
+            if known is not None:
+                return known
+        check = _RequestCheck(self.limits, trailers)
+        kept, path = _filter_stateless(block, check)
+        check.done()
+        if not trailers:
+            kept.append(self._user_agent)
         answer = b"".join(kept), path
-        if len(block) <= _CACHED_BLOCK_LIMIT:
+        if len(block) <= _CACHED_BLOCK_LIMIT and not trailers:
             if len(self._rewritten) >= _REWRITTEN_LIMIT:
                 self._rewritten.clear()
             self._rewritten[block] = answer
         return answer
 
-    def _rewrite_stateful(self, decoder: hpack.Decoder, block: bytes) -> tuple[bytes, bytes | None]:
+    def _rewrite_stateful(
+        self, decoder: hpack.Decoder, block: bytes, trailers: bool
+    ) -> tuple[bytes, bytes | None]:
         try:
             decoded = decoder.decode(block, raw=True)
+        except hpack.OversizedHeaderListError:
+            # The table may now be out of step with the client's: the connection ends.
+            raise HeaderBlockError(
+                f"request headers larger than {self.limits.list_size} bytes while the "
+                "HPACK table is in use"
+            ) from None
         except Exception as error:  # hpack's HPACKError and friends
             raise HeaderBlockError(f"bad request header block: {error}") from None
+        check = _RequestCheck(self.limits, trailers)
         parts, path = [], None
+        decoded_size = 0
         for decoded_field in decoded:
             name, value = decoded_field
+            decoded_size += len(name) + len(value)
             if name == b":path":
                 path = value
-            if _request_keeps(name):
+            if check.keeps(name, value):
                 # RFC 7541 6.2.3: a field the client marked never-indexed stays so.
                 never = isinstance(decoded_field, hpack.NeverIndexedHeaderTuple)
                 parts.append(_literal(name, value, never_indexed=never))
-        parts.append(self._user_agent)
+        check.done()
+        # Each block is re-encoded as literals until the client's table is empty: a
+        # client that never empties it could make a few bytes stand for a lot.
+        self._stateful_left -= decoded_size
+        if self._stateful_left < 0:
+            raise HeaderBlockError(
+                f"more than {self.limits.stateful_bytes} bytes of request headers before "
+                "the client applied a header table size of 0"
+            )
+        if not trailers:
+            parts.append(self._user_agent)
         return b"".join(parts), path
 
 

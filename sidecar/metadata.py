@@ -1,49 +1,106 @@
-"""Which metadata crosses the sidecar, in each direction.
+"""Which request and response fields cross the sidecar: the one table, for both data planes.
 
 Application metadata (text and `-bin`, repeated keys, in order) passes unchanged.
-Dropped: HTTP/2 pseudo-headers; `grpc-*` keys, which are reserved for the
-protocol and re-derived by each hop (timeout, encoding); connection-specific
-HTTP headers that RFC 9113 section 8.2.2 makes malformed in HTTP/2; and
-`user-agent`, which names the sidecar's own upstream client on the next hop.
+What else a request carries is one of:
+- the request pseudo-headers (:method, :scheme, :path, :authority) and the
+  protocol's own fields (`te`, `content-type`, `grpc-timeout`, `grpc-encoding`,
+  `grpc-accept-encoding`): the splice keeps them as sent, since it relays the
+  message bytes unchanged (their encoding and the caller's deadline still hold);
+  the grpc plane's relay re-derives them from the call (deadline, compression),
+  so there they are dropped from the metadata it forwards;
+- dropped on both planes: `user-agent` (it names the sidecar's upstream client
+  on the next hop; the splice sends its own), `host` and `content-length`, and
+  every other `grpc-*` key, which is reserved for the protocol;
+- malformed (RFC 9113 8.2.1, 8.2.2, 8.3): names that are empty or carry
+  uppercase, controls, space, non-ASCII or a colon past the first byte,
+  pseudo-headers other than the four of a request, connection-specific fields
+  (`connection`, `keep-alive`, `proxy-connection`, `transfer-encoding`,
+  `upgrade`), `te` other than `trailers`, values holding NUL, CR or LF. The
+  splice answers such a request itself (INTERNAL, with the reason); it never
+  reaches the app. On the grpc plane grpc core refuses them first.
 Responses keep `grpc-status-details-bin`: it is the rich error status
 (google.rpc.Status) and belongs to the application.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from typing import Final
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
-_HOP_BY_HOP = frozenset(
-    {
-        "te",
-        "content-type",
-        "user-agent",
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    }
+REQUEST_PSEUDO_HEADERS: Final = frozenset({b":method", b":scheme", b":path", b":authority"})
+# Kept as sent by the splice; the grpc plane re-derives them.
+PROTOCOL_FIELDS: Final = frozenset(
+    {b"te", b"content-type", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
+)
+# Dropped on both planes (the grpc-* prefix too).
+DROPPED_FIELDS: Final = frozenset({b"user-agent", b"host", b"content-length"})
+# RFC 9113 8.2.2: a request carrying one is malformed.
+CONNECTION_SPECIFIC_FIELDS: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _STATUS_DETAILS = "grpc-status-details-bin"
 
+# RFC 9113 8.2.1: a name holds no 0x00-0x20, no uppercase, no 0x7f-0xff, and no colon
+# (but a pseudo-header's first byte).
+_VALID_NAME = re.compile(rb"[!-9;-@\[-~]+")
 
-def _dropped(key: str) -> bool:
-    return key.startswith((":", "grpc-")) or key in _HOP_BY_HOP
+KEEP: Final = ""  # a verdict: the field crosses
+DROP: Final = "drop"  # a verdict: the field is left out
 
 
-def crosses_in_request(key: str) -> bool:
-    """Whether the caller's metadata key reaches the upstream."""
-    return not _dropped(key)
+def request_verdict(name: bytes) -> str:
+    """What the splice does with a request field of this name: KEEP, DROP, or the reason the
+    request is malformed (a non-empty message for the caller)."""
+    if name[:1] == b":":
+        if name in REQUEST_PSEUDO_HEADERS:
+            return KEEP
+        return f"pseudo-header {_shown(name)} is not one of a request's"
+    if not _VALID_NAME.fullmatch(name):
+        if not name:
+            return "empty field name"
+        if name.lower() != name and _VALID_NAME.fullmatch(name.lower()):
+            return f"field name {_shown(name)} has uppercase letters"
+        return f"field name {_shown(name)} has a character RFC 9113 forbids"
+    if name in PROTOCOL_FIELDS:
+        return KEEP
+    if name in CONNECTION_SPECIFIC_FIELDS:
+        return f"connection-specific field {_shown(name)} in an HTTP/2 request"
+    if name in DROPPED_FIELDS or name.startswith(b"grpc-"):
+        return DROP
+    return KEEP
+
+
+def value_problem(name: bytes, value: bytes) -> str | None:
+    """Why a request field's value makes the request malformed, or None."""
+    if b"\x00" in value or b"\r" in value or b"\n" in value:
+        return f"the value of {_shown(name)} holds NUL, CR or LF"
+    if name == b"te" and value != b"trailers":
+        return f"te is {_shown(value)}; HTTP/2 allows only 'trailers'"
+    return None
+
+
+def _shown(text: bytes) -> str:
+    """A caller's bytes, quoted and escaped for a message (never raw controls)."""
+    shown = repr(text[:64])[1:]  # b'..' -> '..', with every non-printable escaped
+    return shown if len(text) <= 64 else shown[:-1] + "...'"
+
+
+def _dropped_by_relay(key: str) -> bool:
+    encoded = key.encode("latin-1", "replace")
+    return (
+        key.startswith((":", "grpc-"))
+        or encoded in PROTOCOL_FIELDS
+        or encoded in DROPPED_FIELDS
+        or encoded in CONNECTION_SPECIFIC_FIELDS
+    )
 
 
 def request_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
-    """The caller's metadata as the upstream should receive it."""
-    return tuple((key, value) for key, value in metadata if not _dropped(key))
+    """The caller's metadata as the grpc plane forwards it to the upstream."""
+    return tuple((key, value) for key, value in metadata if not _dropped_by_relay(key))
 
 
 def response_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
@@ -51,5 +108,7 @@ def response_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Met
     if not metadata:
         return ()
     return tuple(
-        (key, value) for key, value in metadata if key == _STATUS_DETAILS or not _dropped(key)
+        (key, value)
+        for key, value in metadata
+        if key == _STATUS_DETAILS or not _dropped_by_relay(key)
     )

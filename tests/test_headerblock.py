@@ -5,7 +5,13 @@ from __future__ import annotations
 import hpack
 import pytest
 
-from sidecar.headerblock import HeaderBlockError, RequestBlocks, ResponseBlocks
+from sidecar.headerblock import (
+    HeaderBlockError,
+    HeaderLimits,
+    RequestBlocks,
+    RequestRefused,
+    ResponseBlocks,
+)
 
 USER_AGENT = b"sidecar/test"
 
@@ -28,7 +34,7 @@ def request(path: str, *extra: tuple[str, str]) -> list[tuple[str, str]]:
 EXTRA = (
     ("x-trace", "abc"),
     ("grpc-custom", "reserved"),
-    ("connection", "keep-alive"),
+    ("host", "elsewhere"),
     ("x-trace", "second"),
     ("x-bin", "AAE"),
 )
@@ -67,14 +73,23 @@ def test_requests_are_filtered_before_and_after_the_table_goes_to_zero(huffman: 
         assert upstream.decode(rewritten, raw=True) == EXPECTED
 
 
+def stateless_blocks(limits: HeaderLimits | None = None) -> RequestBlocks:
+    """Blocks of a connection whose client has emptied its table (the stateless phase)."""
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    blocks = RequestBlocks(USER_AGENT, limits)
+    blocks.table_limited()  # the client acknowledged our SETTINGS
+    blocks.rewrite(client.encode(request("/a/B")))  # opens with the size update
+    return blocks
+
+
 def test_stateless_blocks_keep_their_representations_byte_for_byte() -> None:
     client = hpack.Encoder()
     client.header_table_size = 0
-    blocks = RequestBlocks(USER_AGENT)
-    blocks.table_limited()  # the client acknowledged our SETTINGS
-    blocks.rewrite(client.encode([(":method", "POST")]))  # opens with the size update
+    blocks = stateless_blocks()
+    client.encode([])  # its size update was sent with the first block
     # With no table, blocks encoded apart concatenate into one valid block.
-    before = client.encode([(":method", "POST"), (":path", "/a/B"), ("x-k", "v")])
+    before = client.encode([(":method", "POST"), (":scheme", "http"), (":path", "/a/B")])
     dropped = client.encode([("user-agent", "grpc-go/1.33.3"), ("grpc-custom", "x")])
     after = client.encode([("x-other", "w")])
     rewritten, _ = blocks.rewrite(before + dropped + after)
@@ -110,39 +125,106 @@ def test_trailers_give_the_status_in_both_phases() -> None:
     ],
 )
 def test_malformed_blocks_are_refused(block: bytes) -> None:
-    blocks = RequestBlocks(USER_AGENT)
-    blocks.table_limited()
-    blocks.rewrite(b"\x20")  # size update to 0: stateless from here
+    blocks = stateless_blocks()
     with pytest.raises(HeaderBlockError):
         blocks.rewrite(block)
 
 
+def literal(name: bytes, value: bytes) -> bytes:
+    """A literal field with a new name, no Huffman (hpack's encoder lowercases names)."""
+    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+MALFORMED = [
+    pytest.param(literal(b"User-Agent", b"evil"), "'User-Agent' has uppercase", id="uppercase"),
+    pytest.param(literal(b"GRPC-X", b"1"), "'GRPC-X' has uppercase", id="uppercase-reserved"),
+    pytest.param(literal(b":x-user", b"root"), "pseudo-header ':x-user'", id="unknown-pseudo"),
+    pytest.param(literal(b"x y", b"1"), "'x y' has a character", id="space-in-name"),
+    pytest.param(literal(b"x:y", b"1"), "'x:y' has a character", id="colon-in-name"),
+    pytest.param(literal(b"", b"1"), "empty field name", id="empty-name"),
+    pytest.param(literal(b"x-\xff", b"1"), "has a character", id="non-ascii-name"),
+    pytest.param(literal(b"x-k", b"a\r\nb"), "holds NUL, CR or LF", id="crlf-in-value"),
+    pytest.param(literal(b"x-k", b"a\x00b"), "holds NUL, CR or LF", id="nul-in-value"),
+    pytest.param(literal(b"connection", b"close"), "connection-specific", id="connection"),
+    pytest.param(literal(b"upgrade", b"h2c"), "connection-specific", id="upgrade"),
+    pytest.param(literal(b"te", b"gzip"), "only 'trailers'", id="te-not-trailers"),
+    pytest.param(literal(b":path", b"/again"), ":path after regular", id="pseudo-after-regular"),
+]
+
+
 @pytest.mark.parametrize("stateless", [False, True])
-def test_names_in_uppercase_are_judged_by_their_lowercase_form(stateless: bool) -> None:
-    client, upstream = hpack.Encoder(), hpack.Decoder()
-    blocks = RequestBlocks(USER_AGENT)
+@pytest.mark.parametrize(("field", "reason"), MALFORMED)
+def test_malformed_requests_are_refused_with_the_reason(
+    stateless: bool, field: bytes, reason: str
+) -> None:
+    """RFC 9113 8.2.1, 8.2.2: such a request must not reach the app, whatever the phase."""
+    client = hpack.Encoder()
+    blocks = stateless_blocks() if stateless else RequestBlocks(USER_AGENT)
     if stateless:
-        blocks.table_limited()
         client.header_table_size = 0
-    # hpack's encoder lowercases names: encode them as literals by hand.
-    sneaky = b"".join(
-        b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
-        for name, value in (
-            (b"User-Agent", b"evil"), (b"GRPC-X", b"1"), (b"Connection", b"close"), (b"X-Ok", b"v")
-        )
-    )  # fmt: skip
-    rewritten, _ = blocks.rewrite(client.encode([(":method", "POST")]) + sneaky)
-    assert upstream.decode(rewritten, raw=True) == [
-        (b":method", b"POST"),
-        (b"X-Ok", b"v"),
-        (b"user-agent", USER_AGENT),
-    ]
+        client.encode([])
+    with pytest.raises(RequestRefused, match=reason) as refused:
+        blocks.rewrite(client.encode(request("/a/B")) + field)
+    assert refused.value.code.name == "INTERNAL"
+    assert refused.value.details.startswith("malformed request: ")
+
+
+def test_a_pseudo_header_after_regular_fields_or_a_missing_one_is_refused() -> None:
+    blocks = stateless_blocks()
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    client.encode([])
+    late = client.encode(request("/a/B")[1:]) + client.encode([(":method", "POST")])
+    with pytest.raises(RequestRefused, match=":method after regular fields"):
+        blocks.rewrite(late)
+    with pytest.raises(RequestRefused, match="no :method"):
+        blocks.rewrite(client.encode(request("/a/B")[1:]))
+    with pytest.raises(RequestRefused, match=":method twice"):
+        blocks.rewrite(client.encode([(":method", "GET"), *request("/a/B")]))
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_requests_over_the_header_budgets_are_refused_resource_exhausted(stateless: bool) -> None:
+    limits = HeaderLimits(list_size=1024, max_fields=20)
+    client = hpack.Encoder()
+    blocks = stateless_blocks(limits) if stateless else RequestBlocks(USER_AGENT, limits)
+    if stateless:
+        client.header_table_size = 0
+        client.encode([])
+        with pytest.raises(RequestRefused, match="larger than 1024 bytes") as refused:
+            blocks.rewrite(client.encode(request("/a/B", ("x-big", "v" * 1000))))
+        assert refused.value.code.name == "RESOURCE_EXHAUSTED"
+    else:  # with the table in use, the decoder stops at the budget: the connection ends
+        with pytest.raises(HeaderBlockError, match="larger than 1024 bytes"):
+            blocks.rewrite(client.encode(request("/a/B", ("x-big", "v" * 1000))))
+        return
+    many = tuple((f"x-{index}", "v") for index in range(12))
+    with pytest.raises(RequestRefused, match="more than 20 header fields"):
+        blocks.rewrite(client.encode(request("/a/B", *many)))
+    # The upstream's own, lower, limit (its SETTINGS_MAX_HEADER_LIST_SIZE) applies too.
+    blocks.rewrite(client.encode(request("/a/B", ("x-k", "v" * 300))))
+    blocks.lower_list_size(512)
+    with pytest.raises(RequestRefused, match="larger than 512 bytes"):
+        blocks.rewrite(client.encode(request("/a/B", ("x-k", "v" * 300))))
+
+
+def test_hpack_amplification_is_bounded_until_the_table_is_empty() -> None:
+    """A client that never empties its table: a few indexed bytes stand for a big field."""
+    client = hpack.Encoder()
+    limits = HeaderLimits(list_size=16384, stateful_bytes=64 * 1024)
+    blocks = RequestBlocks(USER_AGENT, limits)
+    big = request("/a/B", ("x-big", "v" * 3000))
+    first = client.encode(big)
+    again = client.encode(big)  # the big field is now one indexed byte
+    assert len(again) < 100 < len(first)
+    blocks.rewrite(first)
+    with pytest.raises(HeaderBlockError, match="before the client applied a header table size"):
+        for _ in range(100):
+            blocks.rewrite(again)
 
 
 def test_a_stateless_block_cannot_refer_to_the_dynamic_table() -> None:
-    blocks = RequestBlocks(USER_AGENT)
-    blocks.table_limited()
-    blocks.rewrite(b"\x20")
+    blocks = stateless_blocks()
     with pytest.raises(HeaderBlockError, match="table entry 62"):
         blocks.rewrite(bytes([0x80 | 62]))
 
@@ -153,17 +235,18 @@ def test_a_malformed_block_in_the_stateful_phase_is_refused() -> None:
 
 
 def test_multi_byte_integers_are_read_in_every_position() -> None:
-    blocks = RequestBlocks(USER_AGENT)
-    blocks.table_limited()
-    blocks.rewrite(b"\x20")
+    blocks = stateless_blocks()
     long_value = b"v" * 300  # a length that needs a second byte
     # user-agent as a literal without indexing: static index 58 needs 4 + 8 bits.
     user_agent = b"\x0f\x2b" + b"\x05" + b"go/1."
     application = b"\x00\x05x-big\x7f\xad\x01" + long_value  # 127 + 0x2d + 0x80 = 300
-    block = b"\x84" + user_agent + application  # :path / (static 4), then the two fields
+    # :method POST, :scheme http, :path / (static 3, 6, 4), then the two fields
+    block = b"\x83\x86\x84" + user_agent + application
     rewritten, path = blocks.rewrite(block)
     assert path == b"/"
     assert hpack.Decoder().decode(rewritten, raw=True) == [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
         (b":path", b"/"),
         (b"x-big", long_value),
         (b"user-agent", USER_AGENT),
@@ -174,7 +257,7 @@ def test_never_indexed_fields_stay_never_indexed_when_re_encoded() -> None:
     """RFC 7541 6.2.3: an intermediary keeps the never-indexed representation."""
     encoder = hpack.Encoder()
     block = encoder.encode(
-        [(":path", "/a.B/C"), hpack.NeverIndexedHeaderTuple("x-secret", "s3cret")], huffman=False
+        [*request("/a.B/C"), hpack.NeverIndexedHeaderTuple("x-secret", "s3cret")], huffman=False
     )
     rewritten, _ = RequestBlocks(b"sidecar/test").rewrite(block)  # the stateful phase
     assert b"\x10\x08x-secret\x06s3cret" in rewritten

@@ -10,7 +10,13 @@ and never reaches the upstream. Egress: plaintext callers on loopback are
 spliced to the remote over TLS with this route's client certificate.
 
 The front keeps every open connection, so that a drain can tell each caller to
-start no new calls and wait for those in flight.
+start no new calls and wait for those in flight. It also holds the listener's
+budgets: handshakes in progress (beyond `max_pending_handshakes` the oldest is
+closed, so silent connections cannot lock new callers out), connections
+(beyond `max_connections`, pending handshakes included, a caller is answered
+UNAVAILABLE saying so), the peer's certificate chain (`max_chain_length`), and
+descriptors (out of them, waiting callers are closed at once rather than left
+to their deadline).
 """
 
 from __future__ import annotations
@@ -23,25 +29,36 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable
+from typing import Final
 
 import grpc
 
 from sidecar import __version__
 from sidecar.addresses import Address
 from sidecar.config import RouteConfig
+from sidecar.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor
 from sidecar.errors import StartupError
+from sidecar.handshake import Handshake, report_failure, watch_handshakes
 from sidecar.identity import IdentityReader
+from sidecar.loglimit import LogLimiter
 from sidecar.policy import Policy
 from sidecar.refusal import Refusal
 from sidecar.splice import WRITE_BUFFER_HIGH, Splice
+from sidecar.tls import cap_peer_chain
 from sidecar.tls_diagnosis import TLSDiagnosis
 from sidecar.upstream import describe_unavailable
 
 logger = logging.getLogger("sidecar.server")
+# Listener events a flood repeats (out of descriptors, at a limit): once per period.
+_limited: Final = LogLimiter(logger, burst=1)
 
 USER_AGENT = f"sidecar/{__version__}".encode()
-_HANDSHAKE_SECONDS = 10.0
-_CONNECT_SECONDS = 10.0
+# How long accepting pauses once descriptors ran out: connections end meanwhile,
+# and callers arriving in the pause wait at most this long to be closed.
+_ACCEPT_PAUSE_SECONDS = 0.1
+# Callers beyond max_connections answered UNAVAILABLE at once (each costs a TLS
+# handshake); those beyond are closed without a word.
+_OVER_LIMIT_ANSWERED = 64
 
 
 def _remote_of(sock: socket.socket) -> str:
@@ -55,25 +72,26 @@ def _remote_of(sock: socket.socket) -> str:
     return f"ipv6:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"ipv4:{host}:{port}"
 
 
-def _failure_details(error: BaseException | None) -> str:
+def _failure_details(error: BaseException | None, connect_timeout: float) -> str:
     """A transport failure in a few words: strerror for OS errors, ssl's reason for TLS."""
     if isinstance(error, ssl.SSLError):
         return str(error).split(" (_ssl.c:")[0]
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno)
     if isinstance(error, TimeoutError | asyncio.TimeoutError):
-        return f"no connection within {_CONNECT_SECONDS:g}s"
+        return f"no connection within {connect_timeout:g}s"
     return str(error) or type(error).__name__
 
 
 class _CallerProtocol(asyncio.Protocol):
     """One caller connection, TLS done (ingress): its Splice or Refusal gets the bytes."""
 
-    def __init__(self, front: Front, remote: str) -> None:
+    def __init__(self, front: Front, remote: str, over_limit: bool = False) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
         self.handler: Splice | Refusal | None = None
         self.remote = remote
+        self.over_limit = over_limit  # admitted beyond max_connections: answered, then closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -81,6 +99,9 @@ class _CallerProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         front = self._front
         front.connections.add(self)
+        if self.over_limit:
+            self.handler = front.over_limit_refusal(self._transport, self.remote)
+            return
         if front.policy is None:  # egress: local callers are the app itself
             self._splice("-")
             return
@@ -111,6 +132,8 @@ class _CallerProtocol(asyncio.Protocol):
             remote=self.remote,
             route=self._front.config.name,
             user_agent=USER_AGENT,
+            upstream_name=str(self._front.config.upstream),
+            limits=self._front.config.limits,
         )
 
     def data_received(self, data: bytes) -> None:
@@ -129,6 +152,7 @@ class _CallerProtocol(asyncio.Protocol):
             self.handler.caller_lost()
         elif self.handler is not None:
             self.handler.connection_lost()
+        self.handler = None  # the handler points back at the transport, which points here
 
     def pause_writing(self) -> None:
         if isinstance(self.handler, Splice):
@@ -167,6 +191,7 @@ class Front:
         diagnosis: TLSDiagnosis | None = None,
     ) -> None:
         self.config = config
+        self.limits = config.limits
         self.policy = policy
         self.identities = IdentityReader()
         self.connections: set[_CallerProtocol] = set()
@@ -175,7 +200,24 @@ class Front:
         self._diagnosis = diagnosis
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
+        # Handshakes in progress, oldest first.
+        self._pending: dict[Handshake, asyncio.Task[None]] = {}
+        self._over_limit = 0  # connections admitted beyond max_connections, not yet ended
+        self._reserve: ReserveDescriptor | None = None
         self._all_gone = asyncio.Event()
+        for context, whose in ((tls, "callers'"), (upstream_tls, "the remote's")):
+            if context is None:
+                continue
+            unsupported = cap_peer_chain(context, self.limits.max_chain_length)
+            if unsupported is not None:
+                logger.warning(
+                    "%s: max_chain_length is not enforced on %s chains: %s",
+                    config.title,
+                    whose,
+                    unsupported,
+                )
+        if tls is not None:
+            watch_handshakes(tls)
 
     async def start(self) -> int:
         """Bind and start accepting; return the port (0 for a unix socket)."""
@@ -184,8 +226,9 @@ class Front:
             self._listeners = _bind(listen)
         except OSError as error:
             raise StartupError(
-                f"cannot listen on {listen}: {_failure_details(error)} (address in use?)"
+                f"cannot listen on {listen}: {_failure_details(error, 0)} (address in use?)"
             ) from None
+        self._reserve = ReserveDescriptor()
         loop = asyncio.get_running_loop()
         for listener in self._listeners:
             self._track(loop.create_task(self._accept(listener)))
@@ -198,39 +241,126 @@ class Front:
         while True:
             try:
                 sock, _ = await loop.sock_accept(listener)
-            except OSError as error:  # out of descriptors, say: keep serving the others
-                logger.warning("accepting a connection on %s failed: %s", self.config.listen, error)
-                await asyncio.sleep(0.1)  # let connections end before accepting again
+            except OSError as error:
+                self._accept_failed(listener, error)
+                await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)  # let connections end meanwhile
                 continue
-            self._track(loop.create_task(self._open(sock)))
+            self._admit(sock)
 
-    async def _open(self, sock: socket.socket) -> None:
+    def _accept_failed(self, listener: socket.socket, error: OSError) -> None:
+        """Out of descriptors: the callers waiting are closed at once (they fail fast and
+        retry, rather than wait for their deadline); the connections open keep being served."""
+        if error.errno not in OUT_OF_DESCRIPTORS or self._reserve is None:
+            _limited.log(
+                logging.WARNING,
+                ("accept", error.errno),
+                "%s: accepting a connection failed: %s",
+                self.config.title,
+                error,
+            )
+            return
+        shed = self._reserve.shed(listener)
+        _limited.log(
+            logging.WARNING,
+            ("descriptors", self.config.listen),
+            "%s: out of file descriptors (%s) with %d connections open and %d handshakes "
+            "pending: new callers are closed at once until some end (%d so far)",
+            self.config.title,
+            os.strerror(error.errno or 0),
+            len(self.connections),
+            len(self._pending),
+            shed,
+        )
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Start a new connection within the listener's budgets."""
+        limits = self.limits
+        loop = asyncio.get_running_loop()
+        if self._tls is not None and len(self._pending) >= limits.max_pending_handshakes:
+            # The oldest goes: a flood of silent connections cannot lock new callers out.
+            oldest, task = next(iter(self._pending.items()))
+            del self._pending[oldest]
+            task.cancel()
+            _limited.log(
+                logging.WARNING,
+                ("pending", self.config.listen),
+                "%s: %d TLS handshakes pending (max_pending_handshakes): the oldest, "
+                "from %s, closed",
+                self.config.title,
+                limits.max_pending_handshakes,
+                oldest.remote,
+            )
+        served = len(self.connections) + len(self._pending) - self._over_limit
+        over_limit = served >= limits.max_connections
+        if over_limit:
+            _limited.log(
+                logging.WARNING,
+                ("connections", self.config.listen),
+                "%s: %d connections open (max_connections): new callers are refused",
+                self.config.title,
+                served,
+            )
+            if self._over_limit >= _OVER_LIMIT_ANSWERED:
+                sock.close()
+                return
+            self._over_limit += 1
+        self._track(loop.create_task(self._open(sock, over_limit)))
+
+    def over_limit_refusal(self, transport: asyncio.Transport, remote: str) -> Refusal:
+        """The answer to a caller admitted beyond max_connections: UNAVAILABLE for the calls
+        it sent, GOAWAY, and the close (its client retries, here or elsewhere)."""
+        details = (
+            f"sidecar at max_connections ({self.limits.max_connections}) "
+            f"on {self.config.title}, try again later"
+        )
+        return Refusal(
+            transport,
+            grpc.StatusCode.UNAVAILABLE,
+            lambda method: details,
+            peer="-",
+            remote=remote,
+            route=self.config.name,
+            goaway=True,
+        )
+
+    async def _open(self, sock: socket.socket, over_limit: bool) -> None:
         """Run the TLS handshake (ingress) and give the connection its protocol."""
         remote = _remote_of(sock)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _keep_alive(sock)
         loop = asyncio.get_running_loop()
+        connected = False  # else the connection never reaches forget()
         if self._tls is None:
-            await loop.connect_accepted_socket(lambda: _CallerProtocol(self, remote), sock)
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: _CallerProtocol(self, remote, over_limit), sock
+                )
+                connected = True
+            finally:
+                if over_limit and not connected:
+                    self._over_limit -= 1
             return
-        # The event loop closes a socket whose handshake failed as it is, unread input
-        # and all, which makes the kernel send a reset: the caller may then lose what
-        # it had not read and sees "connection reset". A second descriptor keeps the
-        # connection open past that, for a clean close.
-        spare = sock.dup()
+        handshake = Handshake(sock, remote)
+        handshake.watch()  # in this task's context, which the loop copies for the connection
+        task = asyncio.current_task()
+        assert task is not None
+        self._pending[handshake] = task
         try:
             await loop.connect_accepted_socket(
-                lambda: _CallerProtocol(self, remote),
+                lambda: _CallerProtocol(self, remote, over_limit),
                 sock,
                 ssl=self._tls,
-                ssl_handshake_timeout=_HANDSHAKE_SECONDS,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
             )
+            connected = True
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
-            logger.info("TLS handshake with %s failed: %s", remote, _failure_details(error))
-            _close_gracefully(spare)
+            report_failure(handshake, error, self.limits.max_chain_length)
         finally:
-            spare.close()  # closing twice is harmless
+            self._pending.pop(handshake, None)
+            handshake.done()
+            if over_limit and not connected:
+                self._over_limit -= 1
 
     async def connect(
         self, factory: Callable[[], asyncio.Protocol]
@@ -247,21 +377,30 @@ class Front:
                 upstream.port,
                 ssl=self._upstream_tls,
                 server_hostname=self.config.tls_name,
-                ssl_handshake_timeout=_HANDSHAKE_SECONDS,
+                ssl_handshake_timeout=self.limits.connect_timeout,
             )
         else:
             opening = loop.create_connection(factory, upstream.host, upstream.port)
-        transport, protocol = await asyncio.wait_for(opening, _CONNECT_SECONDS)
-        if upstream.unix_path is None:
-            _keep_alive(transport.get_extra_info("socket"))
+        transport, protocol = await asyncio.wait_for(opening, self.limits.connect_timeout)
+        sock = transport.get_extra_info("socket")
+        # A remote that refuses our certificate under TLS 1.3 may have closed the
+        # connection already (its alert comes after our side of the handshake): the
+        # protocol has heard of it, and the call is answered with the reason.
+        if upstream.unix_path is None and sock is not None and not transport.is_closing():
+            with contextlib.suppress(OSError):
+                _keep_alive(sock)
         return transport, protocol
 
     async def describe_failure(self, error: BaseException | None) -> str:
         return await describe_unavailable(
-            self.config.upstream, _failure_details(error), self._diagnosis
+            self.config.upstream,
+            _failure_details(error, self.limits.connect_timeout),
+            self._diagnosis,
         )
 
     def forget(self, connection: _CallerProtocol) -> None:
+        if connection in self.connections and connection.over_limit:
+            self._over_limit -= 1
         self.connections.discard(connection)
         if not self.connections:
             self._all_gone.set()
@@ -277,6 +416,9 @@ class Front:
             task.cancel()  # accept loops, and handshakes not yet done
         for listener in self._listeners:
             listener.close()
+        if self._reserve is not None:
+            self._reserve.close()
+            self._reserve = None
         if self.config.listen.unix_path is not None and self._listeners:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.unix_path)
@@ -301,16 +443,6 @@ def _keep_alive(sock: socket.socket) -> None:
     for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, option):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def _close_gracefully(sock: socket.socket) -> None:
-    """Close with a FIN, not a reset (closing with unread input sends RST)."""
-    with contextlib.suppress(OSError):
-        sock.setblocking(False)
-        while sock.recv(65536):
-            pass
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
 
 
 def _bind(address: Address) -> list[socket.socket]:

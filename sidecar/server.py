@@ -15,6 +15,7 @@ import signal
 from types import TracebackType
 
 from sidecar.config import Config
+from sidecar.descriptors import raise_open_file_limit
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME
 from sidecar.route import Route
 
@@ -59,6 +60,7 @@ class Sidecar:
 
 async def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT, drain, and return the process exit code."""
+    raise_open_file_limit()  # each spliced caller costs two descriptors
     sidecar = Sidecar(config)
     await sidecar.start()
     stop_requested = asyncio.Event()

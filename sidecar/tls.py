@@ -10,6 +10,8 @@ grpc calls it before every TLS handshake on a core thread.
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import datetime
 import os
 import ssl
@@ -250,3 +252,64 @@ def client_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     _load_own_chain(context, material)
     context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
     return context
+
+
+# What a peer's certificate chain may weigh, per certificate allowed by max_chain_length:
+# real certificates weigh 0.5-2 KiB (RSA-4096 with a few SANs is under 2 KiB). OpenSSL
+# parses every certificate of the chain before it verifies any (OpenSSL 3.0 takes about
+# 0.35 ms each), so the size bounds the work a caller's chain can cost the event loop.
+CERTIFICATE_BYTES = 4096
+_SSL_CTRL_SET_MAX_CERT_LIST = 51
+
+
+def max_chain_bytes(max_chain_length: int) -> int:
+    """The size of certificate chain accepted from a peer allowed max_chain_length of them."""
+    return max_chain_length * CERTIFICATE_BYTES
+
+
+def _libssl() -> ctypes.CDLL:
+    """The libssl the ssl module itself uses (its symbols resolve through _ssl's own
+    dependencies, so a second OpenSSL on the system cannot be picked up instead)."""
+    library = ctypes.CDLL(_ssl.__file__)
+    library.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    library.SSL_CTX_get_options.restype = ctypes.c_uint64
+    library.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    library.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    library.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    library.SSL_CTX_set_verify_depth.restype = None
+    library.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    library.SSL_CTX_ctrl.restype = ctypes.c_long
+    return library
+
+
+_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+
+def cap_peer_chain(context: ssl.SSLContext, max_chain_length: int) -> str | None:
+    """Refuse, in OpenSSL itself, a peer chain longer than max_chain_length certificates
+    (leaf included, root not counted) or heavier than max_chain_bytes; None once done,
+    else why it could not be.
+
+    Python's ssl exposes neither SSL_CTX_set_verify_depth nor SSL_CTX_set_max_cert_list,
+    so they are called through ctypes on the context's SSL_CTX, which CPython keeps as
+    the first field after the object header. That pointer is checked (the options and
+    verify mode OpenSSL reports for it must be the context's) before anything is written.
+    """
+    try:
+        library = _libssl()
+        address = id(context) + object.__basicsize__  # past PyObject_HEAD: SSL_CTX *ctx
+        pointer = ctypes.c_void_p.from_address(address).value
+        if not pointer:
+            return "the ssl module's SSL_CTX was not found"
+        if library.SSL_CTX_get_options(pointer) != context.options or (
+            library.SSL_CTX_get_verify_mode(pointer) != _VERIFY_MODES[context.verify_mode]
+        ):
+            return "the ssl module's SSL_CTX was not found where expected"
+    except (OSError, AttributeError, ValueError) as error:  # no such symbol, say
+        return f"libssl is not reachable ({error})"
+    # OpenSSL's depth counts neither the leaf nor the trust anchor.
+    library.SSL_CTX_set_verify_depth(pointer, max(max_chain_length - 1, 0))
+    library.SSL_CTX_ctrl(
+        pointer, _SSL_CTRL_SET_MAX_CERT_LIST, max_chain_bytes(max_chain_length), None
+    )
+    return None

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from grpc import aio
 
 from sidecar import __version__
 from sidecar.addresses import Address
+from sidecar.loglimit import LogLimiter
 from sidecar.tls_diagnosis import TLSDiagnosis
+
+logger = logging.getLogger("sidecar.upstream")
+# Every caller of an unreachable upstream fails the same way: one line per kind of failure.
+_failures = LogLimiter(logger, burst=1)
 
 CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     # The default 4 MiB receive cap applies at every hop; a relay must not add one.
@@ -26,10 +33,14 @@ async def describe_unavailable(
     address: Address, details: str, diagnosis: TLSDiagnosis | None
 ) -> str:
     """What a caller is told when the upstream cannot be reached: the transport's details,
-    with the reason in plain words first when a TLS handshake is to blame."""
+    with the reason in plain words first when a TLS handshake is to blame. The operator
+    reads it too, as a WARNING once per kind of failure and period (rate limited); a
+    reason found by the diagnosis is logged by it, once each time it changes."""
     reason = await diagnosis.explain(details) if diagnosis else None
     if reason is None:
-        return f"upstream {address} unavailable: {details}"
+        message = f"upstream {address} unavailable: {details}"
+        _failures.log(logging.WARNING, (str(address), details), "%s", message)
+        return message
     return f"upstream {address} unavailable: {reason} ({details})"
 
 

@@ -66,3 +66,67 @@ def test_caller_without_certificate_is_denied_unless_allow_all() -> None:
 def test_spiffe_id_is_the_spiffe_uri() -> None:
     assert CAROL.spiffe_id == "spiffe://example.org/ns/prod/sa/carol"
     assert PeerIdentity(common_names=("x",), uris=("https://a.example",)).spiffe_id is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adm\u0131n.example.com",  # dotless i: Unicode folding takes it for I
+        "\u212aube.example.com",  # Kelvin sign: Unicode folding takes it for K
+        "admin.example.com\u200b",  # zero-width space
+        "admin.example.com\n",
+    ],
+    ids=ascii,
+)
+def test_dns_name_that_is_not_printable_ascii_matches_no_rule_not_even_a_wildcard(
+    name: str,
+) -> None:
+    policy = Policy(AllowRules(dns=("admin.example.com", "kube.example.com", "**")))
+    decision = policy.decide(PeerIdentity(dns_names=(name,)), "/m")
+    assert not decision.allowed
+    assert decision.reason.isascii() and decision.reason.isprintable()
+
+
+def test_dns_rules_still_fold_ascii_letters() -> None:
+    policy = Policy(AllowRules(dns=("admin.example.com",)))
+    assert policy.decide(PeerIdentity(dns_names=("ADMIN.Example.COM",)), "/m").allowed
+
+
+@pytest.mark.parametrize("common_name", ["alice\n", "ali\x1bce", "al\u0456ce", "alice\u2028"])
+def test_cn_with_controls_or_non_ascii_letters_matches_no_cn_rule(common_name: str) -> None:
+    policy = Policy(AllowRules(cn=("alice", "al*", "*")))
+    assert not policy.decide(PeerIdentity(common_names=(common_name,)), "/m").allowed
+
+
+def test_several_cns_match_no_cn_rule_but_the_sans_still_count() -> None:
+    several = PeerIdentity(common_names=("mallory", "alice"), dns_names=("m.example.org",))
+    assert several.common_name is None
+    assert not Policy(AllowRules(cn=("alice", "mallory", "*"))).decide(several, "/m").allowed
+    assert Policy(AllowRules(dns=("m.example.org",))).decide(several, "/m").allowed
+    assert several.description == "CN=mallory, CN=alice, DNS=m.example.org, several CNs"
+
+
+def test_identity_whose_names_could_not_be_read_matches_nothing() -> None:
+    unreadable = PeerIdentity(common_names=("alice",), serial="1f", unreadable="bad DER\n")
+    decision = Policy(AllowRules(cn=("alice", "*"), dns=("**",))).decide(unreadable, "/m")
+    assert not decision.allowed
+    assert decision.reason == (
+        r"peer certificate serial 1f, CN=alice, names unreadable: bad DER\n "
+        "is not allowed to call /m"
+    )
+
+
+def test_denial_escapes_the_method_and_the_names() -> None:
+    mallory = PeerIdentity(common_names=("mal\u0131ory\x1b[2J",), uris=("spiffe://x/\\n",))
+    decision = Policy(AllowRules(cn=("alice",))).decide(mallory, "/kv.KV/Get\nforged\u2028")
+    assert decision.reason == (
+        r"peer CN=mal\u0131ory\x1b[2J, URI=spiffe://x/\\n is not allowed to call "
+        r"/kv.KV/Get\nforged\u2028"
+    )
+
+
+def test_description_of_a_certificate_with_many_long_names_is_bounded() -> None:
+    crowded = PeerIdentity(dns_names=tuple(f"{i}.{'x' * 300}.example" for i in range(1000)))
+    assert len(crowded.description) < 16 * 300
+    assert crowded.description.endswith(", 984 more names")
+    assert "...(311 characters)" in crowded.description

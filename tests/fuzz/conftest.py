@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 _DATABASE = DirectoryBasedExampleDatabase(
@@ -20,8 +20,17 @@ _DATABASE = DirectoryBasedExampleDatabase(
 # makes timings noisy: neither is a finding.
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 
+# No "explain" phase: it reruns a failing case hundreds of times to say which lines only
+# failures reach, which costs more than the fuzzing itself here.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
+
 settings.register_profile(
-    "ci", max_examples=150, deadline=None, database=_DATABASE, suppress_health_check=_QUIET
+    "ci",
+    max_examples=150,
+    deadline=None,
+    database=_DATABASE,
+    suppress_health_check=_QUIET,
+    phases=_PHASES,
 )
 settings.register_profile(
     "fuzz",
@@ -29,6 +38,7 @@ settings.register_profile(
     deadline=None,
     database=_DATABASE,
     suppress_health_check=_QUIET,
+    phases=_PHASES,
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

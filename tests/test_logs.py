@@ -1,14 +1,20 @@
-"""The batching log handler: lines written once per loop turn, and a broken stream survived."""
+"""Logging: the batching handler (lines written once per loop turn, a broken stream survived),
+escaping caller text, and each record on one line in both formats."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
-from sidecar.logs import BatchingHandler
+import pytest
+
+from sidecar.logs import BatchingHandler, JsonFormatter, TextFormatter, escape
 
 
 async def after_the_writes_scheduled() -> None:
@@ -63,3 +69,77 @@ def test_a_broken_stream_loses_the_lines_but_never_raises_into_the_loop() -> Non
         with contextlib.suppress(BrokenPipeError):  # the text buffer still holds the line
             stream.close()
     assert errors == [], "a failed write reached the event loop's exception handler"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("/kv.KV/Get", "/kv.KV/Get"),
+        ("a b", "a b"),
+        ("line\nforged", r"line\nforged"),
+        ("\r\t", r"\r\t"),
+        ("\x1b[2J\x0b\x0c\x7f", r"\x1b[2J\x0b\x0c\x7f"),
+        ("\x85\u2028\u2029\u202e", r"\x85\u2028\u2029\u202e"),
+        ("adm\u0131n \u212aube", r"adm\u0131n \u212aube"),  # look-alikes of i and K
+        ("\U0001f600", r"\U0001f600"),
+        ("back\\slash", r"back\\slash"),
+    ],
+    ids=ascii,
+)
+def test_escape_shows_what_is_not_printable_ascii_like_repr(text: str, shown: str) -> None:
+    assert escape(text) == shown
+
+
+def test_escape_never_shows_two_texts_alike() -> None:
+    texts = ["\n", "\\n", "\\\n", "\x85", "\\x85", "\u0131", "\\u0131", "i", "I", "\u212a", "K"]
+    assert len({escape(text) for text in texts}) == len(texts)
+
+
+def _formatted(formatter: logging.Formatter, emit: Callable[[logging.Logger], None]) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logger = logging.Logger("format-test")
+    logger.addHandler(handler)
+    emit(logger)
+    return stream.getvalue()
+
+
+def test_text_format_keeps_each_record_on_one_line() -> None:
+    text = _formatted(
+        TextFormatter("%(levelname)s %(message)s"),
+        lambda logger: logger.info("caller broke HTTP/2: %s", "bad '\n' in\u2028\x1b[2J"),
+    )
+    assert text == "INFO caller broke HTTP/2: bad '\\n' in\\u2028\\x1b[2J\n"
+
+
+def test_text_format_leaves_values_escaped_at_their_source_as_they_are() -> None:
+    text = _formatted(
+        TextFormatter("%(message)s"), lambda logger: logger.warning("denied: %s", escape("a\nb"))
+    )
+    assert text == "denied: a\\nb\n"
+
+
+def test_text_format_still_writes_the_sidecars_own_traceback_below_the_line() -> None:
+    def fail(logger: logging.Logger) -> None:
+        try:
+            raise RuntimeError("bug")
+        except RuntimeError:
+            logger.exception("internal error relaying %s", "/m\n")
+
+    text = _formatted(TextFormatter("%(message)s"), fail)
+    first, *rest = text.splitlines()
+    assert first == "internal error relaying /m\\n"
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "RuntimeError: bug"
+
+
+def test_json_format_is_ascii_so_no_reader_sees_a_line_break_inside_a_line() -> None:
+    method = "/m\n\x85\u2028\u0131"
+    text = _formatted(
+        JsonFormatter(),
+        lambda logger: logger.info("%s", method, extra={"fields": {"method": method}}),
+    )
+    assert len(text.splitlines()) == 1  # str.splitlines breaks at NEL and U+2028 too
+    assert text.isascii()
+    entry = json.loads(text)
+    assert entry["method"] == method and entry["message"] == method

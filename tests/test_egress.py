@@ -6,6 +6,7 @@ through egress -> ingress in test_relay.py; these are the egress-specific behavi
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -139,3 +140,32 @@ def test_the_remote_sees_the_egress_certificate_as_the_caller(
     egress.wait_for(f"as CN={client}")
     assert call_through(egress) == b"ping"
     ingress.wait_for(rf"/probe.Probe/Unary peer='CN={client}\b.* code=OK")
+
+
+@pytest.mark.parametrize("remote_plane", ["splice", "grpc"])
+def test_every_call_refused_for_our_certificate_gets_the_reason(
+    sidecars: SidecarFactory, probe: Probe, remote_plane: str
+) -> None:
+    """Call after call (a new connection each), never a bare transport error: a TLS 1.3
+    remote refuses our certificate after our side of the handshake, sometimes before the
+    connection was fully set up here ('NoneType' object has no attribute 'setsockopt')."""
+    ingress = sidecars.serving(probe.port, "--allow-cn", "alice", "--data-plane", remote_plane)
+    egress = sidecars.egress(ingress.port, client="stranger")
+    for _ in range(8):
+        details = refused(call_through(egress)).details()
+        assert "the remote refused this route's client certificate CN=alice" in details, details
+    egress.wait_for(r"WARNING sidecar.egress: remote .*refused this route's client certificate")
+    assert "Traceback" not in egress.output
+    assert probe.calls == []
+
+
+def test_remote_down_is_one_warning_however_many_calls_fail(sidecars: SidecarFactory) -> None:
+    with socket.socket() as placeholder:  # a port with nothing listening on it
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    egress = sidecars.egress(port)
+    for _ in range(5):
+        assert "Connection refused" in refused(call_through(egress)).details()
+    warning = rf"WARNING .*upstream 127\.0\.0\.1:{port} unavailable: Connection refused"
+    egress.wait_for(warning)
+    assert len([line for line in egress.lines if re.search(warning, line)]) == 1

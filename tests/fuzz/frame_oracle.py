@@ -10,7 +10,12 @@ The model is written from RFC 9113 and hyperframe's parse, not from frames.py:
   go on, and the comparison stops there ("unjudged");
 - a header block interrupted by another frame, a CONTINUATION that continues
   nothing, PUSH_PROMISE (gRPC never pushes), and a connection that does not open
-  with the preface must be refused (RFC 9113 6.10, 8.4, 3.4).
+  with the preface must be refused (RFC 9113 6.10, 8.4, 3.4);
+- a stream whose request block the headers callback answered with DROP (the
+  splice answered the call itself) is left out from then on: its DATA (whose
+  flow-controlled length is reported, for the window to be given back), its
+  RST_STREAM, and its PRIORITY / WINDOW_UPDATE / PING; its END_STREAM or
+  RST_STREAM ends it. What frames.py documents, restated.
 Where hyperframe and the RFC differ on HEADERS padding, the RFC is followed (see
 `_fragment`).
 """
@@ -32,11 +37,13 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from sidecar.frames import DROP, _Drop
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-HEADER_TABLE_SIZE = 0x1
+HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE = 0x1, 0x6
 MIN_MAX_FRAME_SIZE = 16384  # RFC 9113 4.2: every peer accepts frames this large
 # What the walker may hold of one frame or header block (frames.py documents the
 # bound); the fuzz streams stay far below it, so a refusal for size is only allowed.
@@ -55,13 +62,18 @@ class Hooks:
     ping: bool = True
     acked: bool = True
     goaway: bool = True
-    rewrite: str = "keep"  # keep | small | large | mixed (see `replacement`)
+    header_list: bool = True
+    dropped_data: bool = True
+    header_list_limit: int | None = None
+    rewrite: str = "keep"  # keep | small | large | mixed | drop (see `replacement`)
 
 
-def replacement(mode: str, stream_id: int, block: bytes) -> bytes | None:
-    """The headers callback's answer for a block: None (unchanged) or another block."""
-    if mode == "keep" or (mode == "mixed" and len(block) % 2):
+def replacement(mode: str, stream_id: int, block: bytes) -> bytes | _Drop | None:
+    """The headers callback's answer for a block: None (unchanged), another block, or DROP."""
+    if mode == "keep" or (mode in ("mixed", "drop") and len(block) % 2):
         return None
+    if mode == "drop":
+        return DROP
     if mode == "large":  # more than one frame holds: HEADERS + CONTINUATION on the way out
         return block + bytes(MIN_MAX_FRAME_SIZE + 600)
     return block[::-1] + stream_id.to_bytes(4, "big")
@@ -167,6 +179,7 @@ class FrameOracle:
         self.settings_seen = False  # the peer's first SETTINGS has gone out
         # An open header block: (stream id, flags of its HEADERS, fragments, bytes held).
         self._block: tuple[int, int, list[bytes], int] | None = None
+        self.dropped: set[int] = set()  # streams the headers callback dropped
 
     def judge(self, raw: bytes, complete: bool) -> Verdict:
         if self.preface:
@@ -183,6 +196,9 @@ class FrameOracle:
             return Verdict("refuse", why="a header block interrupted by another frame")
         if kind == PUSH_PROMISE:
             return Verdict("refuse", why="PUSH_PROMISE")
+        left_out = self._left_out(raw, complete, kind, flags, stream_id, length)
+        if left_out is not None:
+            return left_out
         if self._streamed(kind, flags):
             return self._judge_streamed(raw, complete, kind, flags, stream_id)
         if not complete or length > HELD_LIMIT:
@@ -196,6 +212,36 @@ class FrameOracle:
                 return self._unknown_or_unjudged(raw, kind, f"hyperframe: {error}")
             frame = HeadersFrame(stream_id)  # only hyperframe's padding rule differs
         return self._judge_whole(raw, kind, flags, stream_id, frame)
+
+    def _left_out(
+        self, raw: bytes, complete: bool, kind: int, flags: int, stream_id: int, length: int
+    ) -> Verdict | None:
+        """The verdict on a frame of a dropped stream, or on a small frame that may be one
+        (held whole while any stream is dropped); None for the other frames."""
+        if not self.dropped:
+            return None
+        if kind == DATA and stream_id in self.dropped:
+            events: list[Event] = (
+                [("dropped_data", length)] if self.hooks.dropped_data and length else []
+            )
+            if complete and flags & END_STREAM:
+                self.dropped.discard(stream_id)
+            return Verdict("agree", [], events, why="DATA of a dropped stream")
+        small = kind in (WINDOW_UPDATE, PRIORITY) or (kind == PING and not self.hooks.ping)
+        if (
+            (small or kind == RST_STREAM)
+            and length <= 8
+            and not (kind == RST_STREAM and length != 4)
+        ):
+            if not complete:
+                return Verdict("agree", [], why="held whole: it may be left out")
+            if stream_id in self.dropped:
+                if kind == RST_STREAM:
+                    self.dropped.discard(stream_id)
+                return Verdict("agree", [], why="a frame of a dropped stream")
+            if small:
+                return Verdict("agree", [Exact(raw)], why="crosses unread")
+        return None
 
     def _streamed(self, kind: int, flags: int) -> bool:
         """Frames the walker passes on as their bytes come, without holding them."""
@@ -247,10 +293,7 @@ class FrameOracle:
             if flags & ACK:
                 return Verdict("agree", [Exact(raw)], [("acked",)] if hooks.acked else [])
             self.settings_seen = True
-            entries = tuple(e for e in settings_entries(raw[9:]) if e[0] != HEADER_TABLE_SIZE)
-            return Verdict(
-                "agree", [Settings(flags, stream_id, (*entries, (HEADER_TABLE_SIZE, 0)))]
-            )
+            return self._settings(raw, flags, stream_id)
         if isinstance(frame, PingFrame):  # taken by the ping callback, never relayed
             return Verdict("agree", [], [] if flags & ACK else [("ping", frame.opaque_data)])
         if isinstance(frame, GoAwayFrame):
@@ -272,6 +315,23 @@ class FrameOracle:
             return self._block_step(raw, flags, whole_frame=False)
         return Verdict("agree", [Exact(raw)], why="an extension frame crosses unread")
 
+    def _settings(self, raw: bytes, flags: int, stream_id: int) -> Verdict:
+        """HEADER_TABLE_SIZE 0 in every SETTINGS (see headerblock.py); with a header-list
+        limit, MAX_HEADER_LIST_SIZE lowered to it; the peer's own limits reported."""
+        entries = settings_entries(raw[9:])
+        limit = self.hooks.header_list_limit
+        lists = [value for ident, value in entries if ident == MAX_HEADER_LIST_SIZE]
+        kept = [
+            (ident, value)
+            for ident, value in entries
+            if ident != HEADER_TABLE_SIZE and (limit is None or ident != MAX_HEADER_LIST_SIZE)
+        ]
+        kept.append((HEADER_TABLE_SIZE, 0))
+        if limit is not None:
+            kept.append((MAX_HEADER_LIST_SIZE, min([limit, *lists])))
+        events: list[Event] = [("header_list", v) for v in lists] if self.hooks.header_list else []
+        return Verdict("agree", [Settings(flags, stream_id, tuple(kept))], events)
+
     def _block_step(self, raw: bytes, flags: int, *, whole_frame: bool) -> Verdict:
         assert self._block is not None
         if not flags & END_HEADERS:
@@ -281,6 +341,10 @@ class FrameOracle:
         block = b"".join(fragments)
         events: list[Event] = [("headers", stream_id, first_flags, block)]
         answer = replacement(self.hooks.rewrite, stream_id, block)
+        if answer is DROP:
+            self.dropped.add(stream_id)
+            return Verdict("agree", [], events, why="a dropped stream's block is left out")
+        assert not isinstance(answer, _Drop)
         if answer is None and whole_frame:
             return Verdict("agree", [Exact(raw)], events)
         sent = block if answer is None else answer

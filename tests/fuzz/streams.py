@@ -196,7 +196,10 @@ hooks = st.builds(
     ping=st.booleans(),
     acked=st.booleans(),
     goaway=st.booleans(),
-    rewrite=st.sampled_from(["keep", "small", "large", "mixed"]),
+    header_list=st.booleans(),
+    dropped_data=st.booleans(),
+    header_list_limit=st.one_of(st.none(), st.sampled_from([0, 8192, 16384, 2**32 - 1])),
+    rewrite=st.sampled_from(["keep", "small", "large", "mixed", "drop", "drop"]),
 )
 
 
@@ -204,7 +207,7 @@ hooks = st.builds(
 def frame_cases(draw: st.DrawFn, hook_choices: st.SearchStrategy[Hooks] = hooks) -> FrameCase:
     """A walker's configuration and an input for it: valid, mutated, or random."""
     preface = draw(st.booleans())
-    origin = draw(st.sampled_from(["valid", "mutated", "mutated", "random"]))
+    origin = draw(st.sampled_from(["valid", "valid", "mutated", "mutated", "random"]))
     if origin == "random":
         stream = draw(st.binary(max_size=600))
         if preface and draw(st.booleans()):
@@ -213,7 +216,7 @@ def frame_cases(draw: st.DrawFn, hook_choices: st.SearchStrategy[Hooks] = hooks)
         chosen = draw(
             st.lists(
                 st.one_of(frames, push_promises()) if draw(st.integers(0, 9)) == 0 else frames,
-                max_size=10,
+                max_size=16,
             )
         )
         stream = (PREFACE if preface else b"") + b"".join(chosen)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sidecar.frames import FrameError, FrameWalker
-from sidecar.headerblock import HeaderBlockError, RequestBlocks
+from sidecar.frames import DROP, FrameError, FrameWalker, _Drop
+from sidecar.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
 from tests.fuzz.frame_oracle import FrameOracle, Hooks, check_output, replacement, split
 from tests.fuzz.streams import FrameCase, chunkings, frame_cases, hooks
 
@@ -27,11 +27,14 @@ class Recorder:
 
     def headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
-    ) -> bytes | None:
+    ) -> bytes | _Drop | None:
         block = bytes(buffer[start:end])
         self.events.append(("headers", stream_id, flags, block))
-        if self.requests is not None:
-            return self.requests.rewrite(block)[0]
+        if self.requests is not None:  # as the splice does: a refused call is answered there
+            try:
+                return self.requests.rewrite(block)[0]
+            except RequestRefused:
+                return DROP
         return replacement(self.hooks.rewrite, stream_id, block)
 
     def data(self, stream_id: int, buffer: bytes, start: int, end: int) -> None:
@@ -54,6 +57,12 @@ class Recorder:
     def goaway(self, last_stream_id: int) -> None:
         self.events.append(("goaway", last_stream_id))
 
+    def header_list(self, size: int) -> None:
+        self.events.append(("header_list", size))
+
+    def dropped_data(self, length: int) -> None:
+        self.events.append(("dropped_data", length))
+
     def walker(self, *, preface: bool) -> FrameWalker:
         hooks = self.hooks
         if hooks.rewrite == "request":
@@ -67,7 +76,19 @@ class Recorder:
             ping=self.ping if hooks.ping else None,
             settings_acked=self.acked if hooks.acked or self.requests else None,
             goaway=self.goaway if hooks.goaway else None,
+            header_list=self.header_list if hooks.header_list else None,
+            dropped_data=self.dropped_data if hooks.dropped_data else None,
+            header_list_limit=hooks.header_list_limit,
         )
+
+
+def fed(walker: FrameWalker, data: bytes) -> list[bytes]:
+    """What the walker sends for `data`, its backlog included (a pass walks at most a
+    budget of frames; the connection feeds b"" for the rest)."""
+    sent = [bytes(chunk) for chunk in walker.feed(data)]
+    while walker.backlog:
+        sent += [bytes(chunk) for chunk in walker.feed(b"")]
+    return sent
 
 
 @given(frame_cases())
@@ -81,7 +102,7 @@ def test_each_frame_crosses_as_hyperframe_reads_it_or_is_refused(case: FrameCase
         event(f"verdict: {verdict.kind}")
         recorder.events.clear()
         try:
-            sent = b"".join(bytes(chunk) for chunk in walker.feed(piece))
+            sent = b"".join(fed(walker, piece))
         except REFUSALS as error:
             assert verdict.kind != "agree", (
                 f"refused ({error}) a frame the oracle accepts: {piece!r}"
@@ -119,7 +140,7 @@ def _walk(case: FrameCase, pieces: list[bytes]) -> tuple[bytes, list[tuple[objec
     sent: list[bytes] = []
     try:
         for piece in pieces:
-            sent.extend(bytes(chunk) for chunk in walker.feed(piece))
+            sent += fed(walker, piece)
     except REFUSALS:
         return b"".join(sent), _normalised(recorder.events), True
     return b"".join(sent), _normalised(recorder.events), False

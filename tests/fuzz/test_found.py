@@ -1,0 +1,61 @@
+"""What the fuzz found, each as the smallest input that shows it: these fail until frames.py
+or headerblock.py is fixed (then each stays as a regression test)."""
+
+from __future__ import annotations
+
+import hpack
+import pytest
+
+from sidecar.frames import DATA, DROP, PADDED, WINDOW_UPDATE, FrameWalker, frame
+from sidecar.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kv.KV/Get")]
+
+
+def _counted(walker: FrameWalker, pieces: list[bytes]) -> tuple[int, int]:
+    for piece in pieces:
+        walker.feed(piece)
+    return walker.control_frames, walker.data_frames
+
+
+def test_a_padded_data_frame_counts_once_however_it_arrives() -> None:
+    """The per-connection frame budgets count what the peer sent: a DATA frame read whole
+    (padded, with a data callback) was counted again on each walk, so one that arrives in
+    two reads counted as two."""
+    padded = frame(DATA, PADDED, 1, b"\x02abc\x00\x00")
+
+    def walker() -> FrameWalker:
+        return FrameWalker(lambda *_: None, preface=False, data=lambda *_: None)
+
+    assert _counted(walker(), [padded[:12], padded[12:]]) == _counted(walker(), [padded])
+
+
+def test_a_small_control_frame_counts_once_while_a_stream_is_dropped() -> None:
+    """While a stream is dropped, frames of 8 bytes or less are read whole (they may be the
+    dropped stream's): one arriving in two reads was counted as two control frames."""
+    update = frame(WINDOW_UPDATE, 0, 5, (1).to_bytes(4, "big"))
+
+    def walker() -> FrameWalker:
+        dropping = FrameWalker(lambda *_: DROP, preface=False)
+        dropping.feed(frame(0x1, 0x4, 3, b"\x82"))  # a request on stream 3, dropped
+        return dropping
+
+    assert _counted(walker(), [update[:10], update[10:]]) == _counted(walker(), [update])
+
+
+@pytest.mark.parametrize("value", [b" leading", b"trailing ", b"\ttab"])
+def test_a_request_value_with_whitespace_at_an_end_is_refused(value: bytes) -> None:
+    """RFC 9113 8.2.1: "A field value MUST NOT start or end with an ASCII whitespace
+    character (ASCII SP or HTAB, 0x20 or 0x09)"; such a request is malformed (8.1.1) and
+    must not reach the app. It crossed."""
+    block = hpack.Encoder().encode([*REQUEST, (b"x-id", value)])
+    with pytest.raises((RequestRefused, HeaderBlockError)):
+        RequestBlocks(b"sidecar/test").rewrite(block)
+
+
+def test_a_request_with_an_empty_path_is_refused() -> None:
+    """RFC 9113 8.3.1: ":path ... MUST NOT be empty for "http" or "https" URIs"; the request
+    is malformed (8.1.1). It crossed with an empty :path."""
+    block = hpack.Encoder().encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"")])
+    with pytest.raises((RequestRefused, HeaderBlockError)):
+        RequestBlocks(b"sidecar/test").rewrite(block)

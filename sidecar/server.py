@@ -60,8 +60,8 @@ class Sidecar:
 
 async def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT, drain, and return the process exit code."""
+    sidecar = Sidecar(config)  # validates every certificate first
     raise_open_file_limit()  # each spliced caller costs two descriptors
-    sidecar = Sidecar(config)
     await sidecar.start()
     stop_requested = asyncio.Event()
     signals_seen = 0

@@ -101,9 +101,10 @@ def _shown(name: str) -> str:
 
 def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
     """The names in `certificate`; one whose names cannot be read gives an unreadable identity."""
-    serial = format(certificate.serial_number, "x")
-    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()  # of the DER: cannot fail
+    serial = ""
     try:
+        serial = format(certificate.serial_number, "x")
         common_names = tuple(
             str(attribute.value)  # a str but for X500UniqueIdentifier, never a CN
             for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -158,8 +158,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_chain_length", "count", "route", "limits",
-        "certificates a peer may present in its chain, leaf included (and 4 KiB of chain "
-        "per certificate: a heavier chain is refused before it is parsed)",
+        "certificates a peer may present in its chain, leaf included (and 2 KiB of chain "
+        "per certificate, 16 KiB at least: a heavier chain is refused before it is parsed)",
         metavar="N", default=10,
     ),
     Setting(

@@ -254,17 +254,20 @@ def client_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     return context
 
 
-# What a peer's certificate chain may weigh, per certificate allowed by max_chain_length:
-# real certificates weigh 0.5-2 KiB (RSA-4096 with a few SANs is under 2 KiB). OpenSSL
-# parses every certificate of the chain before it verifies any (OpenSSL 3.0 takes about
-# 0.35 ms each), so the size bounds the work a caller's chain can cost the event loop.
-CERTIFICATE_BYTES = 4096
+# What a peer's certificate chain may weigh, per certificate allowed by max_chain_length
+# (16 KiB at least): real certificates weigh 0.5-2 KiB (RSA-4096 with a few SANs is under
+# 2 KiB). OpenSSL parses every certificate of the chain before it verifies any (OpenSSL
+# 3.0: about 0.35 ms for a small one, so a chain's cost is mostly its count), and a depth
+# limit counts only the certificates that chain, not junk appended: the size is what
+# bounds the work a caller's chain costs the event loop (20 KiB: about 14 ms of junk).
+CERTIFICATE_BYTES = 2048
+_MIN_CHAIN_BYTES = 16 * 1024
 _SSL_CTRL_SET_MAX_CERT_LIST = 51
 
 
 def max_chain_bytes(max_chain_length: int) -> int:
     """The size of certificate chain accepted from a peer allowed max_chain_length of them."""
-    return max_chain_length * CERTIFICATE_BYTES
+    return max(max_chain_length * CERTIFICATE_BYTES, _MIN_CHAIN_BYTES)
 
 
 def _libssl() -> ctypes.CDLL:

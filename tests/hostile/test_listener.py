@@ -205,7 +205,7 @@ def test_a_junk_chain_is_refused_before_it_costs_the_event_loop(
     assert junk_cpu < 3 * normal_cpu + 0.1, (junk_cpu, normal_cpu)
     sidecar.wait_for(
         r"WARNING .*TLS handshake with ipv4:127\.0\.0\.1:\d+ failed: certificate chain too "
-        r"long: over 40960 bytes \(max_chain_length 10\)"
+        r"long: over 20480 bytes \(max_chain_length 10\)"
     )
     assert unary_ok(sidecar, pki)
 

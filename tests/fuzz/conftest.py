@@ -34,7 +34,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "fuzz",
-    max_examples=40_000,
+    max_examples=25_000,
     deadline=None,
     database=_DATABASE,
     suppress_health_check=_QUIET,

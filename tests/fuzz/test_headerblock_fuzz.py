@@ -35,44 +35,48 @@ USER_AGENT = b"sidecar/fuzz"
 class Client:
     """A peer's HPACK encoder through one connection, with the decoder that reads its blocks
     as the peer meant them (hpack's, the oracle), and where it is in the table-size handshake.
-    Before our SETTINGS (table size 0) arrive, it may resize its table as it likes; then it
-    applies the 0 (its next block opens with the update) and acknowledges it, at once
-    (RFC 9113 6.5.3) or, now and then, a block later."""
+    Until our SETTINGS (table size 0) arrive, a few blocks in, it may resize its table as it
+    likes; then it applies the 0 (its next block opens with the update) and acknowledges it,
+    at once (RFC 9113 6.5.3) or, now and then, a block later."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: st.DataObject) -> None:
         self.encoder = hpack.Encoder()
         self.oracle = hpack.Decoder()
         self.applied = False
         self.acked = False
+        self._settings_at = data.draw(st.integers(0, 4), label="settings arrive at step")
+        self._step = 0
 
     def next_block(
         self, data: st.DataObject, fields: st.SearchStrategy[list[Field]]
     ) -> tuple[bytes, bool] | None:
         """The next block and whether the encoder made it as it is, or None for a step of
         the handshake (`acked` tells whether it is over)."""
-        action = data.draw(
-            st.sampled_from(["block"] * 6 + ["resize", "settings", "settings", "mutate", "random"])
-        )
-        if action == "resize" and not self.applied:
-            self.encoder.header_table_size = data.draw(
-                st.one_of(st.sampled_from([0, 4096]), st.integers(0, 4096))
-            )
-            return None
-        if action == "settings" and not self.acked:
+        step, self._step = self._step, self._step + 1
+        if step >= self._settings_at and not self.acked:
             if not self.applied:
                 self.encoder.header_table_size = 0
                 self.applied = True
                 if not data.draw(st.integers(0, 4)):
-                    return None  # acknowledged a block later
+                    return None  # acknowledged a step later
             # The decoder may hold the encoder to 0 from the acknowledgement on.
             self.oracle.max_allowed_table_size = 0
             self.acked = True
+            return None
+        action = data.draw(st.sampled_from(["block"] * 6 + ["resize", "mutate", "cut", "random"]))
+        if action == "resize" and not self.applied:
+            self.encoder.header_table_size = data.draw(
+                st.one_of(st.sampled_from([0, 4096]), st.integers(0, 4096))
+            )
             return None
         if action == "random":
             return data.draw(st.binary(max_size=80)), False
         block = self.encoder.encode(data.draw(fields), huffman=data.draw(st.booleans()))
         if action == "mutate":
             return data.draw(mutated(block)), False
+        if action == "cut":  # a block that ends anywhere, a representation cut short
+            last = max(0, len(block) - 1)  # often within its first representations
+            return block[: data.draw(st.integers(0, min(last, 6)) | st.integers(0, last))], False
         return block, True
 
     def meaning(self, block: bytes) -> list[hpack.HeaderTuple] | None:
@@ -96,8 +100,8 @@ def _is_never_indexed(fields: list[hpack.HeaderTuple]) -> list[bool]:
 def test_the_app_decodes_what_the_caller_meant_minus_what_does_not_cross(
     data: st.DataObject,
 ) -> None:
-    client, app, blocks = Client(), hpack.Decoder(), RequestBlocks(USER_AGENT)
-    for _ in range(data.draw(st.integers(1, 10), label="steps")):
+    client, app, blocks = Client(data), hpack.Decoder(), RequestBlocks(USER_AGENT)
+    for _ in range(data.draw(st.integers(1, 12), label="steps")):
         trailers = data.draw(st.integers(0, 5), label="trailers") == 0
         step = client.next_block(data, request_trailers() if trailers else requests())
         if step is None:
@@ -142,8 +146,8 @@ def test_the_app_decodes_what_the_caller_meant_minus_what_does_not_cross(
 
 @given(st.data())
 def test_the_status_read_from_responses_is_hpacks(data: st.DataObject) -> None:
-    server, blocks = Client(), ResponseBlocks()
-    for _ in range(data.draw(st.integers(1, 10), label="steps")):
+    server, blocks = Client(data), ResponseBlocks()
+    for _ in range(data.draw(st.integers(1, 12), label="steps")):
         step = server.next_block(data, responses())
         if step is None:
             if server.acked:

@@ -120,6 +120,7 @@ class _CallerProtocol(asyncio.Protocol):
             remote=self.remote,
             route=front.config.name,
             goaway=False,
+            limits=front.config.limits,
         )
 
     def _splice(self, peer: str) -> None:

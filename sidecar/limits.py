@@ -75,5 +75,14 @@ class Limits:
         """Bytes a denied connection may send."""
         return 64 * 1024 + self.denied_calls * self.max_header_block
 
+    @property
+    def denied_idle_timeout(self) -> float:
+        """How long a denied connection (or one answered UNAVAILABLE) may go without
+        starting a call: half the shorter of header_timeout and denied_lifetime (5 s by
+        default). A gRPC client sends its calls as it has them, so such a connection is
+        only being held; and a header block or frame left unfinished starts no call, so it
+        is closed within this time too."""
+        return min(self.header_timeout, self.denied_lifetime) / 2
+
 
 LIMIT_KEYS = tuple(field.name for field in fields(Limits))

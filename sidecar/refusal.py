@@ -7,10 +7,20 @@ denies, or one whose upstream cannot be reached) is instead handed to a
 with a trailers-only response: the status and a message saying why, exactly
 as a gRPC server would. Nothing reaches the upstream.
 
-A refusal for PERMISSION_DENIED keeps the connection (the caller's next calls
-get the same answer, as from any gRPC server). One for UNAVAILABLE answers the
-calls already sent, then sends GOAWAY so that the caller's next call opens a
-new connection, which tries the upstream again.
+A refusal for PERMISSION_DENIED keeps the connection for a while (the caller's
+next calls get the same answer, as from any gRPC server). One for UNAVAILABLE
+answers the calls already sent, then sends GOAWAY so that the caller's next
+call opens a new connection, which tries the upstream again.
+
+Such a caller is owed little, and h2 costs some 20-30 us a frame, so each
+connection gets a bounded amount of work (`Limits`): whole frames are handed to
+h2 a few dozen per loop turn (refusal_intake.py), the rest waiting with reading
+paused; the frames, bytes and calls of the whole connection are budgeted, as
+are its lifetime and the time it may go without starting a call; what is held
+of an unfinished frame or header block is capped; answers the caller does not
+read stop the work. Past a budget the caller gets GOAWAY (ENHANCE_YOUR_CALM for
+a flood, NO_ERROR for a caller simply done, which also has a short linger to
+read it), and the connection is closed.
 """
 
 from __future__ import annotations
@@ -27,16 +37,34 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 
 from sidecar.accesslog import CallRecord, log_call
+from sidecar.limits import Limits
 from sidecar.loglimit import LogLimiter
+from sidecar.logs import escape
+from sidecar.refusal_intake import FRAMES_PER_TURN, MAX_FRAME, Intake, Overrun
 
 logger = logging.getLogger("sidecar.server")
 # A line per denied call would let a denied caller write the log at its call rate.
 _denials = LogLimiter(logger)
+# Likewise a line per connection cut, for a caller that reconnects as fast as it is cut.
+_cuts = LogLimiter(logger)
 
-# After a GOAWAY, how long the caller has to read the answers and close.
-_LINGER_SECONDS = 10.0
+# Streams h2 lets a caller open at once: calls are answered (and closed) as a turn's
+# frames are, so no more than a turn's frames are ever open, and h2 takes more as a
+# connection error.
+_MAX_STREAMS = 100
+assert FRAMES_PER_TURN < _MAX_STREAMS
+# Answers waiting in the write buffer beyond which no more frames are processed: a
+# caller sending PINGs without reading the ACKs is not read either until it does.
+_UNREAD_ANSWERS = 64 * 1024
+_UNREAD_RETRY_SECONDS = 0.05
+# After a GOAWAY, how long a caller simply done has to read it and close (its input is
+# read and dropped meanwhile, up to _LINGER_INPUT), and then how long any caller has
+# to read what is left before the connection is aborted.
+_LINGER_SECONDS = 1.0
+_LINGER_INPUT = 64 * 1024
 
 
 def grpc_message(details: str) -> bytes:
@@ -51,7 +79,9 @@ def grpc_message(details: str) -> bytes:
 
 
 class Refusal:
-    """One caller connection on which every call gets `code` and `details(method)`."""
+    """One caller connection on which every call gets `code` and `details(method)`, within
+    the budgets of `limits` (denied_calls, denied_lifetime, denied_frames, denied_bytes,
+    denied_idle_timeout, max_header_block, max_header_list_size)."""
 
     def __init__(
         self,
@@ -63,36 +93,111 @@ class Refusal:
         remote: str,
         route: str | None,
         goaway: bool,
+        limits: Limits = Limits(),  # noqa: B008  (frozen: one shared default is safe)
     ) -> None:
         self._transport = transport
         self._code = code
         self._details = details
         self._peer, self._remote, self._route = peer, remote, route
         self._goaway = goaway
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
         self._connection = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
         )
+        self._connection.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+            },
+        )
+        # Enforced from the first request, not only once the caller acknowledges them.
+        self._connection.decoder.max_header_list_size = limits.max_header_list_size
+        self._connection.max_inbound_frame_size = MAX_FRAME
         self._connection.initiate_connection()
         self._flush()
-        self._goaway_sent = False
-        self._linger: asyncio.TimerHandle | None = None
-        if goaway:  # a caller that sends no call, or keeps the connection, is closed
-            self._linger = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.abort)
+        self._intake = Intake(limits)
+        self._dropped = 0  # bytes received after the GOAWAY
+        self._calls = 0
+        self._last_answered = 0
+        self._turn: asyncio.Handle | None = None  # the next turn's work, when scheduled
+        self._paused = False
+        self._ended = False  # GOAWAY sent (or the connection lost): input is dropped
+        self._closes = self._loop.time() + limits.denied_lifetime
+        self._last_call = self._loop.time()  # or the connection's start
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
+            min(self._closes, self._last_call + limits.denied_idle_timeout), self._on_timer
+        )
 
     def feed(self, data: bytes) -> None:
-        """Answer what the caller sent; a caller breaking HTTP/2 loses the connection."""
-        if self._goaway_sent:
-            # Frames for calls already answered, or calls after the last one answered (the
-            # caller retries those elsewhere): h2 would call any frame now a protocol error.
+        """Take what the caller sent: answered at once up to a turn's budget, the rest on
+        the next turns; a caller breaking HTTP/2 or a budget loses the connection."""
+        if self._ended:
+            # After GOAWAY: frames for calls already answered, or calls after the last one
+            # answered (the caller retries those elsewhere). Dropped unread, while they
+            # are few (the caller's close is seen); a caller still flooding is not read.
+            self._dropped += len(data)
+            if self._dropped > _LINGER_INPUT and not self._transport.is_closing():
+                self._pause()
             return
         try:
-            events = self._connection.receive_data(data)
+            self._intake.add(data)
+        except Overrun as overrun:
+            self._end(overrun.error_code, overrun.reason)
+            return
+        if self._turn is not None:  # frames are waiting already: read no more meanwhile
+            self._pause()
+            return
+        self._work()
+
+    def connection_lost(self) -> None:
+        self._ended = True
+        self._intake.clear()
+        for handle in (self._turn, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._turn = self._timer = None
+
+    # Work, a turn at a time.
+
+    def _work(self) -> None:
+        self._turn = None
+        if self._ended:
+            return
+        if self._transport.get_write_buffer_size() > _UNREAD_ANSWERS:
+            # The caller does not read its answers: no more work for it until it does
+            # (its idle time and lifetime run on).
+            self._pause()
+            self._turn = self._loop.call_later(_UNREAD_RETRY_SECONDS, self._work)
+            return
+        try:
+            chunk = self._intake.take()
+        except Overrun as overrun:
+            self._end(overrun.error_code, overrun.reason)
+            return
+        if chunk:
+            self._receive(chunk)
+            if self._ended:
+                return
+        if self._intake.waiting:
+            self._pause()
+            self._turn = self._loop.call_soon(self._work)
+        elif self._paused and not self._transport.is_closing():
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _receive(self, chunk: bytes) -> None:
+        try:
+            events = self._connection.receive_data(chunk)
         except h2.exceptions.ProtocolError as error:
-            logger.info("caller %s broke HTTP/2: %s", self._remote, error)
-            self._flush()
-            self._transport.close()
+            # h2 has queued its GOAWAY (with the error code) already.
+            self._end(None, f"broke HTTP/2: {escape(str(error))}", logging.INFO)
             return
         for event in events:
+            if self._ended:
+                break
             if isinstance(event, h2.events.RequestReceived):
                 self._answer(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
@@ -101,17 +206,11 @@ class Refusal:
                     event.flow_controlled_length, event.stream_id
                 )
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self._transport.close()
-        answered = self._connection.highest_inbound_stream_id
-        if self._goaway and answered and not self._goaway_sent:
+                self._end(None, "")  # the caller's GOAWAY: it is leaving
+        if self._goaway and self._last_answered and not self._ended:
             # Calls sent after these are not processed: the caller retries them elsewhere.
-            self._connection.close_connection(last_stream_id=answered)
-            self._goaway_sent = True
+            self._end(h2.errors.ErrorCodes.NO_ERROR, "")
         self._flush()
-
-    def connection_lost(self) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
 
     def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         started = time.monotonic()
@@ -152,6 +251,75 @@ class Refusal:
                 route=self._route,
             )
         )
+        self._last_answered = stream_id
+        self._calls += 1
+        self._last_call = self._loop.time()
+        if self._calls >= self._limits.denied_calls and not self._goaway:
+            self._end(h2.errors.ErrorCodes.NO_ERROR, f"{self._calls} calls answered")
+
+    # The end: GOAWAY, linger, close.
+
+    def _on_timer(self) -> None:
+        now = self._loop.time()
+        idle_ends = self._last_call + self._limits.denied_idle_timeout
+        if now >= self._closes:
+            self._end(h2.errors.ErrorCodes.NO_ERROR, f"open {self._limits.denied_lifetime:g}s")
+        elif now >= idle_ends:
+            self._end(
+                h2.errors.ErrorCodes.NO_ERROR,
+                f"no call for {self._limits.denied_idle_timeout:g}s",
+            )
+        else:  # a call since: the idle time starts over
+            self._timer = self._loop.call_at(min(self._closes, idle_ends), self._on_timer)
+
+    def _end(
+        self, error_code: h2.errors.ErrorCodes | None, why: str, level: int | None = None
+    ) -> None:
+        """GOAWAY with error_code (None: h2 has queued its own, or the caller left) naming
+        the last call answered, then the close; `why` is logged unless empty (at INFO
+        for a caller simply done, else WARNING unless `level` says otherwise).
+
+        A caller simply done (NO_ERROR) has a moment to read the GOAWAY and close first,
+        its input read and dropped meanwhile, so that closing with input unread (which
+        makes the kernel reset the connection) does not cut what it has still to read.
+        Any other caller is closed at once: what was written still reaches it."""
+        if self._ended:
+            return
+        self._ended = True
+        if why:
+            if level is None:
+                done = error_code == h2.errors.ErrorCodes.NO_ERROR
+                level = logging.INFO if done else logging.WARNING
+            _cuts.log(level, (self._peer, level), "closing the connection of %s (%s): %s",
+                      self._peer, self._remote, why)  # fmt: skip
+        if error_code is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._connection.close_connection(error_code, last_stream_id=self._last_answered)
+        self._flush()
+        self._intake.clear()
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if error_code != h2.errors.ErrorCodes.NO_ERROR:
+            self._close()
+            return
+        if self._paused and not self._transport.is_closing():
+            self._paused = False
+            self._transport.resume_reading()  # to see the caller close
+        self._timer = self._loop.call_later(_LINGER_SECONDS, self._close)
+
+    def _close(self) -> None:
+        """Close once what is buffered is sent; abort if the caller does not read it soon."""
+        self._transport.close()
+        self._timer = self._loop.call_later(_LINGER_SECONDS, self._transport.abort)
+
+    def _pause(self) -> None:
+        # Every time: the listener resumes reading when the write buffer drains.
+        self._paused = True
+        self._transport.pause_reading()
 
     def _flush(self) -> None:
         outgoing = self._connection.data_to_send()

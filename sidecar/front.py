@@ -322,6 +322,7 @@ class Front:
             remote=remote,
             route=self.config.name,
             goaway=True,
+            limits=self.limits,
         )
 
     async def _open(self, sock: socket.socket, over_limit: bool) -> None:

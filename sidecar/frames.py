@@ -56,6 +56,10 @@ _MAX_DROPPED = 1024  # dropped streams remembered (their late frames are left ou
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
+# grpc core's "true binary metadata" extension: -bin values sent raw (NUL first) instead
+# of base64. Not HTTP/2 (RFC 9113 8.2.1 forbids NUL, CR and LF in values): the splice
+# keeps it from being negotiated through it, so values stay checkable on the way.
+SETTINGS_GRPC_TRUE_BINARY = 0xFE03
 _FRAMES_PER_PASS = 1000  # about a millisecond of walking
 _BLOCK_BYTES_PER_PASS = 32 * 1024  # a few milliseconds of header-block scanning
 
@@ -131,13 +135,14 @@ def _rewritten_settings(
 ) -> bytes:
     """SETTINGS entries with HEADER_TABLE_SIZE replaced by, or extended with, 0, and, with a
     header_list_limit, MAX_HEADER_LIST_SIZE lowered to it (or added): the receiver learns
-    the sidecar's limit, and a client that honours it fails early with a clear error."""
+    the sidecar's limit, and a client that honours it fails early with a clear error.
+    grpc core's true-binary setting is left out (see SETTINGS_GRPC_TRUE_BINARY)."""
     if len(payload) % 6:
         raise FrameError("SETTINGS frame length is not a multiple of 6")
     kept = []
     for offset in range(0, len(payload), 6):
         identifier = int.from_bytes(payload[offset : offset + 2], "big")
-        if identifier == SETTINGS_HEADER_TABLE_SIZE:
+        if identifier in (SETTINGS_HEADER_TABLE_SIZE, SETTINGS_GRPC_TRUE_BINARY):
             continue
         if identifier == SETTINGS_MAX_HEADER_LIST_SIZE:
             value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
@@ -328,7 +333,17 @@ class FrameWalker:
             if kind == DATA:
                 flags = data[position + 4]
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
-                if length:
+                if (
+                    flags & PADDED
+                    and on_data is not None
+                    and not (dropped and stream_id in dropped)
+                ):
+                    # Taken whole: where the padding starts is in the frame.
+                    if length > self._max_block:
+                        raise FrameError(f"padded DATA frame is {length} bytes long")
+                    if end > size:
+                        break
+                if length:  # counted once the frame is taken (not on a walk that waits)
                     self.data_frames += 1
                 elif not flags & END_STREAM:
                     self.control_frames += 1  # an empty DATA frame carries nothing
@@ -349,11 +364,7 @@ class FrameWalker:
                     run_start = position = end
                     continue
                 if on_data is not None:
-                    if flags & PADDED:  # taken whole: where the padding starts is in the frame
-                        if length > self._max_block:
-                            raise FrameError(f"padded DATA frame is {length} bytes long")
-                        if end > size:
-                            break
+                    if flags & PADDED:
                         if not length or data[position + _HEADER] >= length:
                             raise FrameError("DATA padding longer than the frame")
                         padding = data[position + _HEADER]
@@ -416,10 +427,10 @@ class FrameWalker:
             if kind == RST_STREAM and length != 4:
                 raise FrameError("RST_STREAM frame payload is not 4 bytes")
             if kind in (PING, WINDOW_UPDATE, PRIORITY) or (kind == GOAWAY and not self._goaway):
-                self.control_frames += 1
                 if dropped and kind != GOAWAY and length <= 8:
                     if end > size:
                         break  # read whole: it may be left out
+                    self.control_frames += 1
                     stream_id = (
                         int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
                     )
@@ -429,6 +440,8 @@ class FrameWalker:
                         out.append(view[run_start:position])
                         run_start = position = end
                         continue
+                else:
+                    self.control_frames += 1
                 if end > size:  # stream the rest of the payload as it comes
                     self._passing, self._passing_stream = end - size, 0
                     position = size

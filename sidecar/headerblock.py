@@ -197,6 +197,20 @@ def _length(value: int) -> bytes:
     return bytes(encoded)
 
 
+_STATUS_200 = b"\x88"  # the static table's :status 200
+_GRPC_CONTENT_TYPE = _literal(b"content-type", b"application/grpc")
+
+
+def status_block(code: int, message: bytes, *, trailers_only: bool) -> bytes:
+    """A response header block ending a call with a gRPC status, as a server sends it: the
+    trailers of a response already begun, or (trailers_only) the whole response. Touches
+    no table, so it fits any point of any connection."""
+    fields = _literal(b"grpc-status", str(code).encode()) + _literal(b"grpc-message", message)
+    if trailers_only:
+        return _STATUS_200 + _GRPC_CONTENT_TYPE + fields
+    return fields
+
+
 def _starts_with_table_reset(block: bytes) -> bool:
     """Whether the block opens with size updates ending at 0 (the encoder has emptied its table)."""
     position, reset = 0, False

@@ -22,15 +22,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
 from sidecar.accesslog import CallRecord, access_logger, log_call
-from sidecar.frames import ACK, END_STREAM, GOAWAY, PING, FrameError, FrameWalker, frame
-from sidecar.headerblock import HeaderBlockError, RequestBlocks, ResponseBlocks
-from sidecar.refusal import Refusal
+from sidecar.budget import BudgetExceeded, TokenBucket
+from sidecar.frames import (
+    ACK,
+    DROP,
+    END_STREAM,
+    GOAWAY,
+    PING,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    FrameError,
+    FrameWalker,
+    _Drop,
+    frame,
+    header_frames,
+)
+from sidecar.headerblock import (
+    HeaderBlockError,
+    HeaderLimits,
+    RequestBlocks,
+    RequestRefused,
+    ResponseBlocks,
+    status_block,
+)
+from sidecar.limits import Limits
+from sidecar.loglimit import LogLimiter
+from sidecar.refusal import Refusal, grpc_message
 
 logger = logging.getLogger("sidecar.server")
 
@@ -85,6 +110,9 @@ _CLOSED_BEFORE_SPEAKING = ConnectionError(
 )
 # "Shutting down; finish what you started, start nothing new" (RFC 9113 6.8).
 _GOAWAY_GRACEFUL = frame(GOAWAY, 0, 0, (0x7FFFFFFF).to_bytes(4, "big") + bytes(4))
+_NO_ERROR, _PROTOCOL_ERROR, _CANCEL, _ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0xB
+# Budgets broken, upstreams lost: one line per reason and route per period, not per connection.
+_limited_log = LogLimiter(logger)
 
 # Opens the upstream connection with the protocol from the factory given.
 Connector = Callable[
@@ -95,29 +123,38 @@ Describer = Callable[[BaseException | None], Awaitable[str]]
 
 
 class _Call:
-    """One gRPC call (an HTTP/2 stream) in flight, as the access log needs it."""
+    """One gRPC call (an HTTP/2 stream) in flight: what ending it here and the access log
+    need to know."""
 
     __slots__ = (
+        "answered",
         "bytes_in",
         "bytes_out",
         "http_status",
-        "method",
         "need_in",
         "need_out",
+        "path",
         "prefix_in",
         "prefix_out",
+        "request_ended",
         "started",
     )  # fmt: skip
 
-    def __init__(self, method: str) -> None:
-        self.method = method
+    def __init__(self, path: bytes | None, request_ended: bool) -> None:
+        self.path = path
         self.started = time.monotonic()
+        self.answered = False  # response headers have gone to the caller
+        self.request_ended = request_ended  # the caller has sent END_STREAM
         self.bytes_in = self.bytes_out = 0
         self.http_status: bytes | None = None  # the response's :status, once it came
         # Message framing state per direction: body bytes still to skip, and the
         # part of a 5-byte message prefix seen so far.
         self.need_in = self.need_out = 0
         self.prefix_in = self.prefix_out = b""
+
+    @property
+    def method(self) -> str:
+        return self.path.decode("utf-8", "replace") if self.path else "-"
 
 
 def _message_bytes(
@@ -200,7 +237,7 @@ class _UpstreamProtocol(asyncio.Protocol):
     """The upstream connection's events, handed to its Splice."""
 
     def __init__(self, splice: Splice) -> None:
-        self._splice = splice
+        self._splice: Splice = splice
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
@@ -214,6 +251,7 @@ class _UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._splice.upstream_lost(exc)
+        self._splice = _GONE  # the splice points at the transport, which points here
 
     def pause_writing(self) -> None:
         self._splice.pause_caller("upstream busy")
@@ -222,8 +260,30 @@ class _UpstreamProtocol(asyncio.Protocol):
         self._splice.resume_caller("upstream busy")
 
 
+class _Gone:
+    """Stands in for a Splice once the upstream connection is lost (late callbacks find
+    nothing to do)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: None
+
+
+_GONE: Splice = _Gone()  # type: ignore[assignment]
+
+
 class Splice:
-    """A caller's connection relayed frame by frame over its own upstream connection."""
+    """A caller's connection relayed frame by frame over its own upstream connection.
+
+    Besides relaying, it keeps the caller within its budgets (limits.py): control
+    frames and calls cancelled before their answer (token buckets; past either the
+    caller gets GOAWAY ENHANCE_YOUR_CALM and the connection closes), a header
+    block or frame once started must be finished within header_timeout, and a
+    connection with no call in flight for idle_timeout is closed with a GOAWAY.
+    A request it refuses (too large, malformed) is answered here on its stream and
+    never reaches the upstream. When the upstream is lost, every call in flight is
+    ended here with UNAVAILABLE and the caller is told GOAWAY, so that its client
+    reconnects at once instead of waiting for TCP to notice.
+    """
 
     def __init__(
         self,
@@ -235,24 +295,26 @@ class Splice:
         remote: str,
         route: str | None,
         user_agent: bytes,
+        upstream_name: str = "upstream",
+        limits: Limits | None = None,
         ack_delay: float = _ACK_DELAY_SECONDS,
     ) -> None:
         self._caller = caller
         self._upstream: asyncio.Transport | None = None
         self._describe_failure = describe_failure
         self._peer, self._remote, self._route = peer, remote, route
+        self._upstream_name = upstream_name
+        self._limits = limits = limits if limits is not None else Limits()
         self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
         self._replay_size = 0
         self._refusal: Refusal | None = None
         self._failing = False
-        self._broken = False  # a peer broke HTTP/2: nothing more is relayed
+        self._broken = False  # a peer broke HTTP/2 or a budget: nothing more is relayed
         self._caller_busy = False  # the caller's write buffer is full
         self._acks_while_busy = 0
         self._failure: asyncio.Task[None] | None = None
         self._pauses: set[str] = set()
-        # Calls in flight by stream; without the access log only the keys are kept
-        # (the drain waits for them).
-        self._calls: dict[int, _Call | None] = {}
+        self._calls: dict[int, _Call] = {}  # calls in flight, by stream
         self._last_stream = 0
         # The lowest last-stream id of the upstream's GOAWAYs (relayed to the caller): the
         # sidecar's own GOAWAYs must not name a higher one (RFC 9113 6.8), and streams
@@ -265,15 +327,30 @@ class Splice:
         self._ack_delay = ack_delay
         self._done = False
         self._log = access_logger.isEnabledFor(logging.INFO)
-        self._requests = RequestBlocks(user_agent)
+        self._control = TokenBucket(limits.control_frame_rate, limits.control_frame_burst)
+        self._resets = TokenBucket(limits.reset_rate, limits.reset_burst)
+        self._control_seen = 0  # the caller's control frames already paid for
+        self._data_seen = 0  # the upstream's data frames already credited
+        self._credit = 0  # flow-control bytes of dropped DATA, owed to the caller
+        self._requests = RequestBlocks(
+            user_agent,
+            HeaderLimits(
+                list_size=limits.max_header_list_size,
+                max_fields=limits.max_header_fields,
+                stateful_bytes=limits.stateful_header_bytes,
+            ),
+        )
         self._responses = ResponseBlocks()
         self._outbound = FrameWalker(
             self._request_headers,
             preface=True,
             data=self._request_data if self._log else None,
+            ended=self._request_ended,
             reset=self._caller_reset,
             ping=self._caller_ping,
             settings_acked=self._requests.table_limited,  # the client acks the upstream's
+            dropped_data=self._dropped_data,
+            max_block=limits.max_header_block,
         )
         self._inbound = FrameWalker(
             self._response_headers,
@@ -284,9 +361,18 @@ class Splice:
             ping=self._upstream_ping,
             settings_acked=self._responses.table_limited,
             goaway=self._upstream_goaway,
+            header_list=self._requests.lower_list_size,
+            header_list_limit=limits.max_header_list_size,
         )
-        self._loop = asyncio.get_running_loop()
-        self._connecting = self._loop.create_task(self._connect(connect))
+        self._loop = loop = asyncio.get_running_loop()
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._first_frame_timer: asyncio.TimerHandle | None = None
+        self._upstream_spoke = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = loop.time()
+        if limits.idle_timeout:
+            self._idle_timer = loop.call_later(limits.idle_timeout, self._idle_check)
+        self._connecting = loop.create_task(self._connect(connect))
 
     # The caller's side (called by the listener's protocol).
 
@@ -307,7 +393,6 @@ class Splice:
 
     def caller_lost(self) -> None:
         self._connecting.cancel()
-        self._cancel_ack_timers()
         if self._refusal is not None:
             self._refusal.connection_lost()
         self._end_calls(grpc.StatusCode.CANCELLED)
@@ -316,6 +401,7 @@ class Splice:
             # upstream that stopped reading cannot hold its connection open.
             self._upstream.abort()
         self._done = True
+        self._release()
 
     def caller_busy(self) -> None:
         """The caller is not reading: stop reading the upstream (the caller is still read:
@@ -345,7 +431,7 @@ class Splice:
     def drain(self) -> None:
         """Tell the caller to start no new calls; close once those in flight are done."""
         self._draining = True
-        if self._refusal is not None or self._upstream is None:
+        if self._refusal is not None or self._upstream is None or self._broken:
             self._close_both()
             return
         if not self._calls:
@@ -365,18 +451,20 @@ class Splice:
             return  # (its own end schedules this again)
         self._drain_closed = True
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
-            last_stream = self._last_stream
-            if self._upstream_last is not None:
-                last_stream = min(last_stream, self._upstream_last)
-            last = last_stream.to_bytes(4, "big") + bytes(4)  # NO_ERROR
-            _write(self._caller, [*self._own_to_caller.take(), frame(GOAWAY, 0, 0, last)])
+            _write(self._caller, [*self._own_to_caller.take(), self._goaway(_NO_ERROR)])
         self._close_both()
 
     def abort(self) -> None:
-        """End both connections now (the drain grace is over)."""
-        self._caller.abort()
+        """The drain grace is over: end the calls still in flight here, telling their
+        callers why, then both connections."""
         if self._upstream is not None:
-            self._upstream.abort()
+            self._upstream.abort()  # the upstream's calls end with its connection
+        if self._calls and self._refusal is None and not self._broken:
+            self._end_calls_here(
+                grpc.StatusCode.UNAVAILABLE,
+                "the sidecar is shutting down and its drain grace is over",
+            )
+        self._caller.abort()
 
     # The upstream's side.
 
@@ -394,35 +482,92 @@ class Splice:
             transport.close()
             return
         self._upstream = transport
+        self._first_frame_timer = self._loop.call_later(
+            self._limits.connect_timeout, self._upstream_silent
+        )
         for chunk in self._replay or ():
             if self._broken:
                 break
             self._to_upstream(chunk)
 
-    def from_upstream(self, data: bytes) -> None:
-        if self._broken:
+    def _upstream_silent(self) -> None:
+        """The upstream accepted the connection but has not sent its SETTINGS in time."""
+        self._first_frame_timer = None
+        if self._replay is None or self._upstream is None or self._done:
             return
-        if self._replay is not None:  # the upstream speaks: no replay will be needed
-            self._replay = None
-            self.resume_caller("upstream silent")
+        upstream, self._upstream = self._upstream, None
+        upstream.abort()
+        self._start_failure(
+            TimeoutError(
+                f"the upstream accepted the connection but sent nothing within "
+                f"{self._limits.connect_timeout:g}s"
+            )
+        )
+
+    def from_upstream(self, data: bytes) -> None:
+        if self._broken or self._done:
+            return
+        if self._replay is not None and not self._upstream_spoke and len(data) > 3:
+            # Its first bytes: a server's connection preface is a SETTINGS frame (RFC 9113
+            # 3.4). Anything else is not HTTP/2, and the calls can still be answered why.
+            self._upstream_spoke = True
+            if data[3] != SETTINGS:
+                self._not_http2(data)
+                return
         chunks = self._walked(self._inbound, data, from_upstream=True)
         if chunks is None:
             return
+        if self._replay is not None and self._inbound.first_frame_done:
+            self._replay = None  # the upstream speaks HTTP/2: no replay will be needed
+            if self._first_frame_timer is not None:
+                self._first_frame_timer.cancel()
+                self._first_frame_timer = None
+            self.resume_caller("upstream silent")
+        earned = self._inbound.data_frames - self._data_seen
+        if earned:  # the caller's WINDOW_UPDATEs and PINGs answer what it receives
+            self._data_seen = self._inbound.data_frames
+            self._control.earn(2 * earned)
         if self._own_to_caller.frames and self._inbound.at_frame_boundary:
             chunks += self._own_to_caller.take()
         _write(self._caller, chunks)
+        if self._inbound.backlog:
+            self._continue_later(from_upstream=True)
+
+    def _not_http2(self, data: bytes) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        shown = repr(bytes(data[:24]))[1:] + ("..." if len(data) > 24 else "")
+        self._start_failure(
+            ConnectionError(f"the upstream does not speak HTTP/2 (it sent {shown})")
+        )
 
     def upstream_lost(self, exc: BaseException | None) -> None:
-        if self._done or self._refusal is not None:
+        if self._done or self._refusal is not None or self._failing:
             return
         self._upstream = None
         if self._replay is not None:  # lost before it spoke: the calls can still be answered
-            self._failure = asyncio.get_running_loop().create_task(
-                self._fail(exc or _CLOSED_BEFORE_SPEAKING)
-            )
+            self._start_failure(exc or _CLOSED_BEFORE_SPEAKING)
             return
-        self._end_calls(grpc.StatusCode.UNAVAILABLE)
-        _close_within(self._caller, _CLOSE_GRACE_SECONDS)  # what is buffered goes first
+        if self._broken:
+            return  # closed by the splice itself
+        reason = f": {_failure_text(exc)}" if exc is not None else ""
+        if self._calls or self._upstream_last is None:
+            _limited_log.log(
+                logging.WARNING,
+                ("upstream lost", self._upstream_name),
+                "upstream %s closed a connection abruptly%s (%d calls in flight ended UNAVAILABLE)",
+                self._upstream_name,
+                reason,
+                len(self._calls),
+            )
+        self._end_calls_here(
+            grpc.StatusCode.UNAVAILABLE,
+            f"upstream {self._upstream_name} closed the connection{reason}",
+        )
+
+    def _start_failure(self, error: BaseException) -> None:
+        self._failure = self._loop.create_task(self._fail(error))
 
     async def _fail(self, error: BaseException) -> None:
         if self._failing:  # a timeout and a close can both report one failure
@@ -431,6 +576,8 @@ class Splice:
         details = await self._describe_failure(error)
         if self._done:
             return
+        if self._first_frame_timer is not None:
+            self._first_frame_timer.cancel()
         self._refusal = Refusal(
             self._caller,
             grpc.StatusCode.UNAVAILABLE,
@@ -442,9 +589,10 @@ class Splice:
         )
         replay, self._replay = self._replay or [], None
         self._calls.clear()
-        self._cancel_ack_timers()
+        self._cancel_timers()
         self._own_to_caller.frames.clear()  # the refusal answers the replayed PINGs itself
         self.resume_caller("upstream silent")
+        self.resume_caller("backlog")
         for chunk in replay:
             self._refusal.feed(chunk)
 
@@ -453,51 +601,171 @@ class Splice:
     def _to_upstream(self, data: bytes) -> None:
         if self._broken:
             return
-        chunks = self._walked(self._outbound, data, from_upstream=False)
+        outbound = self._outbound
+        chunks = self._walked(outbound, data, from_upstream=False)
         if chunks is None:
             return
+        spent = outbound.control_frames - self._control_seen
+        if spent:
+            self._control_seen = outbound.control_frames
+            if not self._control.spend(spent):
+                self._calm_down(
+                    f"more than {self._limits.control_frame_rate} control frames per second"
+                )
+                return
+        if self._credit:
+            # What the app never saw, it will never give back: the caller's connection
+            # window gets it from here (its dropped streams' DATA).
+            credit, self._credit = self._credit, 0
+            self._own_to_caller.frames.append(frame(WINDOW_UPDATE, 0, 0, credit.to_bytes(4, "big")))
+            self._send_own_to_caller()
         assert self._upstream is not None
-        if self._own_to_upstream.frames and self._outbound.at_frame_boundary:
+        if self._own_to_upstream.frames and outbound.at_frame_boundary:
             chunks += self._own_to_upstream.take()
         _write(self._upstream, chunks)
+        if outbound.in_frame:
+            if self._header_timer is None:
+                self._header_timer = self._loop.call_later(
+                    self._limits.header_timeout, self._header_overdue
+                )
+        elif self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if outbound.backlog:
+            self._continue_later(from_upstream=False)
+
+    def _continue_later(self, *, from_upstream: bool) -> None:
+        """A pass's budget ran out with input left: stop reading that side, and walk on at
+        the next turn of the event loop, after the other connections have had theirs."""
+        if from_upstream:
+            if self._upstream is not None:
+                self._upstream.pause_reading()
+            self._loop.call_soon(self._walk_backlog, True)
+        else:
+            self.pause_caller("backlog")
+            self._loop.call_soon(self._walk_backlog, False)
+
+    def _walk_backlog(self, from_upstream: bool) -> None:
+        if self._broken or self._done or self._refusal is not None:
+            return
+        if from_upstream:
+            self.from_upstream(b"")
+            if not self._inbound.backlog and self._upstream is not None and not self._caller_busy:
+                self._upstream.resume_reading()
+        elif self._upstream is not None:
+            self._to_upstream(b"")
+            if not self._outbound.backlog:
+                self.resume_caller("backlog")
 
     def _walked(
         self, walker: FrameWalker, data: bytes, *, from_upstream: bool
     ) -> list[bytes | memoryview] | None:
-        """The bytes to send on for `data`; None when its sender broke HTTP/2, or the
-        sidecar failed reading it: then both connections end, and only they."""
+        """The bytes to send on for `data`; None when its sender broke HTTP/2 or a budget,
+        or the sidecar failed reading it: then both connections end, and only they."""
         try:
             return walker.feed(data)
+        except BudgetExceeded as exceeded:
+            self._calm_down(str(exceeded))
+            return None
         except (FrameError, HeaderBlockError) as error:
             if from_upstream:  # the operator's own app: worth a warning
                 logger.warning(
                     "upstream broke HTTP/2 on a connection for %s: %s", self._remote, error
                 )
-            else:
-                logger.info("caller %s broke HTTP/2: %s", self._remote, error)
+                if self._replay is not None:
+                    self._not_http2_detail(str(error))
+                    return None
+                self._broken = True
+                self._end_calls_here(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"upstream {self._upstream_name} broke HTTP/2: {error}",
+                )
+                if self._upstream is not None:
+                    self._upstream.abort()
+                return None
+            logger.info("caller %s broke HTTP/2: %s", self._remote, error)
+            self._goodbye(_PROTOCOL_ERROR, str(error))
         except Exception:
             logger.exception("internal error relaying for %s", self._remote)
         self._stop_relaying()
         return None
 
+    def _not_http2_detail(self, detail: str) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        self._start_failure(ConnectionError(f"the upstream does not speak HTTP/2 ({detail})"))
+
     def _request_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
-    ) -> bytes:
-        rewritten, path = self._requests.rewrite(buffer[start:end])
+    ) -> bytes | _Drop:
+        trailers = stream_id <= self._last_stream
+        try:
+            rewritten, path = self._requests.rewrite(buffer[start:end], trailers=trailers)
+        except RequestRefused as refused:
+            return self._refuse(stream_id, flags, refused, trailers=trailers)
+        if trailers:
+            return rewritten
+        self._last_stream = stream_id
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track
-        if stream_id > self._last_stream:
-            self._last_stream = stream_id
-            self._calls[stream_id] = (
-                _Call(path.decode("utf-8", "replace") if path else "-") if self._log else None
-            )
+        self._calls[stream_id] = _Call(path, bool(flags & END_STREAM))
         return rewritten
+
+    def _refuse(
+        self, stream_id: int, flags: int, refused: RequestRefused, *, trailers: bool
+    ) -> _Drop:
+        """Answer a request here (it never reaches the upstream); a caller that keeps sending
+        such requests spends its reset budget, as one that cancels calls does."""
+        if not self._resets.spend(1):
+            raise BudgetExceeded(
+                f"more than {self._limits.reset_rate} refused or cancelled calls per second"
+            )
+        call = self._calls.pop(stream_id, None) if trailers else None
+        if call is None:
+            call = _Call(None, bool(flags & END_STREAM))
+            if not trailers:
+                self._last_stream = stream_id
+        else:  # the upstream knows this stream: it must learn that it is over
+            self._own_to_upstream.frames.append(
+                frame(RST_STREAM, 0, stream_id, _CANCEL.to_bytes(4, "big"))
+            )
+            call.request_ended = call.request_ended or bool(flags & END_STREAM)
+        logger.info("refused a call from %s: %s", self._remote, refused.details)
+        self._own_to_caller.frames.append(
+            self._local_end(stream_id, call, refused.code, refused.details)
+        )
+        self._send_own_to_caller()
+        self._log_call(call, refused.code)
+        if trailers:
+            self._call_ended()
+        return DROP
+
+    def _local_end(self, stream_id: int, call: _Call, code: grpc.StatusCode, details: str) -> bytes:
+        """The frames that end a call here, as a gRPC server ends one: its status in trailers
+        (trailers-only when no response has begun), and, if the caller is still sending,
+        RST_STREAM NO_ERROR to tell it to stop (RFC 9113 8.1)."""
+        block = status_block(code.value[0], grpc_message(details), trailers_only=not call.answered)
+        frames = header_frames(stream_id, True, block)
+        if not call.request_ended:
+            frames += frame(RST_STREAM, 0, stream_id, _NO_ERROR.to_bytes(4, "big"))
+        return frames
+
+    def _request_ended(self, stream_id: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.request_ended = True
+
+    def _dropped_data(self, length: int) -> None:
+        self._credit += length
 
     def _response_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
     ) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.answered = True
         if self._log:
-            call = self._calls.get(stream_id)
             grpc_status, http_status = self._responses.status(buffer[start:end])
             if call is not None and http_status is not None:
                 call.http_status = http_status
@@ -519,9 +787,7 @@ class Splice:
             self._upstream_last = last_stream
         # Calls above it will never be answered: the caller learns so from the GOAWAY itself.
         for stream_id in [s for s in self._calls if s > last_stream]:
-            call = self._calls.pop(stream_id)
-            if call is not None:
-                self._log_call(call, grpc.StatusCode.UNAVAILABLE)
+            self._log_call(self._calls.pop(stream_id), grpc.StatusCode.UNAVAILABLE)
         if self._draining and not self._calls:
             self._loop.call_soon(self._close_drained)
 
@@ -550,20 +816,29 @@ class Splice:
 
     def _caller_reset(self, stream_id: int, error_code: int) -> None:
         call = self._calls.pop(stream_id, None)
-        if call is not None and self._log:
+        if call is not None:
+            if not call.answered and not self._resets.spend(1):
+                # Streams opened and cancelled before the upstream could answer cost it a
+                # call each and the caller nothing: the "rapid reset" attack.
+                raise BudgetExceeded(
+                    f"more than {self._limits.reset_rate} calls per second cancelled "
+                    "before their answer (rapid reset)"
+                )
             self._log_call(call, grpc.StatusCode.CANCELLED)
         self._call_ended()
 
     def _upstream_reset(self, stream_id: int, error_code: int) -> None:
         call = self._calls.pop(stream_id, None)
-        if call is not None and self._log:
+        if call is not None:
             self._log_call(call, _STATUS_BY_RESET.get(error_code, grpc.StatusCode.INTERNAL))
         self._call_ended()
 
     def _call_ended(self) -> None:
-        if self._draining and not self._calls:
-            # After this read's bytes are written: close() sends what is buffered first.
-            asyncio.get_running_loop().call_soon(self._close_drained)
+        if not self._calls:
+            self._idle_since = self._loop.time()
+            if self._draining:
+                # After this read's bytes are written: close() sends what is buffered first.
+                self._loop.call_soon(self._close_drained)
 
     def _caller_ping(self, opaque: bytes) -> None:
         if self._caller_busy:
@@ -571,11 +846,7 @@ class Splice:
             # pinging all the same is flooding (the answer to the HTTP/2 "ping flood").
             self._acks_while_busy += 1
             if self._acks_while_busy > _MAX_ACKS_WHILE_BUSY:
-                logger.info("caller %s sends PINGs without reading the answers", self._remote)
-                self._broken = True
-                self._end_calls(grpc.StatusCode.UNAVAILABLE)
-                self._caller.abort()
-                return
+                raise BudgetExceeded("PINGs sent without reading the answers")
         self._answer_ping(self._own_to_caller, opaque, self._send_own_to_caller)
 
     def _upstream_ping(self, opaque: bytes) -> None:
@@ -585,10 +856,6 @@ class Splice:
         own.frames.append(frame(PING, ACK, 0, opaque))
         if own.timer is None:
             own.timer = self._loop.call_later(self._ack_delay, send)
-
-    def _cancel_ack_timers(self) -> None:
-        self._own_to_caller.cancel()
-        self._own_to_upstream.cancel()
 
     def _send_own_to_caller(self) -> None:
         """Send our frames for the caller now, unless a relayed frame is half sent: the rest
@@ -606,9 +873,50 @@ class Splice:
         ):
             _write(self._upstream, self._own_to_upstream.take())
 
+    # Timers.
+
+    def _header_overdue(self) -> None:
+        self._header_timer = None
+        if self._outbound.in_frame and not self._broken and not self._done:
+            logger.info(
+                "caller %s did not finish a frame or header block within %gs: closing",
+                self._remote,
+                self._limits.header_timeout,
+            )
+            self._goodbye(_PROTOCOL_ERROR, "header block or frame not finished in time")
+            self._stop_relaying()
+
+    def _idle_check(self) -> None:
+        """Close a connection that has had no call in flight for idle_timeout (GOAWAY first:
+        its client reconnects when it next needs to)."""
+        self._idle_timer = None
+        if self._done or self._draining or self._broken or self._refusal is not None:
+            return
+        idle = self._loop.time() - self._idle_since
+        if self._calls or idle < self._limits.idle_timeout:
+            remaining = self._limits.idle_timeout - (0 if self._calls else idle)
+            self._idle_timer = self._loop.call_later(remaining, self._idle_check)
+            return
+        logger.debug("closing the idle connection of %s", self._remote)
+        self._draining = True
+        if self._upstream is None:
+            self._close_both()
+        else:
+            self._close_drained()
+
+    def _cancel_timers(self) -> None:
+        self._own_to_caller.cancel()
+        self._own_to_upstream.cancel()
+        for timer in (self._header_timer, self._first_frame_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._first_frame_timer = self._idle_timer = None
+
     # Endings.
 
     def _log_call(self, call: _Call, code: grpc.StatusCode) -> None:
+        if not self._log:
+            return
         log_call(
             CallRecord(
                 method=call.method,
@@ -625,8 +933,66 @@ class Splice:
     def _end_calls(self, code: grpc.StatusCode) -> None:
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            if call is not None:
+            self._log_call(call, code)
+
+    def _goaway(self, error_code: int, debug: bytes = b"") -> bytes:
+        """A GOAWAY naming the last stream relayed (never above the upstream's own)."""
+        last_stream = self._last_stream
+        if self._upstream_last is not None:
+            last_stream = min(last_stream, self._upstream_last)
+        payload = last_stream.to_bytes(4, "big") + error_code.to_bytes(4, "big") + debug
+        return frame(GOAWAY, 0, 0, payload)
+
+    def _goodbye(self, error_code: int, reason: str) -> None:
+        """Tell the caller why its connection ends (a GOAWAY with the reason), if it can be
+        told: not in the middle of a frame relayed to it."""
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            debug = reason.encode("ascii", "replace")[:256]
+            _write(self._caller, [*self._own_to_caller.take(), self._goaway(error_code, debug)])
+
+    def _end_calls_here(self, code: grpc.StatusCode, details: str) -> None:
+        """End every call in flight on the caller's side with this status (the upstream is
+        gone, or going), then GOAWAY and close: its client knows at once, and reconnects."""
+        calls, self._calls = self._calls, {}
+        self._broken = True
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            chunks = self._own_to_caller.take()
+            for stream_id, call in calls.items():
+                chunks.append(self._local_end(stream_id, call, code, details))
+            chunks.append(self._goaway(_NO_ERROR))
+            _write(self._caller, chunks)
+            for call in calls.values():
                 self._log_call(call, code)
+            self._cancel_timers()
+            _close_within(self._caller, _CLOSE_GRACE_SECONDS)
+            return
+        # In the middle of a frame to the caller: nothing more can be said on this
+        # connection; a reset tells its client at once.
+        for call in calls.values():
+            self._log_call(call, code)
+        self._cancel_timers()
+        self._caller.abort()
+
+    def _calm_down(self, reason: str) -> None:
+        """The caller spent more than a budget allows: GOAWAY ENHANCE_YOUR_CALM with the
+        reason, and both connections end (the upstream's calls with its connection)."""
+        if self._broken:
+            return
+        _limited_log.log(
+            logging.WARNING,
+            ("budget", reason, self._route),
+            "caller %s (%s) exceeded a budget: %s; closing its connection",
+            self._remote,
+            self._peer,
+            reason,
+        )
+        self._goodbye(_ENHANCE_YOUR_CALM, reason)
+        self._broken = True
+        self._end_calls(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self._cancel_timers()
+        _close_within(self._caller, _CLOSE_GRACE_SECONDS)
+        if self._upstream is not None:
+            self._upstream.abort()
 
     def _stop_relaying(self) -> None:
         """A peer broke HTTP/2 (or the sidecar failed reading it): end both connections."""
@@ -635,7 +1001,21 @@ class Splice:
         self._close_both()
 
     def _close_both(self) -> None:
-        self._cancel_ack_timers()
+        self._cancel_timers()
         _close_within(self._caller, _CLOSE_GRACE_SECONDS)
         if self._upstream is not None:
             _close_within(self._upstream, _CLOSE_GRACE_SECONDS)
+
+    def _release(self) -> None:
+        """The caller's connection is gone: let go of everything that points back here, so
+        that reference counting frees this splice (and its transports' buffers) at once."""
+        self._cancel_timers()
+        self._outbound.detach()
+        self._inbound.detach()
+        self._requests = self._responses = None  # type: ignore[assignment]
+
+
+def _failure_text(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error) or type(error).__name__

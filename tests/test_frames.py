@@ -331,3 +331,14 @@ def test_a_started_block_is_held_and_reported_as_unfinished() -> None:
     assert not walker.in_frame
     walker.feed(frame(HEADERS, END_HEADERS, 3, b"whole")[:7])
     assert walker.in_frame
+
+
+def test_grpc_cores_true_binary_metadata_is_not_negotiated_through_the_splice() -> None:
+    """With it, -bin values would cross raw (NUL first), which RFC 9113 8.2.1 forbids."""
+    walker = Recorder().walker(preface=False)
+    true_binary = (0xFE03).to_bytes(2, "big") + (1).to_bytes(4, "big")
+    window = (0x4).to_bytes(2, "big") + (65535).to_bytes(4, "big")
+    out = b"".join(
+        bytes(chunk) for chunk in walker.feed(frame(SETTINGS, 0, 0, true_binary + window))
+    )
+    assert out == frame(SETTINGS, 0, 0, window + bytes.fromhex("000100000000"))

@@ -37,6 +37,13 @@ from sidecar.splice import Splice
 SETTINGS_EMPTY = frame(SETTINGS, 0, 0, b"")
 # What the splice sends on for an empty SETTINGS: HEADER_TABLE_SIZE (0x1) set to 0.
 SETTINGS_ZERO_TABLE = frame(SETTINGS, 0, 0, (1).to_bytes(2, "big") + (0).to_bytes(4, "big"))
+# To the caller, the upstream's SETTINGS also carry the sidecar's header-list limit.
+SETTINGS_TO_CALLER = frame(
+    SETTINGS,
+    0,
+    0,
+    bytes.fromhex("000100000000") + (6).to_bytes(2, "big") + (16384).to_bytes(4, "big"),
+)
 NEVER = 3600.0  # an ACK delay no test outlasts: the answer can only ride with relayed bytes
 
 
@@ -67,7 +74,7 @@ class Ends:
         await self.send(self.caller, PREFACE + SETTINGS_EMPTY)
         assert await self.receive(self.upstream, 39) == PREFACE + SETTINGS_ZERO_TABLE
         await self.send(self.upstream, SETTINGS_EMPTY)
-        assert await self.receive(self.caller, 15) == SETTINGS_ZERO_TABLE
+        assert await self.receive(self.caller, 21) == SETTINGS_TO_CALLER
 
 
 class _CallerProtocol(asyncio.Protocol):

@@ -328,41 +328,47 @@ class Front:
     async def _open(self, sock: socket.socket, over_limit: bool) -> None:
         """Run the TLS handshake (ingress) and give the connection its protocol."""
         remote = _remote_of(sock)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keep_alive(sock)
-        loop = asyncio.get_running_loop()
         connected = False  # else the connection never reaches forget()
-        if self._tls is None:
-            try:
-                await loop.connect_accepted_socket(
+        try:
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _keep_alive(sock)
+            if self._tls is None:
+                await asyncio.get_running_loop().connect_accepted_socket(
                     lambda: _CallerProtocol(self, remote, over_limit), sock
                 )
                 connected = True
-            finally:
-                if over_limit and not connected:
-                    self._over_limit -= 1
-            return
+            else:
+                connected = await self._handshake(sock, remote, over_limit)
+        except OSError as error:  # the caller left before its connection was set up
+            logger.debug("connection from %s lost before it was set up: %s", remote, error)
+            sock.close()  # unless the event loop has it already (then it closed it)
+        finally:
+            if over_limit and not connected:
+                self._over_limit -= 1
+
+    async def _handshake(self, sock: socket.socket, remote: str, over_limit: bool) -> bool:
+        """The TLS handshake, counted among the pending ones while it runs; whether it
+        succeeded (a failure is logged)."""
         handshake = Handshake(sock, remote)
         handshake.watch()  # in this task's context, which the loop copies for the connection
         task = asyncio.current_task()
         assert task is not None
         self._pending[handshake] = task
         try:
-            await loop.connect_accepted_socket(
+            await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: _CallerProtocol(self, remote, over_limit),
                 sock,
                 ssl=self._tls,
                 ssl_handshake_timeout=self.limits.handshake_timeout,
             )
-            connected = True
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
             report_failure(handshake, error, self.limits.max_chain_length)
+            return False
         finally:
             self._pending.pop(handshake, None)
             handshake.done()
-            if over_limit and not connected:
-                self._over_limit -= 1
+        return True
 
     async def connect(
         self, factory: Callable[[], asyncio.Protocol]

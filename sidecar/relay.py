@@ -4,9 +4,10 @@ Every method is served by one generic handler as a stream-stream call: the wire
 does not carry a method's shape (a unary client sends one message then
 half-closes; a unary server replies one message then trailers), so a
 stream/stream bridge is correct for all four call types and the sidecar never
-needs the service's schema. Messages stay bytes: nothing is decoded. Upstream, a
-request of exactly one message goes out as a unary-stream call, which is the same
-on the wire (see `_MethodRelay._start_upstream_call` for why).
+needs the service's schema. Messages stay bytes: nothing is decoded. What a call
+does is decided per call from what its client did, never guessed per method: a
+request of exactly one message whose client half-closed goes out as a
+unary-stream call, which is the same on the wire (see `_MethodRelay._forward`).
 
 What the relay owns, per call:
 - the allowlist check (when a policy is set), before anything reaches the upstream;
@@ -15,67 +16,83 @@ What the relay owns, per call:
   otherwise grpc.aio sends its own empty headers with the first message and the
   upstream's are lost;
 - trailers, status code, details and `grpc-status-details-bin`, unchanged;
-- cancellation both ways, without turning a cancel into a half-close (see `_requests`);
-- one access-log line.
+- cancellation both ways: a client that never half-closed is never half-closed
+  upstream (see `_confirm_half_close`);
+- one access-log line, with the status the client was given;
+- the count of calls in flight, which the drain waits on (see `Relay.drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
+from grpc._cython.cygrpc import ExecuteBatchError
 
 from sidecar.accesslog import CallRecord, log_call
 from sidecar.identity import IdentityReader
-from sidecar.loglimit import LogLimiter
 from sidecar.metadata import request_metadata, response_metadata
 from sidecar.policy import Policy
 from sidecar.upstream import Upstream
 
 logger = logging.getLogger(__name__)
-# A line per denied call would let a denied caller write the log at its call rate.
-_denials = LogLimiter(logger)
 
 # Clients may invent any :path; keep the per-method cache bounded.
 _MAX_CACHED_METHODS = 1024
 
-# How long a request stream's end waits for a cancellation that may be on its way
-# (see _let_pending_cancellation_land). Measured through the TLS listener on
-# uvloop: 1 ms let END_STREAM leak before RST_STREAM about once in 50 cancels;
-# 2 ms leaked none in 900, also with both cores busy. 5 ms leaves margin, and only
-# request-streaming calls pay it, once, at their half-close.
-_CANCELLATION_GRACE_SECONDS = 0.005
-
-# How long a call of a method not yet seen streaming waits, after the first request
-# message, for the client's end of stream before relaying as a stream (see
-# _start_upstream_call). A unary client's end arrives with its message, but the
-# read completes through core's completion queue: with both cores busy, 2 ms
-# missed it for about 1 in 60 first calls through egress -> ingress, and the
-# refused call then read INTERNAL; 20 ms missed none in 100. A streaming client
-# that sends one message and waits holds it back this long, once per call.
+# How long a call waits, after the first request message, for the client's end of
+# stream before relaying as a stream. A unary client's end arrives with its message,
+# but the read completes through core's completion queue: with both cores busy, 2 ms
+# missed it for about 1 in 60 first calls through egress -> ingress, and the call
+# then took the stream path, where grpc.aio can report INTERNAL (see _forward); 20
+# ms missed none in 100. A streaming client that sends one message and waits holds
+# it back this long, once per call.
 _PEEK_SECONDS = 0.02
 
 
-async def _let_pending_cancellation_land() -> None:
-    """Give a client's cancellation that is on its way the time to reach the handler.
+class _CallEnded(Exception):
+    """The client's call ended (cancelled, or its deadline passed) before its answer."""
 
-    grpc.aio ends the server-side request iterator the same way for "client
-    half-closed" and "client cancelled". Forwarding that end at once would send the
-    upstream END_STREAM and only then RST_STREAM, and an upstream that commits on
-    half-close (an upload, a client-streaming transaction) would commit a truncated
-    stream. If a cancellation is pending, it lands during this pause: the handler
-    is cancelled, cancels the upstream call and with it this pump, and the upstream
-    sees RST_STREAM alone. A heuristic, bounded by grpc.aio's API, which does not
-    expose the difference; tests/test_cancellation.py watches the wire.
+
+async def _confirm_half_close(context: Any) -> None:
+    """Return when the end of the client's request stream may be relayed as its half-close;
+    raise (CancelledError or _CallEnded) when the call turned out to be over instead.
+
+    grpc.aio ends the server-side request stream the same way for "client
+    half-closed" (END_STREAM) and for "the call is over" (RST_STREAM, or the deadline
+    passing): core reports both as a successful read of no message, and tells a call
+    that is over only by completing its close-on-server operation, which grpc.aio
+    turns into cancelling the handler's task. That completion comes separately, in no
+    fixed order with the read. Forwarding the end at once would let an app that
+    commits on half-close commit a cancelled upload, so before it is forwarded:
+    - a deadline that has passed ends the call (the deadline is known here);
+    - one more read goes through core and its completion queue: a cancellation core
+      had already reported lands before it returns, as CancelledError at this await
+      (so this must run in the handler's own task). It caught every cancel in 820
+      client cancels on an idle machine (tests/test_cancellation.py watches the wire),
+      at the cost of one completion round trip, not a timer on every call.
+    What it cannot catch is a cancellation core has not yet reported: with both cores
+    saturated by other processes, core reported some deadline cancels 10-90 ms after
+    the end of the stream. grpc.aio offers nothing that waits for certainty without a
+    timer on every half-close (see README, "The per-call data plane").
     """
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    await asyncio.sleep(_CANCELLATION_GRACE_SECONDS)
+    if context.time_remaining() == 0:
+        raise _CallEnded
+    await context.read()  # after the end, only ever the end again
+    if context.time_remaining() == 0:
+        raise _CallEnded
+
+
+def _ended_code(context: Any) -> grpc.StatusCode:
+    """What the client of a call that ended before its answer was told."""
+    if context.time_remaining() == 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 class _MethodRelay:
@@ -87,64 +104,29 @@ class _MethodRelay:
         channel = relay.upstream.channel
         self._stream_call = channel.stream_stream(method)  # bytes in, bytes out
         self._single_request_call = channel.unary_stream(method)
-        # Learned: has a call of this method ever carried other than one request
-        # message? Such methods go straight to the stream path and pay for the
-        # cancellation guard; single-request calls keep their latency.
-        self._request_streaming = False
 
-    async def _requests(
-        self, requests: AsyncIterator[bytes], record: CallRecord
-    ) -> AsyncIterator[bytes]:
-        """Pump the caller's messages to the upstream, counting them."""
-        async for message in requests:
-            record.messages_in += 1
-            record.bytes_in += len(message)
-            yield message
-        if record.messages_in != 1:
-            self._request_streaming = True
-        if self._request_streaming:
-            await _let_pending_cancellation_land()
+    async def handle(self, requests: Any, context: Any) -> None:
+        """Serve one call (a coroutine function: grpc.aio checks for one to run it as async).
 
-    async def _start_upstream_call(
-        self, requests: AsyncIterator[bytes], context: Any, record: CallRecord
-    ) -> Any:
-        """Start the upstream call, in the single-request form when the request is one message.
-
-        grpc.aio writes a stream call's messages in batches of their own, and when the
-        upstream ends the call before reading one (an unknown method, an interceptor
-        refusing the caller) the failed write replaces the upstream's status with
-        INTERNAL "Internal error from Core". A unary-stream call sends headers, the
-        message and the half-close in one batch: nothing to race. A unary client's
-        end-of-stream arrives with its message, so peeking for it costs one loop turn;
-        a streaming client is never held longer than _PEEK_SECONDS.
+        The request stream is read with context.read(), in this task, so that the
+        end of it can be confirmed here (see _confirm_half_close); `requests` stays
+        unused.
         """
-        metadata = request_metadata(context.invocation_metadata())
-        timeout = context.time_remaining()  # None when the caller set no deadline
-        if not self._request_streaming:
-            peeked = await _peek_single_request(requests)
-            if isinstance(peeked, bytes):
-                record.messages_in = 1
-                record.bytes_in = len(peeked)
-                return self._single_request_call(peeked, metadata=metadata, timeout=timeout)
-            requests = peeked
-        return self._stream_call(
-            self._requests(requests, record), metadata=metadata, timeout=timeout
-        )
-
-    async def handle(self, requests: AsyncIterator[bytes], context: Any) -> None:
-        """Serve one call (a coroutine function: grpc.aio checks for one to run it as async)."""
         record = CallRecord(
             method=self.method,
             started=time.monotonic(),
             remote=context.peer(),
             route=self._relay.route,
         )
+        self._relay.call_started()
         try:
             await self._authorize(context, record)
-            await self._forward(requests, context, record)
-        except asyncio.CancelledError:
-            record.code = grpc.StatusCode.CANCELLED  # the caller cancelled or its deadline passed
-            raise
+            await self._forward(context, record)
+        except (asyncio.CancelledError, _CallEnded):
+            # The client cancelled or its deadline passed; grpc.aio treats a
+            # CancelledError from the handler as exactly that, quietly.
+            record.code = _ended_code(context)
+            raise asyncio.CancelledError from None
         except aio.AbortError:
             raise  # our own abort(): the status is already on its way to the caller
         except Exception:
@@ -155,6 +137,7 @@ class _MethodRelay:
             await context.abort(grpc.StatusCode.INTERNAL, "sidecar: internal error, see its log")
         finally:
             log_call(record)
+            self._relay.call_ended()
 
     async def _authorize(self, context: Any, record: CallRecord) -> None:
         policy = self._relay.policy
@@ -165,82 +148,158 @@ class _MethodRelay:
             record.peer = identity.description
         decision = policy.decide(identity, self.method)
         if not decision.allowed:
-            _denials.log(logging.WARNING, record.peer, "denied: %s", decision.reason)
+            logger.warning("denied: %s", decision.reason)
             record.code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
-    async def _forward(
-        self, requests: AsyncIterator[bytes], context: Any, record: CallRecord
-    ) -> None:
-        call = await self._start_upstream_call(requests, context, record)
+    async def _forward(self, context: Any, record: CallRecord) -> None:
+        """Relay the call, in the single-request form when the request is one message.
+
+        grpc.aio writes a stream call's messages in batches of their own, and when the
+        upstream ends the call before reading one (an unknown method, an interceptor
+        refusing the caller) the failed write replaces the upstream's status with
+        INTERNAL "Internal error from Core". A unary-stream call sends headers, the
+        message and the half-close in one batch: nothing to race. It is used only once
+        the client's half-close is confirmed, so it never half-closes a call the
+        client did not: the choice is made per call from what the client did.
+        """
+        metadata = request_metadata(context.invocation_metadata())
+        # The deadline goes upstream as the time left when the upstream call starts
+        # (None when the caller set none).
+        first = await context.read()
+        if first is aio.EOF:
+            await _confirm_half_close(context)
+            call = self._stream_call(iter(()), metadata=metadata, timeout=context.time_remaining())
+            await self._relay_whole_request(context, record, call)
+            return
+        record.messages_in, record.bytes_in = 1, len(first)
+        second: asyncio.Future[Any] = asyncio.ensure_future(context.read())
         try:
-            headers = await call.initial_metadata()
-            if headers:
-                await context.send_initial_metadata(response_metadata(headers))
-            async for message in call:
-                record.bytes_out += len(message)
-                await context.write(message)
-            trailers = response_metadata(await call.trailing_metadata())
-            if trailers:
-                context.set_trailing_metadata(trailers)
+            await asyncio.wait_for(asyncio.shield(second), _PEEK_SECONDS)
+        except asyncio.TimeoutError:
+            pass  # a streaming client, holding its stream open: relay it as a stream
+        except BaseException:
+            second.cancel()
+            raise
+        if second.done() and second.result() is aio.EOF:
+            await _confirm_half_close(context)
+            call = self._single_request_call(
+                first, metadata=metadata, timeout=context.time_remaining()
+            )
+            await self._relay_whole_request(context, record, call)
+            return
+        call = self._stream_call(metadata=metadata, timeout=context.time_remaining())
+        await self._relay_stream(context, record, call, first, second)
+
+    async def _relay_whole_request(self, context: Any, record: CallRecord, call: Any) -> None:
+        """Relay the responses of a call whose whole request went upstream with it."""
+        try:
+            await self._finish(context, record, await _relay_responses(call, context, record))
+        finally:
+            if not call.done():
+                call.cancel()  # every way out of the handler ends the upstream call
+
+    async def _relay_stream(
+        self,
+        context: Any,
+        record: CallRecord,
+        call: Any,
+        first: bytes,
+        second: asyncio.Future[Any],
+    ) -> None:
+        """Relay a request stream from this task while a second task relays the responses.
+
+        The requests are pumped here, not by grpc.aio's own task, so that the stream's
+        end is confirmed in the handler's task (see _confirm_half_close). When the
+        upstream ends the call first, the response task interrupts the pump.
+        """
+        handler = asyncio.current_task()
+        assert handler is not None
+        responses = asyncio.ensure_future(_relay_responses(call, context, record))
+        pumping = True
+
+        def upstream_ended(_: object) -> None:
+            if pumping:
+                handler.cancel()  # the client may never send more: stop waiting for it
+
+        responses.add_done_callback(upstream_ended)
+        try:
+            try:
+                await _pump_requests(context, record, call, first, second)
+                pumping = False
+            except asyncio.CancelledError:
+                pumping = False
+                if not responses.done() or responses.cancelled():
+                    raise  # the client cancelled, or its deadline passed
+                uncancel = getattr(handler, "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()  # our own cancel: the upstream ended the call
+            await self._finish(context, record, await responses)
+        finally:
+            pumping = False
+            second.cancel()
+            responses.cancel()
+            if not call.done():
+                call.cancel()  # every way out of the handler ends the upstream call
+
+    async def _finish(
+        self, context: Any, record: CallRecord, error: aio.AioRpcError | None
+    ) -> None:
+        """Give the client the upstream's status (OK: by returning, grpc.aio sends it)."""
+        if error is None:
             record.code = grpc.StatusCode.OK
-        except aio.AioRpcError as error:
-            record.code = error.code()
+            return
+        record.code = error.code()
+        try:
             await context.abort(
                 error.code(),
                 await self._relay.describe_error(error),
                 response_metadata(error.trailing_metadata()),
             )
-        finally:
-            if not call.done():
-                call.cancel()  # every way out of the handler ends the upstream call
+        except ExecuteBatchError:
+            # The status could not be sent: the call had already ended (the client's
+            # deadline passed, which is often why the upstream's did too).
+            raise _CallEnded from None
 
 
-async def _next_or_end(requests: AsyncIterator[bytes]) -> bytes | None:
+async def _pump_requests(
+    context: Any, record: CallRecord, call: Any, first: bytes, second: asyncio.Future[Any]
+) -> None:
+    """Write the client's messages upstream, then its half-close once confirmed."""
     try:
-        return await anext(requests)
-    except StopAsyncIteration:
-        return None
+        await call.write(first)
+        message = await second
+        while message is not aio.EOF:
+            record.messages_in += 1
+            record.bytes_in += len(message)
+            await call.write(message)
+            message = await context.read()
+    except (aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the upstream ended the call; the response side has its status
+    await _confirm_half_close(context)
+    await call.done_writing()
 
 
-async def _replay(
-    first: bytes, pending: asyncio.Task[bytes | None], rest: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
-    yield first
-    second = await pending
-    if second is None:
-        return
-    yield second
-    async for message in rest:
-        yield message
+async def _relay_responses(call: Any, context: Any, record: CallRecord) -> aio.AioRpcError | None:
+    """Relay the upstream's headers, messages and trailers; its error if it ends in one.
 
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield  # pragma: no cover - makes this an async generator
-
-
-async def _peek_single_request(requests: AsyncIterator[bytes]) -> bytes | AsyncIterator[bytes]:
-    """The request if it is exactly one message; otherwise an iterator over all of them.
-
-    Never waits more than _PEEK_SECONDS for the end of the stream after the first
-    message; a read that is still pending then is handed on, not cancelled.
+    Raises _CallEnded when the client's call ended while relaying.
     """
-    requests = aiter(requests)
-    first = await _next_or_end(requests)
-    if first is None:
-        return _empty()
-    pending = asyncio.ensure_future(_next_or_end(requests))
     try:
-        await asyncio.wait_for(asyncio.shield(pending), _PEEK_SECONDS)
-    except asyncio.TimeoutError:
-        return _replay(first, pending, requests)
-    except BaseException:
-        pending.cancel()
-        raise
-    if pending.result() is None:
-        return first
-    return _replay(first, pending, requests)
+        headers = await call.initial_metadata()
+        if headers:
+            await context.send_initial_metadata(response_metadata(headers))
+        async for message in call:
+            record.bytes_out += len(message)
+            await context.write(message)
+        trailers = response_metadata(await call.trailing_metadata())
+        if trailers:
+            context.set_trailing_metadata(trailers)
+    except aio.AioRpcError as error:
+        return error
+    except ExecuteBatchError:
+        raise _CallEnded from None  # a write to the client failed: its call is over
+    return None
 
 
 class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -252,6 +311,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.route = route  # the route's name, for the access log
         self.identities = IdentityReader()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method
@@ -262,6 +324,28 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             handler = grpc.stream_stream_rpc_method_handler(_MethodRelay(method, self).handle)
             self._handlers[method] = handler
         return handler
+
+    def call_started(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def call_ended(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being relayed now."""
+        return self._in_flight
+
+    async def drain(self, grace: float | None) -> bool:
+        """Wait up to grace seconds (None: no wait) for the calls in flight to end;
+        True when none is left."""
+        if grace is not None and self._in_flight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        return not self._in_flight
 
     async def describe_error(self, error: aio.AioRpcError) -> str:
         """The details the caller sees: the upstream's own, or, for a failure to reach

@@ -1,8 +1,10 @@
-"""A cancelled request stream reaches the upstream as a cancel, never as a half-close first.
+"""A request stream the client never half-closed never reaches the app with END_STREAM.
 
 grpc.aio ends a server's request iterator the same way for a half-close and for a
-cancel; a naive relay forwards END_STREAM and then RST_STREAM, and an upstream
-that commits on half-close commits a truncated stream.
+cancel (or an expired deadline); a naive relay forwards END_STREAM and then
+RST_STREAM, and an app that commits on half-close commits a truncated upload. A raw
+HTTP/2 tap stands in for the app and records how each stream ended, on both data
+planes, with one request message (a unary-looking stream) and with two.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
-from tests.conftest import Pki, SidecarFactory
+from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.h2_observer import H2Observer
 
 CLIENT_STREAM = "/probe.Probe/ClientStream"
+BIDI = "/probe.Probe/Bidi"
 MESSAGE = b"part"
 FRAMED = 5 + len(MESSAGE)  # gRPC length-prefixed message
+
+PLANES = {"splice": (), "grpc": ("--data-plane", "grpc")}
 
 
 @pytest.fixture
@@ -27,43 +33,79 @@ def observer() -> Iterator[H2Observer]:
     upstream.close()
 
 
-def test_cancelled_client_stream_reaches_upstream_as_reset_without_end_stream(
-    sidecars: SidecarFactory, pki: Pki, observer: H2Observer
+@pytest.fixture(params=list(PLANES))
+def sidecar(
+    request: pytest.FixtureRequest, sidecars: SidecarFactory, observer: H2Observer
+) -> SidecarProcess:
+    return sidecars.serving(observer.port, "--allow-cn", "alice", *PLANES[request.param])
+
+
+def held_requests(count: int, hold: threading.Event) -> Iterator[bytes]:
+    """count messages, then the stream stays open until hold is set: never a half-close."""
+    for _ in range(count):
+        yield MESSAGE
+    hold.wait()
+
+
+@pytest.mark.parametrize("method", [CLIENT_STREAM, BIDI])
+@pytest.mark.parametrize("messages", [1, 2])
+def test_cancelled_request_stream_reaches_the_app_as_reset_without_end_stream(
+    sidecar: SidecarProcess, pki: Pki, observer: H2Observer, messages: int, method: str
 ) -> None:
-    process = sidecars.serving(observer.port, "--allow-cn", "alice")
-    rounds = 100  # the guard is timing-based: many rounds, so a leak would show
-    with process.channel(pki) as channel:
-        upload = channel.stream_unary(CLIENT_STREAM)
+    rounds = 40  # a leak is a race: many rounds, so one would show
+    with sidecar.channel(pki) as channel:
         for round_number in range(rounds):
             hold = threading.Event()
-
-            def requests(hold: threading.Event = hold) -> Iterator[bytes]:
-                yield MESSAGE
-                yield MESSAGE
-                hold.wait()  # the client never half-closes: it cancels
-
-            call = upload.future(requests())
+            if method == BIDI:
+                call = channel.stream_stream(method)(held_requests(messages, hold))
+            else:
+                call = channel.stream_unary(method).future(held_requests(messages, hold))
             observer.wait(lambda n=round_number: len(observer.stream_ids) > n)
             stream = observer.stream_ids[round_number]
-            observer.wait(lambda s=stream: observer.data_bytes[s] >= 2 * FRAMED)
+            observer.wait(lambda s=stream: observer.data_bytes[s] >= messages * FRAMED)
             call.cancel()
             observer.wait(lambda s=stream: observer.endings[s])
             hold.set()
             assert observer.endings[stream][0] == "reset", (
-                f"round {round_number}: upstream saw {observer.endings[stream]}"
+                f"round {round_number}: the app saw {observer.endings[stream]}"
             )
 
 
-def test_half_closed_client_stream_reaches_upstream_as_end_stream(
-    sidecars: SidecarFactory, pki: Pki, observer: H2Observer
+@pytest.mark.parametrize("messages", [1, 2])
+def test_expired_deadline_reaches_the_app_as_reset_without_end_stream(
+    sidecar: SidecarProcess, pki: Pki, observer: H2Observer, messages: int
 ) -> None:
-    """The control: the observer does see END_STREAM when the client half-closes."""
-    process = sidecars.serving(observer.port, "--allow-cn", "alice")
-    with process.channel(pki) as channel:
-        call = channel.stream_unary(CLIENT_STREAM).future(iter([MESSAGE, MESSAGE]))
+    """Deadlines expire while the request is on its way to the app and after it got
+    there; whenever the app saw the call, it must see it end in a reset."""
+    hold = threading.Event()
+    with sidecar.channel(pki) as channel:
+        bidi = channel.stream_stream(BIDI)
+        for deadline_ms in range(50, 101, 2):
+            call = bidi(held_requests(messages, hold), timeout=deadline_ms / 1000)
+            with pytest.raises(grpc.RpcError) as raised:
+                list(call)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    hold.set()
+    # Every stream the app saw is ended by the sidecar (its copy of the deadline).
+    observer.wait(lambda: all(observer.endings[s] for s in observer.stream_ids))
+    assert observer.stream_ids, "no call reached the app: the test shows nothing"
+    half_closed = [s for s in observer.stream_ids if observer.endings[s][0] == "end_stream"]
+    assert not half_closed, (
+        f"{len(half_closed)} of {len(observer.stream_ids)} expired calls reached the app "
+        "half-closed"
+    )
+
+
+@pytest.mark.parametrize("messages", [1, 2])
+def test_half_closed_request_stream_reaches_the_app_as_end_stream(
+    sidecar: SidecarProcess, pki: Pki, observer: H2Observer, messages: int
+) -> None:
+    """The control: the tap does see END_STREAM when the client half-closes."""
+    with sidecar.channel(pki) as channel:
+        call = channel.stream_unary(CLIENT_STREAM).future(iter([MESSAGE] * messages))
         observer.wait(lambda: observer.stream_ids)
         stream = observer.stream_ids[0]
         observer.wait(lambda: observer.endings[stream])
         assert observer.endings[stream][0] == "end_stream"
-        assert observer.data_bytes[stream] == 2 * FRAMED
+        assert observer.data_bytes[stream] == messages * FRAMED
         call.cancel()

@@ -497,8 +497,9 @@ class Splice:
             return
         upstream, self._upstream = self._upstream, None
         upstream.abort()
+        # Not a TimeoutError: the describer reads that as a connection never made.
         self._start_failure(
-            TimeoutError(
+            ConnectionError(
                 f"the upstream accepted the connection but sent nothing within "
                 f"{self._limits.connect_timeout:g}s"
             )

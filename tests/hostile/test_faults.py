@@ -1,0 +1,426 @@
+"""Failing apps: what callers see, and how fast they are served again (issue 12, items 16, 21,
+22 and the fault suite).
+
+The app is the probe upstream, in a process of its own (tests/hostile/app.py) when
+a test kills it, or a bare TCP server when a test needs an upstream that is not
+gRPC at all (one that never speaks, one that speaks HTTP/1.1, one that breaks
+HTTP/2 mid-connection). Each test asserts the statuses the callers get, their
+details, and the time they took, in generous bounds: the figures themselves are
+in the README's "Failing apps".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+
+from tests.conftest import ChildProcess, Pki, SidecarFactory
+from tests.hostile.peers import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    SETTINGS,
+    WINDOW_UPDATE,
+    Footprint,
+    RawPeer,
+    frame,
+    request_block,
+    unary_ok,
+)
+from tests.hostile.peers import message as grpc_message
+from tests.probe import Probe
+
+UNARY = "/probe.Probe/Unary"
+HOLD = (("x-probe-gate", "hold"),)  # the app holds the call until it ends some other way
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+# The app as a process.
+
+
+class App:
+    """The probe in a process of its own on one port, which a test may kill and restart."""
+
+    def __init__(self) -> None:
+        self.processes: list[ChildProcess] = []
+        self.port = 0
+
+    def start(self) -> float:
+        """Start the app (on the port it had, if any); the monotonic time it listened at."""
+        process = ChildProcess(
+            [sys.executable, "-m", "tests.hostile.app", "--port", str(self.port)]
+        )
+        self.processes.append(process)
+        self.port = process.wait_ready()
+        return time.monotonic()
+
+    @property
+    def process(self) -> ChildProcess:
+        return self.processes[-1]
+
+    def wait_calls(self, count: int) -> None:
+        """Wait until `count` calls have reached the running app."""
+        self.process.wait_for(rf"^call {count} ", timeout=10)
+
+    def kill(self) -> float:
+        """SIGKILL the app, as a crash would end it; the monotonic time it was killed at."""
+        self.process.signal(signal.SIGKILL)
+        self.process.wait_exit()
+        return time.monotonic()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    running = App()
+    running.start()
+    yield running
+    running.stop()
+
+
+def _until_ok(call: Callable[[], object], budget: float) -> float:
+    """Call (with a short deadline) until it succeeds: the seconds it took."""
+    started = time.monotonic()
+    while True:
+        try:
+            call()
+            return time.monotonic() - started
+        except grpc.RpcError as error:
+            if time.monotonic() - started > budget:
+                raise AssertionError(f"no call succeeded within {budget}s: {error}") from error
+
+
+def _ended(call: grpc.Future, timeout: float) -> grpc.RpcError:
+    """The error a call in flight ended with, waiting at most timeout for it."""
+    done = threading.Event()
+    call.add_done_callback(lambda _: done.set())
+    assert done.wait(timeout), f"the call was still in flight after {timeout}s"
+    error = call.exception()
+    assert isinstance(error, grpc.RpcError), f"the call ended with {error!r}"
+    return error
+
+
+# Killed and restarted.
+
+
+def test_app_killed_ends_calls_in_flight_unavailable_naming_it_and_calls_resume_when_back(
+    sidecars: SidecarFactory, pki: Pki, app: App
+) -> None:
+    """SIGKILL with an open bidi stream waiting for its answer and unary calls in flight, on
+    one caller connection: each ends at once with UNAVAILABLE naming the app (before the
+    fix, a grpcio client waited ~30 s for TCP), the loss is one WARNING, and a call on the
+    same channel succeeds as soon as the app listens again."""
+    sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
+    with sidecar.channel(pki) as channel:
+        assert channel.unary_unary(UNARY)(b"warm", timeout=5) == b"warm"
+        requests: queue.Queue[bytes | None] = queue.Queue()
+        requests.put(b"first")
+        stream = channel.stream_stream("/probe.Probe/Bidi")(iter(requests.get, None))
+        assert next(stream) == b"first"  # the stream is open; the app waits for more
+        unary = [channel.unary_unary(UNARY).future(b"held", metadata=HOLD) for _ in range(4)]
+        app.wait_calls(6)
+
+        killed = app.kill()
+        errors = [_ended(call, 5) for call in [stream, *unary]]
+        ended_after = time.monotonic() - killed
+        requests.put(None)
+        for error in errors:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            assert f"upstream 127.0.0.1:{app.port} closed the connection" in error.details()
+        assert ended_after < 3, f"calls in flight ended {ended_after:.2f}s after the kill"
+        sidecar.wait_for(
+            rf"WARNING .*upstream 127\.0\.0\.1:{app.port} closed a connection abruptly.*"
+            r"\(5 calls in flight ended UNAVAILABLE\)"
+        )
+
+        listening = app.start()
+        took = _until_ok(lambda: channel.unary_unary(UNARY)(b"back", timeout=0.2), 5)
+        recovered = time.monotonic() - listening
+        assert recovered < 2, f"the first call succeeded {recovered:.2f}s after the app listened"
+    print(f"calls ended {ended_after:.3f}s after the kill; OK {took:.3f}s after the app was back")
+
+
+def test_app_killed_under_load_callers_see_only_ok_or_unavailable_and_recover(
+    sidecars: SidecarFactory, pki: Pki, app: App
+) -> None:
+    """Eight callers calling without pause while the app is killed and restarted: every
+    failure is UNAVAILABLE (never a deadline, never a hang), and each caller is served
+    again soon after the app is back."""
+    sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
+    stop = threading.Event()
+    back = threading.Event()
+    codes: list[grpc.StatusCode] = []
+    first_ok_after_back: list[float] = []
+    progress = threading.Condition()
+
+    def caller() -> None:
+        with sidecar.channel(pki) as channel:
+            call = channel.unary_unary(UNARY)
+            recovered = False
+            while not stop.is_set():
+                try:
+                    call(b"load", timeout=2)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as error:
+                    code = error.code()
+                with progress:
+                    codes.append(code)
+                    if code == grpc.StatusCode.OK and back.is_set() and not recovered:
+                        recovered = True
+                        first_ok_after_back.append(time.monotonic())
+                    progress.notify_all()
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        app.wait_calls(50)
+        app.kill()
+        listening = app.start()
+        back.set()
+        with progress:
+            progress.wait_for(lambda: len(first_ok_after_back) == len(threads), 5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) > 0
+    assert len(first_ok_after_back) == len(threads), "a caller was not served again"
+    slowest = max(first_ok_after_back) - listening
+    assert slowest < 2, f"the last caller was served again {slowest:.2f}s after the app listened"
+    print(f"all 8 callers served again within {slowest:.3f}s of the app listening")
+
+
+def test_app_closing_mid_stream_ends_that_stream_unavailable_and_the_caller_reconnects(
+    sidecars: SidecarFactory, pki: Pki, app: App
+) -> None:
+    """A server stream cut after its first message (the app's connection closed under it):
+    the caller reads the message, then UNAVAILABLE naming the app, in trailers."""
+    sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
+    with sidecar.channel(pki) as channel:
+        stream = channel.unary_stream("/probe.Probe/ServerStream")(
+            b"s", metadata=(("x-probe-count", "1000000"),)
+        )
+        assert next(stream) == b"s0"
+        app.kill()
+        with pytest.raises(grpc.RpcError) as cut:
+            for _ in stream:
+                pass
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"upstream 127.0.0.1:{app.port} closed the connection" in cut.value.details()
+        app.start()
+        _until_ok(lambda: channel.unary_unary(UNARY)(b"back", timeout=0.2), 5)
+
+
+# Hanging, and speaking something other than HTTP/2.
+
+
+class BareServer:
+    """A TCP server on loopback that handles each connection with `serve(sock)` in a thread."""
+
+    def __init__(self, serve: Callable[[socket.socket], None]) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._serve = serve
+        self._connections: list[socket.socket] = []
+        self.accepted = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(sock)
+            self.accepted.release()
+            threading.Thread(target=self._handle, args=(sock,), daemon=True).start()
+
+    def _handle(self, sock: socket.socket) -> None:
+        # The sidecar closing the connection is what the tests are about.
+        with contextlib.suppress(OSError):
+            self._serve(sock)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._connections:
+            sock.close()
+
+
+@contextmanager
+def bare_server(serve: Callable[[socket.socket], None]) -> Iterator[BareServer]:
+    server = BareServer(serve)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _silent(sock: socket.socket) -> None:
+    """Accept and never speak (a wedged app, or a port some other program holds)."""
+    while sock.recv(65536):
+        pass
+
+
+def _http1(sock: socket.socket) -> None:
+    """Answer whatever arrives as an HTTP/1.1 server answers a request it cannot read."""
+    if sock.recv(65536):
+        sock.sendall(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n"
+            b"Connection: close\r\n\r\nBad Request"
+        )
+    sock.close()
+
+
+def _breaks_http2_after_a_request(sock: socket.socket) -> None:
+    """Open as an HTTP/2 server does (SETTINGS), then, once a request's HEADERS came, send
+    bytes that are not a frame (an HTTP/1.1 answer read as a frame header is a 4.7 MB frame)."""
+    sock.sendall(frame(SETTINGS, 0, 0, b""))
+    received = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        received += chunk
+        position = len(PREFACE)
+        while position + 9 <= len(received):
+            if received[position + 3] == HEADERS:
+                sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                _silent(sock)
+                return
+            position += 9 + int.from_bytes(received[position : position + 3], "big")
+
+
+def _timed_call(channel: grpc.Channel, timeout: float | None) -> tuple[grpc.StatusCode, str, float]:
+    started = time.monotonic()
+    try:
+        channel.unary_unary(UNARY)(b"x", timeout=timeout)
+    except grpc.RpcError as error:
+        return error.code(), error.details(), time.monotonic() - started
+    raise AssertionError("the call succeeded against an app that cannot answer it")
+
+
+def test_app_that_accepts_and_never_speaks_is_timed_out_and_deadlines_hold(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    """With --connect-timeout 1: a call without a deadline ends UNAVAILABLE saying the app
+    sent nothing, after about 1 s (before, it waited for ever); one with a 0.3 s deadline
+    ends DEADLINE_EXCEEDED on time."""
+    with bare_server(_silent) as silent:
+        sidecar = sidecars.serving(silent.port, "--allow-cn", "alice", "--connect-timeout", "1")
+        with sidecar.channel(pki) as patient, sidecar.channel(pki) as hurried:
+            no_deadline = patient.unary_unary(UNARY).future(b"x")
+            code, _, took = _timed_call(hurried, 0.3)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert took < 0.8, f"a 0.3 s deadline ended after {took:.2f}s"
+            error = _ended(no_deadline, 5)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == (
+        f"upstream 127.0.0.1:{silent.port} unavailable: "
+        "the upstream accepted the connection but sent nothing within 1s"
+    )
+
+
+def test_app_speaking_http1_gets_callers_unavailable_with_what_it_sent(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    with bare_server(_http1) as http1:
+        sidecar = sidecars.serving(http1.port, "--allow-cn", "alice")
+        with sidecar.channel(pki) as channel:
+            code, details, took = _timed_call(channel, 5)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details == (
+        f"upstream 127.0.0.1:{http1.port} unavailable: the upstream does not speak HTTP/2 "
+        "(it sent 'HTTP/1.1 400 Bad Request'...)"
+    )
+    assert took < 2
+
+
+def test_app_breaking_http2_mid_connection_ends_calls_in_flight_unavailable_saying_so(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    with bare_server(_breaks_http2_after_a_request) as broken:
+        sidecar = sidecars.serving(broken.port, "--allow-cn", "alice")
+        with sidecar.channel(pki) as channel:
+            code, details, took = _timed_call(channel, 5)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details.startswith(f"upstream 127.0.0.1:{broken.port} broke HTTP/2: "), details
+    assert took < 2
+    sidecar.wait_for(r"WARNING .*upstream broke HTTP/2 on a connection for ipv4:127\.0\.0\.1:")
+
+
+# The sidecar stopping, and a caller that does not read.
+
+
+def test_sigterm_lets_calls_finish_within_the_grace_and_ends_the_rest_saying_why(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """SIGTERM with --drain-grace 1: calls that finish within the grace complete OK; one that
+    never finishes ends UNAVAILABLE saying the sidecar is shutting down (before, its
+    connection was dropped: "Socket closed", as a network failure reads)."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "1")
+    with sidecar.channel(pki) as channel:
+        call = channel.unary_unary(UNARY)
+        soon = [call.future(b"soon", metadata=(("x-probe-gate", "soon"),)) for _ in range(4)]
+        never = call.future(b"never", metadata=(("x-probe-gate", "never"),))
+        probe.wait_for_calls(5)
+        signalled = time.monotonic()
+        sidecar.signal(signal.SIGTERM)
+        sidecar.wait_for("SIGTERM: draining")
+        probe.gate("soon").set()
+        assert [future.result(timeout=5) for future in soon] == [b"soon"] * 4
+        error = _ended(never, 5)
+        cut_after = time.monotonic() - signalled
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "the sidecar is shutting down and its drain grace is over"
+    assert 0.9 < cut_after < 3, f"the unfinished call was cut {cut_after:.2f}s after SIGTERM"
+    assert sidecar.wait_exit(10) == 0
+
+
+def test_a_caller_that_does_not_read_its_stream_costs_bounded_memory_and_no_one_else(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """A server stream of 160 MB to a caller that opened every HTTP/2 window wide and then
+    reads nothing: only TCP and the sidecar's write buffers hold it back. The sidecar stays
+    within a few MiB, and another caller's calls are served meanwhile."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice")
+    footprint = Footprint(sidecar.proc.pid)
+    assert unary_ok(sidecar, pki)
+    before = footprint.rss_mib
+    with RawPeer(sidecar.port, pki, preface=False) as slow:
+        wide = 0x7FFFFFFF
+        slow.send(
+            PREFACE
+            + frame(SETTINGS, 0, 0, (0x4).to_bytes(2, "big") + wide.to_bytes(4, "big"))
+            + frame(WINDOW_UPDATE, 0, 0, (wide - 65535).to_bytes(4, "big"))
+        )
+        block = request_block("/probe.Probe/ServerStream", (("x-probe-count", "10000"),))
+        slow.send_frame(HEADERS, END_HEADERS, 1, block)
+        slow.send_frame(DATA, END_STREAM, 1, grpc_message(b"m" * 16000))
+        probe.wait_for_calls(2)
+        peak, served, started = before, 0, time.monotonic()
+        with sidecar.channel(pki) as channel:
+            call = channel.unary_unary(UNARY)
+            while time.monotonic() - started < 1.5:  # a window to watch the footprint in
+                assert call(b"other", timeout=2) == b"other"
+                served += 1
+                peak = max(peak, footprint.rss_mib)
+    grew = peak - before
+    assert grew < 32, f"the sidecar grew {grew:.1f} MiB for a caller that does not read"
+    print(f"RSS +{grew:.1f} MiB at most; {served} calls served to another caller in 1.5 s")

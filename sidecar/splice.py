@@ -66,6 +66,8 @@ _REPLAY_LIMIT = 256 * 1024
 WRITE_BUFFER_HIGH = 256 * 1024
 # How long a closing connection may take to send what is buffered for a peer.
 _CLOSE_GRACE_SECONDS = 10.0
+# How long a caller cut for what it did has to read our last words (its GOAWAY).
+_HANG_UP_SECONDS = 0.5
 # PING ACKs queued for a caller that is not reading, before its connection is cut.
 _MAX_ACKS_WHILE_BUSY = 1000
 # How long a PING ACK waits for relayed bytes going the same way, to ride with them
@@ -685,7 +687,8 @@ class Splice:
                     self._upstream.abort()
                 return None
             logger.info("caller %s broke HTTP/2: %s", self._remote, error)
-            self._goodbye(_PROTOCOL_ERROR, str(error))
+            self._hang_up(_PROTOCOL_ERROR, str(error), grpc.StatusCode.INTERNAL)
+            return None
         except Exception:
             logger.exception("internal error relaying for %s", self._remote)
         self._stop_relaying()
@@ -884,8 +887,11 @@ class Splice:
                 self._remote,
                 self._limits.header_timeout,
             )
-            self._goodbye(_PROTOCOL_ERROR, "header block or frame not finished in time")
-            self._stop_relaying()
+            self._hang_up(
+                _PROTOCOL_ERROR,
+                "header block or frame not finished in time",
+                grpc.StatusCode.CANCELLED,
+            )
 
     def _idle_check(self) -> None:
         """Close a connection that has had no call in flight for idle_timeout (GOAWAY first:
@@ -987,13 +993,23 @@ class Splice:
             self._peer,
             reason,
         )
-        self._goodbye(_ENHANCE_YOUR_CALM, reason)
+        self._hang_up(_ENHANCE_YOUR_CALM, reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def _hang_up(self, error_code: int, reason: str, code: grpc.StatusCode) -> None:
+        """End a caller's connection for what it did: a GOAWAY with the reason (if it can be
+        said), its calls cut (the upstream's with its connection), nothing more read from
+        it, and a reset shortly after. Not TLS's close: that goes on reading, and
+        decrypting, whatever the caller still sends until it answers the close."""
+        self._goodbye(error_code, reason)
         self._broken = True
-        self._end_calls(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self._end_calls(code)
         self._cancel_timers()
-        _close_within(self._caller, _CLOSE_GRACE_SECONDS)
         if self._upstream is not None:
             self._upstream.abort()
+        caller = self._caller
+        if not caller.is_closing():
+            caller.pause_reading()
+            self._loop.call_later(_HANG_UP_SECONDS, caller.abort)
 
     def _stop_relaying(self) -> None:
         """A peer broke HTTP/2 (or the sidecar failed reading it): end both connections."""

@@ -17,7 +17,7 @@ Request metadata understood (all optional):
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +77,7 @@ class Probe:
                 raise AssertionError(f"upstream saw {len(self.calls)} calls, expected {count}")
             return list(self.calls)
 
-    def start(self, port: int = 0) -> int:
+    def start(self, port: int = 0, options: Sequence[tuple[str, int]] = ()) -> int:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=256),
             handlers=[self._handlers()],
@@ -85,6 +85,7 @@ class Probe:
                 ("grpc.max_send_message_length", -1),
                 ("grpc.max_receive_message_length", -1),
                 ("grpc.so_reuseport", 0),
+                *options,
             ],
         )
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")

@@ -44,6 +44,7 @@ __all__ = [
     "END_STREAM",
     "GOAWAY",
     "HEADERS",
+    "METHOD",
     "PING",
     "RST_STREAM",
     "SETTINGS",
@@ -51,6 +52,7 @@ __all__ = [
     "Footprint",
     "RawPeer",
     "frame",
+    "message",
     "ping_round_trip",
     "request_block",
     "unary_ok",
@@ -115,6 +117,7 @@ class RawPeer:
         else:
             self.sock = raw
         self._buffer = b""
+        self._decoder = hpack.Decoder()
         if preface:
             self.send(PREFACE + frame(SETTINGS, 0, 0, b""))
 
@@ -156,6 +159,35 @@ class RawPeer:
             if got_kind == kind and stream_id in (None, got_stream):
                 return flags, got_stream, payload
         return None
+
+    def settle(self) -> None:
+        """Read the sidecar's SETTINGS and acknowledge them, as every client does (after which
+        the client's header blocks stand alone: no HPACK table)."""
+        assert self.read_until(SETTINGS) is not None, "no SETTINGS from the sidecar"
+        self.send_frame(SETTINGS, ACK, 0)
+
+    def status(self, stream_id: int) -> dict[str, str]:
+        """The fields of the block that ends stream_id (trailers, or trailers-only)."""
+        decoder = self._decoder
+        while (read := self.read_frame()) is not None:
+            kind, flags, got_stream, payload = read
+            if kind == HEADERS and got_stream == stream_id:
+                fields = {name: value for name, value in decoder.decode(payload)}
+                if flags & END_STREAM:
+                    return fields
+            elif kind == HEADERS:
+                decoder.decode(payload)  # another stream's: the table must follow
+        raise AssertionError(f"the connection ended before stream {stream_id} did")
+
+    def goaway(self) -> tuple[int, int, bytes] | None:
+        """The next GOAWAY: (last stream id, error code, debug data), or None if the
+        connection ends without one."""
+        read = self.read_until(GOAWAY)
+        if read is None:
+            return None
+        payload = read[2]
+        last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+        return last, int.from_bytes(payload[4:8], "big"), payload[8:]
 
     def closed_within(self, seconds: float) -> bool:
         """Whether the sidecar ends the connection within `seconds` (frames read are dropped)."""

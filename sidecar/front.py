@@ -10,13 +10,10 @@ and never reaches the upstream. Egress: plaintext callers on loopback are
 spliced to the remote over TLS with this route's client certificate.
 
 The front keeps every open connection, so that a drain can tell each caller to
-start no new calls and wait for those in flight. It also holds the listener's
-budgets: handshakes in progress (beyond `max_pending_handshakes` the oldest is
-closed, so silent connections cannot lock new callers out), connections
-(beyond `max_connections`, pending handshakes included, a caller is answered
-UNAVAILABLE saying so), the peer's certificate chain (`max_chain_length`), and
-descriptors (out of them, waiting callers are closed at once rather than left
-to their deadline).
+start no new calls and wait for those in flight. Each connection accepted is
+admitted within the listener's budgets first (admission.py: handshakes pending,
+connections, descriptors); the peer's certificate chain is capped in OpenSSL
+(`max_chain_length`, tls.py), and each handshake is watched (handshake.py).
 """
 
 from __future__ import annotations
@@ -29,18 +26,16 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable
-from typing import Final
 
 import grpc
 
 from sidecar import __version__
 from sidecar.addresses import Address
+from sidecar.admission import Admission
 from sidecar.config import RouteConfig
-from sidecar.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor
 from sidecar.errors import StartupError
 from sidecar.handshake import Handshake, report_failure, watch_handshakes
 from sidecar.identity import IdentityReader
-from sidecar.loglimit import LogLimiter
 from sidecar.policy import Policy
 from sidecar.refusal import Refusal
 from sidecar.splice import WRITE_BUFFER_HIGH, Splice
@@ -49,16 +44,11 @@ from sidecar.tls_diagnosis import TLSDiagnosis
 from sidecar.upstream import describe_unavailable
 
 logger = logging.getLogger("sidecar.server")
-# Listener events a flood repeats (out of descriptors, at a limit): once per period.
-_limited: Final = LogLimiter(logger, burst=1)
 
 USER_AGENT = f"sidecar/{__version__}".encode()
-# How long accepting pauses once descriptors ran out: connections end meanwhile,
-# and callers arriving in the pause wait at most this long to be closed.
+# How long accepting pauses after accept() failed (out of descriptors, say): connections
+# end meanwhile, and callers arriving in the pause wait at most this long to be closed.
 _ACCEPT_PAUSE_SECONDS = 0.1
-# Callers beyond max_connections answered UNAVAILABLE at once (each costs a TLS
-# handshake); those beyond are closed without a word.
-_OVER_LIMIT_ANSWERED = 64
 
 
 def _remote_of(sock: socket.socket) -> str:
@@ -100,7 +90,7 @@ class _CallerProtocol(asyncio.Protocol):
         front = self._front
         front.connections.add(self)
         if self.over_limit:
-            self.handler = front.over_limit_refusal(self._transport, self.remote)
+            self.handler = front.admission.refusal(self._transport, self.remote)
             return
         if front.policy is None:  # egress: local callers are the app itself
             self._splice("-")
@@ -201,10 +191,7 @@ class Front:
         self._diagnosis = diagnosis
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
-        # Handshakes in progress, oldest first.
-        self._pending: dict[Handshake, asyncio.Task[None]] = {}
-        self._over_limit = 0  # connections admitted beyond max_connections, not yet ended
-        self._reserve: ReserveDescriptor | None = None
+        self.admission = Admission(config.title, config.name, config.limits)
         self._all_gone = asyncio.Event()
         for context, whose in ((tls, "callers'"), (upstream_tls, "the remote's")):
             if context is None:
@@ -229,7 +216,7 @@ class Front:
             raise StartupError(
                 f"cannot listen on {listen}: {_failure_details(error, 0)} (address in use?)"
             ) from None
-        self._reserve = ReserveDescriptor()
+        self.admission.start()
         loop = asyncio.get_running_loop()
         for listener in self._listeners:
             self._track(loop.create_task(self._accept(listener)))
@@ -243,87 +230,14 @@ class Front:
             try:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as error:
-                self._accept_failed(listener, error)
-                await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)  # let connections end meanwhile
+                self.admission.accept_failed(listener, error, len(self.connections))
+                await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
                 continue
-            self._admit(sock)
-
-    def _accept_failed(self, listener: socket.socket, error: OSError) -> None:
-        """Out of descriptors: the callers waiting are closed at once (they fail fast and
-        retry, rather than wait for their deadline); the connections open keep being served."""
-        if error.errno not in OUT_OF_DESCRIPTORS or self._reserve is None:
-            _limited.log(
-                logging.WARNING,
-                ("accept", error.errno),
-                "%s: accepting a connection failed: %s",
-                self.config.title,
-                error,
-            )
-            return
-        shed = self._reserve.shed(listener)
-        _limited.log(
-            logging.WARNING,
-            ("descriptors", self.config.listen),
-            "%s: out of file descriptors (%s) with %d connections open and %d handshakes "
-            "pending: new callers are closed at once until some end (%d so far)",
-            self.config.title,
-            os.strerror(error.errno or 0),
-            len(self.connections),
-            len(self._pending),
-            shed,
-        )
-
-    def _admit(self, sock: socket.socket) -> None:
-        """Start a new connection within the listener's budgets."""
-        limits = self.limits
-        loop = asyncio.get_running_loop()
-        if self._tls is not None and len(self._pending) >= limits.max_pending_handshakes:
-            # The oldest goes: a flood of silent connections cannot lock new callers out.
-            oldest, task = next(iter(self._pending.items()))
-            del self._pending[oldest]
-            task.cancel()
-            _limited.log(
-                logging.WARNING,
-                ("pending", self.config.listen),
-                "%s: %d TLS handshakes pending (max_pending_handshakes): the oldest, "
-                "from %s, closed",
-                self.config.title,
-                limits.max_pending_handshakes,
-                oldest.remote,
-            )
-        served = len(self.connections) + len(self._pending) - self._over_limit
-        over_limit = served >= limits.max_connections
-        if over_limit:
-            _limited.log(
-                logging.WARNING,
-                ("connections", self.config.listen),
-                "%s: %d connections open (max_connections): new callers are refused",
-                self.config.title,
-                served,
-            )
-            if self._over_limit >= _OVER_LIMIT_ANSWERED:
+            verdict = self.admission.admit(len(self.connections), self._tls is not None)
+            if verdict == "close":
                 sock.close()
-                return
-            self._over_limit += 1
-        self._track(loop.create_task(self._open(sock, over_limit)))
-
-    def over_limit_refusal(self, transport: asyncio.Transport, remote: str) -> Refusal:
-        """The answer to a caller admitted beyond max_connections: UNAVAILABLE for the calls
-        it sent, GOAWAY, and the close (its client retries, here or elsewhere)."""
-        details = (
-            f"sidecar at max_connections ({self.limits.max_connections}) "
-            f"on {self.config.title}, try again later"
-        )
-        return Refusal(
-            transport,
-            grpc.StatusCode.UNAVAILABLE,
-            lambda method: details,
-            peer="-",
-            remote=remote,
-            route=self.config.name,
-            goaway=True,
-            limits=self.limits,
-        )
+                continue
+            self._track(loop.create_task(self._open(sock, verdict == "refuse")))
 
     async def _open(self, sock: socket.socket, over_limit: bool) -> None:
         """Run the TLS handshake (ingress) and give the connection its protocol."""
@@ -345,7 +259,7 @@ class Front:
             sock.close()  # unless the event loop has it already (then it closed it)
         finally:
             if over_limit and not connected:
-                self._over_limit -= 1
+                self.admission.refusal_ended()
 
     async def _handshake(self, sock: socket.socket, remote: str, over_limit: bool) -> bool:
         """The TLS handshake, counted among the pending ones while it runs; whether it
@@ -354,7 +268,7 @@ class Front:
         handshake.watch()  # in this task's context, which the loop copies for the connection
         task = asyncio.current_task()
         assert task is not None
-        self._pending[handshake] = task
+        self.admission.handshake_started(handshake, task)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: _CallerProtocol(self, remote, over_limit),
@@ -366,7 +280,7 @@ class Front:
             report_failure(handshake, error, self.limits.max_chain_length)
             return False
         finally:
-            self._pending.pop(handshake, None)
+            self.admission.handshake_ended(handshake)
             handshake.done()
         return True
 
@@ -408,7 +322,7 @@ class Front:
 
     def forget(self, connection: _CallerProtocol) -> None:
         if connection in self.connections and connection.over_limit:
-            self._over_limit -= 1
+            self.admission.refusal_ended()
         self.connections.discard(connection)
         if not self.connections:
             self._all_gone.set()
@@ -424,9 +338,7 @@ class Front:
             task.cancel()  # accept loops, and handshakes not yet done
         for listener in self._listeners:
             listener.close()
-        if self._reserve is not None:
-            self._reserve.close()
-            self._reserve = None
+        self.admission.stop()
         if self.config.listen.unix_path is not None and self._listeners:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.unix_path)

@@ -1,0 +1,153 @@
+"""A listener's budgets for new connections: handshakes pending, connections open, descriptors.
+
+Every connection costs the sidecar before anyone knows who opened it: a
+descriptor, a TLS handshake, memory. A listener's `Admission` decides, for each
+connection accepted, within the route's limits:
+
+- handshakes in progress are capped (`max_pending_handshakes`): beyond, the
+  oldest is closed, so that a flood of silent connections (each would hold its
+  descriptor for `handshake_timeout`) cannot lock new callers out;
+- connections, pending handshakes included, are capped (`max_connections`):
+  beyond, a caller is answered UNAVAILABLE saying so (a few dozen at a time, as
+  each costs a handshake; the others are closed at once);
+- out of descriptors, the callers waiting in the listen queue are closed at
+  once with a reserve descriptor (descriptors.py): they fail fast and retry,
+  instead of waiting for their deadline, and the connections open are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, Final, Literal
+
+import grpc
+
+from sidecar.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor
+from sidecar.handshake import Handshake
+from sidecar.limits import Limits
+from sidecar.loglimit import LogLimiter
+from sidecar.refusal import Refusal
+
+logger = logging.getLogger("sidecar.server")
+# What a flood repeats (out of descriptors, at a limit): one line per period.
+_limited: Final = LogLimiter(logger, burst=1)
+
+# Callers beyond max_connections answered UNAVAILABLE at once (each costs a TLS
+# handshake); those beyond are closed without a word.
+_OVER_LIMIT_ANSWERED = 64
+
+Verdict = Literal["serve", "refuse", "close"]
+
+
+class Admission:
+    """The budgets of one listener (see the module)."""
+
+    def __init__(self, title: str, route: str | None, limits: Limits) -> None:
+        self._title = title
+        self._route = route
+        self._limits = limits
+        # Handshakes in progress, oldest first, with the task running each.
+        self._pending: dict[Handshake, asyncio.Task[Any]] = {}
+        self._refusing = 0  # connections admitted beyond max_connections, not yet ended
+        self._reserve: ReserveDescriptor | None = None
+
+    def start(self) -> None:
+        self._reserve = ReserveDescriptor()
+
+    def stop(self) -> None:
+        if self._reserve is not None:
+            self._reserve.close()
+            self._reserve = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def admit(self, open_connections: int, handshake: bool) -> Verdict:
+        """What becomes of a connection just accepted, with open_connections open (a
+        connection that needs a handshake is counted as pending from now on)."""
+        limits = self._limits
+        if handshake and len(self._pending) >= limits.max_pending_handshakes:
+            oldest, task = next(iter(self._pending.items()))
+            del self._pending[oldest]
+            task.cancel()  # the event loop closes its connection
+            _limited.log(
+                logging.WARNING,
+                ("pending", id(self)),
+                "%s: %d TLS handshakes pending (max_pending_handshakes): the oldest, "
+                "from %s, closed",
+                self._title,
+                limits.max_pending_handshakes,
+                oldest.remote,
+            )
+        served = open_connections + len(self._pending) - self._refusing
+        if served < limits.max_connections:
+            return "serve"
+        _limited.log(
+            logging.WARNING,
+            ("connections", id(self)),
+            "%s: %d connections open (max_connections): new callers are refused",
+            self._title,
+            served,
+        )
+        if self._refusing >= _OVER_LIMIT_ANSWERED:
+            return "close"
+        self._refusing += 1
+        return "refuse"
+
+    def refusal_ended(self) -> None:
+        """A connection admitted as "refuse" has ended (or never got its protocol)."""
+        self._refusing -= 1
+
+    def refusal(self, transport: asyncio.Transport, remote: str) -> Refusal:
+        """The answer to a caller admitted beyond max_connections: UNAVAILABLE for the calls
+        it sent, GOAWAY, and the close (its client retries, here or elsewhere)."""
+        details = (
+            f"sidecar at max_connections ({self._limits.max_connections}) "
+            f"on {self._title}, try again later"
+        )
+        return Refusal(
+            transport,
+            grpc.StatusCode.UNAVAILABLE,
+            lambda method: details,
+            peer="-",
+            remote=remote,
+            route=self._route,
+            goaway=True,
+            limits=self._limits,
+        )
+
+    def handshake_started(self, handshake: Handshake, task: asyncio.Task[Any]) -> None:
+        self._pending[handshake] = task
+
+    def handshake_ended(self, handshake: Handshake) -> None:
+        self._pending.pop(handshake, None)
+
+    def accept_failed(self, listener: socket.socket, error: OSError, open_connections: int) -> None:
+        """accept() failed. Out of descriptors: the callers waiting are closed at once (they
+        fail fast and retry, rather than wait for their deadline); the connections open
+        keep being served."""
+        if error.errno not in OUT_OF_DESCRIPTORS or self._reserve is None:
+            _limited.log(
+                logging.WARNING,
+                ("accept", id(self), error.errno),
+                "%s: accepting a connection failed: %s",
+                self._title,
+                error,
+            )
+            return
+        shed = self._reserve.shed(listener)
+        _limited.log(
+            logging.WARNING,
+            ("descriptors", id(self)),
+            "%s: out of file descriptors (%s) with %d connections open and %d handshakes "
+            "pending: new callers are closed at once until some end (%d so far)",
+            self._title,
+            os.strerror(error.errno or 0),
+            open_connections,
+            len(self._pending),
+            shed,
+        )

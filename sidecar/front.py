@@ -277,7 +277,7 @@ class Front:
                 ssl_handshake_timeout=self.limits.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
-            report_failure(handshake, error, self.limits.max_chain_length)
+            report_failure(handshake, error, self.limits)
             return False
         finally:
             self.admission.handshake_ended(handshake)

@@ -25,6 +25,7 @@ import ssl
 from typing import Any
 
 from sidecar.identity import PeerCertificateTolerantSSLObject
+from sidecar.limits import Limits
 from sidecar.loglimit import LogLimiter
 from sidecar.tls import max_chain_bytes
 
@@ -62,6 +63,9 @@ class Handshake:
         sock = self.sock
         if sock is None:
             return
+        # Written past the loop, straight to the socket: the loop has nothing of this
+        # connection left to write (its handshake flight, a few KiB, went out whole into
+        # a socket buffer far larger), and it drops its transport without writing again.
         try:
             if alert:
                 sock.send(alert, socket.MSG_DONTWAIT)
@@ -118,7 +122,7 @@ def watch_handshakes(context: ssl.SSLContext) -> None:
     context.sslobject_class = WatchedSSLObject
 
 
-def report_failure(handshake: Handshake, error: BaseException, max_chain_length: int) -> None:
+def report_failure(handshake: Handshake, error: BaseException, limits: Limits) -> None:
     """Log a failed handshake: a WARNING (rate-limited per caller address and reason), or
     a DEBUG line for a caller that never sent a byte (a TCP probe)."""
     host = handshake.remote.rsplit(":", 1)[0]
@@ -127,13 +131,14 @@ def report_failure(handshake: Handshake, error: BaseException, max_chain_length:
             _failures.log(
                 logging.INFO,
                 ("silent", host),
-                "connection from %s closed: no TLS ClientHello within the handshake timeout",
+                "connection from %s closed: no TLS ClientHello within %gs (handshake_timeout)",
                 handshake.remote,
+                limits.handshake_timeout,
             )
         else:
             logger.debug("connection from %s closed before any TLS ClientHello", handshake.remote)
         return
-    reason = explain(error, handshake, max_chain_length)
+    reason = explain(error, handshake, limits)
     _failures.log(
         logging.WARNING,
         (host, reason),
@@ -143,8 +148,9 @@ def report_failure(handshake: Handshake, error: BaseException, max_chain_length:
     )
 
 
-def explain(error: BaseException, handshake: Handshake, max_chain_length: int) -> str:
+def explain(error: BaseException, handshake: Handshake, limits: Limits) -> str:
     """A failed handshake in a few words (OpenSSL's reason, plainer where it is cryptic)."""
+    max_chain_length = limits.max_chain_length
     if isinstance(error, ssl.SSLError):
         reason = error.reason or ""
         if reason == "EXCESSIVE_MESSAGE_SIZE" and handshake.answered:
@@ -161,7 +167,7 @@ def explain(error: BaseException, handshake: Handshake, max_chain_length: int) -
             )
         return str(error).split(" (_ssl.c:")[0]
     if isinstance(error, ConnectionAbortedError):
-        return "the handshake took longer than handshake_timeout"
+        return f"the handshake took longer than {limits.handshake_timeout:g}s (handshake_timeout)"
     if isinstance(error, ConnectionResetError):
         return "the caller closed the connection during the handshake"
     if isinstance(error, OSError) and error.strerror:

@@ -65,7 +65,9 @@ class Handshake:
             return
         # Written past the loop, straight to the socket: the loop has nothing of this
         # connection left to write (its handshake flight, a few KiB, went out whole into
-        # a socket buffer far larger), and it drops its transport without writing again.
+        # a socket buffer far larger; were it not, for a caller advertising a tiny
+        # window, that caller alone would read a garbled end), and it drops its
+        # transport without writing again.
         try:
             if alert:
                 sock.send(alert, socket.MSG_DONTWAIT)

@@ -589,6 +589,7 @@ class Splice:
             remote=self._remote,
             route=self._route,
             goaway=True,
+            limits=self._limits,
         )
         replay, self._replay = self._replay or [], None
         self._calls.clear()

@@ -35,3 +35,31 @@ def tune_for_relaying() -> bool:
             and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
         )
     return False
+
+
+def _load_malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    The raised trim threshold keeps freed memory for the next burst, which is right
+    while connections come and go, and wrong once a burst is over: thousands of closed
+    connections' buffers stay resident. Costs a walk of the heap (a few ms for a few
+    hundred MiB): call it when a burst has ended, not per connection.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)

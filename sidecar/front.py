@@ -32,6 +32,7 @@ import grpc
 from sidecar import __version__
 from sidecar.addresses import Address
 from sidecar.admission import Admission
+from sidecar.allocator import release_free_memory
 from sidecar.config import RouteConfig
 from sidecar.errors import StartupError
 from sidecar.handshake import Handshake, report_failure, watch_handshakes
@@ -49,6 +50,8 @@ USER_AGENT = f"sidecar/{__version__}".encode()
 # How long accepting pauses after accept() failed (out of descriptors, say): connections
 # end meanwhile, and callers arriving in the pause wait at most this long to be closed.
 _ACCEPT_PAUSE_SECONDS = 0.1
+# Closed connections that make a burst worth giving memory back for.
+_BURST = 256
 
 
 def _remote_of(sock: socket.socket) -> str:
@@ -186,6 +189,8 @@ class Front:
         self.policy = policy
         self.identities = IdentityReader()
         self.connections: set[_CallerProtocol] = set()
+        self._peak = 0  # the most connections open at once since memory was last given back
+        self._trim: asyncio.TimerHandle | None = None
         self._tls = tls
         self._upstream_tls = upstream_tls
         self._diagnosis = diagnosis
@@ -326,6 +331,24 @@ class Front:
         self.connections.discard(connection)
         if not self.connections:
             self._all_gone.set()
+        self._after_burst()
+
+    def _after_burst(self) -> None:
+        """Once most of a burst of connections has closed, give their memory back to the
+        system (see allocator.release_free_memory), a second after the last of them, so
+        that a burst costs one walk of the heap, not one per connection."""
+        open_now = len(self.connections)
+        if open_now > self._peak:
+            self._peak = open_now
+        elif self._peak - open_now >= _BURST and open_now <= self._peak // 2:
+            if self._trim is not None:
+                self._trim.cancel()
+            self._trim = asyncio.get_running_loop().call_later(1.0, self._trimmed)
+
+    def _trimmed(self) -> None:
+        self._trim = None
+        self._peak = len(self.connections)
+        release_free_memory()
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)

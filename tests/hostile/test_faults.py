@@ -12,19 +12,24 @@ in the README's "Failing apps".
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from tests.conftest import ChildProcess, Pki, SidecarFactory
+from bench import toolchain
+from tests.conftest import ROOT, ChildProcess, Pki, SidecarFactory, install_debian_packages
 from tests.hostile.peers import (
     DATA,
     END_HEADERS,
@@ -44,6 +49,7 @@ from tests.probe import Probe
 UNARY = "/probe.Probe/Unary"
 HOLD = (("x-probe-gate", "hold"),)  # the app holds the call until it ends some other way
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+NODE_DIR = ROOT / "tests" / "node"
 
 
 # The app as a process.
@@ -75,9 +81,10 @@ class App:
 
     def kill(self) -> float:
         """SIGKILL the app, as a crash would end it; the monotonic time it was killed at."""
+        killed = time.monotonic()
         self.process.signal(signal.SIGKILL)
         self.process.wait_exit()
-        return time.monotonic()
+        return killed
 
     def stop(self) -> None:
         for process in self.processes:
@@ -225,6 +232,90 @@ def test_app_closing_mid_stream_ends_that_stream_unavailable_and_the_caller_reco
         assert f"upstream 127.0.0.1:{app.port} closed the connection" in cut.value.details()
         app.start()
         _until_ok(lambda: channel.unary_unary(UNARY)(b"back", timeout=0.2), 5)
+
+
+@pytest.fixture(scope="module")
+def go_faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/go/faults.go, built with grpc-go from Debian's packages."""
+    try:
+        return toolchain.build_go_program(
+            ROOT / "tests" / "go" / "faults.go",
+            sorted((ROOT / "protos").glob("*.proto")),
+            tmp_path_factory.mktemp("gopath"),
+            "sidecar.faults",
+        )
+    except toolchain.ToolchainError as error:
+        pytest.fail(str(error))
+
+
+@pytest.fixture(scope="module")
+def node_faults() -> Path:
+    """tests/node/faults.js, with @grpc/grpc-js from tests/node's lock file."""
+    install_debian_packages(["nodejs", "npm"], ["node", "npm"])
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    return NODE_DIR / "faults.js"
+
+
+def _event(client: ChildProcess, name: str) -> dict[str, Any]:
+    """The client's next report of `name` (one JSON object a line)."""
+    line = client.wait_for(rf'^{{.*"event":"{name}".*}}$|^{{.*"event":"(failed|gave_up)"')
+    event: dict[str, Any] = json.loads(line.string)
+    assert event["event"] == name, event
+    return event
+
+
+@pytest.mark.timeout(1200)  # on a fresh machine, Go and Node.js are installed first
+@pytest.mark.parametrize("language", ["go", "node"])
+def test_app_killed_under_a_grpc_go_or_grpc_js_caller_ends_its_call_and_it_is_served_when_back(
+    sidecars: SidecarFactory, pki: Pki, app: App, request: pytest.FixtureRequest, language: str
+) -> None:
+    """The same crash under grpc-go and grpc-js callers (tests/go/faults.go,
+    tests/node/faults.js): the call in flight ends UNAVAILABLE naming the app, and the
+    same channel is served again as soon as the app listens."""
+    sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
+    tls = [str(pki.dir / "ca.pem"), str(pki.cert("alice")), str(pki.key("alice"))]
+    target = f"127.0.0.1:{sidecar.port}"
+    if language == "go":
+        program = request.getfixturevalue("go_faults")
+        flags = ["-ca", "-cert", "-key"]
+        command = [
+            str(program),
+            "-target",
+            target,
+            *(a for f in zip(flags, tls, strict=True) for a in f),
+        ]
+    else:
+        command = ["node", str(request.getfixturevalue("node_faults")), target, *tls]
+    client = ChildProcess(command)
+    try:
+        _event(client, "ready")
+        app.wait_calls(2)  # the first call, and the one held
+        killed = app.kill()
+        ended = _event(client, "ended")
+        ended_after = time.monotonic() - killed
+        assert ended["code"] == grpc.StatusCode.UNAVAILABLE.value[0], ended
+        assert f"upstream 127.0.0.1:{app.port} closed the connection" in ended["message"]
+        assert ended_after < 3, f"the call in flight ended {ended_after:.2f}s after the kill"
+
+        listening = app.start()
+        client.signal(signal.SIGHUP)
+        recovered = _event(client, "recovered")
+        back_after = time.monotonic() - listening
+        assert back_after < 2, f"the first call succeeded {back_after:.2f}s after the app was back"
+        assert client.wait_exit(10) == 0
+    finally:
+        client.stop()
+    print(
+        f"{language}: ended {ended_after:.3f}s after the kill; OK {back_after:.3f}s after the "
+        f"app was back ({recovered['failures']} calls failed first)"
+    )
 
 
 # Hanging, and speaking something other than HTTP/2.

@@ -38,6 +38,9 @@ class CallRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     route: str | None = None  # the route's name, when the configuration names it
+    # Why the call ended as it did, when the sidecar ended it (an upstream that is down,
+    # a request refused): what the caller was told.
+    details: str = ""
 
 
 def log_call(record: CallRecord) -> None:
@@ -58,7 +61,7 @@ def log_call(record: CallRecord) -> None:
     if record.route is not None:
         fields["route"] = record.route
         route = f" route={record.route}"
-    args = (
+    args: tuple[object, ...] = (
         _token(record.method),
         route,
         _quoted(record.peer),
@@ -68,10 +71,15 @@ def log_call(record: CallRecord) -> None:
         record.bytes_in,
         record.bytes_out,
     )
+    line = _LINE
+    if record.details:
+        fields["details"] = record.details
+        line += " details='%s'"
+        args += (_quoted(record.details),)
     if record.code is grpc.StatusCode.PERMISSION_DENIED:
-        _denied_calls.log(logging.INFO, record.peer, _LINE, *args, extra={"fields": fields})
+        _denied_calls.log(logging.INFO, record.peer, line, *args, extra={"fields": fields})
     else:
-        access_logger.info(_LINE, *args, extra={"fields": fields})
+        access_logger.info(line, *args, extra={"fields": fields})
 
 
 def _token(text: str) -> str:

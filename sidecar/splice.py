@@ -741,7 +741,7 @@ class Splice:
             self._local_end(stream_id, call, refused.code, refused.details)
         )
         self._send_own_to_caller()
-        self._log_call(call, refused.code)
+        self._log_call(call, refused.code, refused.details)
         if trailers:
             self._call_ended()
         return DROP
@@ -792,7 +792,11 @@ class Splice:
             self._upstream_last = last_stream
         # Calls above it will never be answered: the caller learns so from the GOAWAY itself.
         for stream_id in [s for s in self._calls if s > last_stream]:
-            self._log_call(self._calls.pop(stream_id), grpc.StatusCode.UNAVAILABLE)
+            self._log_call(
+                self._calls.pop(stream_id),
+                grpc.StatusCode.UNAVAILABLE,
+                f"upstream {self._upstream_name} will not process it (its GOAWAY)",
+            )
         if self._draining and not self._calls:
             self._loop.call_soon(self._close_drained)
 
@@ -922,7 +926,7 @@ class Splice:
 
     # Endings.
 
-    def _log_call(self, call: _Call, code: grpc.StatusCode) -> None:
+    def _log_call(self, call: _Call, code: grpc.StatusCode, details: str = "") -> None:
         if not self._log:
             return
         log_call(
@@ -935,13 +939,14 @@ class Splice:
                 bytes_in=call.bytes_in,
                 bytes_out=call.bytes_out,
                 route=self._route,
+                details=details,
             )
         )
 
-    def _end_calls(self, code: grpc.StatusCode) -> None:
+    def _end_calls(self, code: grpc.StatusCode, details: str = "") -> None:
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            self._log_call(call, code)
+            self._log_call(call, code, details)
 
     def _goaway(self, error_code: int, debug: bytes = b"") -> bytes:
         """A GOAWAY naming the last stream relayed (never above the upstream's own)."""
@@ -970,14 +975,14 @@ class Splice:
             chunks.append(self._goaway(_NO_ERROR))
             _write(self._caller, chunks)
             for call in calls.values():
-                self._log_call(call, code)
+                self._log_call(call, code, details)
             self._cancel_timers()
             _close_within(self._caller, _CLOSE_GRACE_SECONDS)
             return
         # In the middle of a frame to the caller: nothing more can be said on this
         # connection; a reset tells its client at once.
         for call in calls.values():
-            self._log_call(call, code)
+            self._log_call(call, code, details)
         self._cancel_timers()
         self._caller.abort()
 
@@ -1003,7 +1008,7 @@ class Splice:
         decrypting, whatever the caller still sends until it answers the close."""
         self._goodbye(error_code, reason)
         self._broken = True
-        self._end_calls(code)
+        self._end_calls(code, reason)
         self._cancel_timers()
         if self._upstream is not None:
             self._upstream.abort()

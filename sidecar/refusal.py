@@ -65,6 +65,8 @@ _UNREAD_RETRY_SECONDS = 0.05
 # to read what is left before the connection is aborted.
 _LINGER_SECONDS = 1.0
 _LINGER_INPUT = 64 * 1024
+# How long a caller cut for what it did has for its GOAWAY to go out, before the reset.
+_HANG_UP_SECONDS = 0.5
 
 
 def grpc_message(details: str) -> bytes:
@@ -281,8 +283,11 @@ class Refusal:
 
         A caller simply done (NO_ERROR) has a moment to read the GOAWAY and close first,
         its input read and dropped meanwhile, so that closing with input unread (which
-        makes the kernel reset the connection) does not cut what it has still to read.
-        Any other caller is closed at once: what was written still reaches it."""
+        makes the kernel reset the connection) does not cut what it has still to read;
+        then TLS's close. A caller that left (its GOAWAY) gets TLS's close at once. Any
+        other is hung up on: nothing more is read from it, and the connection is reset
+        shortly after its GOAWAY went out (TLS's close would go on reading, and
+        decrypting, whatever it still sends until it answers the close)."""
         if self._ended:
             return
         self._ended = True
@@ -303,8 +308,13 @@ class Refusal:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if error_code != h2.errors.ErrorCodes.NO_ERROR:
+        if error_code is None and not why:
             self._close()
+            return
+        if error_code != h2.errors.ErrorCodes.NO_ERROR:
+            if not self._transport.is_closing():
+                self._pause()
+                self._timer = self._loop.call_later(_HANG_UP_SECONDS, self._transport.abort)
             return
         if self._paused and not self._transport.is_closing():
             self._paused = False

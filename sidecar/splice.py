@@ -704,47 +704,53 @@ class Splice:
     def _request_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
     ) -> bytes | _Drop:
-        trailers = stream_id <= self._last_stream
-        try:
-            rewritten, path = self._requests.rewrite(buffer[start:end], trailers=trailers)
-        except RequestRefused as refused:
-            return self._refuse(stream_id, flags, refused, trailers=trailers)
-        if trailers:
-            return rewritten
+        if stream_id <= self._last_stream:  # trailers, or a block on a stream that is over
+            if stream_id in self._outbound.dropped:
+                return DROP  # a stream answered here: it never reached the upstream
+            try:
+                return self._requests.rewrite(buffer[start:end], trailers=True)[0]
+            except RequestRefused as refused:
+                call = self._calls.pop(stream_id, None)
+                if call is None:  # not a call in flight: nothing to answer
+                    return DROP
+                # The upstream knows this stream: it must learn that it is over.
+                self._own_to_upstream.frames.append(
+                    frame(RST_STREAM, 0, stream_id, _CANCEL.to_bytes(4, "big"))
+                )
+                call.request_ended = call.request_ended or bool(flags & END_STREAM)
+                self._answer_here(stream_id, call, refused)
+                self._call_ended()
+                return DROP
         self._last_stream = stream_id
+        try:
+            rewritten, path = self._requests.rewrite(buffer[start:end])
+        except RequestRefused as refused:
+            self._answer_here(stream_id, _Call(None, bool(flags & END_STREAM)), refused)
+            return DROP
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track
         self._calls[stream_id] = _Call(path, bool(flags & END_STREAM))
         return rewritten
 
-    def _refuse(
-        self, stream_id: int, flags: int, refused: RequestRefused, *, trailers: bool
-    ) -> _Drop:
-        """Answer a request here (it never reaches the upstream); a caller that keeps sending
+    def _answer_here(self, stream_id: int, call: _Call, refused: RequestRefused) -> None:
+        """Answer a request here (it never reaches the upstream). A caller that keeps sending
         such requests spends its reset budget, as one that cancels calls does."""
         if not self._resets.spend(1):
             raise BudgetExceeded(
                 f"more than {self._limits.reset_rate} refused or cancelled calls per second"
             )
-        call = self._calls.pop(stream_id, None) if trailers else None
-        if call is None:
-            call = _Call(None, bool(flags & END_STREAM))
-            if not trailers:
-                self._last_stream = stream_id
-        else:  # the upstream knows this stream: it must learn that it is over
-            self._own_to_upstream.frames.append(
-                frame(RST_STREAM, 0, stream_id, _CANCEL.to_bytes(4, "big"))
-            )
-            call.request_ended = call.request_ended or bool(flags & END_STREAM)
-        logger.info("refused a call from %s: %s", self._remote, refused.details)
+        _limited_log.log(
+            logging.INFO,
+            ("refused", self._route),
+            "refused a call from %s: %s",
+            self._remote,
+            refused.details,
+        )
         self._own_to_caller.frames.append(
             self._local_end(stream_id, call, refused.code, refused.details)
         )
         self._send_own_to_caller()
         self._log_call(call, refused.code, refused.details)
-        if trailers:
-            self._call_ended()
-        return DROP
 
     def _local_end(self, stream_id: int, call: _Call, code: grpc.StatusCode, details: str) -> bytes:
         """The frames that end a call here, as a gRPC server ends one: its status in trailers

@@ -44,6 +44,9 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE = 0x1, 0x6
+# grpc core's extension (raw -bin values, NUL and all): never negotiated through the sidecar,
+# whose request checks need values RFC 9113 8.2.1 can judge (see frames.py).
+GRPC_TRUE_BINARY = 0xFE03
 MIN_MAX_FRAME_SIZE = 16384  # RFC 9113 4.2: every peer accepts frames this large
 # What the walker may hold of one frame or header block (frames.py documents the
 # bound); the fuzz streams stay far below it, so a refusal for size is only allowed.
@@ -316,15 +319,17 @@ class FrameOracle:
         return Verdict("agree", [Exact(raw)], why="an extension frame crosses unread")
 
     def _settings(self, raw: bytes, flags: int, stream_id: int) -> Verdict:
-        """HEADER_TABLE_SIZE 0 in every SETTINGS (see headerblock.py); with a header-list
-        limit, MAX_HEADER_LIST_SIZE lowered to it; the peer's own limits reported."""
+        """HEADER_TABLE_SIZE 0 in every SETTINGS (see headerblock.py), grpc core's true-binary
+        setting left out; with a header-list limit, MAX_HEADER_LIST_SIZE lowered to it; the
+        peer's own limits reported."""
         entries = settings_entries(raw[9:])
         limit = self.hooks.header_list_limit
         lists = [value for ident, value in entries if ident == MAX_HEADER_LIST_SIZE]
         kept = [
             (ident, value)
             for ident, value in entries
-            if ident != HEADER_TABLE_SIZE and (limit is None or ident != MAX_HEADER_LIST_SIZE)
+            if ident not in (HEADER_TABLE_SIZE, GRPC_TRUE_BINARY)
+            and (limit is None or ident != MAX_HEADER_LIST_SIZE)
         ]
         kept.append((HEADER_TABLE_SIZE, 0))
         if limit is not None:

@@ -47,18 +47,22 @@ def crosses(name: bytes) -> bool:
 
 
 def malformed_request(fields: Sequence[Field], *, trailers: bool = False) -> str | None:
-    """Why a request (or its trailers) is malformed, by the rules issue 12 item 10 names
-    (RFC 9113 8.2.1 names and NUL/CR/LF in values, 8.2.2 connection-specific fields and te,
-    8.3 pseudo-headers: only a request's four, first, once, :method :scheme :path present;
-    none in trailers); None when it is not. (8.2.1 also forbids whitespace at either end of
-    a value: tests/fuzz/test_found.py.)"""
+    """Why a request (or its trailers) is malformed, or None: RFC 9113 8.2.1 (names: no
+    uppercase, controls, space, non-ASCII, colon past a pseudo-header's first byte; values:
+    no NUL, CR or LF, no whitespace at either end), 8.2.2 (connection-specific fields, te
+    other than "trailers"), 8.3 (only a request's four pseudo-headers, before the regular
+    fields, each once; :method, :scheme and a non-empty :path present; none in trailers)."""
     seen_regular, pseudo = False, []
     for name, value in fields:
         if b"\x00" in value or b"\r" in value or b"\n" in value:
             return f"NUL, CR or LF in {name!r}"
+        if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
+            return f"whitespace at an end of {name!r}"
         if name.startswith(b":"):
             if name not in REQUEST_PSEUDO or seen_regular or trailers or name in pseudo:
                 return f"pseudo-header {name!r} misplaced, repeated or unknown"
+            if name == b":path" and not value:
+                return "empty :path"
             pseudo.append(name)
             continue
         seen_regular = True

@@ -89,7 +89,9 @@ def settings_frames(draw: st.DrawFn) -> bytes:
     entries = draw(
         st.lists(
             st.tuples(
-                st.one_of(st.sampled_from([1, 1, 2, 3, 4, 5, 6, 8]), st.integers(0, 0xFFFF)),
+                st.one_of(
+                    st.sampled_from([1, 1, 2, 3, 4, 5, 6, 6, 8, 0xFE03]), st.integers(0, 0xFFFF)
+                ),
                 st.integers(0, 2**32 - 1),
             ),
             max_size=8,

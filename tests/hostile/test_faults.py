@@ -504,7 +504,7 @@ def test_a_caller_that_does_not_read_its_stream_costs_bounded_memory_and_no_one_
         block = request_block("/probe.Probe/ServerStream", (("x-probe-count", "10000"),))
         slow.send_frame(HEADERS, END_HEADERS, 1, block)
         slow.send_frame(DATA, END_STREAM, 1, grpc_message(b"m" * 16000))
-        probe.wait_for_calls(2)
+        stream = probe.wait_for_calls(2)[1]
         peak, served, started = before, 0, time.monotonic()
         with sidecar.channel(pki) as channel:
             call = channel.unary_unary(UNARY)
@@ -512,6 +512,7 @@ def test_a_caller_that_does_not_read_its_stream_costs_bounded_memory_and_no_one_
                 assert call(b"other", timeout=2) == b"other"
                 served += 1
                 peak = max(peak, footprint.rss_mib)
+        assert not stream.ended.is_set(), "the stream went through: nothing was held back"
     grew = peak - before
     assert grew < 32, f"the sidecar grew {grew:.1f} MiB for a caller that does not read"
     print(f"RSS +{grew:.1f} MiB at most; {served} calls served to another caller in 1.5 s")

@@ -57,7 +57,10 @@ _cuts = LogLimiter(logger)
 _MAX_STREAMS = 100
 assert FRAMES_PER_TURN < _MAX_STREAMS
 # Answers waiting in the write buffer beyond which no more frames are processed: a
-# caller sending PINGs without reading the ACKs is not read either until it does.
+# caller sending PINGs without reading the ACKs is not read either until it does. (The
+# kernel's socket buffers take megabytes first, more than the default budgets let a
+# connection earn in answers: this holds for budgets set large, and when the splice,
+# not the listener, owns the connection and does not pause reading for writes.)
 _UNREAD_ANSWERS = 64 * 1024
 _UNREAD_RETRY_SECONDS = 0.05
 # After a GOAWAY, how long a caller simply done has to read it and close (its input is
@@ -155,6 +158,7 @@ class Refusal:
         self._work()
 
     def connection_lost(self) -> None:
+        """The connection is gone: no more turns, no more timers."""
         self._ended = True
         self._intake.clear()
         for handle in (self._turn, self._timer):

@@ -16,7 +16,13 @@ import hpack
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sidecar.headerblock import HeaderBlockError, RequestBlocks, RequestRefused, ResponseBlocks
+from sidecar.headerblock import (
+    HeaderBlockError,
+    RequestBlocks,
+    RequestRefused,
+    ResponseBlocks,
+    status_block,
+)
 from tests.fuzz.header_lists import (
     Field,
     crosses,
@@ -169,3 +175,25 @@ def test_the_status_read_from_responses_is_hpacks(data: st.DataObject) -> None:
         http_statuses = [value for name, value in meant if name == b":status"]
         assert grpc_status == (statuses[-1] if statuses else None)
         assert http_status == (http_statuses[-1] if http_statuses else None)
+
+
+@given(st.data())
+def test_the_sidecars_own_status_blocks_read_alike_anywhere_in_a_connection(
+    data: st.DataObject,
+) -> None:
+    """The splice ends calls itself (refused requests, a lost upstream) with status_block,
+    between blocks of the upstream's encoder: the caller must read exactly that status,
+    and its table must stay the upstream's (the next block still reads as meant)."""
+    server, caller = hpack.Encoder(), hpack.Decoder()
+    for response in data.draw(st.lists(responses(), max_size=4), label="before"):
+        caller.decode(server.encode(response, huffman=data.draw(st.booleans())), raw=True)
+    code = data.draw(st.integers(0, 16), label="code")
+    message = data.draw(st.binary(max_size=64).map(lambda b: bytes(c & 0x7F | 0x20 for c in b)))
+    trailers_only = data.draw(st.booleans(), label="trailers only")
+    block = status_block(code, message, trailers_only=trailers_only)
+    expected = [(b":status", b"200"), (b"content-type", b"application/grpc")] * trailers_only
+    expected += [(b"grpc-status", str(code).encode()), (b"grpc-message", message)]
+    assert list(caller.decode(block, raw=True)) == expected
+    assert ResponseBlocks().status(block) == (str(code).encode(), b"200" if trailers_only else None)
+    after = data.draw(responses(), label="after")
+    assert list(caller.decode(server.encode(after), raw=True)) == [tuple(f) for f in after]

@@ -18,9 +18,10 @@ h2 a few dozen per loop turn (refusal_intake.py), the rest waiting with reading
 paused; the frames, bytes and calls of the whole connection are budgeted, as
 are its lifetime and the time it may go without starting a call; what is held
 of an unfinished frame or header block is capped; answers the caller does not
-read stop the work. Past a budget the caller gets GOAWAY (ENHANCE_YOUR_CALM for
-a flood, NO_ERROR for a caller simply done, which also has a short linger to
-read it), and the connection is closed.
+read stop the work. A caller past a budget for a flood gets GOAWAY
+(ENHANCE_YOUR_CALM) and is hung up on; one simply done (its calls answered, its
+lifetime or idle time over) gets RFC 9113's graceful pair of GOAWAYs, so that
+the calls it sent meanwhile are answered too, and a moment to close first.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import h2.exceptions
 import h2.settings
 
 from sidecar.accesslog import CallRecord, log_call
+from sidecar.frames import GOAWAY, frame
 from sidecar.limits import Limits
 from sidecar.loglimit import LogLimiter
 from sidecar.logs import escape
@@ -53,7 +55,8 @@ _cuts = LogLimiter(logger)
 
 # Streams h2 lets a caller open at once: calls are answered (and closed) as a turn's
 # frames are, so no more than a turn's frames are ever open, and h2 takes more as a
-# connection error.
+# connection error. Also how many calls past its budget a caller may have sent before
+# it read the GOAWAY, and are still answered.
 _MAX_STREAMS = 100
 assert FRAMES_PER_TURN < _MAX_STREAMS
 # Answers waiting in the write buffer beyond which no more frames are processed: a
@@ -70,6 +73,9 @@ _LINGER_SECONDS = 1.0
 _LINGER_INPUT = 64 * 1024
 # How long a caller cut for what it did has for its GOAWAY to go out, before the reset.
 _HANG_UP_SECONDS = 0.5
+# The first GOAWAY of a graceful end: the highest stream id possible, no error.
+_GOAWAY_NO_STREAM = frame(GOAWAY, 0, 0, (2**31 - 1).to_bytes(4, "big") + bytes(4))
+_DRAIN_PING = b"goodbye!"
 
 
 def grpc_message(details: str) -> bytes:
@@ -129,7 +135,8 @@ class Refusal:
         self._last_answered = 0
         self._turn: asyncio.Handle | None = None  # the next turn's work, when scheduled
         self._paused = False
-        self._ended = False  # GOAWAY sent (or the connection lost): input is dropped
+        self._draining: str | None = None  # why, once the first GOAWAY of two is out
+        self._ended = False  # the last GOAWAY sent (or the connection lost): input dropped
         self._closes = self._loop.time() + limits.denied_lifetime
         self._last_call = self._loop.time()  # or the connection's start
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(
@@ -211,6 +218,9 @@ class Refusal:
                 self._connection.acknowledge_received_data(
                     event.flow_controlled_length, event.stream_id
                 )
+            elif isinstance(event, h2.events.PingAckReceived):
+                if self._draining is not None and event.ping_data == _DRAIN_PING:
+                    self._end(h2.errors.ErrorCodes.NO_ERROR, self._draining)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._end(None, "")  # the caller's GOAWAY: it is leaving
         if self._goaway and self._last_answered and not self._ended:
@@ -260,8 +270,14 @@ class Refusal:
         self._last_answered = stream_id
         self._calls += 1
         self._last_call = self._loop.time()
-        if self._calls >= self._limits.denied_calls and not self._goaway:
-            self._end(h2.errors.ErrorCodes.NO_ERROR, f"{self._calls} calls answered")
+        if self._goaway or self._calls < self._limits.denied_calls:
+            return
+        if self._draining is None:
+            self._drain(f"{self._calls} calls answered")
+        elif self._calls >= self._limits.denied_calls + _MAX_STREAMS:
+            # More than a client keeping to SETTINGS_MAX_CONCURRENT_STREAMS can have sent
+            # before it read the GOAWAY: it ignores it.
+            self._end(h2.errors.ErrorCodes.NO_ERROR, self._draining)
 
     # The end: GOAWAY, linger, close.
 
@@ -269,14 +285,31 @@ class Refusal:
         now = self._loop.time()
         idle_ends = self._last_call + self._limits.denied_idle_timeout
         if now >= self._closes:
-            self._end(h2.errors.ErrorCodes.NO_ERROR, f"open {self._limits.denied_lifetime:g}s")
+            self._drain(f"open {self._limits.denied_lifetime:g}s")
         elif now >= idle_ends:
-            self._end(
-                h2.errors.ErrorCodes.NO_ERROR,
-                f"no call for {self._limits.denied_idle_timeout:g}s",
-            )
+            self._drain(f"no call for {self._limits.denied_idle_timeout:g}s")
         else:  # a call since: the idle time starts over
             self._timer = self._loop.call_at(min(self._closes, idle_ends), self._on_timer)
+
+    def _drain(self, why: str) -> None:
+        """End a connection whose calls may be in flight, as RFC 9113 6.8 describes: a
+        GOAWAY naming no stream tells the caller to start no more calls here, and a PING
+        times the round trip; calls it sent before it read the GOAWAY are still answered,
+        and once the PING's ACK is back (or after the linger) the last GOAWAY names the
+        last of them. gRPC clients retry a call a GOAWAY leaves out once only: ending at
+        once would turn part of a burst of calls into UNAVAILABLE instead of its answer."""
+        if self._draining is not None or self._ended:
+            return
+        self._draining = why
+        self._flush()
+        self._transport.write(_GOAWAY_NO_STREAM)
+        self._connection.ping(_DRAIN_PING)
+        self._flush()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(
+            _LINGER_SECONDS, self._end, h2.errors.ErrorCodes.NO_ERROR, why
+        )
 
     def _end(
         self, error_code: h2.errors.ErrorCodes | None, why: str, level: int | None = None

@@ -9,6 +9,7 @@ sidecar's own PING round trip on a fresh connection, and a real call.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import threading
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import hpack
 import pytest
 
@@ -25,6 +27,7 @@ from tests.hostile.peers import (
     CONTINUATION,
     GOAWAY,
     HEADERS,
+    METHOD,
     PING,
     SETTINGS,
     Footprint,
@@ -159,32 +162,90 @@ def test_callers_keep_their_service_while_denied_callers_flood(
     assert all(calls_ok)
 
 
+class Answers:
+    """What a raw caller reads back from its calls: each answer's headers by stream, the
+    GOAWAYs (last stream id, error code) in order; PINGs are acknowledged if asked."""
+
+    def __init__(self, caller: RawPeer, *, acknowledge_pings: bool) -> None:
+        self.caller = caller
+        self.acknowledge_pings = acknowledge_pings
+        self.decoder = hpack.Decoder()
+        self.headers: dict[int, dict[bytes, bytes]] = {}
+        self.goaways: list[tuple[int, int]] = []
+
+    def read_until_goaways(self, count: int) -> None:
+        while len(self.goaways) < count and (read := next_frame(self.caller)) is not None:
+            kind, flags, stream_id, payload = read
+            if kind == HEADERS:
+                self.headers[stream_id] = dict(self.decoder.decode(payload, raw=True))
+            elif kind == GOAWAY:
+                self.goaways.append(goaway_fields(payload))
+            elif kind == PING and not flags & ACK and self.acknowledge_pings:
+                self.caller.send_frame(PING, ACK, 0, payload)
+
+    def all_denied_with_the_reason(self) -> bool:
+        return all(
+            headers[b"grpc-status"] == b"7"  # PERMISSION_DENIED
+            and headers[b"grpc-message"].startswith(b"peer CN=mallory is not allowed to call")
+            for headers in self.headers.values()
+        )
+
+
 def test_denied_calls_get_the_reason_then_goaway_after_the_call_budget(
     sidecars: SidecarFactory, probe: Probe, pki: Pki
 ) -> None:
+    """Past its budget a caller is told to start no more calls (a GOAWAY naming no
+    stream, RFC 9113 6.8), the calls it sent meanwhile are answered all the same, and the
+    last GOAWAY, once the caller answered the PING that came with the first, names the
+    last of them: a gRPC client retries a call a GOAWAY leaves out only once."""
     sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--denied-calls", "5")
     with RawPeer(sidecar.port, pki, "mallory", timeout=5) as caller:
         for stream_id in range(1, 15, 2):  # seven calls, two past the budget
             caller.call(stream_id)
-        decoder = hpack.Decoder()
-        answers: dict[int, dict[bytes, bytes]] = {}
-        goaway = None
-        while (read := next_frame(caller)) is not None:
-            kind, _, stream_id, payload = read
-            if kind == HEADERS:
-                answers[stream_id] = dict(decoder.decode(payload, raw=True))
-            elif kind == GOAWAY:
-                goaway = payload
-                break
-        assert sorted(answers) == [1, 3, 5, 7, 9]
-        for headers in answers.values():
-            assert headers[b"grpc-status"] == b"7"  # PERMISSION_DENIED
-            assert headers[b"grpc-message"].startswith(b"peer CN=mallory is not allowed to call")
-        assert goaway is not None
-        # The last call answered; the two past the budget are known to the caller as
-        # never processed.
-        assert goaway_fields(goaway) == (9, NO_ERROR)
+        answers = Answers(caller, acknowledge_pings=True)
+        answers.read_until_goaways(2)
+        assert sorted(answers.headers) == [1, 3, 5, 7, 9, 11, 13]
+        assert answers.all_denied_with_the_reason()
+        assert answers.goaways == [(2**31 - 1, NO_ERROR), (13, NO_ERROR)]
         assert caller.closed_within(5)
+
+
+def test_a_denied_caller_ignoring_the_goaway_gets_a_hundred_more_calls_at_most(
+    sidecars: SidecarFactory, probe: Probe, pki: Pki
+) -> None:
+    """A hundred: what a client keeping to SETTINGS_MAX_CONCURRENT_STREAMS (100) can have
+    sent before it read the GOAWAY."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--denied-calls", "5")
+    with RawPeer(sidecar.port, pki, "mallory", timeout=5) as caller:
+        for stream_id in range(1, 241, 2):  # 120 calls, no PING answered
+            caller.call(stream_id, body=None)
+        answers = Answers(caller, acknowledge_pings=False)
+        answers.read_until_goaways(2)
+        assert sorted(answers.headers) == list(range(1, 211, 2))  # 5 + 100
+        assert answers.all_denied_with_the_reason()
+        assert answers.goaways == [(2**31 - 1, NO_ERROR), (209, NO_ERROR)]
+        assert caller.closed_within(5)
+
+
+def test_a_grpc_client_past_the_call_budget_still_reads_permission_denied(
+    sidecars: SidecarFactory, probe: Probe, pki: Pki
+) -> None:
+    """grpcio, one call at a time and a burst of a hundred at once, across the
+    reconnections the budget forces: every call ends PERMISSION_DENIED with the reason,
+    none UNAVAILABLE."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--denied-calls", "10")
+    codes: collections.Counter[str] = collections.Counter()
+    with sidecar.channel(pki, "mallory") as channel:
+        call = channel.unary_unary(METHOD)
+        for _ in range(25):
+            with pytest.raises(grpc.RpcError) as raised:
+                call(b"x", timeout=5)
+            codes[raised.value.code().name] += 1
+            assert "peer CN=mallory is not allowed to call" in raised.value.details()
+        for future in [call.future(b"x", timeout=5) for _ in range(100)]:
+            codes[future.code().name] += 1
+    assert codes == {"PERMISSION_DENIED": 125}
+    assert len(sidecar.wait_for("closing the connection of CN=mallory").group()) > 0
 
 
 def test_a_denied_connection_is_closed_at_its_lifetime_even_while_calling(

@@ -80,6 +80,16 @@ class IdleRow:
     kib_per_connection: float
 
 
+@dataclass
+class ChurnRow:
+    """RSS while connections come and go, one call each: it should stay flat."""
+
+    target: str
+    rss_before_mib: float
+    rss_mib: list[tuple[int, float]]  # (connections done, RSS then)
+    errors: int
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -200,6 +210,30 @@ def measure_idle(benchtool: Path, target: list[str], proxy: Proxy, count: int) -
     return IdleRow(proxy.name, count, before / 1024, after / 1024, (after - before) / count)
 
 
+def measure_churn(
+    benchtool: Path, target: list[str], proxy: Proxy, count: int, every: int
+) -> ChurnRow:
+    """Open `count` connections, 8 at a time, each for one call; RSS after every `every`."""
+    before = proxy.rss_kib() / 1024
+    samples: list[tuple[int, float]] = []
+    churn = subprocess.Popen(
+        [str(benchtool), "churn", *target, "-connections", str(count), "-concurrency", "8",
+         "-every", str(every)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert churn.stdout is not None
+    report: dict[str, object] = {}
+    for line in churn.stdout:
+        if line.startswith("done "):
+            samples.append((int(line.split()[1]), proxy.rss_kib() / 1024))
+        elif line.startswith("{"):
+            report = json.loads(line)
+    churn.wait(60)
+    if not report:
+        raise RuntimeError(f"churn failed: {churn.stderr.read() if churn.stderr else ''}")
+    return ChurnRow(proxy.name, before, samples, int(report["errors"]))  # type: ignore[call-overload]
+
+
 def machine() -> dict[str, str]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
@@ -229,7 +263,12 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def render(
-    info: dict[str, str], rows: list[Row], idle: list[IdleRow], duration: float, rounds: int
+    info: dict[str, str],
+    rows: list[Row],
+    idle: list[IdleRow],
+    duration: float,
+    rounds: int,
+    churn: list[ChurnRow] = (),  # type: ignore[assignment]
 ) -> str:
     lines = [
         "| workload | target | calls/s | rounds: lowest-highest | p50 ms | p99 ms "
@@ -274,6 +313,14 @@ def render(
                 f"| {row.connections} | {row.target} | {row.rss_before_mib:.1f} "
                 f"| {row.rss_after_mib:.1f} | {row.kib_per_connection:.1f} |"
             )
+    for turnover in churn:
+        done = [count for count, _ in turnover.rss_mib]
+        rss = " | ".join(f"{mib:.1f}" for _, mib in turnover.rss_mib)
+        lines += ["", f"Connection churn through {turnover.target}: {done[-1] if done else 0} "
+                  "connections, 8 open at a time, one call each "
+                  f"({turnover.errors} errors); RSS before: {turnover.rss_before_mib:.1f} MiB",
+                  "", "| connections | " + " | ".join(str(count) for count in done) + " |",
+                  "|---|" + "---:|" * len(done), f"| RSS MiB | {rss} |"]  # fmt: skip
     described = ", ".join(f"{key} {value}" for key, value in info.items())
     return "\n".join(
         [f"Machine: {described}.",
@@ -305,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only", help=f"comma-separated targets ({', '.join(['direct', *proxies.PROXIES])})"
     )
     parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
+    parser.add_argument(
+        "--churn", type=int, default=20_000, help="connections for the churn test (0: skip)"
+    )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     args = parser.parse_args(argv)
@@ -328,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         certificates = make_certificates(workdir)
         rows: list[Row] = []
         idle: list[IdleRow] = []
+        churn: list[ChurnRow] = []
         with upstream(benchtool) as upstream_port, contextlib.ExitStack() as running:
             # Every target is up for the whole run (idle when not under load), so that
             # the rounds of one workload can alternate between them.
@@ -347,15 +398,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for target, maybe_proxy in started.values():
                     if maybe_proxy is not None:
                         idle.append(measure_idle(benchtool, target, maybe_proxy, args.idle))
+            if args.churn and "sidecar" in started:
+                target, maybe_proxy = started["sidecar"]
+                assert maybe_proxy is not None
+                every = max(1, args.churn // 10)
+                churn.append(measure_churn(benchtool, target, maybe_proxy, args.churn, every))
     info = machine()
-    report = render(info, rows, idle, args.duration, args.rounds)
+    report = render(info, rows, idle, args.duration, args.rounds, churn)
     print()
     print(report)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {"machine": info, "duration": args.duration, "rounds": args.rounds,
-                 "rows": [asdict(row) for row in rows], "idle": [asdict(row) for row in idle]},
+                 "rows": [asdict(row) for row in rows], "idle": [asdict(row) for row in idle],
+                 "churn": [asdict(row) for row in churn]},
                 indent=2,
             )
         )  # fmt: skip

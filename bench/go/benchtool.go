@@ -13,6 +13,11 @@
 //	    Opens N connections, makes one call on each so every hop is set up, prints
 //	    "ready", and holds them until its standard input closes.
 //
+//	benchtool churn -target HOST:PORT [-ca ...] -connections N -concurrency K -every M
+//	    Opens N connections, K at a time, each for one call and closed after it;
+//	    prints "done I" after every M, then one JSON object: connections, errors,
+//	    the first error's text.
+//
 // Without -ca the connection is plaintext (the upstream directly).
 package main
 
@@ -40,7 +45,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: benchtool server|load|idle [flags]")
+		fail("usage: benchtool server|load|idle|churn [flags]")
 	}
 	switch os.Args[1] {
 	case "server":
@@ -49,6 +54,8 @@ func main() {
 		runLoad(os.Args[2:])
 	case "idle":
 		runIdle(os.Args[2:])
+	case "churn":
+		runChurn(os.Args[2:])
 	default:
 		fail("unknown command " + os.Args[1])
 	}
@@ -300,5 +307,56 @@ func runIdle(arguments []string) {
 	io.Copy(ioutil.Discard, bufio.NewReader(os.Stdin))
 	for _, conn := range held {
 		conn.Close()
+	}
+}
+
+func runChurn(arguments []string) {
+	flags := flag.NewFlagSet("churn", flag.ExitOnError)
+	target := addDialFlags(flags)
+	connections := flags.Int("connections", 10000, "connections to open, one call each")
+	concurrency := flags.Int("concurrency", 8, "connections open at once")
+	every := flags.Int("every", 10000, "print progress after this many")
+	flags.Parse(arguments)
+	payload := &echo.Payload{Data: []byte("x")}
+	results := &recorder{}
+	var mu sync.Mutex
+	started, finished := 0, 0
+	var workers sync.WaitGroup
+	for w := 0; w < *concurrency; w++ {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			for {
+				mu.Lock()
+				if started >= *connections {
+					mu.Unlock()
+					return
+				}
+				started++
+				mu.Unlock()
+				conn := target.dial()
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				_, err := echo.NewEchoClient(conn).Unary(ctx, payload)
+				cancel()
+				conn.Close()
+				results.add(0, err, false)
+				mu.Lock()
+				finished++
+				if finished%*every == 0 {
+					fmt.Printf("done %d\n", finished)
+					os.Stdout.Sync()
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	workers.Wait()
+	report := map[string]interface{}{
+		"connections": *connections,
+		"errors":      results.errors,
+		"first_error": results.firstErr,
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(report); err != nil {
+		fail(err.Error())
 	}
 }

@@ -36,11 +36,14 @@ from grpc._cython.cygrpc import ExecuteBatchError
 
 from sidecar.accesslog import CallRecord, log_call
 from sidecar.identity import IdentityReader
+from sidecar.loglimit import LogLimiter
 from sidecar.metadata import request_metadata, response_metadata
 from sidecar.policy import Policy
 from sidecar.upstream import Upstream
 
 logger = logging.getLogger(__name__)
+# A line per denied call would let a denied caller write the log at its call rate.
+_denials = LogLimiter(logger)
 
 # Clients may invent any :path; keep the per-method cache bounded.
 _MAX_CACHED_METHODS = 1024
@@ -148,7 +151,7 @@ class _MethodRelay:
             record.peer = identity.description
         decision = policy.decide(identity, self.method)
         if not decision.allowed:
-            logger.warning("denied: %s", decision.reason)
+            _denials.log(logging.WARNING, record.peer, "denied: %s", decision.reason)
             record.code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 

@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from sidecar.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor
+from sidecar.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor, open_file_limit
 from sidecar.handshake import Handshake
 from sidecar.limits import Limits
 from sidecar.loglimit import LogLimiter
@@ -35,6 +35,9 @@ logger = logging.getLogger("sidecar.server")
 # What a flood repeats (out of descriptors, at a limit): one line per period.
 _limited: Final = LogLimiter(logger, burst=1)
 
+# Descriptors the process holds besides its connections (listeners, the event loop,
+# logs, grpc's threads): a rough figure, for the start-up warning only.
+_PROCESS_DESCRIPTORS = 64
 # Callers beyond max_connections answered UNAVAILABLE at once (each costs a TLS
 # handshake); those beyond are closed without a word.
 _OVER_LIMIT_ANSWERED = 64
@@ -56,6 +59,16 @@ class Admission:
 
     def start(self) -> None:
         self._reserve = ReserveDescriptor()
+        # A spliced caller holds two descriptors (its connection and the upstream's).
+        fits = max(open_file_limit() - _PROCESS_DESCRIPTORS, 0) // 2
+        if fits < self._limits.max_connections:
+            logger.warning(
+                "%s: the file descriptor limit fits about %d callers, fewer than "
+                "max_connections (%d): beyond, new callers are closed at once",
+                self._title,
+                fits,
+                self._limits.max_connections,
+            )
 
     def stop(self) -> None:
         if self._reserve is not None:

@@ -48,6 +48,12 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def open_file_limit() -> int:
+    """The soft RLIMIT_NOFILE in force (the descriptors this process may hold)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 2**31 - 1
+
+
 class ReserveDescriptor:
     """One descriptor kept open so that a listener out of descriptors can still say no."""
 

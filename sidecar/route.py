@@ -13,6 +13,7 @@ relayed through grpc.aio, chosen with data_plane: grpc).
 from __future__ import annotations
 
 import logging
+import time
 
 from grpc import aio
 
@@ -33,6 +34,13 @@ from sidecar.tls_diagnosis import TLSDiagnosis
 from sidecar.upstream import Upstream
 
 logger = logging.getLogger("sidecar.server")
+
+# A drain on the per-call plane first waits for calls to stop arriving for this long
+# (at most _SETTLE_LIMIT_SECONDS): grpc core cancels, at its shutdown, the calls it
+# has accepted but not yet handed to the relay (see Relay.settle). Handing one over
+# takes a completion-queue round trip, well under a millisecond on an idle machine.
+_SETTLE_QUIET_SECONDS = 0.1
+_SETTLE_LIMIT_SECONDS = 1.0
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # A second instance on the same port would silently take half the connections.
@@ -64,6 +72,7 @@ class Route:
         self._server: aio.Server | None = None
         self._front: Front | None = None
         self._upstream: Upstream | None = None
+        self._relay: Relay | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -103,7 +112,7 @@ class Route:
         config = self.config
         if self._server_credentials is not None:
             self._upstream = Upstream(config.upstream)
-            relay = Relay(self._upstream, Policy(config.allow), route=config.name)
+            self._relay = Relay(self._upstream, Policy(config.allow), route=config.name)
         else:
             self._upstream = Upstream(
                 config.upstream,
@@ -111,8 +120,8 @@ class Route:
                 config.tls_name,
                 self._diagnosis(),
             )
-            relay = Relay(self._upstream, None, route=config.name)
-        self._server = aio.server(handlers=[relay], options=SERVER_OPTIONS)
+            self._relay = Relay(self._upstream, None, route=config.name)
+        self._server = aio.server(handlers=[self._relay], options=SERVER_OPTIONS)
         listen = config.listen
         try:
             if self._server_credentials is not None:
@@ -152,6 +161,10 @@ class Route:
         if self._front is not None:
             await self._front.stop(grace)
         if self._server is not None:
+            if grace is not None and self._relay is not None:
+                started = time.monotonic()
+                await self._relay.settle(_SETTLE_QUIET_SECONDS, min(grace, _SETTLE_LIMIT_SECONDS))
+                grace = max(0.0, grace - (time.monotonic() - started))
             await self._server.stop(grace)
         if self._upstream is not None:
             await self._upstream.close()

@@ -1,0 +1,89 @@
+"""The per-call data plane (`--data-plane grpc`) under a drain, expired deadlines and big calls."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.conftest import Pki, SidecarFactory, SidecarProcess
+from tests.h2_observer import H2Observer
+from tests.probe import Probe
+
+UNARY = "/probe.Probe/Unary"
+BIDI = "/probe.Probe/Bidi"
+GRPC_PLANE = ("--data-plane", "grpc")
+
+
+def access_codes(
+    process: SidecarProcess, count: int, method: str = UNARY, timeout: float = 20
+) -> list[str]:
+    """The codes of the access-log lines for method, once there are count of them."""
+    access = re.compile(rf"sidecar\.access: {re.escape(method)} .* code=(?P<code>[A-Z_]+) ")
+    with process._changed:
+        process._changed.wait_for(
+            lambda: sum(bool(access.search(line)) for line in process.lines) >= count, timeout
+        )
+        return [m.group("code") for line in process.lines if (m := access.search(line))]
+
+
+def held_requests(hold: threading.Event) -> Iterator[bytes]:
+    """One message, then the request stream stays open: the client never half-closes."""
+    yield b"x"
+    hold.wait()
+
+
+def test_sigterm_lets_every_call_in_flight_finish(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """32 calls sent just before SIGTERM: grpc core has accepted most of them but not yet
+    handed them to the relay, and its shutdown cancels those; the drain must not."""
+    process = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "5", *GRPC_PLANE)
+    gate = probe.gate("slow")  # the app answers when the test says so
+    with process.channel(pki) as channel:
+        unary = channel.unary_unary(UNARY)
+        assert unary(b"ready", timeout=10) == b"ready"  # the connection is up
+        calls = [
+            unary.future(b"call %d" % n, timeout=30, metadata=[("x-probe-gate", "slow")])
+            for n in range(32)
+        ]
+        process.signal(signal.SIGTERM)
+        process.wait_for("SIGTERM: draining")
+        probe.wait_for_calls(33)  # every call reaches the app...
+        assert process.proc.poll() is None, "the sidecar must wait for the calls in flight"
+        gate.set()  # ...and is answered
+        replies = [call.result() for call in calls]
+    assert replies == [b"call %d" % n for n in range(32)]
+    assert process.wait_exit() == 0
+    assert access_codes(process, 33) == ["OK"] * 33
+
+
+def test_expired_deadlines_are_logged_as_deadline_exceeded_without_errors(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    """The app never answers: the client's deadline and the sidecar's copy of it upstream
+    expire together, and the upstream's DEADLINE_EXCEEDED often comes back on a call
+    that is already over."""
+    sleeping_app = H2Observer()
+    try:
+        process = sidecars.serving(sleeping_app.port, "--allow-cn", "alice", *GRPC_PLANE)
+        calls = 60
+        hold = threading.Event()
+        with process.channel(pki) as channel:
+            bidi = channel.stream_stream(BIDI)  # like gRPC's interop timeout_on_sleeping_server
+            for n in range(calls):
+                call = bidi(held_requests(hold), timeout=(20 + n) / 1000)
+                with pytest.raises(grpc.RpcError) as raised:
+                    list(call)
+                assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        codes = access_codes(process, calls, BIDI)
+    finally:
+        hold.set()
+        sleeping_app.close()
+    errors = [line for line in process.lines if " ERROR " in line or "Traceback" in line]
+    assert not errors, "\n".join(errors)
+    assert codes == ["DEADLINE_EXCEEDED"] * calls

@@ -261,7 +261,7 @@ class Front:
                 connected = await self._handshake(sock, remote, over_limit)
         except OSError as error:  # the caller left before its connection was set up
             logger.debug("connection from %s lost before it was set up: %s", remote, error)
-            sock.close()  # unless the event loop has it already (then it closed it)
+            sock.close()  # a no-op once the event loop holds it (it counts as a user)
         finally:
             if over_limit and not connected:
                 self.admission.refusal_ended()

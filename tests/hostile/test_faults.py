@@ -16,6 +16,7 @@ import json
 import queue
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hpack
 import pytest
 
 from bench import toolchain
@@ -34,7 +36,9 @@ from tests.hostile.peers import (
     DATA,
     END_HEADERS,
     END_STREAM,
+    GOAWAY,
     HEADERS,
+    RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
     Footprint,
@@ -171,6 +175,7 @@ def test_app_killed_under_load_callers_see_only_ok_or_unavailable_and_recover(
     stop = threading.Event()
     back = threading.Event()
     codes: list[grpc.StatusCode] = []
+    unexpected: list[tuple[str, str, float, float]] = []  # code, details, started, ended
     first_ok_after_back: list[float] = []
     progress = threading.Condition()
 
@@ -179,11 +184,14 @@ def test_app_killed_under_load_callers_see_only_ok_or_unavailable_and_recover(
             call = channel.unary_unary(UNARY)
             recovered = False
             while not stop.is_set():
+                started = time.monotonic()
                 try:
                     call(b"load", timeout=2)
                     code = grpc.StatusCode.OK
                 except grpc.RpcError as error:
                     code = error.code()
+                    if code != grpc.StatusCode.UNAVAILABLE:
+                        unexpected.append((code.name, error.details(), started, time.monotonic()))
                 with progress:
                     codes.append(code)
                     if code == grpc.StatusCode.OK and back.is_set() and not recovered:
@@ -196,7 +204,7 @@ def test_app_killed_under_load_callers_see_only_ok_or_unavailable_and_recover(
         thread.start()
     try:
         app.wait_calls(50)
-        app.kill()
+        killed = app.kill()
         listening = app.start()
         back.set()
         with progress:
@@ -205,7 +213,11 @@ def test_app_killed_under_load_callers_see_only_ok_or_unavailable_and_recover(
         stop.set()
         for thread in threads:
             thread.join(10)
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    assert not unexpected, [
+        f"{code} {details!r}: started {start - killed:+.3f}s, ended {end - killed:+.3f}s "
+        f"from the kill (the app listened again at {listening - killed:+.3f}s)"
+        for code, details, start, end in unexpected
+    ]
     assert codes.count(grpc.StatusCode.UNAVAILABLE) > 0
     assert len(first_ok_after_back) == len(threads), "a caller was not served again"
     slowest = max(first_ok_after_back) - listening
@@ -232,6 +244,89 @@ def test_app_closing_mid_stream_ends_that_stream_unavailable_and_the_caller_reco
         assert f"upstream 127.0.0.1:{app.port} closed the connection" in cut.value.details()
         app.start()
         _until_ok(lambda: channel.unary_unary(UNARY)(b"back", timeout=0.2), 5)
+
+
+class Ending:
+    """What a raw caller read until its connection ended, and how it ended."""
+
+    def __init__(self, peer: RawPeer, timeout: float) -> None:
+        self.frames: list[tuple[int, int, int, bytes]] = []
+        self.how = ""
+        peer.sock.settimeout(timeout)
+        data = b""
+        while not self.how:
+            try:
+                chunk = peer.sock.recv(65536)
+                self.how = "" if chunk else "closed"
+            except ssl.SSLEOFError:  # the TCP connection ended without TLS's close_notify
+                self.how, chunk = "cut", b""
+            except ConnectionResetError:
+                self.how, chunk = "reset", b""
+            data += chunk
+            while len(data) >= 9 and len(data) >= 9 + int.from_bytes(data[:3], "big"):
+                end = 9 + int.from_bytes(data[:3], "big")
+                stream_id = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+                self.frames.append((data[3], data[4], stream_id, data[9:end]))
+                data = data[end:]
+
+    def on(self, stream_id: int) -> list[tuple[int, int, bytes]]:
+        """The frames read on stream_id: kind, flags, payload."""
+        return [(kind, flags, payload) for kind, flags, got, payload in self.frames
+                if got == stream_id]  # fmt: skip
+
+    def status(self, stream_id: int) -> dict[bytes, bytes]:
+        """The fields of the block that ended stream_id (decoding every block in order)."""
+        decoder, ended = hpack.Decoder(), None
+        for kind, flags, got, payload in self.frames:
+            if kind == HEADERS:
+                fields = dict(decoder.decode(payload, raw=True))
+                if got == stream_id and flags & END_STREAM:
+                    ended = fields
+        assert ended is not None, f"stream {stream_id} was not ended: {self.frames}"
+        return ended
+
+    def goaways(self) -> list[tuple[int, int]]:
+        """Each GOAWAY read: last stream id, error code."""
+        return [
+            (int.from_bytes(payload[:4], "big") & 0x7FFFFFFF, int.from_bytes(payload[4:8], "big"))
+            for kind, _, _, payload in self.frames
+            if kind == GOAWAY
+        ]
+
+
+def _held_calls(peer: RawPeer, method: str = UNARY) -> None:
+    """Two calls the app holds: stream 1 with its request ended, stream 3 still sending."""
+    block = request_block(method, HOLD)
+    peer.send_frame(HEADERS, END_HEADERS, 1, block)
+    peer.send_frame(DATA, END_STREAM, 1, grpc_message(b"done sending"))
+    peer.send_frame(HEADERS, END_HEADERS, 3, block)
+    peer.send_frame(DATA, 0, 3, grpc_message(b"more to come"))
+
+
+def test_app_killed_the_caller_reads_each_status_then_goaway_then_a_clean_close(
+    sidecars: SidecarFactory, pki: Pki, app: App
+) -> None:
+    """Frame by frame: each call ends with a trailers-only UNAVAILABLE naming the app, the one
+    whose request was not finished also with RST_STREAM NO_ERROR (RFC 9113 8.1: stop
+    sending), then GOAWAY NO_ERROR naming the last stream, then TLS's close (not a reset)."""
+    sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
+    with RawPeer(sidecar.port, pki) as peer:
+        _held_calls(peer, "/probe.Probe/Bidi")
+        app.wait_calls(2)
+        app.kill()
+        ending = Ending(peer, 5)
+    for stream_id in (1, 3):
+        status = ending.status(stream_id)
+        assert status[b":status"] == b"200"  # trailers-only: no response had begun
+        assert status[b"grpc-status"] == b"14"
+        # (": Connection reset by peer" follows when the app died with bytes unread)
+        message = b"upstream 127.0.0.1:%d closed the connection" % app.port
+        assert status[b"grpc-message"].startswith(message), status
+    assert (RST_STREAM, 0, bytes(4)) in ending.on(3)
+    assert RST_STREAM not in [kind for kind, _, _ in ending.on(1)]
+    assert ending.goaways() == [(3, 0)]
+    assert ending.frames[-1][0] == GOAWAY
+    assert ending.how == "closed"
 
 
 @pytest.fixture(scope="module")
@@ -379,23 +474,41 @@ def _http1(sock: socket.socket) -> None:
     sock.close()
 
 
-def _breaks_http2_after_a_request(sock: socket.socket) -> None:
-    """Open as an HTTP/2 server does (SETTINGS), then, once a request's HEADERS came, send
-    bytes that are not a frame (an HTTP/1.1 answer read as a frame header is a 4.7 MB frame)."""
-    sock.sendall(frame(SETTINGS, 0, 0, b""))
-    received = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return
-        received += chunk
-        position = len(PREFACE)
-        while position + 9 <= len(received):
-            if received[position + 3] == HEADERS:
-                sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-                _silent(sock)
-                return
-            position += 9 + int.from_bytes(received[position : position + 3], "big")
+def _speaks_http2_then(answer: bytes, *, hang: bool) -> Callable[[socket.socket], None]:
+    """A server that opens as an HTTP/2 server does (SETTINGS) and, once a request's HEADERS
+    came, sends `answer`, then hangs (reading) or closes."""
+
+    def serve(sock: socket.socket) -> None:
+        sock.sendall(frame(SETTINGS, 0, 0, b""))
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+            position = len(PREFACE)
+            while position + 9 <= len(received):
+                if received[position + 3] == HEADERS:
+                    sock.sendall(answer)
+                    if hang:
+                        _silent(sock)
+                    sock.close()
+                    return
+                position += 9 + int.from_bytes(received[position : position + 3], "big")
+
+    return serve
+
+
+# An HTTP/1.1 answer read as a frame header is a frame of 4.7 MB: HTTP/2 broken.
+_breaks_http2_after_a_request = _speaks_http2_then(b"HTTP/1.1 400 Bad Request\r\n\r\n", hang=True)
+# Response headers, then the first 9 of a DATA frame's 100 bytes, then the connection closes.
+_closes_in_the_middle_of_a_frame = _speaks_http2_then(
+    frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode([(":status", "200"),
+                                                          ("content-type", "application/grpc")]))
+    + frame(DATA, 0, 1, grpc_message(b"x" * 95))[:18],
+    hang=False,
+)  # fmt: skip
+
+
+def _closes_at_once(sock: socket.socket) -> None:
+    sock.close()
 
 
 def _timed_call(channel: grpc.Channel, timeout: float | None) -> tuple[grpc.StatusCode, str, float]:
@@ -456,6 +569,55 @@ def test_app_breaking_http2_mid_connection_ends_calls_in_flight_unavailable_sayi
     sidecar.wait_for(r"WARNING .*upstream broke HTTP/2 on a connection for ipv4:127\.0\.0\.1:")
 
 
+def test_app_closing_in_the_middle_of_a_frame_to_the_caller_resets_the_caller_at_once(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    """Half a DATA frame already relayed: nothing more can be said on that connection, so it is
+    reset, and the call ends UNAVAILABLE at once (the reason is only in the log)."""
+    with bare_server(_closes_in_the_middle_of_a_frame) as cut:
+        sidecar = sidecars.serving(cut.port, "--allow-cn", "alice")
+        with sidecar.channel(pki) as channel:
+            code, details, took = _timed_call(channel, 5)
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+    assert took < 2
+    sidecar.wait_for(rf"WARNING .*upstream 127\.0\.0\.1:{cut.port} closed a connection abruptly")
+
+
+def test_app_closing_before_it_speaks_gets_callers_unavailable_saying_so(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    with bare_server(_closes_at_once) as closing:
+        sidecar = sidecars.serving(closing.port, "--allow-cn", "alice")
+        with sidecar.channel(pki) as channel:
+            code, details, took = _timed_call(channel, 5)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details.startswith(f"upstream 127.0.0.1:{closing.port} unavailable: "), details
+    # Closed with our preface unread, the kernel resets instead of closing: either reads.
+    assert details.endswith(
+        ("the connection was closed before the upstream spoke (after any TLS handshake)",
+         "Connection reset by peer")
+    ), details  # fmt: skip
+    assert took < 2
+
+
+def test_app_that_never_answers_a_call_deadlines_end_on_time_and_it_learns_so(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """A gRPC app stuck in a handler: the caller's deadline ends its call on time, and the
+    app's handler sees the call end (the cancel crosses)."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice")
+    with sidecar.channel(pki) as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as expired:
+            channel.unary_unary(UNARY)(b"x", timeout=0.3, metadata=HOLD)
+        took = time.monotonic() - started
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 0.8, f"a 0.3 s deadline ended after {took:.2f}s"
+    held = probe.wait_for_calls(1)[0]
+    assert held.woke.wait(5), "the app's handler never learnt that the call ended"
+    assert held.cancelled
+
+
 # The sidecar stopping, and a caller that does not read.
 
 
@@ -482,6 +644,30 @@ def test_sigterm_lets_calls_finish_within_the_grace_and_ends_the_rest_saying_why
     assert error.details() == "the sidecar is shutting down and its drain grace is over"
     assert 0.9 < cut_after < 3, f"the unfinished call was cut {cut_after:.2f}s after SIGTERM"
     assert sidecar.wait_exit(10) == 0
+
+
+def test_drain_grace_over_the_caller_reads_each_status_then_goaway_then_the_close(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """Frame by frame: the drain's GOAWAY at SIGTERM; at the end of the grace each call left
+    ends UNAVAILABLE saying why (and RST_STREAM NO_ERROR where the caller was still
+    sending), then a last GOAWAY naming the last stream, then the connection ends."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "1")
+    with RawPeer(sidecar.port, pki) as peer:
+        _held_calls(peer, "/probe.Probe/Bidi")
+        probe.wait_for_calls(2)
+        sidecar.signal(signal.SIGTERM)
+        ending = Ending(peer, 5)
+    for stream_id in (1, 3):
+        status = ending.status(stream_id)
+        assert status[b"grpc-status"] == b"14"
+        assert (
+            status[b"grpc-message"] == b"the sidecar is shutting down and its drain grace is over"
+        )
+    assert (RST_STREAM, 0, bytes(4)) in ending.on(3)
+    assert ending.goaways() == [(0x7FFFFFFF, 0), (3, 0)]
+    assert ending.frames[-1][0] == GOAWAY
+    assert ending.how == "closed"
 
 
 def test_a_caller_that_does_not_read_its_stream_costs_bounded_memory_and_no_one_else(

@@ -370,6 +370,7 @@ class Splice:
         self._header_timer: asyncio.TimerHandle | None = None
         self._first_frame_timer: asyncio.TimerHandle | None = None
         self._upstream_spoke = False
+        self._upstream_opening = b""  # its first bytes, until there are 4: a frame type
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = loop.time()
         if limits.idle_timeout:
@@ -510,13 +511,18 @@ class Splice:
     def from_upstream(self, data: bytes) -> None:
         if self._broken or self._done:
             return
-        if self._replay is not None and not self._upstream_spoke and len(data) > 3:
+        if self._replay is not None and not self._upstream_spoke:
             # Its first bytes: a server's connection preface is a SETTINGS frame (RFC 9113
             # 3.4). Anything else is not HTTP/2, and the calls can still be answered why.
-            self._upstream_spoke = True
-            if data[3] != SETTINGS:
-                self._not_http2(data)
-                return
+            # The frame's type is its 4th byte, which a read may not have reached yet.
+            opening = self._upstream_opening + data
+            if len(opening) > 3:
+                self._upstream_spoke = True
+                if opening[3] != SETTINGS:
+                    self._not_http2(opening)
+                    return
+            else:
+                self._upstream_opening = opening
         chunks = self._walked(self._inbound, data, from_upstream=True)
         if chunks is None:
             return

@@ -474,12 +474,23 @@ def _http1(sock: socket.socket) -> None:
     sock.close()
 
 
-def _speaks_http2_then(answer: bytes, *, hang: bool) -> Callable[[socket.socket], None]:
-    """A server that opens as an HTTP/2 server does (SETTINGS) and, once a request's HEADERS
-    came, sends `answer`, then hangs (reading) or closes."""
+def _speaks_http2_then(
+    answer: bytes, *, hang: bool, split_settings: bool = False
+) -> Callable[[socket.socket], None]:
+    """A server that opens as an HTTP/2 server does (SETTINGS; split: its first 2 bytes, then
+    the rest) and, once a request's HEADERS came, sends `answer`, then hangs (reading) or
+    closes."""
 
     def serve(sock: socket.socket) -> None:
-        sock.sendall(frame(SETTINGS, 0, 0, b""))
+        settings = frame(SETTINGS, 0, 0, b"")
+        if split_settings:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(settings[:2])
+            # A pause that shapes the bytes into two reads, not a synchronisation: were
+            # they read together, the test would only check less.
+            time.sleep(0.1)
+            settings = settings[2:]
+        sock.sendall(settings)
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
@@ -504,6 +515,18 @@ _closes_in_the_middle_of_a_frame = _speaks_http2_then(
                                                           ("content-type", "application/grpc")]))
     + frame(DATA, 0, 1, grpc_message(b"x" * 95))[:18],
     hang=False,
+)  # fmt: skip
+
+
+_RESPONSE = hpack.Encoder()
+# A whole gRPC response on stream 1 (the first call of a channel): OK, one message.
+_answers_ok_its_settings_split = _speaks_http2_then(
+    frame(HEADERS, END_HEADERS, 1, _RESPONSE.encode([(":status", "200"),
+                                                    ("content-type", "application/grpc")]))
+    + frame(DATA, 0, 1, grpc_message(b"split"))
+    + frame(HEADERS, END_HEADERS | END_STREAM, 1, _RESPONSE.encode([("grpc-status", "0")])),
+    hang=True,
+    split_settings=True,
 )  # fmt: skip
 
 
@@ -567,6 +590,18 @@ def test_app_breaking_http2_mid_connection_ends_calls_in_flight_unavailable_sayi
     assert details.startswith(f"upstream 127.0.0.1:{broken.port} broke HTTP/2: "), details
     assert took < 2
     sidecar.wait_for(r"WARNING .*upstream broke HTTP/2 on a connection for ipv4:127\.0\.0\.1:")
+
+
+def test_app_whose_settings_arrive_in_two_reads_is_taken_for_http2(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    """The frame type is the 4th byte of the upstream's first frame: a first read of 2 bytes
+    must not decide (it was read from the next read's bytes: "does not speak HTTP/2 (it
+    sent '\\x00\\x04\\x00...')" for a valid SETTINGS)."""
+    with bare_server(_answers_ok_its_settings_split) as split:
+        sidecar = sidecars.serving(split.port, "--allow-cn", "alice")
+        with sidecar.channel(pki) as channel:
+            assert channel.unary_unary(UNARY)(b"x", timeout=5) == b"split"
 
 
 def test_app_closing_in_the_middle_of_a_frame_to_the_caller_resets_the_caller_at_once(

@@ -9,8 +9,10 @@
 //
 //	{"event":"ready"}                          a first call succeeded
 //	{"event":"ended","code":N,"message":M}     the held call (x-probe-gate: hold) ended
-//	{"event":"recovered","failures":N}         after SIGHUP (the app is back), the first call
-//	                                           that succeeded, with 200 ms deadlines each
+//	{"event":"recovered","failures":N,"first_failure":S}
+//	                                           after SIGHUP (the app is back), the first call
+//	                                           that succeeded (200 ms deadlines each), how
+//	                                           many failed before it and how the first did
 //	{"event":"gave_up","code":N,"message":M}   none did within 10 s
 //
 // It is built by tests/hostile/test_faults.py with grpc-go from Debian's packages.
@@ -115,14 +117,19 @@ func main() {
 	emit(outcome("ended", call(held)))
 
 	<-appBack
-	failures, giveUp := 0, time.Now().Add(10*time.Second)
+	failures, firstFailure, giveUp := 0, "", time.Now().Add(10*time.Second)
 	for {
 		attempt, cancelAttempt := context.WithTimeout(context.Background(), 200*time.Millisecond)
 		err := call(attempt)
 		cancelAttempt()
 		if err == nil {
-			emit(map[string]interface{}{"event": "recovered", "failures": failures})
+			emit(map[string]interface{}{
+				"event": "recovered", "failures": failures, "first_failure": firstFailure})
 			return
+		}
+		if failures == 0 {
+			s := status.Convert(err)
+			firstFailure = s.Code().String() + ": " + s.Message()
 		}
 		failures++
 		if time.Now().After(giveUp) {

@@ -409,8 +409,48 @@ def test_app_killed_under_a_grpc_go_or_grpc_js_caller_ends_its_call_and_it_is_se
         client.stop()
     print(
         f"{language}: ended {ended_after:.3f}s after the kill; OK {back_after:.3f}s after the "
-        f"app was back ({recovered['failures']} calls failed first)"
+        f"app was back ({recovered['failures']} calls failed first: "
+        f"{recovered['first_failure'] or '-'})"
     )
+
+
+@pytest.mark.timeout(1200)  # on a fresh machine, Go is installed first
+def test_grpc_go_callers_first_call_after_the_app_is_back_succeeds(
+    sidecars: SidecarFactory, pki: Pki, app: App, go_faults: Path
+) -> None:
+    """grpc-go reconnects at once when its connection ends, so after the crash's GOAWAY it
+    holds a new connection, made while the app was down: the sidecar answers that one as a
+    Refusal, which keeps answering "Connection refused" (until 5 s without a call) after the
+    app is back. A call made then must reach the app.
+
+    Fails as of ab5b74d (not fixed yet): the first call after the app is back gets UNAVAILABLE
+    "upstream 127.0.0.1:PORT unavailable: Connection refused" (grpcio and grpc-js clients
+    wait for their next call to reconnect, and are not affected)."""
+    sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
+    tls = ["-ca", str(pki.dir / "ca.pem"), "-cert", str(pki.cert("alice"))]
+    client = ChildProcess(
+        [
+            str(go_faults),
+            "-target",
+            f"127.0.0.1:{sidecar.port}",
+            *tls,
+            "-key",
+            str(pki.key("alice")),
+        ]
+    )
+    try:
+        _event(client, "ready")
+        app.wait_calls(2)
+        app.kill()
+        _event(client, "ended")
+        # grpc-go's new connection found the app down:
+        sidecar.wait_for(rf"WARNING .*upstream 127\.0\.0\.1:{app.port} unavailable: ")
+        app.start()
+        client.signal(signal.SIGHUP)
+        recovered = _event(client, "recovered")
+    finally:
+        client.stop()
+    assert recovered["failures"] == 0, recovered["first_failure"]
 
 
 # Hanging, and speaking something other than HTTP/2.

@@ -3,7 +3,7 @@
 // until one succeeds, on the same channel throughout. Messages are raw bytes (the probe
 // echoes them). One JSON object a line on stdout, as tests/go/faults.go prints:
 //   {"event":"ready"}  {"event":"ended","code":N,"message":M}
-//   {"event":"recovered","failures":N}  {"event":"gave_up","code":N,"message":M}
+//   {"event":"recovered","failures":N,"first_failure":S}  {"event":"gave_up","code":N,"message":M}
 // Usage: node faults.js ADDRESS CA.pem CLIENT.pem CLIENT.key
 "use strict";
 const fs = require("fs");
@@ -48,12 +48,14 @@ const appBack = new Promise((resolve) => {
   emit({ event: "ended", ...((await call(hold, 30000)) || { code: 0, message: "" }) });
   await appBack;
   const giveUp = Date.now() + 10000;
+  let firstFailure = "";
   for (let failures = 0; ; failures++) {
     error = await call(new grpc.Metadata(), 200);
     if (!error) {
-      emit({ event: "recovered", failures });
+      emit({ event: "recovered", failures, first_failure: firstFailure });
       break;
     }
+    if (!failures) firstFailure = `${grpc.status[error.code]}: ${error.message}`;
     if (Date.now() > giveUp) {
       emit({ event: "gave_up", ...error });
       process.exitCode = 1;

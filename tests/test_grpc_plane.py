@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +18,7 @@ from tests.probe import Probe
 UNARY = "/probe.Probe/Unary"
 BIDI = "/probe.Probe/Bidi"
 GRPC_PLANE = ("--data-plane", "grpc")
+MIB = 1024 * 1024
 
 
 def access_codes(
@@ -87,3 +89,30 @@ def test_expired_deadlines_are_logged_as_deadline_exceeded_without_errors(
     errors = [line for line in process.lines if " ERROR " in line or "Traceback" in line]
     assert not errors, "\n".join(errors)
     assert codes == ["DEADLINE_EXCEEDED"] * calls
+
+
+def resident_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+def test_memory_of_a_large_call_goes_back_to_the_system(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """The plane holds a 64 MiB message whole several times over (README: about 5x at
+    the peak); once the call is over, what glibc kept of that must be given back."""
+    process = sidecars.serving(probe.port, "--allow-cn", "alice", *GRPC_PLANE)
+    payload = bytes(range(256)) * (64 * MIB // 256)
+    with process.channel(pki) as channel:
+        unary = channel.unary_unary(UNARY)
+        assert unary(b"warm", timeout=10) == b"warm"
+        baseline = resident_mib(process.proc.pid)
+        assert unary(payload, timeout=60) == payload
+        # No event says when the heap was trimmed: watch RSS, with a bound.
+        deadline = time.monotonic() + 10
+        while (grown := resident_mib(process.proc.pid) - baseline) > 50:
+            assert time.monotonic() < deadline, f"RSS stayed {grown:.0f} MiB above its baseline"
+            threading.Event().wait(0.1)

@@ -721,6 +721,47 @@ def test_sigterm_lets_calls_finish_within_the_grace_and_ends_the_rest_saying_why
     assert sidecar.wait_exit(10) == 0
 
 
+def test_sigterm_under_load_calls_end_ok_or_find_the_sidecar_gone_and_the_drain_ends_early(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """Eight callers calling without pause at SIGTERM (--drain-grace 5): every call the
+    sidecar took completes OK; the only failures are calls that found the listener closed;
+    and the drain does not wait for the grace, the calls being short."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "5")
+    stop = threading.Event()
+    failures: list[tuple[str, str]] = []
+    oks: list[int] = []
+
+    def caller() -> None:
+        with sidecar.channel(pki) as channel:
+            call = channel.unary_unary(UNARY)
+            while not stop.is_set():
+                try:
+                    call(b"load", timeout=2)
+                    oks.append(1)
+                except grpc.RpcError as error:
+                    failures.append((error.code().name, error.details()))
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        probe.wait_for_calls(100)
+        signalled = time.monotonic()
+        sidecar.signal(signal.SIGTERM)
+        assert sidecar.wait_exit(10) == 0
+        exited_after = time.monotonic() - signalled
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    print(f"exited {exited_after:.3f}s after SIGTERM; {len(oks)} OK; failures: {set(failures)}")
+    assert exited_after < 2.5, f"the drain took {exited_after:.2f}s for calls of a few ms"
+    assert oks
+    for code, details in failures:
+        assert code == "UNAVAILABLE" and "failed to connect" in details, (code, details)
+
+
 def test_drain_grace_over_the_caller_reads_each_status_then_goaway_then_the_close(
     sidecars: SidecarFactory, pki: Pki, probe: Probe
 ) -> None:

@@ -37,7 +37,7 @@ PROTOCOL_FIELDS: Final = frozenset(
 )
 # Dropped on both planes (the grpc-* prefix too).
 DROPPED_FIELDS: Final = frozenset({b"user-agent", b"host", b"content-length"})
-# RFC 9113 8.2.2: a request carrying one is malformed.
+# RFC 9113 8.2.2 (dropped: see the module doc).
 CONNECTION_SPECIFIC_FIELDS: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
@@ -68,9 +68,7 @@ def request_verdict(name: bytes) -> str:
         return f"field name {_shown(name)} has a character RFC 9113 forbids"
     if name in PROTOCOL_FIELDS:
         return KEEP
-    if name in CONNECTION_SPECIFIC_FIELDS:
-        return f"connection-specific field {_shown(name)} in an HTTP/2 request"
-    if name in DROPPED_FIELDS or name.startswith(b"grpc-"):
+    if name in DROPPED_FIELDS or name in CONNECTION_SPECIFIC_FIELDS or name.startswith(b"grpc-"):
         return DROP
     return KEEP
 

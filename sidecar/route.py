@@ -20,6 +20,7 @@ from grpc import aio
 from sidecar.config import RouteConfig
 from sidecar.errors import StartupError
 from sidecar.front import Front
+from sidecar.limits import Limits
 from sidecar.policy import AllowRules, Policy
 from sidecar.relay import Relay
 from sidecar.tls import (
@@ -55,6 +56,20 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
 )
+
+
+def _core_budgets(limits: Limits) -> tuple[tuple[str, int], ...]:
+    """The route's budgets that grpc core's server honours (config.py refuses the others on
+    this plane). Core checks channel argument names against nothing: these are the names
+    its headers define (GRPC_ARG_*), and tests/test_grpc_plane.py checks they take effect."""
+    budgets: tuple[tuple[str, int], ...] = (
+        ("grpc.max_metadata_size", limits.max_header_list_size),
+        ("grpc.absolute_max_metadata_size", limits.max_header_list_size),
+        ("grpc.server_handshake_timeout_ms", max(1, round(limits.handshake_timeout * 1000))),
+    )
+    if limits.idle_timeout:
+        budgets += (("grpc.max_connection_idle_ms", max(1, round(limits.idle_timeout * 1000))),)
+    return budgets
 
 
 class Route:
@@ -121,7 +136,9 @@ class Route:
                 self._diagnosis(),
             )
             self._relay = Relay(self._upstream, None, route=config.name)
-        self._server = aio.server(handlers=[self._relay], options=SERVER_OPTIONS)
+        self._server = aio.server(
+            handlers=[self._relay], options=SERVER_OPTIONS + _core_budgets(config.limits)
+        )
         listen = config.listen
         try:
             if self._server_credentials is not None:

@@ -301,3 +301,27 @@ def test_an_unfinished_header_block_is_dropped_after_the_header_timeout(
     print(f"50 connections holding a 16 KB unfinished block: +{held:.1f} MiB")
     assert held < 30
     assert unary_ok(sidecar, pki)
+
+
+def test_the_grpc_plane_honours_the_budgets_grpc_core_has(
+    sidecars: SidecarFactory, probe: Probe, pki: Pki
+) -> None:
+    """max_header_list_size and idle_timeout reach grpc core's server (whose channel
+    arguments are never checked: a misspelt one would be ignored silently)."""
+    sidecar = sidecars.serving(
+        probe.port, "--allow-cn", "alice", "--data-plane", "grpc",
+        "--max-header-list-size", "4096", "--idle-timeout", "1",
+    )  # fmt: skip
+    with sidecar.channel(pki) as channel:
+        call = channel.unary_unary(METHOD)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"x", metadata=(("x-big", "v" * 6000),), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(b"x", timeout=5) == b"x"
+    with RawPeer(sidecar.port, pki) as idle:
+        idle.settle()
+        started = time.monotonic()
+        goaway = idle.goaway()
+        assert goaway is not None, "no GOAWAY for an idle connection"
+        assert time.monotonic() - started < 5
+    assert len(probe.calls) == 1

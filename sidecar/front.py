@@ -71,8 +71,8 @@ def _failure_details(error: BaseException | None, connect_timeout: float) -> str
         return str(error).split(" (_ssl.c:")[0]
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno)
-    if isinstance(error, TimeoutError | asyncio.TimeoutError):
-        return f"no connection within {connect_timeout:g}s"
+    if isinstance(error, TimeoutError | asyncio.TimeoutError) and not str(error):
+        return f"no connection within {connect_timeout:g}s"  # wait_for's, which says nothing
     return str(error) or type(error).__name__
 
 

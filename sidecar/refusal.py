@@ -302,7 +302,8 @@ class Refusal:
             return
         self._draining = why
         self._flush()
-        self._transport.write(_GOAWAY_NO_STREAM)
+        if not self._transport.is_closing():
+            self._transport.write(_GOAWAY_NO_STREAM)  # h2 has no first GOAWAY of two
         self._connection.ping(_DRAIN_PING)
         self._flush()
         if self._timer is not None:

@@ -1,13 +1,14 @@
-"""What the fuzz found, each as the smallest input that shows it. Each failed on the code it
-was found in (f287fee) and passes since the fix (22ada9e); kept as regression tests, and
-the properties of test_frames_fuzz.py / test_headerblock_fuzz.py now demand the same."""
+"""What the fuzz found, each as the smallest input that shows it, kept as regression tests.
+The first four failed on the code they were found in (f287fee) and pass since 22ada9e; the
+properties of test_frames_fuzz.py / test_headerblock_fuzz.py now demand the same. The last
+one (DATA on stream 0) fails on aa80111, where `make fuzz` found it."""
 
 from __future__ import annotations
 
 import hpack
 import pytest
 
-from sidecar.frames import DATA, DROP, PADDED, WINDOW_UPDATE, FrameWalker, frame
+from sidecar.frames import DATA, DROP, PADDED, WINDOW_UPDATE, FrameError, FrameWalker, frame
 from sidecar.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kv.KV/Get")]
@@ -60,3 +61,32 @@ def test_a_request_with_an_empty_path_is_refused() -> None:
     block = hpack.Encoder().encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"")])
     with pytest.raises((RequestRefused, HeaderBlockError)):
         RequestBlocks(b"sidecar/test").rewrite(block)
+
+
+def _reported(pieces: list[bytes]) -> tuple[bool, list[tuple[int, bytes]]]:
+    """(whether the walker refused, the DATA payload it reported per stream, pieces joined)."""
+    reported: list[tuple[int, bytes]] = []
+
+    def data(stream_id: int, buffer: bytes, start: int, end: int) -> None:
+        if reported and reported[-1][0] == stream_id:
+            reported[-1] = (stream_id, reported[-1][1] + buffer[start:end])
+        else:
+            reported.append((stream_id, bytes(buffer[start:end])))
+
+    walker = FrameWalker(lambda *_: None, preface=False, data=data)
+    refused = False
+    try:
+        for piece in pieces:
+            walker.feed(piece)
+    except FrameError:
+        refused = True
+    return refused, [(stream_id, payload) for stream_id, payload in reported if payload]
+
+
+def test_data_on_stream_0_is_told_alike_however_it_arrives() -> None:
+    """DATA on stream 0 (a connection error, RFC 9113 6.1) was passed on, and its payload
+    reported to the data callback only as far as the read holding its frame header went:
+    the stream of a DATA frame in progress is kept as 0 for "not DATA"."""
+    data_on_stream_0 = frame(DATA, 0, 0, b"ab")
+    whole = _reported([data_on_stream_0])
+    assert _reported([data_on_stream_0[:10], data_on_stream_0[10:]]) == whole

@@ -39,8 +39,9 @@ logger = logging.getLogger("sidecar.server")
 # A drain on the per-call plane first waits for calls to stop arriving for this long
 # (at most _SETTLE_LIMIT_SECONDS): grpc core cancels, at its shutdown, the calls it
 # has accepted but not yet handed to the relay (see Relay.settle). Handing one over
-# takes a completion-queue round trip, well under a millisecond on an idle machine.
-_SETTLE_QUIET_SECONDS = 0.1
+# takes a completion-queue round trip: well under a millisecond on an idle machine,
+# tens of milliseconds with both cores saturated.
+_SETTLE_QUIET_SECONDS = 0.25
 _SETTLE_LIMIT_SECONDS = 1.0
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (

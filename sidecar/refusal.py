@@ -10,7 +10,15 @@ as a gRPC server would. Nothing reaches the upstream.
 A refusal for PERMISSION_DENIED keeps the connection for a while (the caller's
 next calls get the same answer, as from any gRPC server). One for UNAVAILABLE
 answers the calls already sent, then sends GOAWAY so that the caller's next
-call opens a new connection, which tries the upstream again.
+call opens a new connection, which tries the upstream again. A call that comes
+only later (a client reconnected at once, with no call to make, and kept the
+connection) is not answered with what was true when the connection began: it
+is refused unprocessed (RST_STREAM REFUSED_STREAM, then GOAWAY), which gRPC
+clients retry on a new connection by themselves. "Later" is after the caller
+acknowledged the refusal's SETTINGS in an earlier read: a gRPC client may wait
+for the server's SETTINGS (which the refusal sends, the upstream having sent
+none) before it sends the call that opened the connection, and then sends it
+with the acknowledgement.
 
 Such a caller is owed little, and h2 costs some 20-30 us a frame, so each
 connection gets a bounded amount of work (`Limits`): whole frames are handed to
@@ -133,6 +141,11 @@ class Refusal:
         self._dropped = 0  # bytes received after the GOAWAY
         self._calls = 0
         self._last_answered = 0
+        # Calls after the caller acknowledged our SETTINGS are refused unprocessed (see
+        # refuse_later_calls).
+        self._refuse_later = False
+        self._settings_acked = False
+        self._refused_new_call = False
         self._turn: asyncio.Handle | None = None  # the next turn's work, when scheduled
         self._paused = False
         self._draining: str | None = None  # why, once the first GOAWAY of two is out
@@ -163,6 +176,12 @@ class Refusal:
             self._pause()
             return
         self._work()
+
+    def refuse_later_calls(self) -> None:
+        """Answer with the reason only the calls that come before, or with, the caller's
+        acknowledgement of our SETTINGS; refuse later ones unprocessed, to be retried on a
+        new connection (the upstream may be back by then)."""
+        self._refuse_later = True
 
     def connection_lost(self) -> None:
         """The connection is gone: no more turns, no more timers."""
@@ -202,6 +221,7 @@ class Refusal:
             self._transport.resume_reading()
 
     def _receive(self, chunk: bytes) -> None:
+        fresh = not (self._refuse_later and self._settings_acked)
         try:
             events = self._connection.receive_data(chunk)
         except h2.exceptions.ProtocolError as error:
@@ -212,18 +232,23 @@ class Refusal:
             if self._ended:
                 break
             if isinstance(event, h2.events.RequestReceived):
-                self._answer(event.stream_id, event.headers, event.stream_ended is not None)
+                if not fresh:
+                    self._refuse_unprocessed(event.stream_id, event.headers)
+                else:
+                    self._answer(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
                 # Discard, but keep the caller's flow-control window open.
                 self._connection.acknowledge_received_data(
                     event.flow_controlled_length, event.stream_id
                 )
+            elif isinstance(event, h2.events.SettingsAcknowledged):
+                self._settings_acked = True  # calls in later reads are "later" calls
             elif isinstance(event, h2.events.PingAckReceived):
                 if self._draining is not None and event.ping_data == _DRAIN_PING:
                     self._end(h2.errors.ErrorCodes.NO_ERROR, self._draining)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._end(None, "")  # the caller's GOAWAY: it is leaving
-        if self._goaway and self._last_answered and not self._ended:
+        if self._goaway and (self._last_answered or self._refused_new_call) and not self._ended:
             # Calls sent after these are not processed: the caller retries them elsewhere.
             self._end(h2.errors.ErrorCodes.NO_ERROR, "")
         self._flush()
@@ -278,6 +303,24 @@ class Refusal:
             # More than a client keeping to SETTINGS_MAX_CONCURRENT_STREAMS can have sent
             # before it read the GOAWAY: it ignores it.
             self._end(h2.errors.ErrorCodes.NO_ERROR, self._draining)
+
+    def _refuse_unprocessed(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        method = next((value for name, value in headers if name == b":path"), b"")
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self._refused_new_call = True
+        log_call(
+            CallRecord(
+                method=method.decode("utf-8", "replace"),
+                started=time.monotonic(),
+                remote=self._remote,
+                peer=self._peer,
+                code=grpc.StatusCode.UNAVAILABLE,
+                route=self._route,
+                details="not processed (REFUSED_STREAM): the client retries it on a new "
+                "connection, which tries the upstream again",
+            )
+        )
 
     # The end: GOAWAY, linger, close.
 

@@ -603,6 +603,7 @@ class Splice:
         self._own_to_caller.frames.clear()  # the refusal answers the replayed PINGs itself
         self.resume_caller("upstream silent")
         self.resume_caller("backlog")
+        self._refusal.refuse_later_calls()
         for chunk in replay:
             self._refusal.feed(chunk)
 

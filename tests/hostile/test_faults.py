@@ -423,9 +423,12 @@ def test_grpc_go_callers_first_call_after_the_app_is_back_succeeds(
     Refusal, which keeps answering "Connection refused" (until 5 s without a call) after the
     app is back. A call made then must reach the app.
 
-    Fails as of ab5b74d (not fixed yet): the first call after the app is back gets UNAVAILABLE
-    "upstream 127.0.0.1:PORT unavailable: Connection refused" (grpcio and grpc-js clients
-    wait for their next call to reconnect, and are not affected)."""
+    Failed before the refusal refused later calls unprocessed: the first call after the
+    app was back got UNAVAILABLE "upstream 127.0.0.1:PORT unavailable: Connection refused"
+    (grpcio and grpc-js clients wait for their next call to reconnect, and were not
+    affected). Now that call is refused with REFUSED_STREAM, and grpc-go retries it on a
+    new connection, which reaches the app.
+    """
     sidecar = sidecars.serving(app.port, "--allow-cn", "alice")
     tls = ["-ca", str(pki.dir / "ca.pem"), "-cert", str(pki.cert("alice"))]
     client = ChildProcess(

@@ -14,11 +14,11 @@ call opens a new connection, which tries the upstream again. A call that comes
 only later (a client reconnected at once, with no call to make, and kept the
 connection) is not answered with what was true when the connection began: it
 is refused unprocessed (RST_STREAM REFUSED_STREAM, then GOAWAY), which gRPC
-clients retry on a new connection by themselves. "Later" is after the caller
-acknowledged the refusal's SETTINGS in an earlier read: a gRPC client may wait
-for the server's SETTINGS (which the refusal sends, the upstream having sent
-none) before it sends the call that opened the connection, and then sends it
-with the acknowledgement.
+clients retry on a new connection by themselves. "Later" is more than
+_FRESH_SECONDS after the caller acknowledged the refusal's SETTINGS: a gRPC
+client may wait for the server's SETTINGS (which the refusal sends, the upstream
+having sent none) before it sends the calls that opened the connection, and
+then sends them right after the acknowledgement.
 
 Such a caller is owed little, and h2 costs some 20-30 us a frame, so each
 connection gets a bounded amount of work (`Limits`): whole frames are handed to
@@ -84,6 +84,10 @@ _HANG_UP_SECONDS = 0.5
 # The first GOAWAY of a graceful end: the highest stream id possible, no error.
 _GOAWAY_NO_STREAM = frame(GOAWAY, 0, 0, (2**31 - 1).to_bytes(4, "big") + bytes(4))
 _DRAIN_PING = b"goodbye!"
+# How long after a caller acknowledged an UNAVAILABLE refusal's SETTINGS its calls are still
+# answered with the reason (see refuse_later_calls): the calls a gRPC client held back until
+# it had our SETTINGS come at once.
+_FRESH_SECONDS = 0.1
 
 
 def grpc_message(details: str) -> bytes:
@@ -144,7 +148,7 @@ class Refusal:
         # Calls after the caller acknowledged our SETTINGS are refused unprocessed (see
         # refuse_later_calls).
         self._refuse_later = False
-        self._settings_acked = False
+        self._settings_acked: float | None = None  # when the caller acknowledged them
         self._refused_new_call = False
         self._turn: asyncio.Handle | None = None  # the next turn's work, when scheduled
         self._paused = False
@@ -178,7 +182,7 @@ class Refusal:
         self._work()
 
     def refuse_later_calls(self) -> None:
-        """Answer with the reason only the calls that come before, or with, the caller's
+        """Answer with the reason only the calls that come before, or just after, the caller's
         acknowledgement of our SETTINGS; refuse later ones unprocessed, to be retried on a
         new connection (the upstream may be back by then)."""
         self._refuse_later = True
@@ -221,7 +225,10 @@ class Refusal:
             self._transport.resume_reading()
 
     def _receive(self, chunk: bytes) -> None:
-        fresh = not (self._refuse_later and self._settings_acked)
+        acked = self._settings_acked
+        fresh = (
+            not self._refuse_later or acked is None or self._loop.time() - acked < _FRESH_SECONDS
+        )
         try:
             events = self._connection.receive_data(chunk)
         except h2.exceptions.ProtocolError as error:
@@ -242,7 +249,7 @@ class Refusal:
                     event.flow_controlled_length, event.stream_id
                 )
             elif isinstance(event, h2.events.SettingsAcknowledged):
-                self._settings_acked = True  # calls in later reads are "later" calls
+                self._settings_acked = self._loop.time()
             elif isinstance(event, h2.events.PingAckReceived):
                 if self._draining is not None and event.ping_data == _DRAIN_PING:
                     self._end(h2.errors.ErrorCodes.NO_ERROR, self._draining)

@@ -322,6 +322,13 @@ def names(items: Sequence[str], where: str) -> tuple[str, ...]:
     """A list of allow patterns; an empty one would look like a rule and match nothing."""
     if any(not item.strip() for item in items):
         raise ConfigError(f"{where}: empty name in the list")
+    for item in items:
+        # Only printable ASCII names ever match (see policy.py): such a rule would be dead.
+        if not (item.isascii() and item.isprintable()):
+            raise ConfigError(
+                f"{where}: {item!r} is not printable ASCII, and no certificate name that is not "
+                "can match a rule (write an internationalised DNS name in its xn-- form)"
+            )
     return tuple(items)
 
 

@@ -293,6 +293,11 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("routes null", lambda p: {"routes": None}, ["routes: expected a non-empty list"]),
     ("empty name", lambda p: single(p, allow_cn=["alice", " "]), ["allow_cn: empty name"]),
     ("count type", lambda p: single(p, reset_rate=1.5), ["reset_rate: expected a whole number"]),
+    (
+        "pattern not ascii",
+        lambda p: single(p, allow_dns=["adm\u0131n.example.com"]),
+        ["allow_dns: 'adm\u0131n.example.com' is not printable ASCII"],
+    ),
     ("zero count", lambda p: single(p, max_connections=0), ["max_connections: 0 must be at least"]),
     (
         "limit the grpc plane lacks",

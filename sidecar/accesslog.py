@@ -88,8 +88,12 @@ def _token(text: str) -> str:
     return escaped.replace(" ", "\\x20") if " " in escaped else escaped
 
 
-def _quoted(peer: str) -> str:
-    """The inside of `peer='...'`: a description is escaped already, so only quotes are added."""
-    if not (peer.isascii() and peer.isprintable()):
-        peer = escape(peer)
-    return peer.replace("'", "\\'") if "'" in peer else peer
+def _quoted(text: str) -> str:
+    """The inside of `peer='...'` or `details='...'`: escaped (a description is already, but
+    not every text is), then its backslashes and quotes escaped, so that no text can end
+    the quoted field early (a backslash before a quote would otherwise read as one)."""
+    if not (text.isascii() and text.isprintable()):
+        text = escape(text)
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    return text.replace("'", "\\'") if "'" in text else text

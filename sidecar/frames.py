@@ -27,8 +27,9 @@ the connection that owns it (sans-IO: it counts, the connection enforces): it
 walks at most `frames_per_pass` frames and `block_bytes_per_pass` header-block
 bytes per call of `feed`, keeping the rest (`backlog`) for the next call, so one
 read of tiny frames cannot hold the event loop; it counts control frames (the
-ones that cost the receiver work and carry no request: PING, SETTINGS, PRIORITY,
-RST_STREAM, WINDOW_UPDATE, empty DATA, frames of unknown types) and frames that
+ones that cost the receiver work and carry no request: PING and SETTINGS, ACKs
+included, PRIORITY, RST_STREAM, WINDOW_UPDATE, empty DATA, frames of unknown types)
+and frames that
 carry data (DATA with a payload, HEADERS); and it bounds what it holds of a
 frame or header block to `max_block` bytes.
 """
@@ -91,7 +92,8 @@ GoawayCallback = Callable[[int], None]
 # (opaque data) of a PING the peer sent, to be answered by the caller of feed
 PingCallback = Callable[[bytes], None]
 # () when the peer acknowledges a SETTINGS frame (each of ours carries HEADER_TABLE_SIZE 0)
-AckCallback = Callable[[], None]
+# -> False to leave the ACK out (it acknowledges nothing the other side sent), else relayed
+AckCallback = Callable[[], "bool | None"]
 # (the peer's SETTINGS_MAX_HEADER_LIST_SIZE) when a SETTINGS frame of the peer sets it
 HeaderListCallback = Callable[[int], None]
 # (flow-controlled bytes) of DATA left out because its stream was dropped
@@ -234,6 +236,7 @@ class FrameWalker:
         self._block: tuple[int, int, list[bytes]] | None = None
         self._block_size = 0
         self._first_frame_done = False
+        self._settings_relayed = 0
         # Streams the headers callback dropped (insertion-ordered, bounded).
         self.dropped: dict[int, None] = {}
         self.control_frames = 0  # see the module doc; counted for the connection's budget
@@ -246,6 +249,11 @@ class FrameWalker:
         far end with a whole frame, and the peer's first frame (its SETTINGS, which
         must come first, RFC 9113 3.4) has gone out."""
         return self._first_frame_done and not self._passing
+
+    @property
+    def settings_relayed(self) -> int:
+        """SETTINGS frames (not ACKs) of the peer relayed so far: each is owed one ACK."""
+        return self._settings_relayed
 
     @property
     def first_frame_done(self) -> bool:
@@ -333,6 +341,8 @@ class FrameWalker:
             if kind == DATA:
                 flags = data[position + 4]
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                if not stream_id:
+                    raise FrameError("DATA frame on stream 0")  # RFC 9113 6.1
                 if (
                     flags & PADDED
                     and on_data is not None
@@ -345,7 +355,7 @@ class FrameWalker:
                         break
                 if length:  # counted once the frame is taken (not on a walk that waits)
                     self.data_frames += 1
-                elif not flags & END_STREAM:
+                else:
                     self.control_frames += 1  # an empty DATA frame carries nothing
                 if dropped and stream_id in dropped:
                     if self._dropped_data is not None and length:
@@ -390,6 +400,8 @@ class FrameWalker:
                 block_bytes_left -= length
                 flags = data[position + 4]
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                if not stream_id:
+                    raise FrameError("HEADERS frame on stream 0")  # RFC 9113 6.2
                 replacement = on_headers(stream_id, flags, data, position + _HEADER, end)
                 if replacement is not None:
                     if view is None:
@@ -413,8 +425,8 @@ class FrameWalker:
                     raise FrameError("PING frame on a stream")  # RFC 9113 6.7
                 if end > size:
                     break
+                self.control_frames += 1  # an ACK too: this side never pings the peer
                 if not data[position + 4] & ACK:
-                    self.control_frames += 1
                     self._ping(data[position + _HEADER : end])
                 if view is None:
                     view = memoryview(data)
@@ -510,15 +522,19 @@ class FrameWalker:
             return None
         if kind == SETTINGS:
             if flags & ACK:
-                if self._settings_acked is not None:
-                    self._settings_acked()
+                self.control_frames += 1
+                if self._settings_acked is not None and self._settings_acked() is False:
+                    return b""  # an ACK of nothing the other side sent: left out
                 return None
+            self._settings_relayed += 1
             if self._first_frame_done:
                 self.control_frames += 1  # the first is part of the connection preface
             self._first_frame_done = True  # once it is out; the peer's first frame
             payload = _rewritten_settings(payload, self._header_list_limit, self._header_list)
             return frame(SETTINGS, flags, stream_id, payload)
         if kind == HEADERS:
+            if not stream_id:
+                raise FrameError("HEADERS frame on stream 0")  # RFC 9113 6.2
             self._block = (stream_id, flags, [_fragment(flags, payload)])
             self._block_size = len(payload)
         elif kind == CONTINUATION:

@@ -35,7 +35,7 @@ from sidecar.admission import Admission
 from sidecar.allocator import release_free_memory
 from sidecar.config import RouteConfig
 from sidecar.errors import StartupError
-from sidecar.handshake import Handshake, report_failure, watch_handshakes
+from sidecar.handshake import Handshake, current_handshake, report_failure, watch_handshakes
 from sidecar.identity import IdentityReader
 from sidecar.policy import Policy
 from sidecar.refusal import Refusal
@@ -85,6 +85,7 @@ class _CallerProtocol(asyncio.Protocol):
         self.handler: Splice | Refusal | None = None
         self.remote = remote
         self.over_limit = over_limit  # admitted beyond max_connections: answered, then closed
+        self.released = False  # its place among the over-limit connections given back
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -92,6 +93,10 @@ class _CallerProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         front = self._front
         front.connections.add(self)
+        handshake = current_handshake()
+        if handshake is not None:
+            # Done: no longer one the listener may close as the oldest pending handshake.
+            front.admission.handshake_ended(handshake)
         if self.over_limit:
             self.handler = front.admission.refusal(self._transport, self.remote)
             return
@@ -247,26 +252,33 @@ class Front:
     async def _open(self, sock: socket.socket, over_limit: bool) -> None:
         """Run the TLS handshake (ingress) and give the connection its protocol."""
         remote = _remote_of(sock)
-        connected = False  # else the connection never reaches forget()
+        made: list[_CallerProtocol] = []
+
+        def protocol() -> _CallerProtocol:
+            made.append(_CallerProtocol(self, remote, over_limit))
+            return made[-1]
+
         try:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _keep_alive(sock)
             if self._tls is None:
-                await asyncio.get_running_loop().connect_accepted_socket(
-                    lambda: _CallerProtocol(self, remote, over_limit), sock
-                )
-                connected = True
+                await asyncio.get_running_loop().connect_accepted_socket(protocol, sock)
             else:
-                connected = await self._handshake(sock, remote, over_limit)
+                await self._handshake(sock, remote, protocol)
         except OSError as error:  # the caller left before its connection was set up
             logger.debug("connection from %s lost before it was set up: %s", remote, error)
             sock.close()  # a no-op once the event loop holds it (it counts as a user)
         finally:
-            if over_limit and not connected:
+            # A connection that reached its protocol is released by forget(), once; one
+            # that did not (a failed or cancelled handshake) here.
+            reached = bool(made) and (made[0].released or made[0] in self.connections)
+            if over_limit and not reached:
                 self.admission.refusal_ended()
 
-    async def _handshake(self, sock: socket.socket, remote: str, over_limit: bool) -> bool:
+    async def _handshake(
+        self, sock: socket.socket, remote: str, protocol: Callable[[], _CallerProtocol]
+    ) -> bool:
         """The TLS handshake, counted among the pending ones while it runs; whether it
         succeeded (a failure is logged)."""
         handshake = Handshake(sock, remote)
@@ -276,7 +288,7 @@ class Front:
         self.admission.handshake_started(handshake, task)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _CallerProtocol(self, remote, over_limit),
+                protocol,
                 sock,
                 ssl=self._tls,
                 ssl_handshake_timeout=self.limits.handshake_timeout,
@@ -326,7 +338,8 @@ class Front:
         )
 
     def forget(self, connection: _CallerProtocol) -> None:
-        if connection in self.connections and connection.over_limit:
+        if connection in self.connections and connection.over_limit and not connection.released:
+            connection.released = True
             self.admission.refusal_ended()
         self.connections.discard(connection)
         if not self.connections:

@@ -40,6 +40,12 @@ _watching: contextvars.ContextVar[Handshake | None] = contextvars.ContextVar(
 )
 
 
+def current_handshake() -> Handshake | None:
+    """The handshake of the connection whose callback is running (its protocol's
+    connection_made runs in a copy of the context the handshake was watched in)."""
+    return _watching.get()
+
+
 class Handshake:
     """What the listener knows of one caller's handshake while it runs."""
 

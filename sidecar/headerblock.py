@@ -310,6 +310,10 @@ class HeaderLimits:
     list_size: int = 16384
     max_fields: int = 256
     stateful_bytes: int = 1024 * 1024
+    # A block larger than this is answered RESOURCE_EXHAUSTED unread (HPACK may compress
+    # a list, not grow it much: a block far larger than the list it may stand for is
+    # padding or an attack); while the client's table is in use, it ends the connection.
+    block_size: int = 32768
 
 
 class RequestBlocks:
@@ -349,6 +353,15 @@ class RequestBlocks:
         """
         if self._decoder is not None and self._limited and _starts_with_table_reset(block):
             self._decoder = None  # from here on the client's blocks stand alone
+        if len(block) > self.limits.block_size:
+            if self._decoder is not None:  # it must be decoded to keep the table in step
+                raise HeaderBlockError(
+                    f"a request header block of {len(block)} bytes while the HPACK table is in use"
+                )
+            raise RequestRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request headers larger than {self.limits.list_size} bytes",
+            )
         if self._decoder is not None:
             return self._rewrite_stateful(self._decoder, block, trailers)
         if not trailers:

@@ -41,7 +41,14 @@ _SHOWN_CHARS = 256
 
 # What a certificate holds that cryptography may refuse to read: a name or SAN that
 # is not valid DER, UTF-8, PrintableString..., an extension twice, an unknown name form.
-_UNREADABLE = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+# What cryptography raises on a certificate OpenSSL verified but it cannot read (an odd
+# encoding, a version field of v4, ...).
+_UNREADABLE = (
+    ValueError,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,
+)
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,7 @@ class IdentityReader:
         if identity is None:
             try:
                 identity = identity_from_certificate(load(encoded))
-            except ValueError as error:  # the TLS layer accepted it; cryptography is stricter
+            except _UNREADABLE as error:  # the TLS layer accepted it; cryptography is stricter
                 identity = PeerIdentity(unreadable=_reason(error))
             if identity.unreadable is not None:
                 # Once per certificate (the cache remembers it): each of its connections

@@ -47,8 +47,6 @@ _STATUS_DETAILS = "grpc-status-details-bin"
 # (but a pseudo-header's first byte).
 _VALID_NAME = re.compile(rb"[!-9;-@\[-~]+")
 
-_WHITESPACE = (b" ", b"\t")
-
 KEEP: Final = ""  # a verdict: the field crosses
 DROP: Final = "drop"  # a verdict: the field is left out
 
@@ -77,8 +75,6 @@ def value_problem(name: bytes, value: bytes) -> str | None:
     """Why a request field's value makes the request malformed, or None."""
     if b"\x00" in value or b"\r" in value or b"\n" in value:
         return f"the value of {_shown(name)} holds NUL, CR or LF"
-    if value[:1] in _WHITESPACE or value[-1:] in _WHITESPACE:
-        return f"the value of {_shown(name)} starts or ends with whitespace"
     if name == b":path" and not value:
         return "empty :path"
     if name == b"te" and value != b"trailers":

@@ -245,9 +245,10 @@ class Refusal:
                     self._answer(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
                 # Discard, but keep the caller's flow-control window open.
-                self._connection.acknowledge_received_data(
-                    event.flow_controlled_length, event.stream_id
-                )
+                with contextlib.suppress(h2.exceptions.ProtocolError):  # closed in this read
+                    self._connection.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
             elif isinstance(event, h2.events.SettingsAcknowledged):
                 self._settings_acked = self._loop.time()
             elif isinstance(event, h2.events.PingAckReceived):
@@ -280,14 +281,15 @@ class Refusal:
                 ],
                 end_stream=True,
             )
-        except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError):
-            # The caller reset the call in the same read (a deadline already past, say);
-            # h2 forgets a closed stream once a later one opens.
+        except h2.exceptions.ProtocolError:
+            # The caller reset the call in the same read (a deadline already past, say; h2
+            # forgets a closed stream once a later one opens), or closed the connection in
+            # it (its GOAWAY): the answer has no one to go to.
             code, ended = grpc.StatusCode.CANCELLED, True
         if not ended:
             # The caller may still be sending; tell it to stop (RFC 9113 8.1). Its
             # END_STREAM may already be in this read, which closed the stream.
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         log_call(
             CallRecord(
@@ -313,7 +315,7 @@ class Refusal:
 
     def _refuse_unprocessed(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
         method = next((value for name, value in headers if name == b":path"), b"")
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self._refused_new_call = True
         log_call(

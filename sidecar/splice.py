@@ -334,12 +334,14 @@ class Splice:
         self._control_seen = 0  # the caller's control frames already paid for
         self._data_seen = 0  # the upstream's data frames already credited
         self._credit = 0  # flow-control bytes of dropped DATA, owed to the caller
+        self._caller_acks = 0  # SETTINGS ACKs from the caller
         self._requests = RequestBlocks(
             user_agent,
             HeaderLimits(
                 list_size=limits.max_header_list_size,
                 max_fields=limits.max_header_fields,
                 stateful_bytes=limits.stateful_header_bytes,
+                block_size=limits.max_header_block,
             ),
         )
         self._responses = ResponseBlocks()
@@ -350,9 +352,8 @@ class Splice:
             ended=self._request_ended,
             reset=self._caller_reset,
             ping=self._caller_ping,
-            settings_acked=self._requests.table_limited,  # the client acks the upstream's
+            settings_acked=self._caller_acked_settings,
             dropped_data=self._dropped_data,
-            max_block=limits.max_header_block,
         )
         self._inbound = FrameWalker(
             self._response_headers,
@@ -368,6 +369,7 @@ class Splice:
         )
         self._loop = loop = asyncio.get_running_loop()
         self._header_timer: asyncio.TimerHandle | None = None
+        self._frames_at_timer = 0  # the caller's frames walked when the header timer began
         self._first_frame_timer: asyncio.TimerHandle | None = None
         self._upstream_spoke = False
         self._upstream_opening = b""  # its first bytes, until there are 4: a frame type
@@ -639,6 +641,7 @@ class Splice:
                 self._header_timer = self._loop.call_later(
                     self._limits.header_timeout, self._header_overdue
                 )
+                self._frames_at_timer = outbound.control_frames + outbound.data_frames
         elif self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
@@ -712,14 +715,16 @@ class Splice:
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
     ) -> bytes | _Drop:
         if stream_id <= self._last_stream:  # trailers, or a block on a stream that is over
-            if stream_id in self._outbound.dropped:
-                return DROP  # a stream answered here: it never reached the upstream
+            if stream_id in self._outbound.dropped or stream_id not in self._calls:
+                # A block on a stream answered here (it never reached the upstream), or on
+                # one that is over (the upstream would take it as a protocol error): left
+                # out, at a control frame's price.
+                self._spend_control(1)
+                return DROP
             try:
                 return self._requests.rewrite(buffer[start:end], trailers=True)[0]
             except RequestRefused as refused:
-                call = self._calls.pop(stream_id, None)
-                if call is None:  # not a call in flight: nothing to answer
-                    return DROP
+                call = self._calls.pop(stream_id)
                 # The upstream knows this stream: it must learn that it is over.
                 self._own_to_upstream.frames.append(
                     frame(RST_STREAM, 0, stream_id, _CANCEL.to_bytes(4, "big"))
@@ -740,12 +745,9 @@ class Splice:
         return rewritten
 
     def _answer_here(self, stream_id: int, call: _Call, refused: RequestRefused) -> None:
-        """Answer a request here (it never reaches the upstream). A caller that keeps sending
-        such requests spends its reset budget, as one that cancels calls does."""
-        if not self._resets.spend(1):
-            raise BudgetExceeded(
-                f"more than {self._limits.reset_rate} refused or cancelled calls per second"
-            )
+        """Answer a request here (it never reaches the upstream), at a control frame's price:
+        the upstream does no work for it (so not at a reset's), but answering costs some."""
+        self._spend_control(1)
         _limited_log.log(
             logging.INFO,
             ("refused", self._route),
@@ -773,6 +775,22 @@ class Splice:
         call = self._calls.get(stream_id)
         if call is not None:
             call.request_ended = True
+
+    def _spend_control(self, frames: int) -> None:
+        if not self._control.spend(frames):
+            raise BudgetExceeded(
+                f"more than {self._limits.control_frame_rate} control frames per second"
+            )
+
+    def _caller_acked_settings(self) -> bool:
+        """The caller acknowledged a SETTINGS frame: the upstream's, relayed (each carries a
+        HEADER_TABLE_SIZE of 0, see headerblock.py), or nothing at all, which the upstream
+        would take as a protocol error and drop the connection for: left out."""
+        self._caller_acks += 1
+        if self._caller_acks > self._inbound.settings_relayed:
+            return False
+        self._requests.table_limited()
+        return True
 
     def _dropped_data(self, length: int) -> None:
         self._credit += length
@@ -839,9 +857,10 @@ class Splice:
     def _caller_reset(self, stream_id: int, error_code: int) -> None:
         call = self._calls.pop(stream_id, None)
         if call is not None:
-            if not call.answered and not self._resets.spend(1):
-                # Streams opened and cancelled before the upstream could answer cost it a
-                # call each and the caller nothing: the "rapid reset" attack.
+            if not self._resets.spend(1):
+                # Streams opened and cancelled before the upstream has finished answering
+                # cost it a call each and the caller nothing: the "rapid reset" attack
+                # (whether the upstream had begun its answer or not).
                 raise BudgetExceeded(
                     f"more than {self._limits.reset_rate} calls per second cancelled "
                     "before their answer (rapid reset)"
@@ -898,8 +917,18 @@ class Splice:
     # Timers.
 
     def _header_overdue(self) -> None:
+        """A frame or block was left unfinished at the end of a read header_timeout ago. If
+        frames were completed since, the one unfinished now is another: time it afresh."""
         self._header_timer = None
-        if self._outbound.in_frame and not self._broken and not self._done:
+        outbound = self._outbound
+        walked = outbound.control_frames + outbound.data_frames
+        if outbound.in_frame and walked != self._frames_at_timer:
+            self._frames_at_timer = walked
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout, self._header_overdue
+            )
+            return
+        if outbound.in_frame and not self._broken and not self._done:
             logger.info(
                 "caller %s did not finish a frame or header block within %gs: closing",
                 self._remote,

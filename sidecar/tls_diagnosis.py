@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from sidecar.addresses import Address
+from sidecar.logs import escape
 from sidecar.tls import TLSMaterial
 from sidecar.verify import name_matches, san_names
 
@@ -229,8 +230,11 @@ def _classify(exc: ssl.SSLError, leaf: x509.Certificate | None) -> _Observed:
 
 
 def _describe(leaf: x509.Certificate) -> str:
+    """The remote's certificate in a few words, escaped (its names are the remote's to
+    choose: a look-alike letter must not pass for another in a log line)."""
     names = ", ".join(san_names(leaf)) or "no SAN"
-    return f"{leaf.subject.rfc4514_string()} [{names}] issued by {leaf.issuer.rfc4514_string()}"
+    subject, issuer = leaf.subject.rfc4514_string(), leaf.issuer.rfc4514_string()
+    return escape(f"{subject} [{names}] issued by {issuer}")
 
 
 def _is_ip(name: str) -> bool:

@@ -299,12 +299,13 @@ def test_control_frames_and_data_frames_are_counted() -> None:
         + frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
         + frame(RST_STREAM, 0, 1, bytes(4))
         + frame(DATA, 0, 1, b"")  # empty, not ending the stream
-        + frame(DATA, END_STREAM, 3, b"")  # a half-close: not a control frame
+        + frame(DATA, END_STREAM, 3, b"")  # an empty half-close costs a token too
+        + frame(PING, 0x1, 0, b"12345678")  # an ACK: nothing on this side pinged
         + frame(0xFA, 0, 0, b"extension")
         + frame(HEADERS, END_HEADERS, 5, b"block")
         + frame(DATA, 0, 5, b"payload")
     )
-    assert (walker.control_frames, walker.data_frames) == (6, 2)
+    assert (walker.control_frames, walker.data_frames) == (8, 2)
 
 
 def test_settings_to_a_peer_carry_the_lower_header_list_limit() -> None:

@@ -4,9 +4,12 @@ them, restated here from the design and RFC 9113 apart from headerblock.py and m
 
 A request field crosses when it is a request pseudo-header, one of the protocol's own
 fields the app needs as sent (te, content-type, grpc-timeout, grpc-encoding,
-grpc-accept-encoding), or application metadata: user-agent, host, content-length and
-other grpc-* keys are dropped, and the sidecar's own user-agent is appended. A request
-that is malformed (RFC 9113 8.2, 8.3) must be refused, never relayed.
+grpc-accept-encoding), or application metadata: user-agent, host, content-length, other
+grpc-* keys and the connection-specific fields of RFC 9113 8.2.2 are dropped (grpc clients
+let applications send those as metadata), and the sidecar's own user-agent is appended. A
+request that is malformed (RFC 9113 8.2.1, 8.3) must be refused, never relayed. Values
+with whitespace at an end cross (8.2.1 calls them malformed, but grpc core and grpc-go
+servers take them, and gRPC's own spec allows them: the sidecar follows the servers).
 """
 
 from __future__ import annotations
@@ -22,19 +25,19 @@ PROTOCOL_FIELDS = frozenset(
     {b"te", b"content-type", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
 )
 REQUEST_PSEUDO = (b":method", b":scheme", b":path", b":authority")
-# RFC 9113 8.2.2: fields that make an HTTP/2 message malformed.
+# RFC 9113 8.2.2: connection-specific fields (dropped, not refused).
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 5.6.2 tchar, lowercase
-_VALUE = re.compile(rb"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?|")  # no CR/LF/NUL, no edge spaces
+_VALUE = re.compile(rb"[\x20-\x7e]*")  # no CR/LF/NUL
 # Well within what gRPC servers accept (8 KiB soft limit in grpc core): a list this size
 # must never be refused for size.
 ORDINARY_LIST_SIZE = 4096
 ORDINARY_FIELD_COUNT = 32
 
 
-DROPPED = frozenset({b"user-agent", b"host", b"content-length"})
+DROPPED = frozenset({b"user-agent", b"host", b"content-length"}) | CONNECTION_SPECIFIC
 
 
 def crosses(name: bytes) -> bool:
@@ -49,15 +52,13 @@ def crosses(name: bytes) -> bool:
 def malformed_request(fields: Sequence[Field], *, trailers: bool = False) -> str | None:
     """Why a request (or its trailers) is malformed, or None: RFC 9113 8.2.1 (names: no
     uppercase, controls, space, non-ASCII, colon past a pseudo-header's first byte; values:
-    no NUL, CR or LF, no whitespace at either end), 8.2.2 (connection-specific fields, te
-    other than "trailers"), 8.3 (only a request's four pseudo-headers, before the regular
-    fields, each once; :method, :scheme and a non-empty :path present; none in trailers)."""
+    no NUL, CR or LF), 8.2.2 (te other than "trailers"), 8.3 (only a request's four
+    pseudo-headers, before the regular fields, each once; :method, :scheme and a non-empty
+    :path present; none in trailers)."""
     seen_regular, pseudo = False, []
     for name, value in fields:
         if b"\x00" in value or b"\r" in value or b"\n" in value:
             return f"NUL, CR or LF in {name!r}"
-        if value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
-            return f"whitespace at an end of {name!r}"
         if name.startswith(b":"):
             if name not in REQUEST_PSEUDO or seen_regular or trailers or name in pseudo:
                 return f"pseudo-header {name!r} misplaced, repeated or unknown"
@@ -68,8 +69,8 @@ def malformed_request(fields: Sequence[Field], *, trailers: bool = False) -> str
         seen_regular = True
         if not name or any(b <= 0x20 or 0x41 <= b <= 0x5A or b >= 0x7F or b == 0x3A for b in name):
             return f"field name {name!r}"
-        if name in CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-            return f"connection-specific field {name!r}"
+        if name == b"te" and value != b"trailers":
+            return f"te is {value!r}"
     if not trailers and not all(p in pseudo for p in REQUEST_PSEUDO[:3]):
         return "a required pseudo-header is missing"
     return None

@@ -75,7 +75,7 @@ def log_call(record: CallRecord) -> None:
     if record.details:
         fields["details"] = record.details
         line += " details='%s'"
-        args += (_quoted(record.details),)
+        args += (_quoted_text(record.details),)
     if record.code is grpc.StatusCode.PERMISSION_DENIED:
         _denied_calls.log(logging.INFO, record.peer, line, *args, extra={"fields": fields})
     else:
@@ -88,12 +88,16 @@ def _token(text: str) -> str:
     return escaped.replace(" ", "\\x20") if " " in escaped else escaped
 
 
-def _quoted(text: str) -> str:
-    """The inside of `peer='...'` or `details='...'`: escaped (a description is already, but
-    not every text is), then its backslashes and quotes escaped, so that no text can end
-    the quoted field early (a backslash before a quote would otherwise read as one)."""
-    if not (text.isascii() and text.isprintable()):
-        text = escape(text)
-    if "\\" in text:
-        text = text.replace("\\", "\\\\")
+def _quoted(peer: str) -> str:
+    """The inside of `peer='...'`: a description is escaped already (its backslashes
+    doubled), so only quotes are added."""
+    if not (peer.isascii() and peer.isprintable()):
+        peer = escape(peer)
+    return peer.replace("'", "\\'") if "'" in peer else peer
+
+
+def _quoted_text(text: str) -> str:
+    """The inside of `details='...'`: any text, escaped (backslashes doubled, so that a
+    backslash before a quote cannot end the field early), then its quotes."""
+    text = escape(text)
     return text.replace("'", "\\'") if "'" in text else text

@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -52,6 +53,7 @@ __all__ = [
     "WINDOW_UPDATE",
     "Footprint",
     "RawPeer",
+    "eventually",
     "frame",
     "message",
     "ping_round_trip",
@@ -238,6 +240,17 @@ def unary_ok(sidecar: SidecarProcess, pki: Pki, timeout: float = 5.0) -> bool:
         except grpc.RpcError:
             return False
         return True
+
+
+def eventually(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether condition holds within seconds, checked every 50 ms: for state that nothing
+    announces (a process's memory and descriptors in /proc, a caller served again)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class Footprint:

@@ -32,6 +32,7 @@ from tests.hostile.peers import (
     SETTINGS,
     Footprint,
     RawPeer,
+    eventually,
     frame,
     ping_round_trip,
     request_block,
@@ -279,17 +280,6 @@ def test_a_denied_connection_is_closed_at_its_lifetime_even_while_calling(
         assert answered > 10
         assert goaway_fields(goaway)[1] == NO_ERROR
         assert caller.closed_within(5)
-
-
-def eventually(condition: Callable[[], bool], seconds: float) -> bool:
-    """Whether condition holds within seconds (checked every 50 ms: what it reads, such
-    as /proc, has no event to wait on)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def open_in_parallel(count: int, opener: Callable[[], RawPeer]) -> list[RawPeer]:

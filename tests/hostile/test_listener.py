@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -20,17 +20,8 @@ import pytest
 
 from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
-from tests.hostile.peers import METHOD, Footprint, client_context, unary_ok
+from tests.hostile.peers import METHOD, Footprint, client_context, eventually, unary_ok
 from tests.probe import Probe
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait for a condition on the sidecar's state that no log line announces."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -94,7 +85,7 @@ def test_pending_handshakes_hold_one_descriptor_each(sidecar: SidecarProcess, pk
     before = footprint.fds
     with _silent_connections(sidecar.port, 100):
         # (give or take the two of the first call, closing in the meantime)
-        _wait_until(lambda: footprint.fds >= before + 98, 5, "100 connections accepted")
+        assert eventually(lambda: footprint.fds >= before + 98, 5), "100 connections accepted"
         assert unary_ok(sidecar, pki)  # by then each accepted connection has been set up
         assert footprint.fds <= before + 104, f"{footprint.fds - before} for 100 handshakes"
 
@@ -109,7 +100,7 @@ def test_beyond_max_pending_handshakes_the_oldest_are_closed_and_callers_served(
     footprint = Footprint(process.proc.pid)
     before = footprint.fds
     with _silent_connections(process.port, 20) as oldest:
-        _wait_until(lambda: footprint.fds >= before + 18, 5, "20 handshakes pending")
+        assert eventually(lambda: footprint.fds >= before + 18, 5), "20 handshakes pending"
         with _silent_connections(process.port, 20):
             # Each newcomer closes the oldest handshake: the first twenty are gone now,
             # long before their 30 s handshake timeout.
@@ -139,7 +130,7 @@ def test_beyond_max_connections_a_caller_is_answered_unavailable_saying_so(
         assert held[0].unary_unary(METHOD)(b"still", timeout=5) == b"still"
         held.pop().close()
         # The connection's end is seen by the sidecar shortly after: the next caller fits.
-        _wait_until(lambda: unary_ok(process, pki, timeout=2), 5, "a caller served again")
+        assert eventually(lambda: unary_ok(process, pki, timeout=2), 5), "a caller served again"
     process.wait_for(r"WARNING .*3 connections open \(max_connections\): new callers are refused")
 
 
@@ -254,6 +245,8 @@ def test_out_of_descriptors_new_callers_fail_fast_and_open_ones_are_served(
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < 3, "a new caller must fail fast, not hang"
             assert connected.unary_unary(METHOD)(b"during", timeout=5) == b"during"
-        _wait_until(lambda: unary_ok(process, pki, timeout=2), 10, "a new caller served again")
+        assert eventually(lambda: unary_ok(process, pki, timeout=2), 10), (
+            "a new caller served again"
+        )
         assert connected.unary_unary(METHOD)(b"after", timeout=5) == b"after"
     assert "Traceback" not in process.output

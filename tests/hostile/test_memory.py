@@ -15,7 +15,7 @@ from sidecar.frames import ACK, PING, PREFACE, SETTINGS, frame
 from sidecar.route import Route
 from sidecar.splice import Splice
 from tests.conftest import Pki, SidecarFactory
-from tests.hostile.peers import Footprint, client_context
+from tests.hostile.peers import Footprint, client_context, eventually
 from tests.probe import Probe
 
 
@@ -105,9 +105,7 @@ def test_memory_goes_back_to_the_system_after_a_burst_of_connections(
         return peak
 
     peak = uvloop.run(held(1000))
-    deadline = time.monotonic() + 10
-    while footprint.rss_mib > 1.5 * baseline and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually(lambda: footprint.rss_mib <= 1.5 * baseline, 10)
     after = footprint.rss_mib
     print(f"RSS: baseline {baseline:.0f} MiB, 1000 open {peak:.0f} MiB, after {after:.0f} MiB")
     assert after <= 1.5 * baseline, (baseline, peak, after)

@@ -25,6 +25,7 @@ from tests.hostile.peers import (
     SETTINGS,
     RawPeer,
     client_context,
+    eventually,
     frame,
     message,
     request_block,
@@ -208,8 +209,6 @@ def test_evicting_handshakes_never_leaves_the_listener_refusing_everyone(
     for thread in threads:
         thread.join()
     holder.close()
-    served = False
-    deadline = time.monotonic() + 10
-    while not served and time.monotonic() < deadline:  # the holder's close takes a moment
-        served = unary_ok(sidecar, pki, timeout=2)
+    # The holder's close takes a moment to reach the sidecar.
+    served = eventually(lambda: unary_ok(sidecar, pki, timeout=2), 10)
     assert served, "refused at max_connections with nobody connected"

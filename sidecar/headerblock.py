@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 import hpack
@@ -134,49 +135,100 @@ def _fields(block: bytes) -> Iterator[tuple[bytes, int, int, int]]:
         yield name, start, position, value_start
 
 
-def _filter_stateless(block: bytes, check: _RequestCheck) -> tuple[list[bytes], bytes | None]:
-    """The kept runs of a stateless request block, and its :path; every field is judged
-    by `check`, which raises RequestRefused for a request the splice must answer itself.
+def _filter_stateless(block: bytes) -> tuple[list[bytes], list[_Judgement]]:
+    """The kept runs of a stateless request block, and the judgement of each of its fields.
 
-    _fields, unrolled: this runs once per call on the hot path, so integers of
-    one byte (nearly all of them) are read inline.
+    This runs once per call on the hot path: each representation is measured (integers
+    of one byte, nearly all of them, read inline) and its judgement looked up by its
+    bytes; only a representation not seen lately is decoded (_judged).
     """
     kept: list[bytes] = []
-    path = None
+    fields: list[_Judgement] = []
     position, copied, size = 0, 0, len(block)
     while position < size:
         start, first = position, block[position]
         if first & 0x80:  # indexed field
-            index = first & 0x7F
             position += 1
-            if index == 0x7F:
-                index, position = _integer(block, start, 7)
-            if not 1 <= index <= len(_STATIC_NAMES):
-                raise HeaderBlockError(f"header block refers to table entry {index}")
-            name, value = HeaderTable.STATIC_TABLE[index - 1]
+            if first == 0xFF:
+                position = _integer(block, start, 7)[1]
         elif first & 0xE0 == 0x20:  # dynamic table size update: kept
-            _, position = _integer(block, position, 5)
+            position = _integer(block, position, 5)[1]
             continue
-        else:
+        else:  # literal with, or without / never, indexing
             mask = 0x3F if first & 0x40 else 0x0F
-            index = first & mask
             position += 1
-            if index == mask:
-                index, position = _integer(block, start, 6 if mask == 0x3F else 4)
-            if index:
-                if index > len(_STATIC_NAMES):
-                    raise HeaderBlockError(f"header block refers to table entry {index}")
-                name = _STATIC_NAMES[index - 1]
-            else:
-                name, position = _string(block, position)
-            value, position = _string(block, position)
-        if name == b":path":
-            path = value
-        if not check.keeps(name, value):
+            if first & mask == mask:
+                position = _integer(block, start, 6 if mask == 0x3F else 4)[1]
+            if not first & mask:  # the name is a string too
+                length = block[position] & 0x7F if position < size else 0x7F
+                position = position + 1 + length if length < 0x7F else _string_end(block, position)
+            length = block[position] & 0x7F if position < size else 0x7F
+            position = position + 1 + length if length < 0x7F else _string_end(block, position)
+            if position > size:
+                raise HeaderBlockError("header block ends inside a string")
+        judged = _judged.get(block[start:position])
+        if judged is None:
+            judged = _judge_representation(block, start, position)
+        fields.append(judged)
+        if not judged.kept:
             kept.append(block[copied:start])
             copied = position
     kept.append(block[copied:])
-    return kept, path
+    return kept, fields
+
+
+class _Judgement(NamedTuple):
+    """What one request field is, on its own (metadata.py's table)."""
+
+    name: bytes
+    path: bytes | None  # its value, when the name is :path
+    size: int  # in the header list (RFC 9113 6.5.2)
+    kept: bool  # it crosses
+    problem: str | None  # what makes the request malformed
+
+
+# A stateless representation means the same wherever it appears (only the static table is
+# in play), and a client repeats the same fields call after call: judgements are remembered
+# by the representation's bytes, and only fields that change (a deadline) are decoded again.
+_judged: dict[bytes, _Judgement] = {}
+_CACHED_REPRESENTATION_LIMIT = 256  # bytes
+
+
+def _judge_representation(block: bytes, start: int, end: int) -> _Judgement:
+    """Decode and judge the representation block[start:end] (an indexed field or a
+    literal, its extent already measured), and remember the judgement."""
+    first = block[start]
+    if first & 0x80:
+        index = _integer(block, start, 7)[0]
+        if not 1 <= index <= len(_STATIC_NAMES):
+            raise HeaderBlockError(f"header block refers to table entry {index}")
+        name, value = HeaderTable.STATIC_TABLE[index - 1]
+    else:
+        index, position = _integer(block, start, 6 if first & 0x40 else 4)
+        if index:
+            if index > len(_STATIC_NAMES):
+                raise HeaderBlockError(f"header block refers to table entry {index}")
+            name = _STATIC_NAMES[index - 1]
+        else:
+            name, position = _string(block, position)
+        value = _string(block, position)[0]
+    judged = _judge(name, value)
+    if end - start <= _CACHED_REPRESENTATION_LIMIT:
+        if len(_judged) >= _CACHE_LIMIT:
+            _judged.clear()
+        _judged[block[start:end]] = judged
+    return judged
+
+
+def _judge(name: bytes, value: bytes) -> _Judgement:
+    """One request field on its own, by metadata.py's table (see _Judgement)."""
+    verdict = _verdict(name)
+    if verdict is metadata.KEEP or verdict is metadata.DROP:
+        problem = metadata.value_problem(name, value)
+    else:
+        problem = verdict
+    path = value if name == b":path" else None
+    return _Judgement(name, path, len(name) + len(value) + 32, verdict is metadata.KEEP, problem)
 
 
 def _literal(name: bytes, value: bytes, *, never_indexed: bool = False) -> bytes:
@@ -245,61 +297,46 @@ def _verdict(name: bytes) -> str:
     return verdict
 
 
-class _RequestCheck:
-    """One request block's fields, judged one by one against the budgets and RFC 9113."""
-
-    __slots__ = ("_fields", "_limits", "_pseudo", "_regular", "_size", "_trailers")
-
-    def __init__(self, limits: HeaderLimits, trailers: bool) -> None:
-        self._limits = limits
-        self._trailers = trailers
-        self._size = self._fields = 0
-        self._pseudo: list[bytes] = []
-        self._regular = False
-
-    def keeps(self, name: bytes, value: bytes) -> bool:
-        """Whether the field crosses; raises RequestRefused when the request cannot."""
-        limits = self._limits
-        self._fields += 1
-        self._size += len(name) + len(value) + 32  # RFC 9113 6.5.2
-        if self._fields > limits.max_fields:
-            raise RequestRefused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request has more than {limits.max_fields} header fields",
-            )
-        if self._size > limits.list_size:
-            raise RequestRefused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request headers are larger than {limits.list_size} bytes",
-            )
-        verdict = _verdict(name)
-        if verdict is metadata.KEEP or verdict is metadata.DROP:
-            problem = metadata.value_problem(name, value)
-        else:
-            problem = verdict
-        if not problem:
-            if name[:1] == b":":
-                if self._regular or self._trailers:
-                    problem = f"pseudo-header {name.decode()} after regular fields"
-                elif name in self._pseudo:
-                    problem = f"pseudo-header {name.decode()} twice"
-                self._pseudo.append(name)
-            else:
-                self._regular = True
+def _check_request(fields: list[_Judgement], limits: HeaderLimits, trailers: bool) -> bytes | None:
+    """The request's :path; raises RequestRefused for a request the splice answers itself:
+    too many fields, too large, or malformed (RFC 9113 8.2, 8.3)."""
+    if len(fields) > limits.max_fields:
+        raise RequestRefused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request has more than {limits.max_fields} header fields",
+        )
+    path = None
+    list_size = 0
+    pseudo: list[bytes] = []
+    regular = trailers  # trailers hold no pseudo-header
+    for name, field_path, size, _, problem in fields:
+        list_size += size
         if problem:
             raise RequestRefused(grpc.StatusCode.INTERNAL, f"malformed request: {problem}")
-        return verdict is metadata.KEEP
-
-    def done(self) -> None:
-        """The block is over: a request must name its method, scheme and path (8.3.1)."""
-        if self._trailers:
-            return
+        if name[:1] != b":":
+            regular = True
+            continue
+        if regular:
+            problem = f"pseudo-header {name.decode()} after regular fields"
+        elif name in pseudo:
+            problem = f"pseudo-header {name.decode()} twice"
+        if problem:
+            raise RequestRefused(grpc.StatusCode.INTERNAL, f"malformed request: {problem}")
+        pseudo.append(name)
+        path = field_path if field_path is not None else path
+    if list_size > limits.list_size:
+        raise RequestRefused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request headers are larger than {limits.list_size} bytes",
+        )
+    if not trailers:
         for required in (b":method", b":scheme", b":path"):
-            if required not in self._pseudo:
+            if required not in pseudo:
                 raise RequestRefused(
                     grpc.StatusCode.INTERNAL,
                     f"malformed request: no {required.decode()} pseudo-header",
                 )
+    return path
 
 
 @dataclass
@@ -368,9 +405,8 @@ class RequestBlocks:
             known = self._rewritten.get(block)
             if known is not None:
                 return known
-        check = _RequestCheck(self.limits, trailers)
-        kept, path = _filter_stateless(block, check)
-        check.done()
+        kept, fields = _filter_stateless(block)
+        path = _check_request(fields, self.limits, trailers)
         if not trailers:
             kept.append(self._user_agent)
         answer = b"".join(kept), path
@@ -393,27 +429,22 @@ class RequestBlocks:
             ) from None
         except Exception as error:  # hpack's HPACKError and friends
             raise HeaderBlockError(f"bad request header block: {error}") from None
-        check = _RequestCheck(self.limits, trailers)
-        parts, path = [], None
-        decoded_size = 0
-        for decoded_field in decoded:
-            name, value = decoded_field
-            decoded_size += len(name) + len(value)
-            if name == b":path":
-                path = value
-            if check.keeps(name, value):
-                # RFC 7541 6.2.3: a field the client marked never-indexed stays so.
-                never = isinstance(decoded_field, hpack.NeverIndexedHeaderTuple)
-                parts.append(_literal(name, value, never_indexed=never))
-        check.done()
         # Each block is re-encoded as literals until the client's table is empty: a
         # client that never empties it could make a few bytes stand for a lot.
-        self._stateful_left -= decoded_size
+        self._stateful_left -= sum(len(name) + len(value) for name, value in decoded)
         if self._stateful_left < 0:
             raise HeaderBlockError(
                 f"more than {self.limits.stateful_bytes} bytes of request headers before "
                 "the client applied a header table size of 0"
             )
+        fields = [_judge(name, value) for name, value in decoded]
+        path = _check_request(fields, self.limits, trailers)
+        parts = [
+            # RFC 7541 6.2.3: a field the client marked never-indexed stays so.
+            _literal(*field, never_indexed=isinstance(field, hpack.NeverIndexedHeaderTuple))
+            for field, judged in zip(decoded, fields, strict=True)
+            if judged.kept
+        ]
         if not trailers:
             parts.append(self._user_agent)
         return b"".join(parts), path

@@ -276,3 +276,40 @@ def test_a_reset_before_the_settings_ack_can_be_followed_by_growth() -> None:
         rewritten, path = blocks.rewrite(client.encode(request("/kv.KV/Put", ("x-k", "v"))))
         assert path == b"/kv.KV/Put"
         assert (b"x-k", b"v") in upstream.decode(rewritten, raw=True)
+
+
+def test_a_remembered_field_is_judged_again_where_it_stands_and_for_each_request() -> None:
+    """Fields are remembered by their bytes (only that a request repeats them is cheap):
+    whether the request is well formed, and within budgets, is decided call by call."""
+    blocks = stateless_blocks(HeaderLimits(list_size=1024, max_fields=20))
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    client.encode([])
+    method = client.encode([(":method", "POST")])
+    rest = client.encode(request("/a/B")[1:])
+    blocks.rewrite(method + rest)  # both remembered as fine
+    with pytest.raises(RequestRefused, match=":method after regular fields"):
+        blocks.rewrite(rest + method)
+    with pytest.raises(RequestRefused, match=":method twice"):
+        blocks.rewrite(method + method + rest)
+    big = client.encode([("x-big", "v" * 400)])
+    blocks.rewrite(method + rest + big)
+    with pytest.raises(RequestRefused, match="larger than 1024 bytes"):
+        blocks.rewrite(method + rest + big + big)
+    # A value that changes every call (a deadline) is read each time: a bad one is seen.
+    with pytest.raises(RequestRefused, match="holds NUL, CR or LF"):
+        blocks.rewrite(method + rest + literal(b"grpc-timeout", b"1S\r\n"))
+
+
+def test_malformed_requests_are_charged_to_the_stateful_budget_too() -> None:
+    """Until the table is empty, every decoded byte counts, even those of a request that is
+    then refused: a refusal must not be a way around the amplification budget."""
+    client = hpack.Encoder()
+    blocks = RequestBlocks(USER_AGENT, HeaderLimits(list_size=16384, stateful_bytes=64 * 1024))
+    bad = request("/a/B", ("x-big", "v" * 3000), ("te", "gzip"))
+    with pytest.raises(RequestRefused):
+        blocks.rewrite(client.encode(bad))
+    with pytest.raises(HeaderBlockError, match="before the client applied a header table size"):
+        for _ in range(100):
+            with pytest.raises(RequestRefused):
+                blocks.rewrite(client.encode(bad))

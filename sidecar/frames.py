@@ -187,7 +187,8 @@ class FrameWalker:
     taken out of the stream and handed to it, for the splice to answer: a PING is
     about one connection, and answering it where it arrives spares a crossing and
     a wake-up of the other side for every ping (gRPC clients and servers send one
-    per burst of data, to estimate the bandwidth-delay product).
+    per burst of data, to estimate the bandwidth-delay product). The peer's ACKs are
+    taken out too: they answer pings of this side's own (`ping_acked`), never relayed.
     """
 
     def __init__(
@@ -199,6 +200,7 @@ class FrameWalker:
         ended: StreamCallback | None = None,
         reset: ResetCallback | None = None,
         ping: PingCallback | None = None,
+        ping_acked: PingCallback | None = None,
         settings_acked: AckCallback | None = None,
         goaway: GoawayCallback | None = None,
         header_list: HeaderListCallback | None = None,
@@ -215,6 +217,7 @@ class FrameWalker:
         self._header_list_limit = header_list_limit
         self._dropped_data = dropped_data
         self._ping = ping
+        self._ping_acked = ping_acked
         self._data = data
         self._ended = ended
         self._reset = reset
@@ -277,7 +280,8 @@ class FrameWalker:
         alive once the connection is gone (they would wait for the cycle collector)."""
         self._headers = _refuse_headers
         self._goaway = self._settings_acked = self._header_list = None
-        self._dropped_data = self._ping = self._data = self._ended = self._reset = None
+        self._dropped_data = self._ping = self._ping_acked = None
+        self._data = self._ended = self._reset = None
 
     def feed(self, data: bytes) -> list[bytes | memoryview]:
         """The bytes to send on for `data`, in order (views into `data` where unchanged).
@@ -418,16 +422,18 @@ class FrameWalker:
                 continue
             if kind == PING and self._ping is not None:
                 # Answered on this side (see `ping`), never relayed: the ACKs the peer
-                # sends are for pings this side never relayed, and are dropped too.
+                # sends are for pings of this side's own, and are taken out too.
                 if length != 8:
                     raise FrameError("PING frame payload is not 8 bytes")
                 if int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF:
                     raise FrameError("PING frame on a stream")  # RFC 9113 6.7
                 if end > size:
                     break
-                self.control_frames += 1  # an ACK too: this side never pings the peer
+                self.control_frames += 1  # an ACK too: this side seldom pings the peer
                 if not data[position + 4] & ACK:
                     self._ping(data[position + _HEADER : end])
+                elif self._ping_acked is not None:
+                    self._ping_acked(data[position + _HEADER : end])
                 if view is None:
                     view = memoryview(data)
                 out.append(view[run_start:position])

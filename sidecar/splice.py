@@ -112,6 +112,12 @@ _CLOSED_BEFORE_SPEAKING = ConnectionError(
 )
 # "Shutting down; finish what you started, start nothing new" (RFC 9113 6.8).
 _GOAWAY_GRACEFUL = frame(GOAWAY, 0, 0, (0x7FFFFFFF).to_bytes(4, "big") + bytes(4))
+# Sent with it: the caller's ACK comes after any call it started before it read the
+# GOAWAY, so the last word (the GOAWAY naming the last stream) waits for the ACK.
+_DRAIN_OPAQUE = b"draining"
+_DRAIN_PING = frame(PING, 0, 0, _DRAIN_OPAQUE)
+# How long that wait lasts for a caller that does not answer pings.
+_DRAIN_PING_SECONDS = 1.0
 _NO_ERROR, _PROTOCOL_ERROR, _CANCEL, _ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0xB
 # Budgets broken, upstreams lost: one line per reason and route per period, not per connection.
 _limited_log = LogLimiter(logger)
@@ -323,6 +329,7 @@ class Splice:
         # above it are ignored by the upstream, so they are not tracked as calls.
         self._upstream_last: int | None = None
         self._draining = False
+        self._drain_ping: asyncio.TimerHandle | None = None  # until the caller's ACK
         self._drain_closed = False
         self._own_to_caller = _OwnFrames()
         self._own_to_upstream = _OwnFrames()
@@ -352,6 +359,7 @@ class Splice:
             ended=self._request_ended,
             reset=self._caller_reset,
             ping=self._caller_ping,
+            ping_acked=self._caller_acked_ping,
             settings_acked=self._caller_acked_settings,
             dropped_data=self._dropped_data,
         )
@@ -439,12 +447,21 @@ class Splice:
         if self._refusal is not None or self._upstream is None or self._broken:
             self._close_both()
             return
+        if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
+            self._own_to_caller.frames += (_GOAWAY_GRACEFUL, _DRAIN_PING)
+            self._drain_ping = self._loop.call_later(_DRAIN_PING_SECONDS, self._drain_pinged)
+            self._send_own_to_caller()
+        elif not self._calls:
+            self._close_drained()
+
+    def _drain_pinged(self) -> None:
+        """The caller has read the first GOAWAY and sent every call it will (or did not
+        answer the drain's PING in time): the drain closes once they are over."""
+        if self._drain_ping is not None:
+            self._drain_ping.cancel()
+            self._drain_ping = None
         if not self._calls:
             self._close_drained()
-            return
-        if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
-            self._own_to_caller.frames.append(_GOAWAY_GRACEFUL)
-            self._send_own_to_caller()
 
     def _close_drained(self) -> None:
         """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
@@ -452,8 +469,10 @@ class Splice:
         not processed and is retried elsewhere, then the close."""
         if self._drain_closed:  # a stream's end and its reset can both schedule this
             return
-        if self._calls:  # a call started in the same loop turn as the last one ended
-            return  # (its own end schedules this again)
+        if self._calls or self._drain_ping is not None:
+            # A call started in the same loop turn as the last one ended (its own end
+            # schedules this again), or calls may still be on their way (_DRAIN_PING).
+            return
         self._drain_closed = True
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             _write(self._caller, [*self._own_to_caller.take(), self._goaway(_NO_ERROR)])
@@ -890,6 +909,10 @@ class Splice:
                 raise BudgetExceeded("PINGs sent without reading the answers")
         self._answer_ping(self._own_to_caller, opaque, self._send_own_to_caller)
 
+    def _caller_acked_ping(self, opaque: bytes) -> None:
+        if opaque == _DRAIN_OPAQUE and self._drain_ping is not None:
+            self._drain_pinged()
+
     def _upstream_ping(self, opaque: bytes) -> None:
         self._answer_ping(self._own_to_upstream, opaque, self._send_own_to_upstream)
 
@@ -965,6 +988,9 @@ class Splice:
             if timer is not None:
                 timer.cancel()
         self._header_timer = self._first_frame_timer = self._idle_timer = None
+        if self._drain_ping is not None:
+            self._drain_ping.cancel()
+            self._drain_ping = None
 
     # Endings.
 

@@ -5,7 +5,8 @@ The splice answers a PING on the side it comes from, and the answer waits for th
 next bytes relayed that way, so that it costs no write of its own: it must come
 after a whole frame (never inside one), on a quiet connection it must come anyway
 (after the wait), and a drain must not lose it. A drain's last GOAWAY must not
-cut off a call that started as the last one ended. Each test plays the caller and
+cut off a call that started as the last one ended, nor come before the caller answered
+the drain's PING. Each test plays the caller and
 the upstream on the far ends of two socket pairs, with a Splice in between.
 """
 
@@ -44,6 +45,8 @@ SETTINGS_TO_CALLER = frame(
     0,
     bytes.fromhex("000100000000") + (6).to_bytes(2, "big") + (16384).to_bytes(4, "big"),
 )
+# The drain's PING: its answer shows the caller has read the first GOAWAY.
+DRAIN_PING = frame(PING, 0, 0, b"draining")
 NEVER = 3600.0  # an ACK delay no test outlasts: the answer can only ride with relayed bytes
 
 
@@ -163,10 +166,11 @@ def test_a_drain_sends_the_answers_waiting_before_its_last_goaway() -> None:
         await ends.send(ends.caller, window_update)
         # (the answer stays with the splice: it rides only towards the caller)
         assert await ends.receive(ends.upstream, 13) == window_update
-        ends.splice.drain()  # no call in flight: the last word at once
-        last_goaway = bytes.fromhex("000008070000000000" + "00000000" + "00000000")
-        rest = await ends.receive(ends.caller, 17 + 17)
-        assert rest == frame(PING, ACK, 0, b"drained!") + last_goaway
+        ends.splice.drain()  # no call in flight: the last word once the drain's PING is answered
+        first = await ends.receive(ends.caller, 17 + 17 + 17)
+        assert first == frame(PING, ACK, 0, b"drained!") + goaway(0x7FFFFFFF) + DRAIN_PING
+        await ends.send(ends.caller, frame(PING, ACK, 0, b"draining"))
+        assert await ends.receive(ends.caller, 17) == goaway(0)
 
     run_spliced(test, ack_delay=NEVER)
 
@@ -202,7 +206,8 @@ def test_a_call_starting_as_the_last_one_ends_holds_the_drain_open() -> None:
         await ends.send(ends.caller, request(caller_headers, 1))
         await relayed_whole_frame(ends)  # call 1 reaches the app
         ends.splice.drain()
-        assert await ends.receive(ends.caller, 17) == goaway(0x7FFFFFFF)
+        assert await ends.receive(ends.caller, 34) == goaway(0x7FFFFFFF) + DRAIN_PING
+        await ends.send(ends.caller, frame(PING, ACK, 0, b"draining"))  # answered at once
         # Call 1 ends and call 3 starts in the same turn of the loop (one read each).
         ends.splice.from_upstream(trailers(1))
         ends.splice.from_caller(request(caller_headers, 3))

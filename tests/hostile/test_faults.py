@@ -33,11 +33,13 @@ import pytest
 from bench import toolchain
 from tests.conftest import ROOT, ChildProcess, Pki, SidecarFactory, install_debian_packages
 from tests.hostile.peers import (
+    ACK,
     DATA,
     END_HEADERS,
     END_STREAM,
     GOAWAY,
     HEADERS,
+    PING,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
@@ -763,6 +765,37 @@ def test_sigterm_under_load_calls_end_ok_or_find_the_sidecar_gone_and_the_drain_
     assert oks
     for code, details in failures:
         assert code == "UNAVAILABLE" and "failed to connect" in details, (code, details)
+
+
+def test_a_call_started_before_the_caller_read_the_drains_goaway_is_relayed_not_refused(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """RFC 9113 6.8: the drain's first GOAWAY comes with a PING, and the last GOAWAY waits
+    for its ACK, even once no call is left: a call the caller sent before it read the first
+    GOAWAY is relayed and answered, not refused as unprocessed (a refusal makes gRPC clients
+    retry it, waiting for a sidecar that is gone until the call's deadline)."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "5")
+    gate = probe.gate("drain-ping")
+    with RawPeer(sidecar.port, pki) as peer:
+        peer.settle()
+        peer.send_frame(
+            HEADERS, END_HEADERS, 1, request_block(UNARY, (("x-probe-gate", "drain-ping"),))
+        )
+        peer.send_frame(DATA, END_STREAM, 1, grpc_message(b"held"))
+        probe.wait_for_calls(1)
+        sidecar.signal(signal.SIGTERM)
+        assert peer.goaway() == (0x7FFFFFFF, 0, b"")
+        flags, _, opaque = peer.read_until(PING) or (None, None, b"")
+        assert flags == 0, "the drain's PING"
+        gate.set()
+        assert peer.status(1)["grpc-status"] == "0"
+        peer.call(3, UNARY, b"sent before reading the GOAWAY")  # as a client's in-flight call
+        assert peer.status(3)["grpc-status"] == "0"
+        peer.send_frame(PING, ACK, 0, opaque)
+        assert peer.goaway() == (3, 0, b"")
+        assert peer.closed_within(5)
+    assert [call.method for call in probe.wait_for_calls(2)] == ["Unary", "Unary"]
+    assert sidecar.wait_exit(10) == 0
 
 
 def test_drain_grace_over_the_caller_reads_each_status_then_goaway_then_the_close(

@@ -68,8 +68,11 @@ WRITE_BUFFER_HIGH = 256 * 1024
 _CLOSE_GRACE_SECONDS = 10.0
 # How long a caller cut for what it did has to read our last words (its GOAWAY).
 _HANG_UP_SECONDS = 0.5
-# PING ACKs queued for a caller that is not reading, before its connection is cut.
-_MAX_ACKS_WHILE_BUSY = 1000
+# Answers of the splice's own to a caller (PING answers, requests refused here, window
+# credit) while it does not read, or waiting here for the frame relayed to it to be whole,
+# before its connection is cut: a caller that goes on asking without reading the answers
+# is flooding (the HTTP/2 "ping flood", and its kin).
+_MAX_UNREAD_ANSWERS = 1000
 # How long a PING ACK waits for relayed bytes going the same way, to ride with them
 # instead of costing a write (and, to a caller, a TLS record) of its own. gRPC peers
 # ping once per burst of data they receive (to estimate the bandwidth-delay product),
@@ -319,7 +322,7 @@ class Splice:
         self._failing = False
         self._broken = False  # a peer broke HTTP/2 or a budget: nothing more is relayed
         self._caller_busy = False  # the caller's write buffer is full
-        self._acks_while_busy = 0
+        self._answers_while_busy = 0
         self._failure: asyncio.Task[None] | None = None
         self._pauses: set[str] = set()
         self._calls: dict[int, _Call] = {}  # calls in flight, by stream
@@ -425,7 +428,7 @@ class Splice:
 
     def caller_ready(self) -> None:
         self._caller_busy = False
-        self._acks_while_busy = 0
+        self._answers_while_busy = 0
         if self._upstream is not None:
             self._upstream.resume_reading()
 
@@ -651,6 +654,11 @@ class Splice:
             credit, self._credit = self._credit, 0
             self._own_to_caller.frames.append(frame(WINDOW_UPDATE, 0, 0, credit.to_bytes(4, "big")))
             self._send_own_to_caller()
+            try:
+                self._count_answer()
+            except BudgetExceeded as exceeded:
+                self._calm_down(str(exceeded))
+                return
         assert self._upstream is not None
         if self._own_to_upstream.frames and outbound.at_frame_boundary:
             chunks += self._own_to_upstream.take()
@@ -779,6 +787,16 @@ class Splice:
         )
         self._send_own_to_caller()
         self._log_call(call, refused.code, refused.details)
+        self._count_answer()
+
+    def _count_answer(self) -> None:
+        """One more answer of the splice's own for the caller (see _MAX_UNREAD_ANSWERS)."""
+        if self._caller_busy:
+            self._answers_while_busy += 1
+            if self._answers_while_busy > _MAX_UNREAD_ANSWERS:
+                raise BudgetExceeded("requests or PINGs sent without reading the answers")
+        if len(self._own_to_caller.frames) > _MAX_UNREAD_ANSWERS:
+            raise BudgetExceeded("requests or PINGs sent without reading the answers")
 
     def _local_end(self, stream_id: int, call: _Call, code: grpc.StatusCode, details: str) -> bytes:
         """The frames that end a call here, as a gRPC server ends one: its status in trailers
@@ -901,13 +919,8 @@ class Splice:
                 self._loop.call_soon(self._close_drained)
 
     def _caller_ping(self, opaque: bytes) -> None:
-        if self._caller_busy:
-            # Our answers pile up while the caller does not read: a caller that keeps
-            # pinging all the same is flooding (the answer to the HTTP/2 "ping flood").
-            self._acks_while_busy += 1
-            if self._acks_while_busy > _MAX_ACKS_WHILE_BUSY:
-                raise BudgetExceeded("PINGs sent without reading the answers")
         self._answer_ping(self._own_to_caller, opaque, self._send_own_to_caller)
+        self._count_answer()
 
     def _caller_acked_ping(self, opaque: bytes) -> None:
         if opaque == _DRAIN_OPAQUE and self._drain_ping is not None:

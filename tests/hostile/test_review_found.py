@@ -23,6 +23,7 @@ from tests.hostile.peers import (
     PING,
     RST_STREAM,
     SETTINGS,
+    WINDOW_UPDATE,
     RawPeer,
     client_context,
     eventually,
@@ -212,3 +213,33 @@ def test_evicting_handshakes_never_leaves_the_listener_refusing_everyone(
     # The holder's close takes a moment to reach the sidecar.
     served = eventually(lambda: unary_ok(sidecar, pki, timeout=2), 10)
     assert served, "refused at max_connections with nobody connected"
+
+
+def test_requests_answered_here_while_the_caller_does_not_read_are_bounded(
+    sidecar: SidecarProcess, pki: Pki
+) -> None:
+    """A caller that stops reading a big stream holds the sidecar mid-frame towards it; the
+    requests the sidecar answers itself (malformed ones) were answered into a list, within
+    the control budget and without end: 20 such callers grew the sidecar 100 MiB in 30 s.
+    Past 1000 answers left unread, the caller is cut."""
+    malformed = request_block(METHOD) + b"\x00\x03X-K\x01v"  # a name with uppercase
+    with RawPeer(sidecar.port, pki) as attacker:
+        attacker.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        attacker.settle()
+        # Windows wide open: the app's stream fills the sidecar's buffer towards the caller.
+        wide = (2**31 - 1).to_bytes(4, "big")
+        attacker.send_frame(SETTINGS, 0, 0, (0x4).to_bytes(2, "big") + wide)
+        attacker.send_frame(WINDOW_UPDATE, 0, 0, (2**31 - 1 - 65_535).to_bytes(4, "big"))
+        big = request_block(SERVER_STREAM, (("x-probe-count", "100000"),))
+        attacker.send_frame(HEADERS, END_HEADERS, 1, big)
+        attacker.send_frame(DATA, END_STREAM, 1, message(b"r" * 16_000))
+        stream_id, start = 3, time.monotonic()
+        with contextlib.suppress(OSError):  # cut: the sidecar's reset ends the writes
+            while stream_id < 2 * 20_000 and "exceeded a budget" not in sidecar.output:
+                # 900 a second: within the control-frame budget (1000 a second)
+                while stream_id > 3 + 2 * 900 * (time.monotonic() - start):
+                    time.sleep(0.01)  # pacing the attack, not waiting for the sidecar
+                attacker.send_frame(HEADERS, END_HEADERS | END_STREAM, stream_id, malformed)
+                stream_id += 2
+    sidecar.wait_for("exceeded a budget: requests or PINGs sent without reading the answers")
+    assert unary_ok(sidecar, pki)

@@ -53,6 +53,9 @@ _MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may hav
 # also bounds what is held of a frame that arrives a few bytes at a time.
 _MAX_HEADER_BLOCK = 256 * 1024
 _MAX_FRAGMENTS = 1024  # CONTINUATION frames in one header block
+# Entries in one SETTINGS frame: a few are defined, and each costs a step to rewrite (a
+# 16 KiB SETTINGS frame cost 2.5 ms at one control frame's price); nghttp2's default.
+MAX_SETTINGS_ENTRIES = 32
 _MAX_DROPPED = 1024  # dropped streams remembered (their late frames are left out)
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 
@@ -141,6 +144,10 @@ def _rewritten_settings(
     grpc core's true-binary setting is left out (see SETTINGS_GRPC_TRUE_BINARY)."""
     if len(payload) % 6:
         raise FrameError("SETTINGS frame length is not a multiple of 6")
+    if len(payload) > 6 * MAX_SETTINGS_ENTRIES:
+        raise FrameError(
+            f"SETTINGS frame of {len(payload) // 6} entries (at most {MAX_SETTINGS_ENTRIES})"
+        )
     kept = []
     for offset in range(0, len(payload), 6):
         identifier = int.from_bytes(payload[offset : offset + 2], "big")
@@ -165,7 +172,7 @@ def _rewritten_settings(
     return b"".join(kept)
 
 
-def _fragment(flags: int, payload: bytes) -> bytes:
+def header_fragment(flags: int, payload: bytes) -> bytes:
     """A HEADERS frame's header block fragment: padding and priority fields removed."""
     start, end = 0, len(payload)
     if flags & PADDED:
@@ -541,7 +548,7 @@ class FrameWalker:
         if kind == HEADERS:
             if not stream_id:
                 raise FrameError("HEADERS frame on stream 0")  # RFC 9113 6.2
-            self._block = (stream_id, flags, [_fragment(flags, payload)])
+            self._block = (stream_id, flags, [header_fragment(flags, payload)])
             self._block_size = len(payload)
         elif kind == CONTINUATION:
             if self._block is None or self._block[0] != stream_id:

@@ -7,15 +7,27 @@ the input, walks its frame headers (9 bytes each, RFC 9113 4.1), and hands over
 the preface and at most a turn's budget of whole frames at a time. On the way it
 counts the connection's budgets (limits.py: denied_bytes, denied_frames,
 max_header_block) and checks each frame's length on its header, before its
-payload is held: a caller past one raises `Overrun`, with the GOAWAY error code
-it earns. Sans-IO: the refusal owns the socket, the turns and the clock.
+payload is held; what costs h2 far more than its size says is refused too (a
+SETTINGS frame of many entries, a header block of many table size updates): a
+caller past one raises `Overrun`, with the GOAWAY error code it earns. Sans-IO:
+the refusal owns the socket, the turns and the clock.
 """
 
 from __future__ import annotations
 
 import h2.errors
 
-from sidecar.frames import CONTINUATION, END_HEADERS, HEADERS, PREFACE
+from sidecar.frames import (
+    CONTINUATION,
+    END_HEADERS,
+    HEADERS,
+    MAX_SETTINGS_ENTRIES,
+    PREFACE,
+    SETTINGS,
+    FrameError,
+    header_fragment,
+)
+from sidecar.headerblock import HeaderBlockError, check_size_updates
 from sidecar.limits import Limits
 
 # Frames handed to h2 in one loop turn: well under a millisecond of its time (20-30 us
@@ -45,6 +57,7 @@ class Intake:
         self._input = bytearray()
         self._preface_left = len(PREFACE)
         self._block_size = 0  # of the header block in progress (HEADERS + CONTINUATIONs)
+        self._block: list[bytes] = []  # its fragments so far
         self.frames = 0
         self.bytes = 0
 
@@ -92,6 +105,11 @@ class Intake:
                     )
                 break
             kind, flags = data[position + 3], data[position + 4]
+            if kind == SETTINGS and length > 6 * MAX_SETTINGS_ENTRIES:
+                raise Overrun(
+                    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                    f"a SETTINGS frame of over {MAX_SETTINGS_ENTRIES} entries",
+                )
             if kind in (HEADERS, CONTINUATION):
                 # h2 holds a block's frames until its last; each CONTINUATION counts its
                 # frame header too (empty ones cost h2 as much).
@@ -104,8 +122,21 @@ class Intake:
                         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                         f"a header block over {limits.max_header_block} bytes",
                     )
+                payload = bytes(data[position + _FRAME_HEADER : position + _FRAME_HEADER + length])
+                if kind == HEADERS:
+                    try:
+                        self._block = [header_fragment(flags, payload)]
+                    except FrameError as error:
+                        raise Overrun(h2.errors.ErrorCodes.PROTOCOL_ERROR, str(error)) from None
+                else:
+                    self._block.append(payload)
                 if flags & END_HEADERS:
                     self._block_size = 0
+                    block, self._block = b"".join(self._block), []
+                    try:
+                        check_size_updates(block)
+                    except HeaderBlockError as error:
+                        raise Overrun(h2.errors.ErrorCodes.COMPRESSION_ERROR, str(error)) from None
             position += _FRAME_HEADER + length
             taken += 1
         self.frames += taken

@@ -579,11 +579,11 @@ class Splice:
         if self._done or self._refusal is not None or self._failing:
             return
         self._upstream = None
+        if self._broken:
+            return  # closed by the splice itself (the caller was cut)
         if self._replay is not None:  # lost before it spoke: the calls can still be answered
             self._start_failure(exc or _CLOSED_BEFORE_SPEAKING)
             return
-        if self._broken:
-            return  # closed by the splice itself
         reason = f": {_failure_text(exc)}" if exc is not None else ""
         if self._calls or self._upstream_last is None:
             _limited_log.log(
@@ -752,6 +752,7 @@ class Splice:
                 return self._requests.rewrite(buffer[start:end], trailers=True)[0]
             except RequestRefused as refused:
                 call = self._calls.pop(stream_id)
+                self._spend_reset()  # malformed trailers cancel the call as a reset does
                 # The upstream knows this stream: it must learn that it is over.
                 self._own_to_upstream.frames.append(
                     frame(RST_STREAM, 0, stream_id, _CANCEL.to_bytes(4, "big"))
@@ -894,16 +895,20 @@ class Splice:
     def _caller_reset(self, stream_id: int, error_code: int) -> None:
         call = self._calls.pop(stream_id, None)
         if call is not None:
-            if not self._resets.spend(1):
-                # Streams opened and cancelled before the upstream has finished answering
-                # cost it a call each and the caller nothing: the "rapid reset" attack
-                # (whether the upstream had begun its answer or not).
-                raise BudgetExceeded(
-                    f"more than {self._limits.reset_rate} calls per second cancelled "
-                    "before their answer (rapid reset)"
-                )
+            self._spend_reset()
             self._log_call(call, grpc.StatusCode.CANCELLED)
-        self._call_ended()
+            self._call_ended()  # (a reset of a stream that is no call is no activity)
+
+    def _spend_reset(self) -> None:
+        """A call in flight ends before its answer, by the caller's doing. Streams opened
+        and cancelled before the upstream has finished answering cost it a call each and
+        the caller nothing: the "rapid reset" attack (whether the upstream had begun its
+        answer or not, and whether the caller reset the stream or made the sidecar do it)."""
+        if not self._resets.spend(1):
+            raise BudgetExceeded(
+                f"more than {self._limits.reset_rate} calls per second cancelled "
+                "before their answer (rapid reset)"
+            )
 
     def _upstream_reset(self, stream_id: int, error_code: int) -> None:
         call = self._calls.pop(stream_id, None)

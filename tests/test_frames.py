@@ -156,6 +156,9 @@ def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
             id="stray-continuation",
         ),
         pytest.param(PREFACE + frame(SETTINGS, 0, 0, b"12345"), "multiple of 6", id="bad-settings"),
+        pytest.param(  # each entry costs a step: 2,730 cost 2.5 ms at one control frame's price
+            PREFACE + frame(SETTINGS, 0, 0, bytes(6) * 33), "33 entries", id="settings-flood"
+        ),
         pytest.param(
             PREFACE + frame(HEADERS, PADDED | END_HEADERS, 1, b"\x09ab"),
             "padding",

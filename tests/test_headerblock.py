@@ -313,3 +313,29 @@ def test_malformed_requests_are_charged_to_the_stateful_budget_too() -> None:
         for _ in range(100):
             with pytest.raises(RequestRefused):
                 blocks.rewrite(client.encode(bad))
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_more_than_two_table_size_updates_end_the_connection_unread(stateless: bool) -> None:
+    """RFC 7541 4.2 allows two at the start of a block; 16,000 one-byte updates made one
+    block cost a decoder 30 ms, at one frame's price."""
+    blocks = stateless_blocks() if stateless else RequestBlocks(USER_AGENT)
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    client.encode([])
+    fine = client.encode(request("/a/B"))
+    blocks.rewrite(b"\x20\x20" + fine)
+    with pytest.raises(HeaderBlockError, match="more than two table size updates"):
+        blocks.rewrite(b"\x20" * 16_000 + fine)
+
+
+def test_a_stateless_block_may_not_resize_the_table_or_resize_it_late() -> None:
+    """Once the client has applied the table size of 0 it was told, an update above 0, or
+    one after a field, is an error the app would refuse too: it ends the connection here."""
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    client.encode([])
+    fine = client.encode(request("/a/B"))
+    for bad in (b"\x3f\xe1\x3f" + fine, fine[:1] + b"\x20" + fine[1:]):
+        with pytest.raises(HeaderBlockError, match="table size update"):
+            stateless_blocks().rewrite(bad)

@@ -25,6 +25,8 @@ from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.hostile.peers import (
     ACK,
     CONTINUATION,
+    END_HEADERS,
+    END_STREAM,
     GOAWAY,
     HEADERS,
     METHOD,
@@ -370,4 +372,28 @@ def test_a_denied_frame_larger_than_advertised_is_refused_on_its_header(
         _, goaway = read_to_goaway(caller)
         assert goaway is not None
         assert goaway_fields(goaway) == (0, FRAME_SIZE_ERROR)
+        assert caller.closed_within(5)
+
+
+@pytest.mark.parametrize(
+    ("flood", "error_code"),
+    [
+        # 16,000 table size updates and a request: 30 ms of h2's time for one frame
+        (
+            lambda: frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x20" * 16_000 + request_block()),
+            0x9,  # COMPRESSION_ERROR
+        ),
+        # 2,730 entries: 1.2 ms of h2's time for one frame
+        (lambda: frame(SETTINGS, 0, 0, bytes(6) * 2730), ENHANCE_YOUR_CALM),
+    ],
+    ids=["size-updates", "settings-entries"],
+)
+def test_a_denied_frame_that_costs_far_more_than_its_size_is_refused_unread(
+    sidecar: SidecarProcess, pki: Pki, flood: Callable[[], bytes], error_code: int
+) -> None:
+    with RawPeer(sidecar.port, pki, "mallory", timeout=5) as caller:
+        caller.send(flood())
+        _, goaway = read_to_goaway(caller)
+        assert goaway is not None
+        assert goaway_fields(goaway) == (0, error_code)
         assert caller.closed_within(5)

@@ -7,9 +7,13 @@ connection accepted, within the route's limits:
 - handshakes in progress are capped (`max_pending_handshakes`): beyond, the
   oldest is closed, so that a flood of silent connections (each would hold its
   descriptor for `handshake_timeout`) cannot lock new callers out;
-- connections, pending handshakes included, are capped (`max_connections`):
-  beyond, a caller is answered UNAVAILABLE saying so (a few dozen at a time, as
-  each costs a handshake; the others are closed at once);
+- connections, pending handshakes included, are capped (`max_connections`): at
+  the cap, room is made at the expense of those who have not earned a place,
+  the oldest pending handshake (no certificate shown yet), else the oldest
+  denied caller's connection, so that neither silent sockets nor denied callers
+  can fill the listener; with neither, a caller is answered UNAVAILABLE saying
+  so (a few dozen at a time, as each costs a handshake; the others are closed
+  at once);
 - out of descriptors, the callers waiting in the listen queue are closed at
   once with a reserve descriptor (descriptors.py): they fail fast and retry,
   instead of waiting for their deadline, and the connections open are served.
@@ -21,6 +25,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import grpc
@@ -79,25 +84,35 @@ class Admission:
     def pending(self) -> int:
         return len(self._pending)
 
-    def admit(self, open_connections: int, handshake: bool) -> Verdict:
+    def admit(
+        self,
+        open_connections: int,
+        handshake: bool,
+        evict_denied: Callable[[], str | None] = lambda: None,
+    ) -> Verdict:
         """What becomes of a connection just accepted, with open_connections open (a
-        connection that needs a handshake is counted as pending from now on)."""
+        connection that needs a handshake is counted as pending from now on);
+        evict_denied closes the oldest denied caller's connection (its address, or None)."""
         limits = self._limits
         if handshake and len(self._pending) >= limits.max_pending_handshakes:
-            oldest, task = next(iter(self._pending.items()))
-            del self._pending[oldest]
-            task.cancel()  # the event loop closes its connection
-            _limited.log(
-                logging.WARNING,
-                ("pending", id(self)),
-                "%s: %d TLS handshakes pending (max_pending_handshakes): the oldest, "
-                "from %s, closed",
-                self._title,
-                limits.max_pending_handshakes,
-                oldest.remote,
-            )
+            self._close_oldest_pending("max_pending_handshakes", limits.max_pending_handshakes)
         served = open_connections + len(self._pending) - self._refusing
         if served < limits.max_connections:
+            return "serve"
+        if handshake and self._pending:
+            self._close_oldest_pending("max_connections", limits.max_connections)
+            return "serve"
+        evicted = evict_denied()
+        if evicted is not None:
+            _limited.log(
+                logging.WARNING,
+                ("denied evicted", id(self)),
+                "%s: at max_connections (%d): the oldest denied caller's connection, from "
+                "%s, closed for a new caller",
+                self._title,
+                limits.max_connections,
+                evicted,
+            )
             return "serve"
         _limited.log(
             logging.WARNING,
@@ -110,6 +125,20 @@ class Admission:
             return "close"
         self._refusing += 1
         return "refuse"
+
+    def _close_oldest_pending(self, limit: str, value: int) -> None:
+        oldest, task = next(iter(self._pending.items()))
+        del self._pending[oldest]
+        task.cancel()  # the event loop closes its connection
+        _limited.log(
+            logging.WARNING,
+            ("pending", limit, id(self)),
+            "%s: at %s (%d) with TLS handshakes pending: the oldest, from %s, closed",
+            self._title,
+            limit,
+            value,
+            oldest.remote,
+        )
 
     def refusal_ended(self) -> None:
         """A connection admitted as "refuse" has ended (or never got its protocol)."""

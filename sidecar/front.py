@@ -110,6 +110,7 @@ class _CallerProtocol(asyncio.Protocol):
         if policy.decide(identity, "").allowed:
             self._splice(identity.description)
             return
+        front.denied[self] = None  # the first to go when the listener is full
         self.handler = Refusal(
             self._transport,
             grpc.StatusCode.PERMISSION_DENIED,
@@ -194,6 +195,9 @@ class Front:
         self.policy = policy
         self.identities = IdentityReader()
         self.connections: set[_CallerProtocol] = set()
+        # Denied callers' connections, oldest first: at max_connections the oldest is closed
+        # to make room for a newcomer, so that denied callers cannot fill the listener.
+        self.denied: dict[_CallerProtocol, None] = {}
         self._peak = 0  # the most connections open at once since memory was last given back
         self._trim: asyncio.TimerHandle | None = None
         self._tls = tls
@@ -243,7 +247,9 @@ class Front:
                 self.admission.accept_failed(listener, error, len(self.connections))
                 await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
                 continue
-            verdict = self.admission.admit(len(self.connections), self._tls is not None)
+            verdict = self.admission.admit(
+                len(self.connections), self._tls is not None, self._evict_denied
+            )
             if verdict == "close":
                 sock.close()
                 continue
@@ -337,7 +343,19 @@ class Front:
             self._diagnosis,
         )
 
+    def _evict_denied(self) -> str | None:
+        """Close the oldest denied caller's connection now, its place given at once; the
+        caller's address, or None if no caller is denied."""
+        if not self.denied:
+            return None
+        oldest = next(iter(self.denied))
+        del self.denied[oldest]
+        self.connections.discard(oldest)
+        oldest.abort()
+        return oldest.remote
+
     def forget(self, connection: _CallerProtocol) -> None:
+        self.denied.pop(connection, None)
         if connection in self.connections and connection.over_limit and not connection.released:
             connection.released = True
             self.admission.refusal_ended()

@@ -20,7 +20,14 @@ import pytest
 
 from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
-from tests.hostile.peers import METHOD, Footprint, client_context, eventually, unary_ok
+from tests.hostile.peers import (
+    METHOD,
+    Footprint,
+    RawPeer,
+    client_context,
+    eventually,
+    unary_ok,
+)
 from tests.probe import Probe
 
 
@@ -108,8 +115,8 @@ def test_beyond_max_pending_handshakes_the_oldest_are_closed_and_callers_served(
             assert unary_ok(process, pki, timeout=2)
             assert footprint.fds <= before + 24
     process.wait_for(
-        r"WARNING .*20 TLS handshakes pending \(max_pending_handshakes\): the oldest, from "
-        r"ipv4:127\.0\.0\.1:\d+, closed"
+        r"WARNING .*at max_pending_handshakes \(20\) with TLS handshakes pending: the oldest, "
+        r"from ipv4:127\.0\.0\.1:\d+, closed"
     )
 
 
@@ -132,6 +139,24 @@ def test_beyond_max_connections_a_caller_is_answered_unavailable_saying_so(
         # The connection's end is seen by the sidecar shortly after: the next caller fits.
         assert eventually(lambda: unary_ok(process, pki, timeout=2), 5), "a caller served again"
     process.wait_for(r"WARNING .*3 connections open \(max_connections\): new callers are refused")
+
+
+def test_at_max_connections_silent_sockets_and_denied_callers_make_room_for_a_newcomer(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """Connections that never start their handshake, and denied callers' connections, filled
+    max_connections as well as any: 50 of either kept every allowed caller out. At the cap
+    the oldest of them is closed instead of the newcomer refused."""
+    process = sidecars.serving(probe.port, "--allow-cn", "alice", "--max-connections", "5")
+    with ExitStack() as stack:
+        for _ in range(5):
+            stack.enter_context(socket.create_connection(("127.0.0.1", process.port)))
+        assert unary_ok(process, pki, timeout=5), "silent sockets kept an allowed caller out"
+        for _ in range(5):
+            stack.enter_context(RawPeer(process.port, pki, "mallory")).settle()
+        assert unary_ok(process, pki, timeout=5), "denied callers kept an allowed caller out"
+    process.wait_for(r"WARNING .*at max_connections \(5\) with TLS handshakes pending")
+    process.wait_for(r"WARNING .*at max_connections \(5\): the oldest denied caller's connection")
 
 
 def _chain_client(pki: Pki, tmp_path: Path, name: str, chain: list[certs.Issued]) -> ssl.SSLContext:

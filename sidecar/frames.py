@@ -451,6 +451,17 @@ class FrameWalker:
                 raise FrameError("PUSH_PROMISE is not allowed")
             if kind == RST_STREAM and length != 4:
                 raise FrameError("RST_STREAM frame payload is not 4 bytes")
+            # What the receiver would take as a connection error is one here, said to be the
+            # sender's: relayed, it would end the other connection, blaming the wrong peer.
+            if kind == WINDOW_UPDATE:  # RFC 9113 6.9: 4 bytes, an increment of at least 1
+                if length != 4:
+                    raise FrameError("WINDOW_UPDATE frame payload is not 4 bytes")
+                if end > size:
+                    break  # read whole: its increment is checked
+                if not int.from_bytes(data[position + 9 : end], "big") & 0x7FFFFFFF:
+                    raise FrameError("WINDOW_UPDATE with an increment of 0")
+            elif kind == PRIORITY and length != 5:  # RFC 9113 6.3
+                raise FrameError("PRIORITY frame payload is not 5 bytes")
             if kind in (PING, WINDOW_UPDATE, PRIORITY) or (kind == GOAWAY and not self._goaway):
                 if dropped and kind != GOAWAY and length <= 8:
                     if end > size:
@@ -478,6 +489,8 @@ class FrameWalker:
                     break
                 self.control_frames += 1
                 stream_id = int.from_bytes(data[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                if not stream_id:
+                    raise FrameError("RST_STREAM frame on stream 0")  # RFC 9113 6.4
                 if dropped and stream_id in dropped:
                     del dropped[stream_id]  # the stream is over on both sides now
                     if view is None:

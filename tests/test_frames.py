@@ -167,6 +167,14 @@ def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
         pytest.param(PREFACE + frame(0x5, END_HEADERS, 1, b"\x00\x00\x00\x02"), "PUSH_PROMISE",
                      id="push-promise"),
         pytest.param(PREFACE + frame(RST_STREAM, 0, 1, bytes(5000)), "4 bytes", id="long-reset"),
+        pytest.param(PREFACE + frame(RST_STREAM, 0, 0, bytes(4)), "stream 0", id="reset-stream-0"),
+        pytest.param(
+            PREFACE + frame(WINDOW_UPDATE, 0, 0, bytes(4)), "increment of 0", id="window-update-0"
+        ),
+        pytest.param(
+            PREFACE + frame(WINDOW_UPDATE, 0, 1, bytes(5)), "4 bytes", id="long-window-update"
+        ),
+        pytest.param(PREFACE + frame(PRIORITY, 0, 1, bytes(4)), "5 bytes", id="short-priority"),
         pytest.param(
             PREFACE + frame(HEADERS, 0, 1, b"a") + frame(CONTINUATION, 0, 1, b"") * 2000,
             "too large",

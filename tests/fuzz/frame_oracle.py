@@ -173,6 +173,25 @@ def settings_entries(payload: bytes) -> tuple[tuple[int, int], ...]:
     )
 
 
+def _malformed_control(
+    raw: bytes, complete: bool, kind: int, stream_id: int, length: int
+) -> Verdict | None:
+    """RFC 9113 6.3, 6.4, 6.9: what the receiver would take as a connection error is refused
+    (a WINDOW_UPDATE is held whole for its increment to be read); None for the rest."""
+    if kind == WINDOW_UPDATE:
+        if length != 4:
+            return Verdict("refuse", why="WINDOW_UPDATE not 4 bytes")
+        if not complete:
+            return Verdict("agree", [], why="held whole: its increment is checked")
+        if not int.from_bytes(raw[9:13], "big") & 0x7FFFFFFF:
+            return Verdict("refuse", why="WINDOW_UPDATE of 0")
+    if kind == PRIORITY and length != 5:
+        return Verdict("refuse", why="PRIORITY not 5 bytes")
+    if kind == RST_STREAM and length == 4 and complete and stream_id == 0:
+        return Verdict("refuse", why="RST_STREAM on stream 0")
+    return None
+
+
 class FrameOracle:
     """Judges a stream fed to a FrameWalker one piece from `split` at a time."""
 
@@ -199,6 +218,9 @@ class FrameOracle:
             return Verdict("refuse", why="a header block interrupted by another frame")
         if kind == PUSH_PROMISE:
             return Verdict("refuse", why="PUSH_PROMISE")
+        malformed = _malformed_control(raw, complete, kind, stream_id, length)
+        if malformed is not None:
+            return malformed
         left_out = self._left_out(raw, complete, kind, flags, stream_id, length)
         if left_out is not None:
             return left_out

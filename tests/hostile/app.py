@@ -29,8 +29,8 @@ class AnnouncingProbe(Probe):
         self._announcing = threading.Lock()  # one line at a time, numbered in order
 
     def _seen(self, method: str, context: grpc.ServicerContext) -> SeenCall:
-        call = super()._seen(method, context)
-        with self._announcing:
+        with self._announcing:  # counted and said together: no number skipped or said twice
+            call = super()._seen(method, context)
             print(f"call {len(self.calls)} {method}", flush=True)
         return call
 

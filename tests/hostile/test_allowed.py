@@ -209,8 +209,11 @@ def test_hpack_amplification_is_bounded_for_a_caller_that_never_empties_its_tabl
         except OSError:
             pass
         goaway = attacker.goaway()
-    assert goaway is not None, "the connection was not closed"
-    assert b"before the client applied a header table size of 0" in goaway[2], goaway
+    # The GOAWAY says why, unless a frame to the caller was half sent when it was cut (it
+    # reads nothing: the app's answers fill its window), which the log still says.
+    if goaway is not None:
+        assert b"before the client applied a header table size of 0" in goaway[2], goaway
+    sidecar.wait_for("broke HTTP/2: .*before the client applied a header table size of 0")
     delivered = sum(len(call.metadata) for call in probe.calls)
     # 64 x max_header_list_size of decoded headers at most: about 340 requests of 3 KB.
     assert len(probe.calls) <= 400, f"the app saw {len(probe.calls)} requests ({delivered})"

@@ -547,6 +547,10 @@ class FrameWalker:
             self._goaway(int.from_bytes(payload[:4], "big") & 0x7FFFFFFF)
             return None
         if kind == SETTINGS:
+            if stream_id:  # RFC 9113 6.5: connection errors, the sender's
+                raise FrameError("SETTINGS frame on a stream")
+            if flags & ACK and payload:
+                raise FrameError("SETTINGS ACK with a payload")
             if flags & ACK:
                 self.control_frames += 1
                 if self._settings_acked is not None and self._settings_acked() is False:

@@ -168,6 +168,12 @@ def test_large_blocks_are_split_into_frames_any_peer_accepts() -> None:
                      id="push-promise"),
         pytest.param(PREFACE + frame(RST_STREAM, 0, 1, bytes(5000)), "4 bytes", id="long-reset"),
         pytest.param(PREFACE + frame(RST_STREAM, 0, 0, bytes(4)), "stream 0", id="reset-stream-0"),
+        pytest.param(PREFACE + frame(SETTINGS, 0, 1, b""), "on a stream", id="settings-on-stream"),
+        pytest.param(
+            PREFACE + frame(SETTINGS, 0, 0, b"") + frame(SETTINGS, 0x1, 0, bytes(6)),
+            "ACK with a payload",
+            id="settings-ack-payload",
+        ),
         pytest.param(
             PREFACE + frame(WINDOW_UPDATE, 0, 0, bytes(4)), "increment of 0", id="window-update-0"
         ),

@@ -41,6 +41,7 @@ from sidecar.frames import DROP, _Drop
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+MAX_SETTINGS_ENTRIES = 32  # what frames.py allows in one SETTINGS frame (nghttp2's default)
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE = 0x1, 0x6
@@ -317,6 +318,8 @@ class FrameOracle:
         if isinstance(frame, SettingsFrame):
             if flags & ACK:
                 return Verdict("agree", [Exact(raw)], [("acked",)] if hooks.acked else [])
+            if len(raw) - 9 > 6 * MAX_SETTINGS_ENTRIES:
+                return Verdict("refuse", why="a SETTINGS frame of too many entries")
             self.settings_seen = True
             return self._settings(raw, flags, stream_id)
         if isinstance(frame, PingFrame):  # taken by the ping callback, never relayed

@@ -663,15 +663,13 @@ class Splice:
         if self._own_to_upstream.frames and outbound.at_frame_boundary:
             chunks += self._own_to_upstream.take()
         _write(self._upstream, chunks)
-        if outbound.in_frame:
-            if self._header_timer is None:
-                self._header_timer = self._loop.call_later(
-                    self._limits.header_timeout, self._header_overdue
-                )
-                self._frames_at_timer = outbound.control_frames + outbound.data_frames
-        elif self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        # The timer is left to run when the frame is finished (it then finds none, or another
+        # begun since, and times that afresh): not a timer made and cancelled on most reads.
+        if self._header_timer is None and outbound.in_frame:
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout, self._header_overdue
+            )
+            self._frames_at_timer = outbound.control_frames + outbound.data_frames
         if outbound.backlog:
             self._continue_later(from_upstream=False)
 
@@ -959,7 +957,8 @@ class Splice:
 
     def _header_overdue(self) -> None:
         """A frame or block was left unfinished at the end of a read header_timeout ago. If
-        frames were completed since, the one unfinished now is another: time it afresh."""
+        none is unfinished now, nothing is timed; if frames were completed since, the one
+        unfinished now is another: time it afresh."""
         self._header_timer = None
         outbound = self._outbound
         walked = outbound.control_frames + outbound.data_frames

@@ -103,6 +103,18 @@ def _string(block: bytes, position: int) -> tuple[bytes, int]:
     return text, end
 
 
+def _literal_name(block: bytes, position: int) -> tuple[bytes, int]:
+    """A literal representation's name (RFC 7541 6.2), from the static table or a string,
+    for the one starting at position; returns (name, where its value starts)."""
+    prefix = 6 if block[position] & 0x40 else 4  # with, or without / never, indexing
+    index, position = _integer(block, position, prefix)
+    if not index:
+        return _string(block, position)
+    if index > len(_STATIC_NAMES):
+        raise HeaderBlockError(f"header block refers to table entry {index}")
+    return _STATIC_NAMES[index - 1], position
+
+
 def _fields(block: bytes) -> Iterator[tuple[bytes, int, int, int]]:
     """Each representation of a stateless block: (name, start, end, value start).
 
@@ -123,14 +135,7 @@ def _fields(block: bytes) -> Iterator[tuple[bytes, int, int, int]]:
             _, position = _integer(block, position, 5)
             yield b"", start, position, -1
             continue
-        prefix = 6 if first & 0x40 else 4  # literal with, or without / never, indexing
-        index, position = _integer(block, position, prefix)
-        if index:
-            if index > len(_STATIC_NAMES):
-                raise HeaderBlockError(f"header block refers to table entry {index}")
-            name = _STATIC_NAMES[index - 1]
-        else:
-            name, position = _string(block, position)
+        name, position = _literal_name(block, position)
         value_start = position
         position = _string_end(block, position)
         yield name, start, position, value_start
@@ -209,13 +214,7 @@ def _judge_representation(block: bytes, start: int, end: int) -> _Judgement:
             raise HeaderBlockError(f"header block refers to table entry {index}")
         name, value = HeaderTable.STATIC_TABLE[index - 1]
     else:
-        index, position = _integer(block, start, 6 if first & 0x40 else 4)
-        if index:
-            if index > len(_STATIC_NAMES):
-                raise HeaderBlockError(f"header block refers to table entry {index}")
-            name = _STATIC_NAMES[index - 1]
-        else:
-            name, position = _string(block, position)
+        name, position = _literal_name(block, start)
         value = _string(block, position)[0]
     judged = _judge(name, value)
     if end - start <= _CACHED_REPRESENTATION_LIMIT:

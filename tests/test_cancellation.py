@@ -97,13 +97,7 @@ def test_expired_deadline_reaches_the_app_as_reset_without_end_stream(
             assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     hold.set()
     # Every stream the app saw is ended by the sidecar (its copy of the deadline).
-    observer.wait(lambda: all(observer.endings[s] for s in observer.stream_ids))
-    assert observer.stream_ids, "no call reached the app: the test shows nothing"
-    half_closed = [s for s in observer.stream_ids if observer.endings[s][0] == "end_stream"]
-    assert not half_closed, (
-        f"{len(half_closed)} of {len(observer.stream_ids)} expired calls reached the app "
-        "half-closed"
-    )
+    assert_no_expired_call_reached_the_app_half_closed(observer)
 
 
 @pytest.mark.parametrize("messages", [1, 2])
@@ -119,6 +113,18 @@ def test_half_closed_request_stream_reaches_the_app_as_end_stream(
         assert observer.endings[stream][0] == "end_stream"
         assert observer.data_bytes[stream] == messages * FRAMED
         call.cancel()
+
+
+def assert_no_expired_call_reached_the_app_half_closed(observer: H2Observer) -> None:
+    """Once the sidecar has ended every stream the app saw, none of them ended with
+    END_STREAM (a half-close the client never sent)."""
+    observer.wait(lambda: all(observer.endings[s] for s in observer.stream_ids))
+    assert observer.stream_ids, "no call reached the app: the test shows nothing"
+    half_closed = [s for s in observer.stream_ids if observer.endings[s][0] == "end_stream"]
+    assert not half_closed, (
+        f"{len(half_closed)} of {len(observer.stream_ids)} expired calls reached the app "
+        "half-closed"
+    )
 
 
 def open_raw_h2(port: int, pki: Pki) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
@@ -168,10 +174,4 @@ def test_deadline_passing_at_the_sidecar_reaches_the_app_as_reset_without_end_st
                     if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
                         ended = ended or event.stream_id == stream
                 sock.sendall(connection.data_to_send())
-    observer.wait(lambda: all(observer.endings[s] for s in observer.stream_ids))
-    assert observer.stream_ids, "no call reached the app: the test shows nothing"
-    half_closed = [s for s in observer.stream_ids if observer.endings[s][0] == "end_stream"]
-    assert not half_closed, (
-        f"{len(half_closed)} of {len(observer.stream_ids)} expired calls reached the app "
-        "half-closed"
-    )
+    assert_no_expired_call_reached_the_app_half_closed(observer)

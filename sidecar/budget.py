@@ -43,4 +43,5 @@ class TokenBucket:
 
     def earn(self, tokens: float) -> None:
         """Give tokens back (never above the burst)."""
-        self._tokens = min(self._burst, self._tokens + tokens)
+        tokens += self._tokens
+        self._tokens = tokens if tokens < self._burst else self._burst

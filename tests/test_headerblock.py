@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import hpack
 import pytest
 
@@ -339,3 +341,27 @@ def test_a_stateless_block_may_not_resize_the_table_or_resize_it_late() -> None:
     for bad in (b"\x3f\xe1\x3f" + fine, fine[:1] + b"\x20" + fine[1:]):
         with pytest.raises(HeaderBlockError, match="table size update"):
             stateless_blocks().rewrite(bad)
+
+
+def test_the_blocks_a_connection_remembers_are_bounded_and_the_oldest_forgotten() -> None:
+    """A client whose every block is new (a hostile one; or deadlines that never repeat)
+    costs its connection a bounded amount of remembered blocks (32 KiB, objects
+    included), the oldest forgotten first; a forgotten block gets the same answer when it
+    comes back."""
+    blocks = stateless_blocks(HeaderLimits())
+    client = hpack.Encoder()
+    client.header_table_size = 0
+    client.encode([])
+    first = client.encode(request("/kv.KV/Get"))
+    answer = blocks.rewrite(first)
+    for number in range(5000):
+        blocks.rewrite(client.encode(request(f"/kv.KV/{number}")))
+    remembered = blocks._rewritten
+    held = sys.getsizeof(remembered) + sum(
+        sys.getsizeof(block) + sys.getsizeof(kept) + sys.getsizeof(kept[0]) + sys.getsizeof(kept[1])
+        for block, kept in remembered.items()
+    )
+    assert 50 < len(remembered) < 5000
+    assert held < 40 * 1024, held
+    assert first not in remembered
+    assert blocks.rewrite(first) == answer

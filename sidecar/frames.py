@@ -409,9 +409,9 @@ class FrameWalker:
                         raise FrameError(f"HEADERS frame is {length} bytes long")
                     if end > size:
                         break
+                    data_frames += 1
                     if not stream_id:
                         raise FrameError("HEADERS frame on stream 0")  # RFC 9113 6.2
-                    data_frames += 1
                     block_bytes_left -= length
                     if block_bytes_left < 0:
                         frames_left = 0  # this block is walked; the next frame waits

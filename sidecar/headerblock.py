@@ -438,12 +438,14 @@ class RequestBlocks:
         return answer
 
     def _remember(self, block: bytes, answer: tuple[bytes, bytes | None]) -> None:
+        size = _entry_size(block, answer)
+        if size > _REWRITTEN_BYTES:
+            return
         remembered = self._rewritten
-        self._rewritten_bytes += len(block) + len(answer[0]) + _ENTRY_OVERHEAD
+        self._rewritten_bytes += size
         while self._rewritten_bytes > _REWRITTEN_BYTES:
             oldest = next(iter(remembered))
-            forgotten = remembered.pop(oldest)[0]
-            self._rewritten_bytes -= len(oldest) + len(forgotten) + _ENTRY_OVERHEAD
+            self._rewritten_bytes -= _entry_size(oldest, remembered.pop(oldest))
         remembered[block] = answer
 
     def _rewrite_stateful(
@@ -478,6 +480,13 @@ class RequestBlocks:
         if not trailers:
             parts.append(self._user_agent)
         return b"".join(parts), path
+
+
+def _entry_size(block: bytes, answer: tuple[bytes, bytes | None]) -> int:
+    """What remembering a request block costs: its bytes, the rewritten block's, the decoded
+    :path's, and the objects' overhead."""
+    rewritten, path = answer
+    return len(block) + len(rewritten) + len(path or b"") + _ENTRY_OVERHEAD
 
 
 class ResponseBlocks:

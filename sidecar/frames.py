@@ -52,7 +52,8 @@ _HEADER = 9
 _FRAME_HEADER = struct.Struct(">BHBBI")
 _unpack_frame_header = _FRAME_HEADER.unpack_from
 _pack_frame_header = _FRAME_HEADER.pack
-unpack_increment = struct.Struct(">I").unpack_from  # a 4-byte field (and the error code)
+# A 4-byte field: a WINDOW_UPDATE's increment, an RST_STREAM's error code.
+_unpack_u32 = struct.Struct(">I").unpack_from
 _WHOLE_BLOCK_MASK = END_HEADERS | PADDED | PRIORITY_FLAG
 _MAX_OUTPUT_FRAME = 16384  # the smallest SETTINGS_MAX_FRAME_SIZE a peer may have
 # A header block (or another frame read whole) larger than this ends the connection:
@@ -437,7 +438,7 @@ class FrameWalker:
                         raise FrameError("WINDOW_UPDATE frame payload is not 4 bytes")
                     if end > size:
                         break  # read whole: its increment is checked
-                    if not unpack_increment(data, position + _HEADER)[0] & 0x7FFFFFFF:
+                    if not _unpack_u32(data, position + _HEADER)[0] & 0x7FFFFFFF:
                         raise FrameError("WINDOW_UPDATE with an increment of 0")
                     control_frames += 1
                     if dropped and stream_id in dropped:
@@ -485,7 +486,7 @@ class FrameWalker:
                         run_start = position = end
                         continue
                     if self._reset:
-                        self._reset(stream_id, unpack_increment(data, position + _HEADER)[0])
+                        self._reset(stream_id, _unpack_u32(data, position + _HEADER)[0])
                     position = end
                     continue
                 if kind == PRIORITY and length != 5:  # RFC 9113 6.3

@@ -31,7 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from sidecar.logs import escape
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sidecar.identity")  # by name: operators filter on it
 
 _CACHE_SIZE = 4096
 # What a description shows of a certificate's names: it goes into each log line and

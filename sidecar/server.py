@@ -19,7 +19,7 @@ from sidecar.descriptors import raise_open_file_limit
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME
 from sidecar.route import Route
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sidecar.server")  # by name: operators filter on it
 
 
 class Sidecar:

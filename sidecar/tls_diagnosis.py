@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from sidecar.addresses import Address
+from sidecar.frames import PREFACE, SETTINGS, frame
 from sidecar.logs import escape
 from sidecar.tls import TLSMaterial
 from sidecar.verify import name_matches, san_names
@@ -62,7 +63,7 @@ _CERTIFICATE_ALERTS = frozenset(
 )
 # An HTTP/2 client preface and an empty SETTINGS frame: a remote that accepted
 # our certificate answers with its SETTINGS; one that refused it sends an alert.
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_PREFACE = PREFACE + frame(SETTINGS, 0, 0, b"")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ FRAMES_PER_TURN = 32
 # it (the protocol's minimum).
 MAX_FRAME = 16_384
 _FRAME_HEADER = 9
+# A block's opening bytes that check_size_updates may read: two table size updates of at
+# most 6 bytes each (a longer integer is refused as bad), then the first byte after them.
+_OPENING = 32
 
 
 class Overrun(Exception):
@@ -57,7 +60,9 @@ class Intake:
         self._input = bytearray()
         self._preface_left = len(PREFACE)
         self._block_size = 0  # of the header block in progress (HEADERS + CONTINUATIONs)
-        self._block: list[bytes] = []  # its fragments so far
+        # Its opening bytes: where table size updates may stand (h2's decoder refuses one
+        # after a field), all check_size_updates reads. h2 holds the block itself.
+        self._opening = b""
         self.frames = 0
         self.bytes = 0
 
@@ -122,19 +127,21 @@ class Intake:
                         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                         f"a header block over {limits.max_header_block} bytes",
                     )
-                payload = bytes(data[position + _FRAME_HEADER : position + _FRAME_HEADER + length])
+                start = position + _FRAME_HEADER
                 if kind == HEADERS:
                     try:
-                        self._block = [header_fragment(flags, payload)]
+                        fragment = header_fragment(flags, bytes(data[start : start + length]))
                     except FrameError as error:
                         raise Overrun(h2.errors.ErrorCodes.PROTOCOL_ERROR, str(error)) from None
-                else:
-                    self._block.append(payload)
+                    self._opening = fragment[:_OPENING]
+                elif len(self._opening) < _OPENING:
+                    missing = _OPENING - len(self._opening)
+                    self._opening += data[start : start + min(length, missing)]
                 if flags & END_HEADERS:
                     self._block_size = 0
-                    block, self._block = b"".join(self._block), []
+                    opening, self._opening = self._opening, b""
                     try:
-                        check_size_updates(block)
+                        check_size_updates(opening)
                     except HeaderBlockError as error:
                         raise Overrun(h2.errors.ErrorCodes.COMPRESSION_ERROR, str(error)) from None
             position += _FRAME_HEADER + length

@@ -792,9 +792,8 @@ class Splice:
         """One more answer of the splice's own for the caller (see _MAX_UNREAD_ANSWERS)."""
         if self._caller_busy:
             self._answers_while_busy += 1
-            if self._answers_while_busy > _MAX_UNREAD_ANSWERS:
-                raise BudgetExceeded("requests or PINGs sent without reading the answers")
-        if len(self._own_to_caller.frames) > _MAX_UNREAD_ANSWERS:
+        unread = max(self._answers_while_busy, len(self._own_to_caller.frames))
+        if unread > _MAX_UNREAD_ANSWERS:
             raise BudgetExceeded("requests or PINGs sent without reading the answers")
 
     def _local_end(self, stream_id: int, call: _Call, code: grpc.StatusCode, details: str) -> bytes:

@@ -195,6 +195,8 @@ class RawPeer:
 
     def closed_within(self, seconds: float) -> bool:
         """Whether the sidecar ends the connection within `seconds` (frames read are dropped)."""
+        # The shorter timeout is this wait's only: reads after it keep the peer's own.
+        previous = self.sock.gettimeout()
         self.sock.settimeout(seconds)
         deadline = time.monotonic() + seconds
         try:
@@ -203,6 +205,8 @@ class RawPeer:
                     return True
         except TimeoutError:
             return False
+        finally:
+            self.sock.settimeout(previous)
         return False
 
     def close(self) -> None:

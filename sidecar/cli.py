@@ -16,11 +16,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from sidecar import __version__, allocator
-from sidecar.config import Config
-from sidecar.config_sources import CONFIG_ENV, Loaded, load
+from sidecar import __version__
+from sidecar.config.model import Config
+from sidecar.config.settings import BY_KEY, SETTINGS
+from sidecar.config.sources import CONFIG_ENV, Loaded, load
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
-from sidecar.settings import BY_KEY, SETTINGS
+from sidecar.host import allocator
 
 _DESCRIPTION = """\
 Put mutual TLS and a caller allowlist in front of a plain gRPC service, with no
@@ -145,7 +146,7 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Load
 
 
 def _run_event_loop(config: Config) -> int:
-    from sidecar.server import run  # imports grpc: after GRPC_VERBOSITY is settled
+    from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
 
     allocator.tune_for_relaying()
 
@@ -159,7 +160,7 @@ def _run_event_loop(config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["certs"]:
-        from sidecar.certs_cli import main as certs_main
+        from sidecar.certs.cli import main as certs_main
 
         return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     config = loaded.config
-    from sidecar import logs
+    from sidecar.observe import logs
 
     logs.configure(config.log_format, config.log_level)
     for warning in loaded.warnings:
@@ -192,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_config(loaded: Loaded) -> int:
     """Validate every route's credentials as serving would, then print the configuration."""
-    from sidecar.config_report import render
-    from sidecar.route import Route
+    from sidecar.config.report import render
+    from sidecar.runtime.route import Route
 
     routes = [Route(route) for route in loaded.config.routes]
     for warning in loaded.warnings:

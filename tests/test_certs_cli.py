@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import certs
-from sidecar.certfiles import load_ca_dir
+from sidecar.certs.files import load_ca_dir
 from tests.conftest import ROOT
 
 # Variables `provision` reads: a developer's shell must not leak them into a test.

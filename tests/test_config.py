@@ -14,7 +14,7 @@ import grpc
 import pytest
 import yaml
 
-from sidecar.settings import SETTINGS
+from sidecar.config.settings import SETTINGS
 from tests.conftest import ROOT, Pki, SidecarFactory, SidecarProcess, assert_config_error
 from tests.probe import Probe
 

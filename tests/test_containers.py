@@ -13,7 +13,7 @@ import tomllib
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from sidecar.settings import BY_KEY
+from sidecar.config.settings import BY_KEY
 from tests.conftest import ROOT
 
 SETTING_VARIABLES = {setting.env_name for setting in BY_KEY.values() if setting.flag}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.frames import (
+from sidecar.h2.frames import (
     CONTINUATION,
     DATA,
     DROP,

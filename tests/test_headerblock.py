@@ -7,7 +7,7 @@ import sys
 import hpack
 import pytest
 
-from sidecar.headerblock import (
+from sidecar.h2.headerblock import (
     HeaderBlockError,
     HeaderLimits,
     RequestBlocks,

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from sidecar import certs
-from sidecar.identity import IdentityReader, PeerCertificateTolerantSSLObject
+from sidecar.auth.identity import IdentityReader, PeerCertificateTolerantSSLObject
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.probe import Probe
 

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import uvloop
 
-from sidecar.loglimit import LogLimiter
+from sidecar.observe.loglimit import LogLimiter
 from tests.conftest import Pki, SidecarFactory
 from tests.probe import Probe
 

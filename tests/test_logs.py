@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.logs import BatchingHandler, JsonFormatter, TextFormatter, escape
+from sidecar.observe.logs import BatchingHandler, JsonFormatter, TextFormatter, escape
 
 
 async def after_the_writes_scheduled() -> None:

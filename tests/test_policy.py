@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.identity import PeerIdentity
-from sidecar.policy import AllowRules, Policy
+from sidecar.auth.identity import PeerIdentity
+from sidecar.auth.policy import AllowRules, Policy
 
 CAROL = PeerIdentity(
     common_names=("carol",),

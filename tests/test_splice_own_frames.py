@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import hpack
 import uvloop
 
-from sidecar.frames import (
+from sidecar.h2.frames import (
     ACK,
     DATA,
     END_HEADERS,
@@ -33,7 +33,7 @@ from sidecar.frames import (
     WINDOW_UPDATE,
     frame,
 )
-from sidecar.splice import Splice
+from sidecar.splice.connection import Splice
 
 SETTINGS_EMPTY = frame(SETTINGS, 0, 0, b"")
 # What the splice sends on for an empty SETTINGS: HEADER_TABLE_SIZE (0x1) set to 0.

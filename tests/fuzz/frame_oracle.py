@@ -37,7 +37,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from sidecar.frames import DROP, _Drop
+from sidecar.h2.frames import DROP, _Drop
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hpack
 import pytest
 
-from sidecar.frames import DATA, DROP, PADDED, WINDOW_UPDATE, FrameError, FrameWalker, frame
-from sidecar.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
+from sidecar.h2.frames import DATA, DROP, PADDED, WINDOW_UPDATE, FrameError, FrameWalker, frame
+from sidecar.h2.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kv.KV/Get")]
 

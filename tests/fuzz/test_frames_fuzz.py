@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sidecar.frames import DROP, FrameError, FrameWalker, _Drop
-from sidecar.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
+from sidecar.h2.frames import DROP, FrameError, FrameWalker, _Drop
+from sidecar.h2.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
 from tests.fuzz.frame_oracle import FrameOracle, Hooks, check_output, replacement, split
 from tests.fuzz.streams import FrameCase, chunkings, frame_cases, hooks
 

@@ -16,7 +16,7 @@ import hpack
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sidecar.headerblock import (
+from sidecar.h2.headerblock import (
     HeaderBlockError,
     RequestBlocks,
     RequestRefused,

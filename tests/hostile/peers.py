@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import hpack
 
-from sidecar.frames import (
+from sidecar.h2.frames import (
     ACK,
     CONTINUATION,
     DATA,

@@ -10,10 +10,10 @@ import time
 
 import uvloop
 
-from sidecar.config_sources import load
-from sidecar.frames import ACK, PING, PREFACE, SETTINGS, frame
-from sidecar.route import Route
-from sidecar.splice import Splice
+from sidecar.config.sources import load
+from sidecar.h2.frames import ACK, PING, PREFACE, SETTINGS, frame
+from sidecar.runtime.route import Route
+from sidecar.splice.connection import Splice
 from tests.conftest import Pki, SidecarFactory
 from tests.hostile.peers import Footprint, client_context, eventually
 from tests.probe import Probe

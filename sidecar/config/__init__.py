@@ -1,0 +1,1 @@
+"""Configuration: the settings table, where values come from, the validated model."""

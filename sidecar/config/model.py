@@ -1,0 +1,191 @@
+"""The sidecar's configuration: frozen values, validated when they are built.
+
+A `Config` holds the process-wide settings and one or more `RouteConfig`s (a
+listener, its credentials and allowlist, and its upstream). Every rule about what
+a valid configuration is lives here, and every error names where the setting at
+fault came from (`--upstream`, `SIDECAR_CA`, `sidecar.yaml: routes[1].allow_cn`).
+How values are gathered from flags, environment and file is `config_sources`;
+files are read and checked by `tls`, when credentials are built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sidecar.auth.policy import AllowRules
+from sidecar.config.addresses import Address
+from sidecar.config.limits import Limits
+from sidecar.config.pem import PemSource
+from sidecar.config.settings import BY_KEY
+from sidecar.errors import ConfigError
+from sidecar.observe.logs import LogFormat
+
+Mode = Literal["ingress", "egress"]
+DataPlane = Literal["splice", "grpc"]
+
+DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
+
+# Budgets grpc core's server has no equivalent for (the others map to its channel
+# arguments: see route.py).
+_SPLICE_ONLY_LIMITS = frozenset(
+    {
+        "max_connections",
+        "max_pending_handshakes",
+        "max_chain_length",
+        "connect_timeout",
+        "header_timeout",
+        "max_header_fields",
+        "control_frame_rate",
+        "reset_rate",
+        "denied_calls",
+        "denied_lifetime",
+    }
+)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One listener and where its calls go."""
+
+    mode: Mode
+    listen: Address
+    upstream: Address
+    cert: PemSource
+    key: PemSource
+    ca: PemSource
+    allow: AllowRules = field(default_factory=AllowRules)
+    server_name: str | None = None
+    unsafe_upstream: bool = False
+    unsafe_listen: bool = False
+    data_plane: DataPlane = "splice"
+    name: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    # Where each setting given came from, for error messages: key -> `--upstream`,
+    # `SIDECAR_UPSTREAM` or `sidecar.yaml: routes[0].upstream`.
+    where: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # The route's place in the config file (`sidecar.yaml: routes[1]`), when it
+    # is one of several; None for the single route of flags, env or a flat file.
+    location: str | None = field(default=None, compare=False, repr=False)
+    # A config file is in use: name settings not given by their keys, not their flags.
+    from_file: bool = field(default=False, compare=False, repr=False)
+
+    def label(self, key: str) -> str:
+        """How errors name a setting of this route: where it was set, or how to set it."""
+        if key in self.where:
+            return self.where[key]
+        if self.location:
+            return f"{self.location}.{key}"
+        return key if self.from_file else BY_KEY[key].flag_name
+
+    @property
+    def tls_name(self) -> str:
+        """Egress: the name the remote's certificate must carry."""
+        return self.server_name or self.upstream.host
+
+    @property
+    def title(self) -> str:
+        """How log lines name this route: its name, or its mode when it has none."""
+        return f"route {self.name!r} ({self.mode})" if self.name else self.mode
+
+    def __post_init__(self) -> None:
+        if self.mode == "ingress":
+            self._check_ingress()
+        else:
+            self._check_egress()
+        if self.data_plane == "grpc":
+            self._check_grpc_plane()
+
+    def _check_grpc_plane(self) -> None:
+        """The per-call plane runs on grpc core's HTTP/2 server, which has its own budgets:
+        a budget it cannot honour is refused when given, never silently ignored."""
+        for key in self.where:
+            if key in _SPLICE_ONLY_LIMITS:
+                raise ConfigError(
+                    f"{self.label(key)} applies to data_plane splice only (grpc core, which "
+                    "serves data_plane grpc, has no such setting)"
+                )
+
+    def _check_ingress(self) -> None:
+        allow = self.allow
+        if allow.empty and not allow.allow_all:
+            if self.location or self.from_file:
+                prefix = f"{self.location}: " if self.location else ""
+                names, opt_out = ("allow_cn", "allow_dns", "allow_uri"), "allow_all: true"
+            else:
+                prefix, names = "", ("--allow-cn", "--allow-dns", "--allow-uri")
+                opt_out = "--allow-all"
+            raise ConfigError(
+                f"{prefix}no allow rule: give {names[0]}, {names[1]} or {names[2]}, "
+                f"or {opt_out} to accept any certificate signed by the CA"
+            )
+        if allow.allow_all and not allow.empty:
+            raise ConfigError(
+                f"{self.label('allow_all')} cannot be combined with allow_cn/allow_dns/allow_uri"
+            )
+        if not self.upstream.is_loopback and not self.unsafe_upstream:
+            raise ConfigError(
+                f"{self.label('upstream')} {self.upstream} is not on loopback: the hop to the "
+                f"upstream is plaintext; set {self.label('unsafe_upstream')} to allow it"
+            )
+        for key, is_set in (
+            ("server_name", self.server_name is not None),
+            ("unsafe_listen", self.unsafe_listen),
+        ):
+            if is_set:
+                raise ConfigError(f"{self.label(key)} applies to egress routes only")
+
+    def _check_egress(self) -> None:
+        if not self.listen.is_loopback and not self.unsafe_listen:
+            raise ConfigError(
+                f"{self.label('listen')} {self.listen} is not on loopback: an egress listener "
+                "accepts plaintext calls and lends them this route's client certificate; "
+                f"set {self.label('unsafe_listen')} to allow it"
+            )
+        if self.upstream.unix_path is not None:
+            raise ConfigError(
+                f"{self.label('upstream')}: an egress upstream is a remote HOST:PORT, "
+                "not a unix socket"
+            )
+        for key, is_set in (
+            ("allow_cn", bool(self.allow.cn)),
+            ("allow_dns", bool(self.allow.dns)),
+            ("allow_uri", bool(self.allow.uri)),
+            ("allow_all", self.allow.allow_all),
+            ("unsafe_upstream", self.unsafe_upstream),
+        ):
+            if is_set:
+                raise ConfigError(
+                    f"{self.label(key)} applies to ingress routes only (an egress route "
+                    "checks the remote's certificate against the CA and the server name)"
+                )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one sidecar process needs to serve: its routes and shared settings."""
+
+    routes: tuple[RouteConfig, ...]
+    log_format: LogFormat = "text"
+    log_level: str = "info"
+    drain_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            raise ConfigError("routes: at least one route is needed")
+        names: dict[str, RouteConfig] = {}
+        listeners: dict[Address, RouteConfig] = {}
+        for route in self.routes:
+            if route.name is not None:
+                if route.name in names:
+                    raise ConfigError(f"{route.label('name')}: {route.name!r} names two routes")
+                names[route.name] = route
+            if route.listen.port != 0 or route.listen.unix_path:
+                other = listeners.get(route.listen)
+                if other is not None:
+                    raise ConfigError(
+                        f"{route.label('listen')}: {route.listen} is also "
+                        f"{other.label('listen')}; each route needs its own listener"
+                    )
+                listeners[route.listen] = route

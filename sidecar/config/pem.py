@@ -1,0 +1,54 @@
+"""Where PEM material comes from: a file, or the PEM text itself given inline.
+
+A setting such as `cert` takes either; a value starting with `-----BEGIN` is PEM
+contents, so `SIDECAR_CERT="$(cat app.pem)"` works as well as a path. The source
+remembers which setting it came from, so every error can name it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.certs.files import read_bytes
+from sidecar.errors import ConfigError
+
+_PEM_START = "-----BEGIN"
+
+
+@dataclass(frozen=True)
+class PemSource:
+    """A file path or inline PEM bytes, and the setting (`--cert`, `SIDECAR_KEY`) that gave it."""
+
+    setting: str
+    path: Path | None = None
+    inline: bytes | None = field(default=None, repr=False)  # may be a private key
+
+    @classmethod
+    def parse(cls, text: str, setting: str, base: Path | None = None) -> PemSource:
+        """Inline PEM if text starts with -----BEGIN, else a path (relative to base, if given)."""
+        if text.lstrip().startswith(_PEM_START):
+            return cls(setting, inline=text.strip().encode() + b"\n")
+        if not text.strip():
+            raise ConfigError(f"{setting}: must name a file or hold PEM text")
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user that does not exist
+            raise ConfigError(f"{setting}: cannot expand the ~ in {text!r}") from None
+        if "\0" in text:
+            raise ConfigError(f"{setting}: a path cannot hold a NUL character")
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return cls(setting, path=path)
+
+    @property
+    def origin(self) -> str:
+        """How errors refer to the contents: the path, or `inline PEM`."""
+        return str(self.path) if self.path is not None else "inline PEM"
+
+    def read(self) -> bytes:
+        """The PEM bytes; a file that cannot be read is a ConfigError naming the setting."""
+        if self.inline is not None:
+            return self.inline
+        assert self.path is not None
+        return read_bytes(self.path, self.setting)

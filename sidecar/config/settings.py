@@ -1,0 +1,348 @@
+"""The list of settings: every key the sidecar takes, in one place.
+
+Each setting is a flag (`--allow-cn`), an environment variable
+(`SIDECAR_ALLOW_CN`) and a config-file key (`allow_cn`), all derived from the
+one entry below. The command line builds its parser from this table, the loader
+checks files and the environment against it, and the example config is tested
+to document every key. This module also turns a raw value from any source into
+its typed form, with errors that name where the value came from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sidecar.config.addresses import Address, parse_address
+from sidecar.config.pem import PemSource
+from sidecar.errors import ConfigError
+
+# text: a string; choice: one of `choices`; address: HOST:PORT or unix:/path;
+# pem: a file path or inline PEM; names: a list of strings; switch: a boolean;
+# seconds: a non-negative number; count: a positive whole number.
+Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds", "count"]
+
+# route: belongs to one listener (repeated per item under `routes:`);
+# process: shared by the whole process (top level of the file only).
+Scope = Literal["route", "process"]
+
+MODES = ("ingress", "egress")
+DATA_PLANES = ("splice", "grpc")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: Kind
+    scope: Scope
+    group: str
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    default: object = None
+    flag: bool = True  # settable by a command-line flag and an environment variable
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env_name(self) -> str:
+        return "SIDECAR_" + self.key.upper()
+
+
+# fmt: off
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "name", "text", "route", "route",
+        "a name for the route in logs and errors (config file only)",
+        flag=False,
+    ),
+    Setting(
+        "mode", "choice", "route", "route",
+        "ingress: accept mTLS callers and relay to a plaintext upstream on loopback; "
+        "egress: accept plaintext local callers and relay over mTLS to a remote",
+        choices=MODES, default="ingress",
+    ),
+    Setting(
+        "listen", "address", "route", "route",
+        "where callers connect; port 0 picks a free port (ingress default: 0.0.0.0:8443; "
+        "egress: required, loopback or unix:/path unless --unsafe-listen)",
+        metavar="HOST:PORT",
+    ),
+    Setting(
+        "upstream", "address", "route", "route",
+        "where calls go: ingress, the plain gRPC service (localhost:50051, unix:/run/app.sock), "
+        "loopback unless --unsafe-upstream; egress, the remote ingress sidecar",
+        metavar="HOST:PORT",
+    ),
+    Setting(
+        "cert", "pem", "route", "TLS",
+        "own certificate chain, PEM, leaf first (a file, or the PEM text itself)",
+        metavar="FILE|PEM",
+    ),
+    Setting(
+        "key", "pem", "route", "TLS",
+        "private key of --cert, PEM, unencrypted (a file, or the PEM text itself)",
+        metavar="FILE|PEM",
+    ),
+    Setting(
+        "ca", "pem", "route", "TLS",
+        "CA bundle, PEM: ingress, callers' certificates must chain to it; egress, the "
+        "remote's must",
+        metavar="FILE|PEM",
+    ),
+    Setting(
+        "server_name", "text", "route", "TLS",
+        "egress: the name the remote's certificate must carry (default: the --upstream host)",
+        metavar="NAME",
+    ),
+    Setting(
+        "allow_cn", "names", "route", "allowlist",
+        "allow callers whose certificate subject CN matches (repeatable; glob allowed)",
+        metavar="PATTERN", default=(),
+    ),
+    Setting(
+        "allow_dns", "names", "route", "allowlist",
+        "allow callers with a matching DNS SAN (repeatable; case-insensitive)",
+        metavar="PATTERN", default=(),
+    ),
+    Setting(
+        "allow_uri", "names", "route", "allowlist",
+        "allow callers with a matching URI SAN, SPIFFE IDs included (repeatable)",
+        metavar="PATTERN", default=(),
+    ),
+    Setting(
+        "allow_all", "switch", "route", "allowlist",
+        "accept any caller whose certificate chains to --ca (no identity check; mTLS stays)",
+        default=False,
+    ),
+    Setting(
+        "unsafe_upstream", "switch", "route", "route",
+        "ingress: allow an --upstream that is not on loopback (that hop is plaintext)",
+        default=False,
+    ),
+    Setting(
+        "unsafe_listen", "switch", "route", "route",
+        "egress: allow a --listen that is not on loopback (local callers are not authenticated)",
+        default=False,
+    ),
+    Setting(
+        "data_plane", "choice", "route", "route",
+        "splice: each caller connection is relayed frame by frame over its own upstream "
+        "connection (fast); grpc: each call is relayed through grpc.aio (slower; a fallback)",
+        choices=DATA_PLANES, default="splice",
+    ),
+    # Budgets (see limits.py): each protects the sidecar and its other callers from one
+    # caller; the defaults are far above what real clients use.
+    Setting(
+        "max_connections", "count", "route", "limits",
+        "caller connections open at once; beyond it a new caller is answered UNAVAILABLE "
+        "and closed",
+        metavar="N", default=10_000,
+    ),
+    Setting(
+        "max_pending_handshakes", "count", "route", "limits",
+        "TLS handshakes in progress at once; beyond it the oldest is closed",
+        metavar="N", default=1_000,
+    ),
+    Setting(
+        "handshake_timeout", "seconds", "route", "limits",
+        "how long a caller has to complete its TLS handshake",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "max_chain_length", "count", "route", "limits",
+        "certificates a peer may present in its chain, leaf included (and 2 KiB of chain "
+        "per certificate, 16 KiB at least: a heavier chain is refused before it is parsed)",
+        metavar="N", default=10,
+    ),
+    Setting(
+        "connect_timeout", "seconds", "route", "limits",
+        "how long the upstream has to accept a connection (and finish TLS, egress) and send "
+        "its first bytes",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "idle_timeout", "seconds", "route", "limits",
+        "a caller connection with no call in flight for this long is closed (GOAWAY first); "
+        "0: never",
+        metavar="SECONDS", default=300.0,
+    ),
+    Setting(
+        "header_timeout", "seconds", "route", "limits",
+        "how long a caller may take to send a header block or frame it has started",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "max_header_list_size", "count", "route", "limits",
+        "bytes of a request's header list, decoded (RFC 9113 6.5.2); larger requests are "
+        "answered RESOURCE_EXHAUSTED",
+        metavar="BYTES", default=16_384,
+    ),
+    Setting(
+        "max_header_fields", "count", "route", "limits",
+        "fields in a request's header list; more are answered RESOURCE_EXHAUSTED",
+        metavar="N", default=256,
+    ),
+    Setting(
+        "control_frame_rate", "count", "route", "limits",
+        "control frames (PING, SETTINGS, PRIORITY, RST_STREAM, WINDOW_UPDATE, empty DATA) per "
+        "second a caller connection may send, in bursts of ten times that; DATA relayed to it "
+        "earns more; beyond it the connection is closed (GOAWAY ENHANCE_YOUR_CALM)",
+        metavar="N", default=1_000,
+    ),
+    Setting(
+        "reset_rate", "count", "route", "limits",
+        "calls per second a caller connection may cancel before the upstream answered, in "
+        "bursts of ten times that; beyond it the connection is closed (GOAWAY "
+        "ENHANCE_YOUR_CALM; the 'rapid reset' attack)",
+        metavar="N", default=100,
+    ),
+    Setting(
+        "denied_calls", "count", "route", "limits",
+        "calls answered PERMISSION_DENIED on one connection of a denied caller before it "
+        "is closed",
+        metavar="N", default=100,
+    ),
+    Setting(
+        "denied_lifetime", "seconds", "route", "limits",
+        "how long a denied caller's connection stays open",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "drain_grace", "seconds", "process", "process",
+        "on SIGTERM/SIGINT, how long in-flight calls may finish",
+        metavar="SECONDS", default=10.0,
+    ),
+    Setting(
+        "log_format", "choice", "process", "logging", "", choices=LOG_FORMATS, default="text"
+    ),
+    Setting(
+        "log_level", "choice", "process", "logging", "", choices=LOG_LEVELS, default="info"
+    ),
+)
+# fmt: on
+
+BY_KEY: dict[str, Setting] = {setting.key: setting for setting in SETTINGS}
+ROUTE_KEYS = tuple(setting.key for setting in SETTINGS if setting.scope == "route")
+PROCESS_KEYS = tuple(setting.key for setting in SETTINGS if setting.scope == "process")
+REQUIRED_ROUTE_KEYS = ("upstream", "cert", "key", "ca")
+
+_MAX_SECONDS = 86_400 * 365  # anything longer is a typo
+
+_MAX_COUNT = 2**31 - 1
+
+Value = str | Address | PemSource | tuple[str, ...] | bool | float | int
+
+
+def from_text(setting: Setting, text: str, where: str, base: Path | None = None) -> Value:
+    """The typed value of a flag argument or environment variable.
+
+    Lists in one string are comma-separated (`SIDECAR_ALLOW_CN=alice,bob`); switches
+    take exactly `true` or `false` (or 1/0), never a guess.
+    """
+    if setting.kind == "names":
+        if not text.strip():
+            # An empty variable would silently replace the file's list with nothing.
+            raise ConfigError(f"{where}: empty; unset it, or give comma-separated names")
+        return names([name.strip() for name in text.split(",")], where)
+    if setting.kind == "switch":
+        lowered = text.strip().lower()
+        if lowered in ("true", "1"):
+            return True
+        if lowered in ("false", "0"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    if setting.kind == "seconds":
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number of seconds, got {text!r}") from None
+        return _seconds(seconds, where)
+    if setting.kind == "count":
+        try:
+            count = int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected a whole number, got {text!r}") from None
+        return _count(count, where)
+    return _from_string(setting, text, where, base)
+
+
+def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
+    """The typed value of a config-file entry, after checking its YAML type."""
+    if setting.kind == "names":
+        if isinstance(value, str):
+            value = [value]  # `allow_cn: alice` reads as the one-element list it means
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where}: expected a list of strings, e.g. [alice, bob]")
+        return names(value, where)
+    if setting.kind == "switch":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if setting.kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
+        try:
+            return _seconds(float(value), where)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} seconds is out of range") from None
+    if setting.kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return _count(value, where)
+    if not isinstance(value, str):
+        # The type only: the value may be a private key pasted as a YAML list.
+        example = {"address": " like 127.0.0.1:50051", "pem": " (a path or PEM text)"}
+        raise ConfigError(
+            f"{where}: expected a string{example.get(setting.kind, '')}, got {type(value).__name__}"
+        )
+    return _from_string(setting, value, where, base)
+
+
+def _from_string(setting: Setting, text: str, where: str, base: Path | None) -> Value:
+    if setting.kind == "address":
+        return parse_address(text, where, allow_unix=True)
+    if setting.kind == "pem":
+        return PemSource.parse(text, where, base)
+    if setting.kind == "choice" and text not in setting.choices:
+        raise ConfigError(f"{where}: {text!r} is not one of {', '.join(setting.choices)}")
+    if not text:
+        raise ConfigError(f"{where}: must not be empty")
+    return text
+
+
+def names(items: Sequence[str], where: str) -> tuple[str, ...]:
+    """A list of allow patterns; an empty one would look like a rule and match nothing."""
+    if any(not item.strip() for item in items):
+        raise ConfigError(f"{where}: empty name in the list")
+    for item in items:
+        # Only printable ASCII names ever match (see policy.py): such a rule would be dead.
+        if not (item.isascii() and item.isprintable()):
+            raise ConfigError(
+                f"{where}: {item!r} is not printable ASCII, and no certificate name that is not "
+                "can match a rule (write an internationalised DNS name in its xn-- form)"
+            )
+    return tuple(items)
+
+
+def _count(value: int, where: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{where}: {value} must be at least 1")
+    if value > _MAX_COUNT:
+        raise ConfigError(f"{where}: {value} is out of range (at most {_MAX_COUNT})")
+    return value
+
+
+def _seconds(value: float, where: str) -> float:
+    if not math.isfinite(value) or value > _MAX_SECONDS:
+        raise ConfigError(f"{where}: {value:g} seconds is out of range (at most {_MAX_SECONDS})")
+    if value < 0:
+        raise ConfigError(f"{where}: {value:g} must not be negative")
+    return value

@@ -1,0 +1,388 @@
+"""Relay every gRPC call to the upstream as raw bytes, keeping gRPC's semantics exactly.
+
+Every method is served by one generic handler as a stream-stream call: the wire
+does not carry a method's shape (a unary client sends one message then
+half-closes; a unary server replies one message then trailers), so a
+stream/stream bridge is correct for all four call types and the sidecar never
+needs the service's schema. Messages stay bytes: nothing is decoded. What a call
+does is decided per call from what its client did, never guessed per method: a
+request of exactly one message whose client half-closed goes out as a
+unary-stream call, which is the same on the wire (see `_MethodRelay._forward`).
+
+What the relay owns, per call:
+- the allowlist check (when a policy is set), before anything reaches the upstream;
+- request metadata, filtered (see `metadata`), and the caller's deadline, passed on;
+- response headers sent as soon as the upstream sends them, before any message:
+  otherwise grpc.aio sends its own empty headers with the first message and the
+  upstream's are lost;
+- trailers, status code, details and `grpc-status-details-bin`, unchanged;
+- cancellation both ways, without turning a client's cancel into a half-close as
+  far as grpc.aio lets the relay know one from the other (see `_confirm_half_close`);
+- one access-log line, with the status the client was given;
+- the calls' arrivals, which the drain lets settle (see `Relay.settle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc import aio
+
+# What grpc.aio raises when core fails a batch, e.g. a status sent on a call that is
+# over; grpc.aio's own server catches it the same way (grpcio is pinned).
+from grpc._cython.cygrpc import ExecuteBatchError
+
+from sidecar.auth.headers import request_metadata, response_metadata
+from sidecar.auth.identity import IdentityReader
+from sidecar.auth.policy import Policy
+from sidecar.grpcplane.upstream import Upstream
+from sidecar.host.allocator import release_free_memory
+from sidecar.observe.accesslog import CallRecord, log_call
+from sidecar.observe.loglimit import LogLimiter
+
+logger = logging.getLogger("sidecar.relay")  # by name: operators filter on it
+# A line per denied call would let a denied caller write the log at its call rate.
+_denials = LogLimiter(logger)
+
+# Clients may invent any :path; keep the per-method cache bounded.
+_MAX_CACHED_METHODS = 1024
+
+# How long a call waits, after the first request message, for the client's end of
+# stream before relaying as a stream. A unary client's end arrives with its message,
+# but the read completes through core's completion queue: with both cores busy, 2 ms
+# missed it for about 1 in 60 first calls through egress -> ingress, and the call
+# then took the stream path, where grpc.aio can report INTERNAL (see _forward); 20
+# ms missed none in 100. A streaming client that sends one message and waits holds
+# it back this long, once per call.
+_PEEK_SECONDS = 0.02
+
+
+# A call that moved this many bytes leaves its buffers in the C heap (grpc core's
+# slices, the message copies grpc.aio makes), which glibc keeps rather than give
+# back (see allocator): a 64 MiB unary call left +75..98 MiB resident, three +136..146.
+# Such a call's end schedules one trim of the heap, _TRIM_DELAY_SECONDS later, when
+# core has freed the call too; smaller calls cost one comparison.
+_LARGE_CALL_BYTES = 8 * 1024 * 1024
+_TRIM_DELAY_SECONDS = 1.0
+
+# A client's RST_STREAM at its deadline reaches the sidecar before the sidecar's own
+# copy of the deadline expires, by as long as core took to read the call's headers
+# (measured up to 30 ms with both cores busy). A call cancelled that close to its
+# deadline is logged as expired: its client almost always saw DEADLINE_EXCEEDED.
+_DEADLINE_SLACK_SECONDS = 0.1
+
+
+class _CallEnded(Exception):
+    """The client's call ended (cancelled, or its deadline passed) before its answer."""
+
+
+async def _confirm_half_close(context: Any) -> None:
+    """Return when the end of the client's request stream may be relayed as its half-close;
+    raise (CancelledError or _CallEnded) when the call turned out to be over instead.
+
+    grpc.aio ends the server-side request stream the same way for "client
+    half-closed" (END_STREAM) and for "the call is over" (RST_STREAM, or the deadline
+    passing): core reports both as a successful read of no message, and tells a call
+    that is over only by completing its close-on-server operation, which grpc.aio
+    turns into cancelling the handler's task. That completion comes separately, in no
+    fixed order with the read. Forwarding the end at once would let an app that
+    commits on half-close commit a cancelled upload, so before it is forwarded:
+    - a deadline that has passed ends the call (the deadline is known here);
+    - one more read goes through core and its completion queue: a cancellation core
+      had already reported lands before it returns, as CancelledError at this await
+      (so this must run in the handler's own task). It caught every one of 820 client
+      cancels on an idle machine and of 480 with the load average at 7
+      (tests/test_cancellation.py watches the wire), for one completion round trip,
+      not a timer on every call.
+    What it cannot catch is a cancellation core has not yet reported: with both cores
+    saturated by other processes, core reported some deadline cancels 10-90 ms after
+    the end of the stream. grpc.aio offers nothing that waits for certainty without a
+    timer on every half-close (see README, "The per-call data plane").
+    """
+    if context.time_remaining() == 0:
+        raise _CallEnded
+    await context.read()  # after the end, only ever the end again
+    if context.time_remaining() == 0:
+        raise _CallEnded
+
+
+def _ended_code(context: Any) -> grpc.StatusCode:
+    """What the client of a call that ended before its answer was told."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < _DEADLINE_SLACK_SECONDS:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class _MethodRelay:
+    """The handler for one method: relays each call of it to the upstream."""
+
+    def __init__(self, method: str, relay: Relay) -> None:
+        self.method = method
+        self._relay = relay
+        channel = relay.upstream.channel
+        self._stream_call = channel.stream_stream(method)  # bytes in, bytes out
+        self._single_request_call = channel.unary_stream(method)
+
+    async def handle(self, requests: Any, context: Any) -> None:
+        """Serve one call (a coroutine function: grpc.aio checks for one to run it as async).
+
+        The request stream is read with context.read(), in this task, so that the
+        end of it can be confirmed here (see _confirm_half_close); `requests` stays
+        unused.
+        """
+        record = CallRecord(
+            method=self.method,
+            started=time.monotonic(),
+            remote=context.peer(),
+            route=self._relay.route,
+        )
+        self._relay.call_arrived()
+        try:
+            await self._authorize(context, record)
+            await self._forward(context, record)
+        except (asyncio.CancelledError, _CallEnded):
+            # The client cancelled or its deadline passed; grpc.aio treats a
+            # CancelledError from the handler as exactly that, quietly.
+            record.code = _ended_code(context)
+            raise asyncio.CancelledError from None
+        except aio.AbortError:
+            raise  # our own abort(): the status is already on its way to the caller
+        except Exception:
+            # A bug, not an upstream error (those arrive as AioRpcError). Say so
+            # plainly instead of letting grpc send UNKNOWN with our internals.
+            logger.exception("internal error relaying %s", self.method)
+            record.code = grpc.StatusCode.INTERNAL
+            await context.abort(grpc.StatusCode.INTERNAL, "sidecar: internal error, see its log")
+        finally:
+            log_call(record)
+            if record.bytes_in + record.bytes_out >= _LARGE_CALL_BYTES:
+                self._relay.large_call_ended()
+
+    async def _authorize(self, context: Any, record: CallRecord) -> None:
+        policy = self._relay.policy
+        if policy is None:
+            return
+        identity = self._relay.identities.read(context.auth_context())
+        if identity is not None:
+            record.peer = identity.description
+        decision = policy.decide(identity, self.method)
+        if not decision.allowed:
+            _denials.log(logging.WARNING, record.peer, "denied: %s", decision.reason)
+            record.code = grpc.StatusCode.PERMISSION_DENIED
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    async def _forward(self, context: Any, record: CallRecord) -> None:
+        """Relay the call, in the single-request form when the request is one message.
+
+        grpc.aio writes a stream call's messages in batches of their own, and when the
+        upstream ends the call before reading one (an unknown method, an interceptor
+        refusing the caller) the failed write replaces the upstream's status with
+        INTERNAL "Internal error from Core". A unary-stream call sends headers, the
+        message and the half-close in one batch: nothing to race. It is used only once
+        the client's half-close is confirmed, so it never half-closes a call the
+        client did not: the choice is made per call from what the client did.
+        """
+        metadata = request_metadata(context.invocation_metadata())
+        # The deadline goes upstream as the time left when the upstream call starts
+        # (None when the caller set none).
+        first = await context.read()
+        if first is aio.EOF:
+            await _confirm_half_close(context)
+            call = self._stream_call(iter(()), metadata=metadata, timeout=context.time_remaining())
+            await self._relay_whole_request(context, record, call)
+            return
+        record.messages_in, record.bytes_in = 1, len(first)
+        second: asyncio.Future[Any] = asyncio.ensure_future(context.read())
+        try:
+            await asyncio.wait_for(asyncio.shield(second), _PEEK_SECONDS)
+        except asyncio.TimeoutError:
+            pass  # a streaming client, holding its stream open: relay it as a stream
+        except BaseException:
+            second.cancel()
+            raise
+        if second.done() and second.result() is aio.EOF:
+            await _confirm_half_close(context)
+            call = self._single_request_call(
+                first, metadata=metadata, timeout=context.time_remaining()
+            )
+            await self._relay_whole_request(context, record, call)
+            return
+        call = self._stream_call(metadata=metadata, timeout=context.time_remaining())
+        await self._relay_stream(context, record, call, first, second)
+
+    async def _relay_whole_request(self, context: Any, record: CallRecord, call: Any) -> None:
+        """Relay the responses of a call whose whole request went upstream with it."""
+        try:
+            await self._finish(context, record, await _relay_responses(call, context, record))
+        finally:
+            if not call.done():
+                call.cancel()  # every way out of the handler ends the upstream call
+
+    async def _relay_stream(
+        self,
+        context: Any,
+        record: CallRecord,
+        call: Any,
+        first: bytes,
+        second: asyncio.Future[Any],
+    ) -> None:
+        """Relay a request stream from this task while a second task relays the responses.
+
+        The requests are pumped here, not by grpc.aio's own task, so that the stream's
+        end is confirmed in the handler's task (see _confirm_half_close). When the
+        upstream ends the call first, the response task interrupts the pump.
+        """
+        handler = asyncio.current_task()
+        assert handler is not None
+        responses = asyncio.ensure_future(_relay_responses(call, context, record))
+        pumping = True
+
+        def upstream_ended(_: object) -> None:
+            if pumping:
+                handler.cancel()  # the client may never send more: stop waiting for it
+
+        responses.add_done_callback(upstream_ended)
+        try:
+            try:
+                await _pump_requests(context, record, call, first, second)
+                pumping = False
+            except asyncio.CancelledError:
+                pumping = False
+                if not responses.done() or responses.cancelled():
+                    raise  # the client cancelled, or its deadline passed
+                uncancel = getattr(handler, "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()  # our own cancel: the upstream ended the call
+            await self._finish(context, record, await responses)
+        finally:
+            pumping = False
+            second.cancel()
+            responses.cancel()
+            if not call.done():
+                call.cancel()  # every way out of the handler ends the upstream call
+
+    async def _finish(
+        self, context: Any, record: CallRecord, error: aio.AioRpcError | None
+    ) -> None:
+        """Give the client the upstream's status (OK: by returning, grpc.aio sends it)."""
+        if error is None:
+            record.code = grpc.StatusCode.OK
+            return
+        record.code = error.code()
+        try:
+            await context.abort(
+                error.code(),
+                await self._relay.describe_error(error),
+                response_metadata(error.trailing_metadata()),
+            )
+        except ExecuteBatchError:
+            # The status could not be sent: the call had already ended (the client's
+            # deadline passed, which is often why the upstream's did too).
+            raise _CallEnded from None
+
+
+async def _pump_requests(
+    context: Any, record: CallRecord, call: Any, first: bytes, second: asyncio.Future[Any]
+) -> None:
+    """Write the client's messages upstream, then its half-close once confirmed."""
+    try:
+        await call.write(first)
+        message = await second
+        while message is not aio.EOF:
+            record.messages_in += 1
+            record.bytes_in += len(message)
+            await call.write(message)
+            message = await context.read()
+    except (aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the upstream ended the call; the response side has its status
+    await _confirm_half_close(context)
+    await call.done_writing()
+
+
+async def _relay_responses(call: Any, context: Any, record: CallRecord) -> aio.AioRpcError | None:
+    """Relay the upstream's headers, messages and trailers; its error if it ends in one.
+
+    Raises _CallEnded when the client's call ended while relaying.
+    """
+    try:
+        headers = await call.initial_metadata()
+        if headers:
+            await context.send_initial_metadata(response_metadata(headers))
+        async for message in call:
+            record.bytes_out += len(message)
+            await context.write(message)
+        trailers = response_metadata(await call.trailing_metadata())
+        if trailers:
+            context.set_trailing_metadata(trailers)
+    except aio.AioRpcError as error:
+        return error
+    except ExecuteBatchError:
+        raise _CallEnded from None  # a write to the client failed: its call is over
+    return None
+
+
+class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The generic handler serving every method by relaying it to one upstream."""
+
+    def __init__(self, upstream: Upstream, policy: Policy | None, route: str | None = None) -> None:
+        self.upstream = upstream
+        self.policy = policy  # None: no allowlist (an egress route's local callers)
+        self.route = route  # the route's name, for the access log
+        self.identities = IdentityReader()
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._arrived = asyncio.Event()  # set by each call's arrival (see settle)
+        self._trim: asyncio.TimerHandle | None = None
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            if len(self._handlers) >= _MAX_CACHED_METHODS:
+                del self._handlers[next(iter(self._handlers))]
+            handler = grpc.stream_stream_rpc_method_handler(_MethodRelay(method, self).handle)
+            self._handlers[method] = handler
+        return handler
+
+    def call_arrived(self) -> None:
+        self._arrived.set()
+
+    def large_call_ended(self) -> None:
+        """Give the heap's free memory back to the system soon (once for a run of calls)."""
+        if self._trim is None:
+            loop = asyncio.get_running_loop()
+            self._trim = loop.call_later(_TRIM_DELAY_SECONDS, self._release_free_memory)
+
+    def _release_free_memory(self) -> None:
+        self._trim = None
+        release_free_memory()
+
+    async def settle(self, quiet: float, limit: float) -> None:
+        """Return once no call has arrived for `quiet` seconds, or after `limit` seconds.
+
+        grpc core hands the calls it has accepted to the handler one at a time, as
+        grpc.aio asks for them, and its shutdown (aio.Server.stop) cancels every call
+        not handed over yet: a burst that arrived just before a drain would end
+        CANCELLED, unanswered and unlogged. Waiting for the arrivals to pause lets core
+        hand over every call it holds before the drain shuts it down.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while (left := end - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(quiet, left))
+            except asyncio.TimeoutError:
+                return
+
+    async def describe_error(self, error: aio.AioRpcError) -> str:
+        """The details the caller sees: the upstream's own, or, for a failure to reach
+        the upstream, a message naming the upstream and why it cannot be reached."""
+        details: str = error.details() or ""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and not self.upstream.connected():
+            return await self.upstream.describe_failure(details)
+        return details

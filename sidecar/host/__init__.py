@@ -1,0 +1,1 @@
+"""What the sidecar asks of the host: memory return, open-file limits."""

@@ -1,0 +1,1 @@
+"""What the sidecar tells operators: logs, rate-limited logging, the access log."""

@@ -1,0 +1,1 @@
+"""Certificates and TLS at run time: loading and checking material, SSL contexts, diagnosis."""

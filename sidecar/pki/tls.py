@@ -1,0 +1,318 @@
+"""Load and validate TLS material (certificate chain, private key, CA bundle) before serving.
+
+Everything that can be wrong with a file is found here, at start-up, and reported
+as a ConfigError naming the flag and the file: grpc core would otherwise accept
+the bytes and fail later, per handshake, with nothing but "Socket closed" for
+the client. The listener gets its credentials from `ServerCredentialStore`, whose
+fetcher only hands over configurations already built and validated, because
+grpc calls it before every TLS handshake on a core thread.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import datetime
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from sidecar.config.pem import PemSource
+from sidecar.errors import ConfigError
+
+_PEM_CERT_MARKER = b"-----BEGIN CERTIFICATE-----"
+
+# What the certificate is for: a listener (server) or an egress route (client).
+Role = Literal["server", "client"]
+
+
+@dataclass(frozen=True)
+class TLSMaterial:
+    """Validated PEM bytes for one listener or client: own chain and key, trusted CAs."""
+
+    cert_chain_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    leaf: x509.Certificate
+
+    def __repr__(self) -> str:  # never let a private key reach a log line
+        return f"TLSMaterial(leaf={self.leaf.subject.rfc4514_string()!r})"
+
+
+def _load_certificates(data: bytes, source: PemSource) -> list[x509.Certificate]:
+    if _PEM_CERT_MARKER not in data:
+        raise ConfigError(f"{source.setting}: {source.origin} holds no PEM certificate")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{source.setting}: {source.origin} is not a valid PEM certificate ({exc})"
+        ) from None
+
+
+PrivateKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+
+
+def _load_key(data: bytes, source: PemSource) -> PrivateKey:
+    where = f"{source.setting}: {source.origin}"
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(f"{where} is encrypted; give an unencrypted key") from None
+    except ValueError:
+        # Not the parser's message: it could quote bytes of a key.
+        raise ConfigError(f"{where} is not a PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise ConfigError(f"{where} holds an unsupported key type {type(key).__name__}")
+    return key
+
+
+def _spki(key: PrivateKey | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_validity(leaf: x509.Certificate, source: PemSource) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    where = f"{source.setting}: certificate {source.origin}"
+    if leaf.not_valid_after_utc <= now:
+        raise ConfigError(f"{where} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z")
+    if leaf.not_valid_before_utc > now:
+        raise ConfigError(
+            f"{where} is not valid until {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z"
+        )
+
+
+def _check_usage(leaf: x509.Certificate, source: PemSource, role: Role) -> None:
+    """A certificate restricted to other usages is refused by the peer at every handshake."""
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # no EKU: any usage
+    wanted, peer = {
+        "server": (ExtendedKeyUsageOID.SERVER_AUTH, "callers"),
+        "client": (ExtendedKeyUsageOID.CLIENT_AUTH, "the remote"),
+    }[role]
+    if wanted not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        name = "serverAuth" if role == "server" else "clientAuth"
+        raise ConfigError(
+            f"{source.setting}: certificate {source.origin} lacks the {name} extended key "
+            f"usage, so {peer} would refuse it (issue it with --{role} or --both)"
+        )
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
+
+
+def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role) -> TLSMaterial:
+    """Read and check own chain, key and CA bundle; raise ConfigError naming the setting at fault.
+
+    Checks: each source is readable; the certificate holds PEM certificates (leaf
+    first, intermediates after); the key parses and is not encrypted; the key
+    matches the leaf; the leaf is valid now and usable in its role (server for an
+    ingress listener, client for an egress route); the CA bundle holds at least
+    one CA certificate.
+    """
+    cert_pem, key_pem, ca_pem = cert.read(), key.read(), ca.read()
+
+    chain = _load_certificates(cert_pem, cert)
+    leaf = chain[0]
+    private_key = _load_key(key_pem, key)
+    if _spki(private_key) != _spki(leaf):
+        raise ConfigError(
+            f"{key.setting} does not match {cert.setting} "
+            f"({key.origin} is not the key of {cert.origin})"
+        )
+    _check_validity(leaf, cert)
+    _check_usage(leaf, cert, role)
+
+    authorities = _load_certificates(ca_pem, ca)
+    if not any(_is_ca(certificate) for certificate in authorities):
+        raise ConfigError(
+            f"{ca.setting}: {ca.origin} holds no CA certificate (none has BasicConstraints CA:TRUE)"
+        )
+    # grpc gets PEM re-encoded from what was parsed: cryptography reads PEM that
+    # BoringSSL refuses (folded lines, indentation from a YAML value), and a
+    # check that passes here must mean the handshake will load it.
+    return TLSMaterial(
+        cert_chain_pem=_pem(chain),
+        key_pem=private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        ca_pem=_pem(authorities),
+        leaf=leaf,
+    )
+
+
+def _pem(certificates: list[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+class ServerCredentialStore:
+    """Server TLS credentials that can be swapped without a restart.
+
+    grpc calls `_fetch` before every new TLS handshake, on a core thread: it must
+    be cheap and must never read files. `stage` hands it a configuration built
+    (and validated) beforehand; existing connections keep their credentials.
+    """
+
+    def __init__(self, material: TLSMaterial) -> None:
+        self._lock = threading.Lock()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._initial = self._configuration(material)
+
+    @staticmethod
+    def _configuration(material: TLSMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key_pem, material.cert_chain_pem)], root_certificates=material.ca_pem
+        )
+
+    def stage(self, material: TLSMaterial) -> None:
+        """Use material for handshakes from now on (material must come from load_tls_material)."""
+        configuration = self._configuration(material)
+        with self._lock:
+            self._pending = configuration
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            configuration, self._pending = self._pending, None
+        return configuration  # None keeps the current configuration
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that require and verify a client certificate on every connection."""
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=True
+        )
+
+
+def channel_credentials(material: TLSMaterial) -> grpc.ChannelCredentials:
+    """Client credentials for an egress route: present own chain, trust only the CA bundle."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=material.ca_pem,
+        private_key=material.key_pem,
+        certificate_chain=material.cert_chain_pem,
+    )
+
+
+def _load_own_chain(context: ssl.SSLContext, material: TLSMaterial) -> None:
+    """Load the chain and key from memory: ssl only reads files, so hand it an anonymous
+    in-memory file (memfd) that never touches a disk and is gone once loaded."""
+    descriptor = os.memfd_create("sidecar-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(descriptor, material.cert_chain_pem + b"\n" + material.key_pem)
+        path = f"/proc/self/fd/{descriptor}"
+        context.load_cert_chain(path, path)
+    finally:
+        os.close(descriptor)
+
+
+def _modern(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def server_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
+    """The spliced listener's TLS: own chain, a client certificate required and verified
+    against the CA bundle, TLS 1.2 or later, ALPN h2."""
+    context = _modern(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    _load_own_chain(context, material)
+    context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
+    """An egress route's TLS to the remote: own chain as the client certificate, the
+    remote's chain verified against the CA bundle and its name checked, ALPN h2."""
+    context = _modern(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # verifies and checks the name
+    _load_own_chain(context, material)
+    context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
+    return context
+
+
+# What a peer's certificate chain may weigh, per certificate allowed by max_chain_length
+# (16 KiB at least): real certificates weigh 0.5-2 KiB (RSA-4096 with a few SANs is under
+# 2 KiB). OpenSSL parses every certificate of the chain before it verifies any (OpenSSL
+# 3.0: about 0.35 ms for a small one, so a chain's cost is mostly its count), and a depth
+# limit counts only the certificates that chain, not junk appended: the size is what
+# bounds the work a caller's chain costs the event loop (20 KiB: about 14 ms of junk).
+CERTIFICATE_BYTES = 2048
+_MIN_CHAIN_BYTES = 16 * 1024
+_SSL_CTRL_SET_MAX_CERT_LIST = 51
+
+
+def max_chain_bytes(max_chain_length: int) -> int:
+    """The size of certificate chain accepted from a peer allowed max_chain_length of them."""
+    return max(max_chain_length * CERTIFICATE_BYTES, _MIN_CHAIN_BYTES)
+
+
+def _libssl() -> ctypes.CDLL:
+    """The libssl the ssl module itself uses (its symbols resolve through _ssl's own
+    dependencies, so a second OpenSSL on the system cannot be picked up instead)."""
+    library = ctypes.CDLL(_ssl.__file__)
+    library.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    library.SSL_CTX_get_options.restype = ctypes.c_uint64
+    library.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    library.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    library.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    library.SSL_CTX_set_verify_depth.restype = None
+    library.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    library.SSL_CTX_ctrl.restype = ctypes.c_long
+    return library
+
+
+_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+
+def cap_peer_chain(context: ssl.SSLContext, max_chain_length: int) -> str | None:
+    """Refuse, in OpenSSL itself, a peer chain longer than max_chain_length certificates
+    (leaf included, root not counted) or heavier than max_chain_bytes; None once done,
+    else why it could not be.
+
+    Python's ssl exposes neither SSL_CTX_set_verify_depth nor SSL_CTX_set_max_cert_list,
+    so they are called through ctypes on the context's SSL_CTX, which CPython keeps as
+    the first field after the object header. That pointer is checked (the options and
+    verify mode OpenSSL reports for it must be the context's) before anything is written.
+    """
+    try:
+        library = _libssl()
+        address = id(context) + object.__basicsize__  # past PyObject_HEAD: SSL_CTX *ctx
+        pointer = ctypes.c_void_p.from_address(address).value
+        if not pointer:
+            return "the ssl module's SSL_CTX was not found"
+        if library.SSL_CTX_get_options(pointer) != context.options or (
+            library.SSL_CTX_get_verify_mode(pointer) != _VERIFY_MODES[context.verify_mode]
+        ):
+            return "the ssl module's SSL_CTX was not found where expected"
+    except (OSError, AttributeError, ValueError) as error:  # no such symbol, say
+        return f"libssl is not reachable ({error})"
+    # OpenSSL's depth counts neither the leaf nor the trust anchor.
+    library.SSL_CTX_set_verify_depth(pointer, max(max_chain_length - 1, 0))
+    library.SSL_CTX_ctrl(
+        pointer, _SSL_CTRL_SET_MAX_CERT_LIST, max_chain_bytes(max_chain_length), None
+    )
+    return None

@@ -1,0 +1,1 @@
+"""The spliced data plane: listener, handshake, admission, the splice, the refusal."""

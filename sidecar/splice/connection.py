@@ -1,0 +1,1128 @@
+"""The spliced data plane: one caller connection joined to one upstream connection.
+
+Bytes cross as they come. A `FrameWalker` per direction finds the frame
+boundaries; only header blocks are read (requests are filtered and get the
+sidecar's user-agent; trailers, or a non-gRPC response's :status, give the
+status for the access log) and DATA payloads are walked for message sizes when
+the access log is on. PINGs are answered by the splice on the side they come
+from (a PING is about one connection; relaying it would cost a crossing each
+way), the answer riding with the next bytes relayed that way. Everything else (DATA,
+flow control, RST_STREAM, GOAWAY, SETTINGS but for the table size) crosses
+unchanged, so gRPC's semantics hold exactly: deadlines, cancellation, half-close,
+flow control, trailers and message sizes are the two peers' own.
+
+Until the upstream has sent its first bytes, the caller's bytes are also kept:
+if the upstream cannot be reached (connection refused, a TLS failure, closed
+before speaking), a `Refusal` replays them and answers each call UNAVAILABLE
+with the reason. Backpressure is end to end: when one side's write buffer is
+full, the other side stops being read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+
+from sidecar.config.limits import Limits
+from sidecar.h2.frames import (
+    ACK,
+    DROP,
+    END_STREAM,
+    GOAWAY,
+    PING,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    FrameError,
+    FrameWalker,
+    _Drop,
+    frame,
+    header_frames,
+)
+from sidecar.h2.headerblock import (
+    HeaderBlockError,
+    HeaderLimits,
+    RequestBlocks,
+    RequestRefused,
+    ResponseBlocks,
+    status_block,
+)
+from sidecar.observe.accesslog import CallRecord, access_logger, log_call
+from sidecar.observe.loglimit import LogLimiter
+from sidecar.splice.budget import BudgetExceeded, TokenBucket
+from sidecar.splice.refusal import Refusal, grpc_message
+
+logger = logging.getLogger("sidecar.server")
+
+# Caller bytes kept for a replay until the upstream speaks; past this, the caller
+# is not read until it does (or fails).
+_REPLAY_LIMIT = 256 * 1024
+# Per transport: past this much unsent data, the other side stops being read.
+WRITE_BUFFER_HIGH = 256 * 1024
+# How long a closing connection may take to send what is buffered for a peer.
+_CLOSE_GRACE_SECONDS = 10.0
+# How long a caller cut for what it did has to read our last words (its GOAWAY).
+_HANG_UP_SECONDS = 0.5
+# Answers of the splice's own to a caller (PING answers, requests refused here, window
+# credit) while it does not read, or waiting here for the frame relayed to it to be whole,
+# before its connection is cut: a caller that goes on asking without reading the answers
+# is flooding (the HTTP/2 "ping flood", and its kin).
+_MAX_UNREAD_ANSWERS = 1000
+# How long a PING ACK waits for relayed bytes going the same way, to ride with them
+# instead of costing a write (and, to a caller, a TLS record) of its own. gRPC peers
+# ping once per burst of data they receive (to estimate the bandwidth-delay product),
+# so without this every unary call costs two extra writes and two extra wake-ups of
+# the peers. While data flows, the ACK goes out with it at once: it travels the same
+# way as the data the pinging peer receives. The wait is for a quiet connection (a
+# keepalive PING): far below any keepalive timeout, and well above the event loop's
+# 1 ms timer resolution, which made a 1 ms wait often end before the reply it waited
+# for.
+_ACK_DELAY_SECONDS = 0.005
+# Relayed chunks of at most this many bytes in all are joined before a write, so that
+# they leave in one TLS record (a record holds up to 16 KiB).
+_JOIN_LIMIT = 16 * 1024
+
+_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+# How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
+_STATUS_BY_RESET = {
+    0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before trailers
+    0x7: grpc.StatusCode.UNAVAILABLE,  # REFUSED_STREAM
+    0x8: grpc.StatusCode.CANCELLED,  # CANCEL
+    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
+    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
+}
+# How a gRPC client reads a response that ends without grpc-status (a server that is
+# not gRPC, or a proxy's error page): "HTTP to gRPC Status Code Mapping" in gRPC's docs.
+_STATUS_BY_HTTP = {
+    b"400": grpc.StatusCode.INTERNAL,
+    b"401": grpc.StatusCode.UNAUTHENTICATED,
+    b"403": grpc.StatusCode.PERMISSION_DENIED,
+    b"404": grpc.StatusCode.UNIMPLEMENTED,
+    b"429": grpc.StatusCode.UNAVAILABLE,
+    b"502": grpc.StatusCode.UNAVAILABLE,
+    b"503": grpc.StatusCode.UNAVAILABLE,
+    b"504": grpc.StatusCode.UNAVAILABLE,
+}
+# An upstream that accepted the connection (and, for TLS, finished the handshake)
+# and closed it without a byte: for TLS 1.3, typically a refused client certificate.
+_CLOSED_BEFORE_SPEAKING = ConnectionError(
+    "the connection was closed before the upstream spoke (after any TLS handshake)"
+)
+# "Shutting down; finish what you started, start nothing new" (RFC 9113 6.8).
+_GOAWAY_GRACEFUL = frame(GOAWAY, 0, 0, (0x7FFFFFFF).to_bytes(4, "big") + bytes(4))
+# Sent with it: the caller's ACK comes after any call it started before it read the
+# GOAWAY, so the last word (the GOAWAY naming the last stream) waits for the ACK.
+_DRAIN_OPAQUE = b"draining"
+_DRAIN_PING = frame(PING, 0, 0, _DRAIN_OPAQUE)
+# How long that wait lasts for a caller that does not answer pings.
+_DRAIN_PING_SECONDS = 1.0
+_NO_ERROR, _PROTOCOL_ERROR, _CANCEL, _ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0xB
+# Budgets broken, upstreams lost: one line per reason and route per period, not per connection.
+_limited_log = LogLimiter(logger)
+
+# Opens the upstream connection with the protocol from the factory given.
+Connector = Callable[
+    [Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.BaseTransport, object]]
+]
+# Turns a failure to reach the upstream into the details callers get.
+Describer = Callable[[BaseException | None], Awaitable[str]]
+
+
+class _Call:
+    """One gRPC call (an HTTP/2 stream) in flight: what ending it here and the access log
+    need to know."""
+
+    __slots__ = (
+        "answered",
+        "bytes_in",
+        "bytes_out",
+        "http_status",
+        "need_in",
+        "need_out",
+        "path",
+        "prefix_in",
+        "prefix_out",
+        "request_ended",
+        "started",
+    )  # fmt: skip
+
+    def __init__(self, path: bytes | None, request_ended: bool) -> None:
+        self.path = path
+        self.started = time.monotonic()
+        self.answered = False  # response headers have gone to the caller
+        self.request_ended = request_ended  # the caller has sent END_STREAM
+        self.bytes_in = self.bytes_out = 0
+        self.http_status: bytes | None = None  # the response's :status, once it came
+        # Message framing state per direction: body bytes still to skip, and the
+        # part of a 5-byte message prefix seen so far.
+        self.need_in = self.need_out = 0
+        self.prefix_in = self.prefix_out = b""
+
+    @property
+    def method(self) -> str:
+        return self.path.decode("utf-8", "replace") if self.path else "-"
+
+
+def _message_bytes(
+    need: int, prefix: bytes, data: bytes, start: int, end: int
+) -> tuple[int, int, bytes]:
+    """Walk gRPC message framing (flag byte, 4-byte length, body) over data[start:end]:
+    return the body bytes of the messages begun there, and the framing state after."""
+    total, position = 0, start
+    while position < end:
+        if need:
+            taken = min(need, end - position)
+            need -= taken
+            position += taken
+        elif not prefix and end - position >= 5:
+            need = int.from_bytes(data[position + 1 : position + 5], "big")
+            total += need
+            position += 5
+        else:
+            taken = min(5 - len(prefix), end - position)
+            prefix += bytes(data[position : position + taken])
+            position += taken
+            if len(prefix) == 5:
+                need = int.from_bytes(prefix[1:], "big")
+                total += need
+                prefix = b""
+    return total, need, prefix
+
+
+def _status_code(grpc_status: bytes | None, http_status: bytes | None) -> grpc.StatusCode:
+    """The status a gRPC client reads from a response's grpc-status, or else its :status."""
+    if grpc_status is not None:
+        if grpc_status.isdigit():
+            return _STATUS_BY_CODE.get(int(grpc_status), grpc.StatusCode.UNKNOWN)
+        return grpc.StatusCode.UNKNOWN
+    return _STATUS_BY_HTTP.get(http_status or b"", grpc.StatusCode.UNKNOWN)
+
+
+def _close_within(transport: asyncio.Transport, seconds: float) -> None:
+    """Close after what is buffered is sent, or abort if the peer does not read it in time."""
+    transport.close()
+    if transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(seconds, transport.abort)
+
+
+def _write(transport: asyncio.Transport, chunks: Sequence[bytes | memoryview]) -> None:
+    if len(chunks) == 1:
+        transport.write(chunks[0])
+    elif not chunks:
+        return
+    elif sum(map(len, chunks)) <= _JOIN_LIMIT:
+        transport.write(b"".join(chunks))
+    else:
+        transport.writelines(chunks)  # no join: a DATA run may be large
+
+
+class _OwnFrames:
+    """Frames of the splice's own (PING answers, GOAWAY) for one side, waiting for the next
+    frame boundary of the bytes relayed that way, and the timer that sends PING answers
+    which found no relayed bytes to ride with (see _ACK_DELAY_SECONDS)."""
+
+    __slots__ = ("frames", "timer")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def take(self) -> list[bytes]:
+        """The frames, now sent (with relayed bytes or on their own)."""
+        self.cancel()
+        frames, self.frames = self.frames, []
+        return frames
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    """The upstream connection's events, handed to its Splice."""
+
+    def __init__(self, splice: Splice) -> None:
+        self._splice: Splice = splice
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        self._splice.upstream_made(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self._splice.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return False  # close; HTTP/2 has no use for a half-closed connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._splice.upstream_lost(exc)
+        self._splice = _GONE  # the splice points at the transport, which points here
+
+    def pause_writing(self) -> None:
+        self._splice.pause_caller("upstream busy")
+
+    def resume_writing(self) -> None:
+        self._splice.resume_caller("upstream busy")
+
+
+class _Gone:
+    """Stands in for a Splice once the upstream connection is lost (late callbacks find
+    nothing to do)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: None
+
+
+_GONE: Splice = _Gone()  # type: ignore[assignment]
+
+
+class Splice:
+    """A caller's connection relayed frame by frame over its own upstream connection.
+
+    Besides relaying, it keeps the caller within its budgets (limits.py): control
+    frames and calls cancelled before their answer (token buckets; past either the
+    caller gets GOAWAY ENHANCE_YOUR_CALM and the connection closes), a header
+    block or frame once started must be finished within header_timeout, and a
+    connection with no call in flight for idle_timeout is closed with a GOAWAY.
+    A request it refuses (too large, malformed) is answered here on its stream and
+    never reaches the upstream. When the upstream is lost, every call in flight is
+    ended here with UNAVAILABLE and the caller is told GOAWAY, so that its client
+    reconnects at once instead of waiting for TCP to notice.
+    """
+
+    def __init__(
+        self,
+        caller: asyncio.Transport,
+        connect: Connector,
+        describe_failure: Describer,
+        *,
+        peer: str,
+        remote: str,
+        route: str | None,
+        user_agent: bytes,
+        upstream_name: str = "upstream",
+        limits: Limits | None = None,
+        ack_delay: float = _ACK_DELAY_SECONDS,
+    ) -> None:
+        self._caller = caller
+        self._upstream: asyncio.Transport | None = None
+        self._describe_failure = describe_failure
+        self._peer, self._remote, self._route = peer, remote, route
+        self._upstream_name = upstream_name
+        self._limits = limits = limits if limits is not None else Limits()
+        self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
+        self._replay_size = 0
+        self._refusal: Refusal | None = None
+        self._failing = False
+        self._broken = False  # a peer broke HTTP/2 or a budget: nothing more is relayed
+        self._caller_busy = False  # the caller's write buffer is full
+        self._answers_while_busy = 0
+        self._failure: asyncio.Task[None] | None = None
+        self._pauses: set[str] = set()
+        self._calls: dict[int, _Call] = {}  # calls in flight, by stream
+        self._last_stream = 0
+        # The lowest last-stream id of the upstream's GOAWAYs (relayed to the caller): the
+        # sidecar's own GOAWAYs must not name a higher one (RFC 9113 6.8), and streams
+        # above it are ignored by the upstream, so they are not tracked as calls.
+        self._upstream_last: int | None = None
+        self._draining = False
+        self._drain_ping: asyncio.TimerHandle | None = None  # until the caller's ACK
+        self._drain_closed = False
+        self._own_to_caller = _OwnFrames()
+        self._own_to_upstream = _OwnFrames()
+        self._ack_delay = ack_delay
+        self._done = False
+        self._log = access_logger.isEnabledFor(logging.INFO)
+        self._control = TokenBucket(limits.control_frame_rate, limits.control_frame_burst)
+        self._resets = TokenBucket(limits.reset_rate, limits.reset_burst)
+        self._control_seen = 0  # the caller's control frames already paid for
+        self._data_seen = 0  # the upstream's data frames already credited
+        self._credit = 0  # flow-control bytes of dropped DATA, owed to the caller
+        self._caller_acks = 0  # SETTINGS ACKs from the caller
+        self._requests = RequestBlocks(
+            user_agent,
+            HeaderLimits(
+                list_size=limits.max_header_list_size,
+                max_fields=limits.max_header_fields,
+                stateful_bytes=limits.stateful_header_bytes,
+                block_size=limits.max_header_block,
+            ),
+        )
+        self._responses = ResponseBlocks()
+        self._outbound = FrameWalker(
+            self._request_headers,
+            preface=True,
+            data=self._request_data if self._log else None,
+            ended=self._request_ended,
+            reset=self._caller_reset,
+            ping=self._caller_ping,
+            ping_acked=self._caller_acked_ping,
+            settings_acked=self._caller_acked_settings,
+            dropped_data=self._dropped_data,
+        )
+        self._inbound = FrameWalker(
+            self._response_headers,
+            preface=False,
+            data=self._response_data if self._log else None,
+            ended=self._upstream_ended,
+            reset=self._upstream_reset,
+            ping=self._upstream_ping,
+            settings_acked=self._responses.table_limited,
+            goaway=self._upstream_goaway,
+            header_list=self._requests.lower_list_size,
+            header_list_limit=limits.max_header_list_size,
+        )
+        self._loop = loop = asyncio.get_running_loop()
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._frames_at_timer = 0  # the caller's frames walked when the header timer began
+        self._first_frame_timer: asyncio.TimerHandle | None = None
+        self._upstream_spoke = False
+        self._upstream_opening = b""  # its first bytes, until there are 4: a frame type
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = loop.time()
+        if limits.idle_timeout:
+            self._idle_timer = loop.call_later(limits.idle_timeout, self._idle_check)
+        self._connecting = loop.create_task(self._connect(connect))
+
+    # The caller's side (called by the listener's protocol).
+
+    def from_caller(self, data: bytes) -> None:
+        if self._refusal is not None:
+            self._refusal.feed(data)
+            return
+        if self._replay is not None:
+            self._replay.append(data)
+            self._replay_size += len(data)
+            if self._replay_size > _REPLAY_LIMIT:
+                self.pause_caller("upstream silent")
+            if self._upstream is None:
+                return  # relayed from the replay once connected
+        elif self._upstream is None:
+            return  # the upstream is gone and the caller's connection is closing
+        self._to_upstream(data)
+
+    def caller_lost(self) -> None:
+        self._connecting.cancel()
+        if self._refusal is not None:
+            self._refusal.connection_lost()
+        self._end_calls(grpc.StatusCode.CANCELLED)
+        if self._upstream is not None:
+            # Nothing more can reach the caller: the upstream's calls end now, and an
+            # upstream that stopped reading cannot hold its connection open.
+            self._upstream.abort()
+        self._done = True
+        self._release()
+
+    def caller_busy(self) -> None:
+        """The caller is not reading: stop reading the upstream (the caller is still read:
+        it may be blocked sending until it is, and HTTP/2 flow control bounds its DATA)."""
+        self._caller_busy = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def caller_ready(self) -> None:
+        self._caller_busy = False
+        self._answers_while_busy = 0
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def pause_caller(self, reason: str) -> None:
+        if not self._pauses:
+            self._caller.pause_reading()
+        self._pauses.add(reason)
+
+    def resume_caller(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses.remove(reason)
+        if not self._pauses and not self._caller.is_closing():
+            self._caller.resume_reading()
+
+    def drain(self) -> None:
+        """Tell the caller to start no new calls; close once those in flight are done."""
+        self._draining = True
+        if self._refusal is not None or self._upstream is None or self._broken:
+            self._close_both()
+            return
+        if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
+            self._own_to_caller.frames += (_GOAWAY_GRACEFUL, _DRAIN_PING)
+            self._drain_ping = self._loop.call_later(_DRAIN_PING_SECONDS, self._drain_pinged)
+            self._send_own_to_caller()
+        elif not self._calls:
+            self._close_drained()
+
+    def _drain_pinged(self) -> None:
+        """The caller has read the first GOAWAY and sent every call it will (or did not
+        answer the drain's PING in time): the drain closes once they are over."""
+        if self._drain_ping is not None:
+            self._drain_ping.cancel()
+            self._drain_ping = None
+        if not self._calls:
+            self._close_drained()
+
+    def _close_drained(self) -> None:
+        """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
+        the caller started after all (before it saw the first GOAWAY) is known to it as
+        not processed and is retried elsewhere, then the close."""
+        if self._drain_closed:  # a stream's end and its reset can both schedule this
+            return
+        if self._calls or self._drain_ping is not None:
+            # A call started in the same loop turn as the last one ended (its own end
+            # schedules this again), or calls may still be on their way (_DRAIN_PING).
+            return
+        self._drain_closed = True
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            _write(self._caller, [*self._own_to_caller.take(), self._goaway(_NO_ERROR)])
+        self._close_both()
+
+    def abort(self) -> None:
+        """The drain grace is over: end the calls still in flight here, telling their
+        callers why, then both connections."""
+        if self._upstream is not None:
+            self._upstream.abort()  # the upstream's calls end with its connection
+        if self._calls and self._refusal is None and not self._broken:
+            self._end_calls_here(
+                grpc.StatusCode.UNAVAILABLE,
+                "the sidecar is shutting down and its drain grace is over",
+            )
+        self._caller.abort()
+
+    # The upstream's side.
+
+    async def _connect(self, connect: Connector) -> None:
+        try:
+            await connect(lambda: _UpstreamProtocol(self))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # refused, unreachable, TLS: every caller hears why
+            await self._fail(error)
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        """Connected: relay what the caller sent so far (before any upstream byte can arrive)."""
+        if self._done:
+            transport.close()
+            return
+        self._upstream = transport
+        self._first_frame_timer = self._loop.call_later(
+            self._limits.connect_timeout, self._upstream_silent
+        )
+        for chunk in self._replay or ():
+            if self._broken:
+                break
+            self._to_upstream(chunk)
+
+    def _upstream_silent(self) -> None:
+        """The upstream accepted the connection but has not sent its SETTINGS in time."""
+        self._first_frame_timer = None
+        if self._replay is None or self._upstream is None or self._done:
+            return
+        upstream, self._upstream = self._upstream, None
+        upstream.abort()
+        # Not a TimeoutError: the describer reads that as a connection never made.
+        self._start_failure(
+            ConnectionError(
+                f"the upstream accepted the connection but sent nothing within "
+                f"{self._limits.connect_timeout:g}s"
+            )
+        )
+
+    def from_upstream(self, data: bytes) -> None:
+        if self._broken or self._done:
+            return
+        if self._replay is not None and not self._upstream_spoke:
+            # Its first bytes: a server's connection preface is a SETTINGS frame (RFC 9113
+            # 3.4). Anything else is not HTTP/2, and the calls can still be answered why.
+            # The frame's type is its 4th byte, which a read may not have reached yet.
+            opening = self._upstream_opening + data
+            if len(opening) > 3:
+                self._upstream_spoke = True
+                if opening[3] != SETTINGS:
+                    self._not_http2(opening)
+                    return
+            else:
+                self._upstream_opening = opening
+        chunks = self._walked(self._inbound, data, from_upstream=True)
+        if chunks is None:
+            return
+        if self._replay is not None and self._inbound.first_frame_done:
+            self._replay = None  # the upstream speaks HTTP/2: no replay will be needed
+            if self._first_frame_timer is not None:
+                self._first_frame_timer.cancel()
+                self._first_frame_timer = None
+            self.resume_caller("upstream silent")
+        earned = self._inbound.data_frames - self._data_seen
+        if earned:  # the caller's WINDOW_UPDATEs and PINGs answer what it receives
+            self._data_seen = self._inbound.data_frames
+            self._control.earn(2 * earned)
+        if self._own_to_caller.frames and self._inbound.at_frame_boundary:
+            chunks += self._own_to_caller.take()
+        _write(self._caller, chunks)
+        if self._inbound.backlog:
+            self._continue_later(from_upstream=True)
+
+    def _not_http2(self, data: bytes) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        shown = repr(bytes(data[:24]))[1:] + ("..." if len(data) > 24 else "")
+        self._start_failure(
+            ConnectionError(f"the upstream does not speak HTTP/2 (it sent {shown})")
+        )
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        if self._done or self._refusal is not None or self._failing:
+            return
+        self._upstream = None
+        if self._broken:
+            return  # closed by the splice itself (the caller was cut)
+        if self._replay is not None:  # lost before it spoke: the calls can still be answered
+            self._start_failure(exc or _CLOSED_BEFORE_SPEAKING)
+            return
+        reason = f": {_failure_text(exc)}" if exc is not None else ""
+        if self._calls or self._upstream_last is None:
+            _limited_log.log(
+                logging.WARNING,
+                ("upstream lost", self._upstream_name),
+                "upstream %s closed a connection abruptly%s (%d calls in flight ended UNAVAILABLE)",
+                self._upstream_name,
+                reason,
+                len(self._calls),
+            )
+        self._end_calls_here(
+            grpc.StatusCode.UNAVAILABLE,
+            f"upstream {self._upstream_name} closed the connection{reason}",
+        )
+
+    def _start_failure(self, error: BaseException) -> None:
+        self._failure = self._loop.create_task(self._fail(error))
+
+    async def _fail(self, error: BaseException) -> None:
+        if self._failing:  # a timeout and a close can both report one failure
+            return
+        self._failing = True
+        details = await self._describe_failure(error)
+        if self._done:
+            return
+        if self._first_frame_timer is not None:
+            self._first_frame_timer.cancel()
+        self._refusal = Refusal(
+            self._caller,
+            grpc.StatusCode.UNAVAILABLE,
+            lambda method: details,
+            peer=self._peer,
+            remote=self._remote,
+            route=self._route,
+            goaway=True,
+            limits=self._limits,
+        )
+        replay, self._replay = self._replay or [], None
+        self._calls.clear()
+        self._cancel_timers()
+        self._own_to_caller.frames.clear()  # the refusal answers the replayed PINGs itself
+        self.resume_caller("upstream silent")
+        self.resume_caller("backlog")
+        self._refusal.refuse_later_calls()
+        for chunk in replay:
+            self._refusal.feed(chunk)
+
+    # Frames.
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self._broken:
+            return
+        outbound = self._outbound
+        chunks = self._walked(outbound, data, from_upstream=False)
+        if chunks is None:
+            return
+        spent = outbound.control_frames - self._control_seen
+        if spent:
+            self._control_seen = outbound.control_frames
+            if not self._control.spend(spent):
+                self._calm_down(
+                    f"more than {self._limits.control_frame_rate} control frames per second"
+                )
+                return
+        if self._credit:
+            # What the app never saw, it will never give back: the caller's connection
+            # window gets it from here (its dropped streams' DATA).
+            credit, self._credit = self._credit, 0
+            self._own_to_caller.frames.append(frame(WINDOW_UPDATE, 0, 0, credit.to_bytes(4, "big")))
+            self._send_own_to_caller()
+            try:
+                self._count_answer()
+            except BudgetExceeded as exceeded:
+                self._calm_down(str(exceeded))
+                return
+        assert self._upstream is not None
+        if self._own_to_upstream.frames and outbound.at_frame_boundary:
+            chunks += self._own_to_upstream.take()
+        _write(self._upstream, chunks)
+        # The timer is left to run when the frame is finished (it then finds none, or another
+        # begun since, and times that afresh): not a timer made and cancelled on most reads.
+        if self._header_timer is None and outbound.in_frame:
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout, self._header_overdue
+            )
+            self._frames_at_timer = outbound.control_frames + outbound.data_frames
+        if outbound.backlog:
+            self._continue_later(from_upstream=False)
+
+    def _continue_later(self, *, from_upstream: bool) -> None:
+        """A pass's budget ran out with input left: stop reading that side, and walk on at
+        the next turn of the event loop, after the other connections have had theirs."""
+        if from_upstream:
+            if self._upstream is not None:
+                self._upstream.pause_reading()
+            self._loop.call_soon(self._walk_backlog, True)
+        else:
+            self.pause_caller("backlog")
+            self._loop.call_soon(self._walk_backlog, False)
+
+    def _walk_backlog(self, from_upstream: bool) -> None:
+        if self._broken or self._done or self._refusal is not None:
+            return
+        if from_upstream:
+            self.from_upstream(b"")
+            if not self._inbound.backlog and self._upstream is not None and not self._caller_busy:
+                self._upstream.resume_reading()
+        elif self._upstream is not None:
+            self._to_upstream(b"")
+            if not self._outbound.backlog:
+                self.resume_caller("backlog")
+
+    def _walked(
+        self, walker: FrameWalker, data: bytes, *, from_upstream: bool
+    ) -> list[bytes | memoryview] | None:
+        """The bytes to send on for `data`; None when its sender broke HTTP/2 or a budget,
+        or the sidecar failed reading it: then both connections end, and only they."""
+        try:
+            return walker.feed(data)
+        except BudgetExceeded as exceeded:
+            self._calm_down(str(exceeded))
+            return None
+        except (FrameError, HeaderBlockError) as error:
+            if from_upstream:  # the operator's own app: worth a warning
+                logger.warning(
+                    "upstream broke HTTP/2 on a connection for %s: %s", self._remote, error
+                )
+                if self._replay is not None:
+                    self._not_http2_detail(str(error))
+                    return None
+                self._broken = True
+                self._end_calls_here(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"upstream {self._upstream_name} broke HTTP/2: {error}",
+                )
+                if self._upstream is not None:
+                    self._upstream.abort()
+                return None
+            logger.info("caller %s broke HTTP/2: %s", self._remote, error)
+            self._hang_up(_PROTOCOL_ERROR, str(error), grpc.StatusCode.INTERNAL)
+            return None
+        except Exception:
+            logger.exception("internal error relaying for %s", self._remote)
+        self._stop_relaying()
+        return None
+
+    def _not_http2_detail(self, detail: str) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.abort()
+        self._start_failure(ConnectionError(f"the upstream does not speak HTTP/2 ({detail})"))
+
+    def _request_headers(
+        self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
+    ) -> bytes | _Drop:
+        if stream_id <= self._last_stream:  # trailers, or a block on a stream that is over
+            if stream_id in self._outbound.dropped or stream_id not in self._calls:
+                # A block on a stream answered here (it never reached the upstream), or on
+                # one that is over (the upstream would take it as a protocol error): left
+                # out, at a control frame's price.
+                self._spend_control(1)
+                return DROP
+            try:
+                return self._requests.rewrite(buffer[start:end], trailers=True)[0]
+            except RequestRefused as refused:
+                call = self._calls.pop(stream_id)
+                self._spend_reset()  # malformed trailers cancel the call as a reset does
+                # The upstream knows this stream: it must learn that it is over.
+                self._own_to_upstream.frames.append(
+                    frame(RST_STREAM, 0, stream_id, _CANCEL.to_bytes(4, "big"))
+                )
+                call.request_ended = call.request_ended or bool(flags & END_STREAM)
+                self._answer_here(stream_id, call, refused)
+                self._call_ended()
+                return DROP
+        self._last_stream = stream_id
+        try:
+            rewritten, path = self._requests.rewrite(buffer[start:end])
+        except RequestRefused as refused:
+            self._answer_here(stream_id, _Call(None, bool(flags & END_STREAM)), refused)
+            return DROP
+        if self._upstream_last is not None and stream_id > self._upstream_last:
+            return rewritten  # the upstream said it will not process it: no call to track
+        self._calls[stream_id] = _Call(path, bool(flags & END_STREAM))
+        return rewritten
+
+    def _answer_here(self, stream_id: int, call: _Call, refused: RequestRefused) -> None:
+        """Answer a request here (it never reaches the upstream), at a control frame's price:
+        the upstream does no work for it (so not at a reset's), but answering costs some."""
+        self._spend_control(1)
+        _limited_log.log(
+            logging.INFO,
+            ("refused", self._route),
+            "refused a call from %s: %s",
+            self._remote,
+            refused.details,
+        )
+        self._own_to_caller.frames.append(
+            self._local_end(stream_id, call, refused.code, refused.details)
+        )
+        self._send_own_to_caller()
+        self._log_call(call, refused.code, refused.details)
+        self._count_answer()
+
+    def _count_answer(self) -> None:
+        """One more answer of the splice's own for the caller (see _MAX_UNREAD_ANSWERS)."""
+        if self._caller_busy:
+            self._answers_while_busy += 1
+        unread = max(self._answers_while_busy, len(self._own_to_caller.frames))
+        if unread > _MAX_UNREAD_ANSWERS:
+            raise BudgetExceeded("requests or PINGs sent without reading the answers")
+
+    def _local_end(self, stream_id: int, call: _Call, code: grpc.StatusCode, details: str) -> bytes:
+        """The frames that end a call here, as a gRPC server ends one: its status in trailers
+        (trailers-only when no response has begun), and, if the caller is still sending,
+        RST_STREAM NO_ERROR to tell it to stop (RFC 9113 8.1)."""
+        block = status_block(code.value[0], grpc_message(details), trailers_only=not call.answered)
+        frames = header_frames(stream_id, True, block)
+        if not call.request_ended:
+            frames += frame(RST_STREAM, 0, stream_id, _NO_ERROR.to_bytes(4, "big"))
+        return frames
+
+    def _request_ended(self, stream_id: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.request_ended = True
+
+    def _spend_control(self, frames: int) -> None:
+        if not self._control.spend(frames):
+            raise BudgetExceeded(
+                f"more than {self._limits.control_frame_rate} control frames per second"
+            )
+
+    def _caller_acked_settings(self) -> bool:
+        """The caller acknowledged a SETTINGS frame: the upstream's, relayed (each carries a
+        HEADER_TABLE_SIZE of 0, see headerblock.py), or nothing at all, which the upstream
+        would take as a protocol error and drop the connection for: left out."""
+        self._caller_acks += 1
+        if self._caller_acks > self._inbound.settings_relayed:
+            return False
+        self._requests.table_limited()
+        return True
+
+    def _dropped_data(self, length: int) -> None:
+        self._credit += length
+
+    def _response_headers(
+        self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
+    ) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.answered = True
+        if self._log:
+            grpc_status, http_status = self._responses.status(buffer[start:end])
+            if call is not None and http_status is not None:
+                call.http_status = http_status
+            if flags & END_STREAM:
+                self._calls.pop(stream_id, None)
+                if call is not None:
+                    self._log_call(call, _status_code(grpc_status, call.http_status))
+                self._call_ended()
+            return None
+        if self._responses.follows_table:
+            self._responses.status(buffer[start:end])
+        if flags & END_STREAM:
+            self._calls.pop(stream_id, None)
+            self._call_ended()
+        return None  # responses cross unchanged
+
+    def _upstream_goaway(self, last_stream: int) -> None:
+        if self._upstream_last is None or last_stream < self._upstream_last:
+            self._upstream_last = last_stream
+        # Calls above it will never be answered: the caller learns so from the GOAWAY itself.
+        for stream_id in [s for s in self._calls if s > last_stream]:
+            self._log_call(
+                self._calls.pop(stream_id),
+                grpc.StatusCode.UNAVAILABLE,
+                f"upstream {self._upstream_name} will not process it (its GOAWAY)",
+            )
+        if self._draining and not self._calls:
+            self._loop.call_soon(self._close_drained)
+
+    def _upstream_ended(self, stream_id: int) -> None:
+        """A response that ended with DATA, without trailers: not a gRPC server's."""
+        call = self._calls.pop(stream_id, None)
+        if call is not None:
+            self._log_call(call, _status_code(None, call.http_status))
+        self._call_ended()
+
+    def _request_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            added, call.need_in, call.prefix_in = _message_bytes(
+                call.need_in, call.prefix_in, data, start, end
+            )
+            call.bytes_in += added
+
+    def _response_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None:
+            added, call.need_out, call.prefix_out = _message_bytes(
+                call.need_out, call.prefix_out, data, start, end
+            )
+            call.bytes_out += added
+
+    def _caller_reset(self, stream_id: int, error_code: int) -> None:
+        call = self._calls.pop(stream_id, None)
+        if call is not None:
+            self._spend_reset()
+            self._log_call(call, grpc.StatusCode.CANCELLED)
+            self._call_ended()  # (a reset of a stream that is no call is no activity)
+
+    def _spend_reset(self) -> None:
+        """A call in flight ends before its answer, by the caller's doing. Streams opened
+        and cancelled before the upstream has finished answering cost it a call each and
+        the caller nothing: the "rapid reset" attack (whether the upstream had begun its
+        answer or not, and whether the caller reset the stream or made the sidecar do it)."""
+        if not self._resets.spend(1):
+            raise BudgetExceeded(
+                f"more than {self._limits.reset_rate} calls per second cancelled "
+                "before their answer (rapid reset)"
+            )
+
+    def _upstream_reset(self, stream_id: int, error_code: int) -> None:
+        call = self._calls.pop(stream_id, None)
+        if call is not None:
+            self._log_call(call, _STATUS_BY_RESET.get(error_code, grpc.StatusCode.INTERNAL))
+        self._call_ended()
+
+    def _call_ended(self) -> None:
+        if not self._calls:
+            self._idle_since = self._loop.time()
+            if self._draining:
+                # After this read's bytes are written: close() sends what is buffered first.
+                self._loop.call_soon(self._close_drained)
+
+    def _caller_ping(self, opaque: bytes) -> None:
+        self._answer_ping(self._own_to_caller, opaque, self._send_own_to_caller)
+        self._count_answer()
+
+    def _caller_acked_ping(self, opaque: bytes) -> None:
+        if opaque == _DRAIN_OPAQUE and self._drain_ping is not None:
+            self._drain_pinged()
+
+    def _upstream_ping(self, opaque: bytes) -> None:
+        self._answer_ping(self._own_to_upstream, opaque, self._send_own_to_upstream)
+
+    def _answer_ping(self, own: _OwnFrames, opaque: bytes, send: Callable[[], None]) -> None:
+        own.frames.append(frame(PING, ACK, 0, opaque))
+        if own.timer is None:
+            own.timer = self._loop.call_later(self._ack_delay, send)
+
+    def _send_own_to_caller(self) -> None:
+        """Send our frames for the caller now, unless a relayed frame is half sent: the rest
+        of it is still to come from the upstream, and they go out after it (the timer's
+        handle then stays set, so no new timer starts: the walker reaches a frame boundary
+        only in `feed`, and both callers of `feed` send what waits once it does)."""
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            _write(self._caller, self._own_to_caller.take())
+
+    def _send_own_to_upstream(self) -> None:
+        if (
+            self._upstream is not None
+            and self._outbound.at_frame_boundary
+            and not self._upstream.is_closing()
+        ):
+            _write(self._upstream, self._own_to_upstream.take())
+
+    # Timers.
+
+    def _header_overdue(self) -> None:
+        """A frame or block was left unfinished at the end of a read header_timeout ago. If
+        none is unfinished now, nothing is timed; if frames were completed since, the one
+        unfinished now is another: time it afresh."""
+        self._header_timer = None
+        outbound = self._outbound
+        walked = outbound.control_frames + outbound.data_frames
+        if outbound.in_frame and walked != self._frames_at_timer:
+            self._frames_at_timer = walked
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout, self._header_overdue
+            )
+            return
+        if outbound.in_frame and not self._broken and not self._done:
+            logger.info(
+                "caller %s did not finish a frame or header block within %gs: closing",
+                self._remote,
+                self._limits.header_timeout,
+            )
+            self._hang_up(
+                _PROTOCOL_ERROR,
+                "header block or frame not finished in time",
+                grpc.StatusCode.CANCELLED,
+            )
+
+    def _idle_check(self) -> None:
+        """Close a connection that has had no call in flight for idle_timeout (GOAWAY first:
+        its client reconnects when it next needs to)."""
+        self._idle_timer = None
+        if self._done or self._draining or self._broken or self._refusal is not None:
+            return
+        idle = self._loop.time() - self._idle_since
+        if self._calls or idle < self._limits.idle_timeout:
+            remaining = self._limits.idle_timeout - (0 if self._calls else idle)
+            self._idle_timer = self._loop.call_later(remaining, self._idle_check)
+            return
+        logger.debug("closing the idle connection of %s", self._remote)
+        self._draining = True
+        if self._upstream is None:
+            self._close_both()
+        else:
+            self._close_drained()
+
+    def _cancel_timers(self) -> None:
+        self._own_to_caller.cancel()
+        self._own_to_upstream.cancel()
+        for timer in (self._header_timer, self._first_frame_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._first_frame_timer = self._idle_timer = None
+        if self._drain_ping is not None:
+            self._drain_ping.cancel()
+            self._drain_ping = None
+
+    # Endings.
+
+    def _log_call(self, call: _Call, code: grpc.StatusCode, details: str = "") -> None:
+        if not self._log:
+            return
+        log_call(
+            CallRecord(
+                method=call.method,
+                started=call.started,
+                remote=self._remote,
+                peer=self._peer,
+                code=code,
+                bytes_in=call.bytes_in,
+                bytes_out=call.bytes_out,
+                route=self._route,
+                details=details,
+            )
+        )
+
+    def _end_calls(self, code: grpc.StatusCode, details: str = "") -> None:
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            self._log_call(call, code, details)
+
+    def _goaway(self, error_code: int, debug: bytes = b"") -> bytes:
+        """A GOAWAY naming the last stream relayed (never above the upstream's own)."""
+        last_stream = self._last_stream
+        if self._upstream_last is not None:
+            last_stream = min(last_stream, self._upstream_last)
+        payload = last_stream.to_bytes(4, "big") + error_code.to_bytes(4, "big") + debug
+        return frame(GOAWAY, 0, 0, payload)
+
+    def _goodbye(self, error_code: int, reason: str) -> None:
+        """Tell the caller why its connection ends (a GOAWAY with the reason), if it can be
+        told: not in the middle of a frame relayed to it."""
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            debug = reason.encode("ascii", "replace")[:256]
+            _write(self._caller, [*self._own_to_caller.take(), self._goaway(error_code, debug)])
+
+    def _end_calls_here(self, code: grpc.StatusCode, details: str) -> None:
+        """End every call in flight on the caller's side with this status (the upstream is
+        gone, or going), then GOAWAY and close: its client knows at once, and reconnects."""
+        calls, self._calls = self._calls, {}
+        self._broken = True
+        if self._inbound.at_frame_boundary and not self._caller.is_closing():
+            chunks = self._own_to_caller.take()
+            for stream_id, call in calls.items():
+                chunks.append(self._local_end(stream_id, call, code, details))
+            chunks.append(self._goaway(_NO_ERROR))
+            _write(self._caller, chunks)
+            for call in calls.values():
+                self._log_call(call, code, details)
+            self._cancel_timers()
+            _close_within(self._caller, _CLOSE_GRACE_SECONDS)
+            return
+        # In the middle of a frame to the caller: nothing more can be said on this
+        # connection; a reset tells its client at once.
+        for call in calls.values():
+            self._log_call(call, code, details)
+        self._cancel_timers()
+        self._caller.abort()
+
+    def _calm_down(self, reason: str) -> None:
+        """The caller spent more than a budget allows: GOAWAY ENHANCE_YOUR_CALM with the
+        reason, and both connections end (the upstream's calls with its connection)."""
+        if self._broken:
+            return
+        _limited_log.log(
+            logging.WARNING,
+            ("budget", reason, self._route),
+            "caller %s (%s) exceeded a budget: %s; closing its connection",
+            self._remote,
+            self._peer,
+            reason,
+        )
+        self._hang_up(_ENHANCE_YOUR_CALM, reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def _hang_up(self, error_code: int, reason: str, code: grpc.StatusCode) -> None:
+        """End a caller's connection for what it did: a GOAWAY with the reason (if it can be
+        said), its calls cut (the upstream's with its connection), nothing more read from
+        it, and a reset shortly after. Not TLS's close: that goes on reading, and
+        decrypting, whatever the caller still sends until it answers the close."""
+        self._goodbye(error_code, reason)
+        self._broken = True
+        self._end_calls(code, reason)
+        self._cancel_timers()
+        if self._upstream is not None:
+            self._upstream.abort()
+        caller = self._caller
+        if not caller.is_closing():
+            caller.pause_reading()
+            self._loop.call_later(_HANG_UP_SECONDS, caller.abort)
+
+    def _stop_relaying(self) -> None:
+        """A peer broke HTTP/2 (or the sidecar failed reading it): end both connections."""
+        self._broken = True
+        self._end_calls(grpc.StatusCode.INTERNAL)
+        self._close_both()
+
+    def _close_both(self) -> None:
+        self._cancel_timers()
+        _close_within(self._caller, _CLOSE_GRACE_SECONDS)
+        if self._upstream is not None:
+            _close_within(self._upstream, _CLOSE_GRACE_SECONDS)
+
+    def _release(self) -> None:
+        """The caller's connection is gone: let go of everything that points back here, so
+        that reference counting frees this splice (and its transports' buffers) at once."""
+        self._cancel_timers()
+        self._outbound.detach()
+        self._inbound.detach()
+        self._requests = self._responses = None  # type: ignore[assignment]
+
+
+def _failure_text(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error) or type(error).__name__

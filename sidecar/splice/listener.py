@@ -1,0 +1,453 @@
+"""A route's listener on the spliced data plane: accept, terminate TLS, decide, hand over.
+
+Ingress: each connection's TLS handshake runs here (Python's ssl, on uvloop),
+with a client certificate required and verified against the CA bundle. The
+caller's identity is read once per connection and the allowlist decides once
+per connection (its rules depend on the identity alone): an allowed caller's
+connection is spliced to the upstream (`splice.Splice`), a denied caller's is
+answered PERMISSION_DENIED, call by call, with the reason (`refusal.Refusal`),
+and never reaches the upstream. Egress: plaintext callers on loopback are
+spliced to the remote over TLS with this route's client certificate.
+
+The front keeps every open connection, so that a drain can tell each caller to
+start no new calls and wait for those in flight. Each connection accepted is
+admitted within the listener's budgets first (admission.py: handshakes pending,
+connections, descriptors); the peer's certificate chain is capped in OpenSSL
+(`max_chain_length`, tls.py), and each handshake is watched (handshake.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Callable
+
+import grpc
+
+from sidecar import __version__
+from sidecar.auth.identity import IdentityReader
+from sidecar.auth.policy import Policy
+from sidecar.config.addresses import Address
+from sidecar.config.model import RouteConfig
+from sidecar.errors import StartupError
+from sidecar.grpcplane.upstream import describe_unavailable
+from sidecar.host.allocator import release_free_memory
+from sidecar.pki.diagnosis import TLSDiagnosis
+from sidecar.pki.tls import cap_peer_chain
+from sidecar.splice.admission import Admission
+from sidecar.splice.connection import WRITE_BUFFER_HIGH, Splice
+from sidecar.splice.handshake import Handshake, current_handshake, report_failure, watch_handshakes
+from sidecar.splice.refusal import Refusal
+
+logger = logging.getLogger("sidecar.server")
+
+USER_AGENT = f"sidecar/{__version__}".encode()
+# How long accepting pauses after accept() failed (out of descriptors, say): connections
+# end meanwhile, and callers arriving in the pause wait at most this long to be closed.
+_ACCEPT_PAUSE_SECONDS = 0.1
+# Closed connections that make a burst worth giving memory back for.
+_BURST = 256
+
+
+def _remote_of(sock: socket.socket) -> str:
+    """The caller's address as gRPC names peers: ipv4:127.0.0.1:53412, ipv6:[::1]:53412."""
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:  # already gone
+        return "-"
+    return f"ipv6:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"ipv4:{host}:{port}"
+
+
+def _failure_details(error: BaseException | None, connect_timeout: float) -> str:
+    """A transport failure in a few words: strerror for OS errors, ssl's reason for TLS."""
+    if isinstance(error, ssl.SSLError):
+        return str(error).split(" (_ssl.c:")[0]
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    if isinstance(error, TimeoutError | asyncio.TimeoutError) and not str(error):
+        return f"no connection within {connect_timeout:g}s"  # wait_for's, which says nothing
+    return str(error) or type(error).__name__
+
+
+class _CallerProtocol(asyncio.Protocol):
+    """One caller connection, TLS done (ingress): its Splice or Refusal gets the bytes."""
+
+    def __init__(self, front: Front, remote: str, over_limit: bool = False) -> None:
+        self._front = front
+        self._transport: asyncio.Transport | None = None
+        self.handler: Splice | Refusal | None = None
+        self.remote = remote
+        self.over_limit = over_limit  # admitted beyond max_connections: answered, then closed
+        self.released = False  # its place among the over-limit connections given back
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        assert self._transport is not None
+        transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+        front = self._front
+        front.connections.add(self)
+        handshake = current_handshake()
+        if handshake is not None:
+            # Done: no longer one the listener may close as the oldest pending handshake.
+            front.admission.handshake_ended(handshake)
+        if self.over_limit:
+            self.handler = front.admission.refusal(self._transport, self.remote)
+            return
+        if front.policy is None:  # egress: local callers are the app itself
+            self._splice("-")
+            return
+        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        identity = front.identities.from_der(der)
+        policy = front.policy
+        # The rules depend on the identity alone: one decision holds for every call.
+        if policy.decide(identity, "").allowed:
+            self._splice(identity.description)
+            return
+        front.denied[self] = None  # the first to go when the listener is full
+        self.handler = Refusal(
+            self._transport,
+            grpc.StatusCode.PERMISSION_DENIED,
+            lambda method: policy.decide(identity, method).reason,
+            peer=identity.description,
+            remote=self.remote,
+            route=front.config.name,
+            goaway=False,
+            limits=front.config.limits,
+        )
+
+    def _splice(self, peer: str) -> None:
+        assert self._transport is not None
+        self.handler = Splice(
+            self._transport,
+            self._front.connect,
+            self._front.describe_failure,
+            peer=peer,
+            remote=self.remote,
+            route=self._front.config.name,
+            user_agent=USER_AGENT,
+            upstream_name=str(self._front.config.upstream),
+            limits=self._front.config.limits,
+        )
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.handler
+        if isinstance(handler, Splice):
+            handler.from_caller(data)
+        elif handler is not None:
+            handler.feed(data)
+
+    def eof_received(self) -> bool:
+        return False  # close; HTTP/2 has no use for a half-closed connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._front.forget(self)
+        if isinstance(self.handler, Splice):
+            self.handler.caller_lost()
+        elif self.handler is not None:
+            self.handler.connection_lost()
+        self.handler = None  # the handler points back at the transport, which points here
+
+    def pause_writing(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.caller_busy()
+        elif self._transport is not None:  # a refusal: its answers wait for the caller
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.caller_ready()
+        elif self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def drain(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.drain()
+        elif self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if isinstance(self.handler, Splice):
+            self.handler.abort()
+        elif self._transport is not None:
+            self._transport.abort()
+
+
+class Front:
+    """The listener of one route on the spliced data plane, with an explicit lifecycle."""
+
+    def __init__(
+        self,
+        config: RouteConfig,
+        tls: ssl.SSLContext | None,
+        policy: Policy | None,
+        upstream_tls: ssl.SSLContext | None = None,
+        diagnosis: TLSDiagnosis | None = None,
+    ) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.policy = policy
+        self.identities = IdentityReader()
+        self.connections: set[_CallerProtocol] = set()
+        # Denied callers' connections, oldest first: at max_connections the oldest is closed
+        # to make room for a newcomer, so that denied callers cannot fill the listener.
+        self.denied: dict[_CallerProtocol, None] = {}
+        self._peak = 0  # the most connections open at once since memory was last given back
+        self._trim: asyncio.TimerHandle | None = None
+        self._tls = tls
+        self._upstream_tls = upstream_tls
+        self._diagnosis = diagnosis
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
+        self.admission = Admission(config.title, config.name, config.limits)
+        self._all_gone = asyncio.Event()
+        for context, whose in ((tls, "callers'"), (upstream_tls, "the remote's")):
+            if context is None:
+                continue
+            unsupported = cap_peer_chain(context, self.limits.max_chain_length)
+            if unsupported is not None:
+                logger.warning(
+                    "%s: max_chain_length is not enforced on %s chains: %s",
+                    config.title,
+                    whose,
+                    unsupported,
+                )
+        if tls is not None:
+            watch_handshakes(tls)
+
+    async def start(self) -> int:
+        """Bind and start accepting; return the port (0 for a unix socket)."""
+        listen = self.config.listen
+        try:
+            self._listeners = _bind(listen)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen on {listen}: {_failure_details(error, 0)} (address in use?)"
+            ) from None
+        self.admission.start()
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            self._track(loop.create_task(self._accept(listener)))
+        if listen.unix_path is not None:
+            return 0
+        return int(self._listeners[0].getsockname()[1])
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as error:
+                self.admission.accept_failed(listener, error, len(self.connections))
+                await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
+                continue
+            verdict = self.admission.admit(
+                len(self.connections), self._tls is not None, self._evict_denied
+            )
+            if verdict == "close":
+                sock.close()
+                continue
+            self._track(loop.create_task(self._open(sock, verdict == "refuse")))
+
+    async def _open(self, sock: socket.socket, over_limit: bool) -> None:
+        """Run the TLS handshake (ingress) and give the connection its protocol."""
+        remote = _remote_of(sock)
+        made: list[_CallerProtocol] = []
+
+        def protocol() -> _CallerProtocol:
+            made.append(_CallerProtocol(self, remote, over_limit))
+            return made[-1]
+
+        try:
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _keep_alive(sock)
+            if self._tls is None:
+                await asyncio.get_running_loop().connect_accepted_socket(protocol, sock)
+            else:
+                await self._handshake(sock, remote, protocol)
+        except OSError as error:  # the caller left before its connection was set up
+            logger.debug("connection from %s lost before it was set up: %s", remote, error)
+            sock.close()  # a no-op once the event loop holds it (it counts as a user)
+        finally:
+            # A connection that reached its protocol is released by forget(), once; one
+            # that did not (a failed or cancelled handshake) here.
+            reached = bool(made) and (made[0].released or made[0] in self.connections)
+            if over_limit and not reached:
+                self.admission.refusal_ended()
+
+    async def _handshake(
+        self, sock: socket.socket, remote: str, protocol: Callable[[], _CallerProtocol]
+    ) -> bool:
+        """The TLS handshake, counted among the pending ones while it runs; whether it
+        succeeded (a failure is logged)."""
+        handshake = Handshake(sock, remote)
+        handshake.watch()  # in this task's context, which the loop copies for the connection
+        task = asyncio.current_task()
+        assert task is not None
+        self.admission.handshake_started(handshake, task)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                protocol,
+                sock,
+                ssl=self._tls,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
+            report_failure(handshake, error, self.limits)
+            return False
+        finally:
+            self.admission.handshake_ended(handshake)
+            handshake.done()
+        return True
+
+    async def connect(
+        self, factory: Callable[[], asyncio.Protocol]
+    ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+        """Open one connection to the upstream (TLS for egress) with the protocol given."""
+        loop = asyncio.get_running_loop()
+        upstream = self.config.upstream
+        if upstream.unix_path is not None:
+            opening = loop.create_unix_connection(factory, upstream.unix_path)
+        elif self._upstream_tls is not None:
+            opening = loop.create_connection(
+                factory,
+                upstream.host,
+                upstream.port,
+                ssl=self._upstream_tls,
+                server_hostname=self.config.tls_name,
+                ssl_handshake_timeout=self.limits.connect_timeout,
+            )
+        else:
+            opening = loop.create_connection(factory, upstream.host, upstream.port)
+        transport, protocol = await asyncio.wait_for(opening, self.limits.connect_timeout)
+        sock = transport.get_extra_info("socket")
+        # A remote that refuses our certificate under TLS 1.3 may have closed the
+        # connection already (its alert comes after our side of the handshake): the
+        # protocol has heard of it, and the call is answered with the reason.
+        if upstream.unix_path is None and sock is not None and not transport.is_closing():
+            with contextlib.suppress(OSError):
+                _keep_alive(sock)
+        return transport, protocol
+
+    async def describe_failure(self, error: BaseException | None) -> str:
+        return await describe_unavailable(
+            self.config.upstream,
+            _failure_details(error, self.limits.connect_timeout),
+            self._diagnosis,
+        )
+
+    def _evict_denied(self) -> str | None:
+        """Close the oldest denied caller's connection now, its place given at once; the
+        caller's address, or None if no caller is denied."""
+        if not self.denied:
+            return None
+        oldest = next(iter(self.denied))
+        del self.denied[oldest]
+        self.connections.discard(oldest)
+        oldest.abort()
+        return oldest.remote
+
+    def forget(self, connection: _CallerProtocol) -> None:
+        self.denied.pop(connection, None)
+        if connection in self.connections and connection.over_limit and not connection.released:
+            connection.released = True
+            self.admission.refusal_ended()
+        self.connections.discard(connection)
+        if not self.connections:
+            self._all_gone.set()
+        self._after_burst()
+
+    def _after_burst(self) -> None:
+        """Once most of a burst of connections has closed, give their memory back to the
+        system (see allocator.release_free_memory), a second after the last of them, so
+        that a burst costs one walk of the heap, not one per connection."""
+        open_now = len(self.connections)
+        if open_now > self._peak:
+            self._peak = open_now
+        elif self._peak - open_now >= _BURST and open_now <= self._peak // 2:
+            if self._trim is not None:
+                self._trim.cancel()
+            self._trim = asyncio.get_running_loop().call_later(1.0, self._trimmed)
+
+    def _trimmed(self) -> None:
+        self._trim = None
+        self._peak = len(self.connections)
+        release_free_memory()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting; tell callers to start no new calls; wait up to grace for those
+        in flight, then end every connection (which cancels what is left upstream)."""
+        for task in list(self._tasks):
+            task.cancel()  # accept loops, and handshakes not yet done
+        for listener in self._listeners:
+            listener.close()
+        self.admission.stop()
+        if self.config.listen.unix_path is not None and self._listeners:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.listen.unix_path)
+        self._listeners = []
+        self._all_gone.clear()
+        for connection in list(self.connections):
+            connection.drain()
+        if self.connections and grace:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), grace)
+        for connection in list(self.connections):
+            connection.abort()
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive, on both connections of a splice: PINGs are answered by the sidecar
+    on the side they come from, so neither peer's keepalive PINGs cross it. A peer that
+    vanished without a FIN (a NAT timeout, a dead host, an egress's remote across a
+    partition) is found by TCP after about two minutes of silence, and the other
+    connection closed with it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def _bind(address: Address) -> list[socket.socket]:
+    """Listening sockets for address: one per address a host name has (all on one port)."""
+    if address.unix_path is not None:
+        path = address.unix_path
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # a previous run's socket: bind would fail on it
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listeners = [listener]
+    else:
+        infos = socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        listeners, port = [], address.port
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # unique, in order
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind((sockaddr[0], port, *sockaddr[2:]))
+            except OSError:
+                for opened in listeners:
+                    opened.close()
+                raise
+            port = listener.getsockname()[1]  # port 0: the others take the one picked
+    for listener in listeners:
+        listener.listen(4096)
+        listener.setblocking(False)
+    return listeners

@@ -24,6 +24,8 @@ def wait_until_refused(port: int, timeout: float = 10) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         except ConnectionRefusedError:
             return
+        except ConnectionResetError:
+            continue  # the listener closed during this connect: the next one tells
     raise AssertionError(f"port {port} still accepts connections")
 
 

@@ -199,5 +199,5 @@ def _check_config(loaded: Loaded) -> int:
     routes = [Route(route) for route in loaded.config.routes]
     for warning in loaded.warnings:
         print(f"# warning: {warning}")
-    print(render(loaded, [route.material for route in routes]), end="")
+    print(render(loaded, [route.credentials.current().material for route in routes]), end="")
     return EXIT_OK

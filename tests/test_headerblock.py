@@ -7,15 +7,22 @@ import sys
 import hpack
 import pytest
 
+from sidecar.auth.headers import HeaderRules
 from sidecar.h2.headerblock import (
     HeaderBlockError,
     HeaderLimits,
     RequestBlocks,
+    RequestFilter,
     RequestRefused,
     ResponseBlocks,
 )
 
 USER_AGENT = b"sidecar/test"
+
+
+def new_filter() -> RequestFilter:
+    """A route's filter with the default rules, naming the sidecar USER_AGENT."""
+    return RequestFilter(HeaderRules(USER_AGENT.decode()))
 
 
 def request(path: str, *extra: tuple[str, str]) -> list[tuple[str, str]]:
@@ -60,7 +67,7 @@ EXPECTED = [
 @pytest.mark.parametrize("huffman", [True, False])
 def test_requests_are_filtered_before_and_after_the_table_goes_to_zero(huffman: bool) -> None:
     client, upstream = hpack.Encoder(), hpack.Decoder()
-    blocks = RequestBlocks(USER_AGENT)
+    blocks = RequestBlocks(new_filter())
     # Before the client has seen our SETTINGS it indexes freely: later blocks refer
     # to entries of earlier ones.
     for _ in range(3):
@@ -80,7 +87,7 @@ def stateless_blocks(limits: HeaderLimits | None = None) -> RequestBlocks:
     """Blocks of a connection whose client has emptied its table (the stateless phase)."""
     client = hpack.Encoder()
     client.header_table_size = 0
-    blocks = RequestBlocks(USER_AGENT, limits)
+    blocks = RequestBlocks(new_filter(), limits)
     blocks.table_limited()  # the client acknowledged our SETTINGS
     blocks.rewrite(client.encode(request("/a/B")))  # opens with the size update
     return blocks
@@ -160,7 +167,7 @@ def test_malformed_requests_are_refused_with_the_reason(
 ) -> None:
     """RFC 9113 8.2.1, 8.2.2: such a request must not reach the app, whatever the phase."""
     client = hpack.Encoder()
-    blocks = stateless_blocks() if stateless else RequestBlocks(USER_AGENT)
+    blocks = stateless_blocks() if stateless else RequestBlocks(new_filter())
     if stateless:
         client.header_table_size = 0
         client.encode([])
@@ -188,7 +195,7 @@ def test_a_pseudo_header_after_regular_fields_or_a_missing_one_is_refused() -> N
 def test_requests_over_the_header_budgets_are_refused_resource_exhausted(stateless: bool) -> None:
     limits = HeaderLimits(list_size=1024, max_fields=20)
     client = hpack.Encoder()
-    blocks = stateless_blocks(limits) if stateless else RequestBlocks(USER_AGENT, limits)
+    blocks = stateless_blocks(limits) if stateless else RequestBlocks(new_filter(), limits)
     if stateless:
         client.header_table_size = 0
         client.encode([])
@@ -213,7 +220,7 @@ def test_hpack_amplification_is_bounded_until_the_table_is_empty() -> None:
     """A client that never empties its table: a few indexed bytes stand for a big field."""
     client = hpack.Encoder()
     limits = HeaderLimits(list_size=16384, stateful_bytes=64 * 1024)
-    blocks = RequestBlocks(USER_AGENT, limits)
+    blocks = RequestBlocks(new_filter(), limits)
     big = request("/a/B", ("x-big", "v" * 3000))
     first = client.encode(big)
     again = client.encode(big)  # the big field is now one indexed byte
@@ -232,7 +239,7 @@ def test_a_stateless_block_cannot_refer_to_the_dynamic_table() -> None:
 
 def test_a_malformed_block_in_the_stateful_phase_is_refused() -> None:
     with pytest.raises(HeaderBlockError):
-        RequestBlocks(USER_AGENT).rewrite(bytes([0x80 | 70]))
+        RequestBlocks(new_filter()).rewrite(bytes([0x80 | 70]))
 
 
 def test_multi_byte_integers_are_read_in_every_position() -> None:
@@ -260,7 +267,7 @@ def test_never_indexed_fields_stay_never_indexed_when_re_encoded() -> None:
     block = encoder.encode(
         [*request("/a.B/C"), hpack.NeverIndexedHeaderTuple("x-secret", "s3cret")], huffman=False
     )
-    rewritten, _ = RequestBlocks(b"sidecar/test").rewrite(block)  # the stateful phase
+    rewritten, _ = RequestBlocks(new_filter()).rewrite(block)  # the stateful phase
     assert b"\x10\x08x-secret\x06s3cret" in rewritten
     decoded = hpack.Decoder().decode(rewritten, raw=True)
     assert any(isinstance(field, hpack.NeverIndexedHeaderTuple) for field in decoded)
@@ -270,7 +277,7 @@ def test_a_reset_before_the_settings_ack_can_be_followed_by_growth() -> None:
     """Until the client acknowledges our SETTINGS its table may grow again after a
     reset to 0 (RFC 7541 4.2); the blocks that use it must still be read."""
     client, upstream = hpack.Encoder(), hpack.Decoder()
-    blocks = RequestBlocks(USER_AGENT)
+    blocks = RequestBlocks(new_filter())
     client.header_table_size = 0
     blocks.rewrite(client.encode(request("/kv.KV/Get")))
     client.header_table_size = 4096  # grows again, and indexes
@@ -307,7 +314,7 @@ def test_malformed_requests_are_charged_to_the_stateful_budget_too() -> None:
     """Until the table is empty, every decoded byte counts, even those of a request that is
     then refused: a refusal must not be a way around the amplification budget."""
     client = hpack.Encoder()
-    blocks = RequestBlocks(USER_AGENT, HeaderLimits(list_size=16384, stateful_bytes=64 * 1024))
+    blocks = RequestBlocks(new_filter(), HeaderLimits(list_size=16384, stateful_bytes=64 * 1024))
     bad = request("/a/B", ("x-big", "v" * 3000), ("te", "gzip"))
     with pytest.raises(RequestRefused):
         blocks.rewrite(client.encode(bad))
@@ -321,7 +328,7 @@ def test_malformed_requests_are_charged_to_the_stateful_budget_too() -> None:
 def test_more_than_two_table_size_updates_end_the_connection_unread(stateless: bool) -> None:
     """RFC 7541 4.2 allows two at the start of a block; 16,000 one-byte updates made one
     block cost a decoder 30 ms, at one frame's price."""
-    blocks = stateless_blocks() if stateless else RequestBlocks(USER_AGENT)
+    blocks = stateless_blocks() if stateless else RequestBlocks(new_filter())
     client = hpack.Encoder()
     client.header_table_size = 0
     client.encode([])

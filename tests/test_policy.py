@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sidecar.auth.identity import PeerIdentity
-from sidecar.auth.policy import AllowRules, Policy
+from sidecar.auth.policy import Policy
+from sidecar.config.model import AllowRules
 
 CAROL = PeerIdentity(
     common_names=("carol",),

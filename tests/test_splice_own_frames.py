@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import hpack
 import uvloop
 
+from sidecar.auth.headers import HeaderRules
 from sidecar.h2.frames import (
     ACK,
     DATA,
@@ -33,6 +34,7 @@ from sidecar.h2.frames import (
     WINDOW_UPDATE,
     frame,
 )
+from sidecar.h2.headerblock import RequestFilter
 from sidecar.splice.connection import Splice
 
 SETTINGS_EMPTY = frame(SETTINGS, 0, 0, b"")
@@ -84,10 +86,10 @@ class _CallerProtocol(asyncio.Protocol):
     splice: Splice
 
     def data_received(self, data: bytes) -> None:
-        self.splice.from_caller(data)
+        self.splice.feed(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.splice.caller_lost()
+        self.splice.connection_lost()
 
 
 def run_spliced(test: Callable[[Ends], Awaitable[None]], ack_delay: float) -> None:
@@ -112,7 +114,7 @@ def run_spliced(test: Callable[[Ends], Awaitable[None]], ack_delay: float) -> No
             peer="CN=test",
             remote="unix:test",
             route=None,
-            user_agent=b"sidecar/test",
+            request_filter=RequestFilter(HeaderRules("sidecar/test")),
             ack_delay=ack_delay,
         )
         try:
@@ -210,7 +212,7 @@ def test_a_call_starting_as_the_last_one_ends_holds_the_drain_open() -> None:
         await ends.send(ends.caller, frame(PING, ACK, 0, b"draining"))  # answered at once
         # Call 1 ends and call 3 starts in the same turn of the loop (one read each).
         ends.splice.from_upstream(trailers(1))
-        ends.splice.from_caller(request(caller_headers, 3))
+        ends.splice.feed(request(caller_headers, 3))
         await relayed_whole_frame(ends)  # call 3 reaches the app...
         await ends.send(ends.upstream, trailers(3))  # ...which answers it
         # The connection stayed open for call 3: its answer comes, then the last GOAWAY.

@@ -1,5 +1,10 @@
 """Which request and response fields cross the sidecar: the one table, for both data planes.
 
+A route's `HeaderRules` applies it: the splice's header-block filter
+(h2/headerblock.py) asks it about each request field, the grpc plane's relay
+filters metadata with it, and it names what the sidecar injects (its
+user-agent). Rules are per route, and so are their caches.
+
 Application metadata (text and `-bin`, repeated keys, in order) passes unchanged.
 What else a request carries is one of:
 - the request pseudo-headers (:method, :scheme, :path, :authority) and the
@@ -18,8 +23,14 @@ What else a request carries is one of:
   `upgrade`), `te` other than `trailers`, values holding NUL, CR or LF. The
   splice answers such a request itself (INTERNAL, with the reason); it never
   reaches the app. On the grpc plane grpc core refuses them first.
-Responses keep `grpc-status-details-bin`: it is the rich error status
-(google.rpc.Status) and belongs to the application.
+Injected: `user-agent: sidecar/VERSION` on every request (the splice adds the
+field; the grpc plane's channel sends it, grpc core appending its own name).
+Responses: the splice relays the app's response blocks as they are (it reads
+them only for the status); the grpc plane forwards the app's metadata minus the
+fields grpc core writes itself (the same names as for requests), but keeps
+`grpc-status-details-bin`: it is the rich error status (google.rpc.Status) and
+belongs to the application. What reaches the caller is the same either way, but
+for application keys starting with `grpc-`, which the grpc plane drops.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Final
+
+from sidecar import __version__
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -42,6 +55,9 @@ CONNECTION_SPECIFIC_FIELDS: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _STATUS_DETAILS = "grpc-status-details-bin"
+USER_AGENT: Final = f"sidecar/{__version__}"
+_CACHE_LIMIT = 4096  # field names whose verdict a route remembers; cleared when full
+_CACHED_NAME_LIMIT = 128  # bytes: only small names are remembered
 
 # RFC 9113 8.2.1: a name holds no 0x00-0x20, no uppercase, no 0x7f-0xff, and no colon
 # (but a pseudo-header's first byte).
@@ -90,6 +106,42 @@ def _shown(text: bytes) -> str:
     return shown if len(text) <= 64 else shown[:-1] + "...'"
 
 
+class HeaderRules:
+    """One route's header rules: what crosses each way and what the sidecar injects."""
+
+    def __init__(self, user_agent: str = USER_AGENT) -> None:
+        self.user_agent = user_agent
+        # Verdicts by field name: the same few names recur call after call.
+        self._verdicts: dict[bytes, str] = {}
+
+    def judge_request_field(self, name: bytes, value: bytes) -> tuple[bool, str | None]:
+        """Whether a request field crosses, and what makes the request malformed (or None)."""
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            verdict = request_verdict(name)
+            if len(name) <= _CACHED_NAME_LIMIT:
+                if len(self._verdicts) >= _CACHE_LIMIT:
+                    self._verdicts.clear()
+                self._verdicts[name] = verdict
+        if verdict is KEEP or verdict is DROP:
+            return verdict is KEEP, value_problem(name, value)
+        return False, verdict
+
+    def request_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
+        """The caller's metadata as the grpc plane forwards it to the upstream."""
+        return tuple((key, value) for key, value in metadata if not _dropped_by_relay(key))
+
+    def response_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
+        """The upstream's headers or trailers as the grpc plane hands them to the caller."""
+        if not metadata:
+            return ()
+        return tuple(
+            (key, value)
+            for key, value in metadata
+            if key == _STATUS_DETAILS or not _dropped_by_relay(key)
+        )
+
+
 def _dropped_by_relay(key: str) -> bool:
     encoded = key.encode("latin-1", "replace")
     return (
@@ -97,20 +149,4 @@ def _dropped_by_relay(key: str) -> bool:
         or encoded in PROTOCOL_FIELDS
         or encoded in DROPPED_FIELDS
         or encoded in CONNECTION_SPECIFIC_FIELDS
-    )
-
-
-def request_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> Metadata:
-    """The caller's metadata as the grpc plane forwards it to the upstream."""
-    return tuple((key, value) for key, value in metadata if not _dropped_by_relay(key))
-
-
-def response_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Metadata:
-    """The upstream's headers or trailers as the caller should receive them."""
-    if not metadata:
-        return ()
-    return tuple(
-        (key, value)
-        for key, value in metadata
-        if key == _STATUS_DETAILS or not _dropped_by_relay(key)
     )

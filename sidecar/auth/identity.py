@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from sidecar.observe.logs import escape
@@ -60,7 +59,6 @@ class PeerIdentity:
     uris: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
     serial: str = ""
-    fingerprint_sha256: str = ""
     unreadable: str | None = None  # why the names could not be read; then no rule matches
 
     @property
@@ -108,7 +106,6 @@ def _shown(name: str) -> str:
 
 def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
     """The names in `certificate`; one whose names cannot be read gives an unreadable identity."""
-    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()  # of the DER: cannot fail
     serial = ""
     try:
         serial = format(certificate.serial_number, "x")
@@ -128,12 +125,9 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
             ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
             serial=serial,
-            fingerprint_sha256=fingerprint,
         )
     except _UNREADABLE as error:
-        return PeerIdentity(
-            serial=serial, fingerprint_sha256=fingerprint, unreadable=_reason(error)
-        )
+        return PeerIdentity(serial=serial, unreadable=_reason(error))
 
 
 def _reason(error: Exception) -> str:

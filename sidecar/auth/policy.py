@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from sidecar.auth.identity import PeerIdentity
+from sidecar.config.model import AllowRules
 from sidecar.observe.logs import escape
 
 
@@ -43,20 +44,6 @@ def compile_pattern(pattern: str, separator: str, *, ignore_case: bool = False) 
 def matchable(name: str) -> bool:
     """Whether a certificate name may match a rule at all: printable ASCII only."""
     return name.isascii() and name.isprintable()
-
-
-@dataclass(frozen=True)
-class AllowRules:
-    """The allowlist as the user wrote it (flags or settings)."""
-
-    cn: tuple[str, ...] = ()
-    dns: tuple[str, ...] = ()
-    uri: tuple[str, ...] = ()
-    allow_all: bool = False
-
-    @property
-    def empty(self) -> bool:
-        return not (self.cn or self.dns or self.uri)
 
 
 @dataclass(frozen=True)
@@ -88,24 +75,40 @@ class Policy:
         ]
         self._uri = [_Rule("allow-uri", p, compile_pattern(p, "/")) for p in rules.uri]
 
+    def admits(self, identity: PeerIdentity | None) -> bool:
+        """Whether any call of this caller can be allowed: a caller admitted by no rule is
+        refused on its whole connection (never reaching the upstream). Every rule today
+        names callers only, so for an admitted caller every call is allowed as well, and
+        the listener decides once per connection; rules that name methods will make the
+        splice decide per call too."""
+        return self._matching_rule(identity) is not None
+
     def decide(self, identity: PeerIdentity | None, method: str) -> Decision:
         """Allow, naming the rule that matched, or deny with the message the caller will see."""
-        if self.rules.allow_all:
-            return Decision(True, "allow-all")
+        rule = self._matching_rule(identity)
+        if rule is not None:
+            return Decision(True, rule)
         if identity is None:
             return Decision(
                 False, f"peer without a client certificate may not call {escape(method)}"
             )
-        if identity.unreadable is None:  # a certificate that cannot be read matches nothing
-            common_names = (identity.common_name,) if identity.common_name is not None else ()
-            for rules, names in (
-                (self._cn, common_names),
-                (self._dns, identity.dns_names),
-                (self._uri, identity.uris),
-            ):
-                for rule in rules:
-                    if rule.matches(names):
-                        return Decision(True, f"{rule.kind} {rule.pattern}")
         return Decision(
             False, f"peer {identity.description} is not allowed to call {escape(method)}"
         )
+
+    def _matching_rule(self, identity: PeerIdentity | None) -> str | None:
+        """The first rule the caller matches, as the audit trail names it."""
+        if self.rules.allow_all:
+            return "allow-all"
+        if identity is None or identity.unreadable is not None:
+            return None  # a certificate that cannot be read matches nothing
+        common_names = (identity.common_name,) if identity.common_name is not None else ()
+        for rules, names in (
+            (self._cn, common_names),
+            (self._dns, identity.dns_names),
+            (self._uri, identity.uris),
+        ):
+            for rule in rules:
+                if rule.matches(names):
+                    return f"{rule.kind} {rule.pattern}"
+        return None

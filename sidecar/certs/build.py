@@ -19,7 +19,9 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
+
+from sidecar.pki.x509 import ROLE_EKU, Role
 
 KeyType = Literal["ec", "rsa"]
 Usage = Literal["server", "client", "both"]
@@ -107,6 +109,46 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attributes)
 
 
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: PrivateKey,
+    validity: tuple[datetime.datetime, datetime.datetime],
+    *,
+    ca: bool,
+    path_length: int | None = None,
+) -> x509.CertificateBuilder:
+    """What every certificate made here carries: random serial, critical BasicConstraints
+    and KeyUsage, SKI. A CA signs certificates and CRLs; a leaf signs handshakes and,
+    with an RSA key, may encipher (RSA key exchange)."""
+    start, end = validity
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=not ca and isinstance(key, rsa.RSAPrivateKey),
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+
+
 def init_ca(
     name: str = "sidecar Root CA",
     *,
@@ -125,35 +167,11 @@ def init_ca(
     if path_length == "auto":
         path_length = 0 if parent else None
     key = new_key(key_type, rsa_bits)
-    start, end = _validity(days, not_before, parent.certificate if parent else None)
+    validity = _validity(days, not_before, parent.certificate if parent else None)
     subject = _name(name)
     issuer_name = parent.certificate.subject if parent else subject
     signing_key = parent.key if parent else key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
+    builder = _builder(subject, issuer_name, key, validity, ca=True, path_length=path_length)
     if parent:
         builder = builder.add_extension(_authority_key_id(parent), critical=False)
     return Issued(builder.sign(signing_key, hashes.SHA256()), key)
@@ -181,7 +199,7 @@ def issue(
     overrides the usages implied by `usage` (tests use it to build wrong-EKU certs).
     """
     key = new_key(key_type, rsa_bits)
-    start, end = _validity(days, not_before, ca.certificate)
+    validity = _validity(days, not_before, ca.certificate)
     if cn_as_dns is None:
         cn_as_dns = usage in ("server", "both")
     dns_names = list(dns)
@@ -191,37 +209,10 @@ def issue(
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     sans += [x509.UniformResourceIdentifier(uri) for uri in uris]
     if extended_key_usages is None:
-        extended_key_usages = {
-            "server": [ExtendedKeyUsageOID.SERVER_AUTH],
-            "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
-            "both": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-        }[usage]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(_authority_key_id(ca), critical=False)
-    )
+        roles: list[Role] = ["server", "client"] if usage == "both" else [usage]
+        extended_key_usages = [ROLE_EKU[role] for role in roles]
+    builder = _builder(_name(common_name), ca.certificate.subject, key, validity, ca=False)
+    builder = builder.add_extension(_authority_key_id(ca), critical=False)
     if extended_key_usages:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage(list(extended_key_usages)), critical=False

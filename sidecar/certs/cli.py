@@ -1,10 +1,11 @@
 """`sidecar certs`: make CAs and certificates, inspect and verify them, provision at build time.
 
-A thin layer: sidecar.certs builds, sidecar.certfiles reads, sidecar.verify judges,
-sidecar.provision holds the build-time rule. This module parses flags, refuses to
-overwrite, writes files and prints one line per result. Exit codes: 0 done (for
-verify: the certificate is good); 1 verify judged the certificate bad; 2 usage or
-configuration error, one line on stderr, no traceback.
+A thin layer: sidecar.certs.build builds, sidecar.certs.files reads,
+sidecar.certs.verify judges, sidecar.certs.provision holds the build-time rule.
+This module parses flags, refuses to overwrite, writes files and prints one line
+per result. Exit codes: 0 done (for verify: the certificate is good); 1 verify
+judged the certificate bad; 2 usage or configuration error, one line on stderr,
+no traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from sidecar.certs import build as certs
 from sidecar.certs.args import build_parser, is_dns_name
 from sidecar.certs.files import (
@@ -30,22 +28,19 @@ from sidecar.certs.files import (
     load_authority,
     load_ca_dir,
     load_certificates,
-    read_bytes,
 )
 from sidecar.certs.inspect import describe, key_description
 from sidecar.certs.provision import decide, read_inputs
-from sidecar.certs.verify import Purpose, VerificationFailed, dn, san_names, utc, verify
+from sidecar.certs.verify import VerificationFailed, dn, utc, verify
+from sidecar.config.pem import read_bytes
 from sidecar.errors import EXIT_OK, EXIT_REJECTED, EXIT_USAGE, ConfigError
+from sidecar.pki.x509 import Role, pem_bundle, san_names
 
 _FILE_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class UsageError(ConfigError):
     """A flag combination argparse cannot express; printed like argparse's own errors."""
-
-
-def _pem(*certificates: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
 
 
 def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
@@ -116,7 +111,7 @@ def _init_ca(args: argparse.Namespace) -> int:
         path_length="auto" if args.path_length is None else args.path_length,
     )
     # ca-chain.pem: what a leaf of this CA is served with, after the leaf itself.
-    chain = _pem(ca.certificate, *parent.intermediates) if parent else None
+    chain = pem_bundle([ca.certificate, *parent.intermediates]) if parent else None
     written = _write(out, ca, "ca", chain)
     signer = f" (signed by {dn(parent.certificate.subject)})" if parent else ""
     print(
@@ -157,7 +152,9 @@ def _issue_leaf(
         rsa_bits=args.rsa_bits,
         cn_as_dns=cn_as_dns,
     )
-    chain = None if authority.is_root else _pem(issued.certificate, *authority.intermediates)
+    chain = (
+        None if authority.is_root else pem_bundle([issued.certificate, *authority.intermediates])
+    )
     return issued, _write(out, issued, base, chain)
 
 
@@ -184,7 +181,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise UsageError("--client and --server-name exclude each other")
     roots = load_certificates(Path(args.ca), "--ca")
     chain = load_certificates(Path(args.cert), "CERT")
-    purpose: Purpose = "client" if args.client else "server"
+    purpose: Role = "client" if args.client else "server"
     try:
         result = verify(chain[0], chain[1:], roots, purpose=purpose, server_name=args.server_name)
     except VerificationFailed as exc:
@@ -212,22 +209,22 @@ def _provision(args: argparse.Namespace) -> int:
         "--cn": args.cn,
     }
     inputs = read_inputs(flags, os.environ)
-    decision = decide(inputs.auth, inputs.client_auth, inputs.role)
-    if not decision.sign:
-        print(f"not signing: {decision.reason}")
+    issuance = decide(inputs.auth, inputs.client_auth, inputs.role)
+    if not issuance.sign:
+        print(f"not signing: {issuance.reason}")
         return EXIT_OK
     if inputs.cn is None:
-        raise UsageError(f"signing ({decision.reason}) needs --cn or COMMON_NAME")
+        raise UsageError(f"signing ({issuance.reason}) needs --cn or COMMON_NAME")
     if inputs.ca_cert is None or inputs.ca_key is None:
-        raise UsageError(f"signing ({decision.reason}) needs --ca-cert FILE or CA_NAME")
+        raise UsageError(f"signing ({issuance.reason}) needs --ca-cert FILE or CA_NAME")
     if args.out is None:
-        raise UsageError(f"signing ({decision.reason}) needs --out DIR")
+        raise UsageError(f"signing ({issuance.reason}) needs --out DIR")
     if not inputs.ca_cert.exists():
         raise ConfigError(f"{inputs.ca_cert_source}: no such file: {inputs.ca_cert}")
     authority = load_authority(inputs.ca_cert, inputs.ca_key, what="CA")
-    issued, written = _issue_leaf(args, authority, inputs.cn, decision.role)
+    issued, written = _issue_leaf(args, authority, inputs.cn, issuance.role)
     print(
-        f"signed {decision.role} certificate {_summary(issued)} ({decision.reason}): "
+        f"signed {issuance.role} certificate {_summary(issued)} ({issuance.reason}): "
         f"wrote {', '.join(map(str, written))}"
     )
     return EXIT_OK

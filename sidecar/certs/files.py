@@ -14,75 +14,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sidecar.certs.build import Issued
+from sidecar.certs.build import Issued, PrivateKey
+from sidecar.certs.verify import is_self_signed, utc
+from sidecar.config.pem import read_bytes
 from sidecar.errors import ConfigError
+from sidecar.pki.x509 import (
+    is_ca,
+    parse_certificates,
+    parse_private_key,
+    public_key_matches,
+)
 
-PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 CA_CHAIN = "ca-chain.pem"  # an intermediate CA's own certificate, then the CAs above it
 
 
-def read_bytes(path: Path, what: str) -> bytes:
-    """The file's bytes, or a ConfigError saying `what: no such file: PATH` and the like."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what}: {path} is a directory, not a file") from None
-    except PermissionError:
-        raise ConfigError(f"{what}: cannot read {path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-
-
 def load_certificates(path: Path, what: str) -> list[x509.Certificate]:
     """Every PEM certificate in the file, in order (at least one)."""
-    data = read_bytes(path, what)
-    if PEM_CERTIFICATE not in data:
-        raise ConfigError(f"{what}: {path} holds no PEM certificate")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise ConfigError(f"{what}: {path} is not a valid PEM certificate ({exc})") from None
+    return parse_certificates(read_bytes(path, what), f"{what}: {path}")
 
 
-def load_private_key(path: Path, what: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+def load_private_key(path: Path, what: str) -> PrivateKey:
     """An unencrypted EC or RSA private key: the key types this package signs with."""
-    data = read_bytes(path, what)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:  # cryptography's way of saying "needs a password"
-        raise ConfigError(f"{what}: {path} is encrypted; give an unencrypted key") from None
-    except ValueError:  # never echo the parser's detail: it may quote key bytes
-        raise ConfigError(f"{what}: {path} is not a PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+    key = parse_private_key(read_bytes(path, what), f"{what}: {path}")
+    if not isinstance(key, PrivateKey):
         raise ConfigError(f"{what}: {path}: only EC and RSA keys can sign here")
     return key
-
-
-def is_self_signed(cert: x509.Certificate) -> bool:
-    """True for a root: issued by itself and signed by its own key."""
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def public_key_matches(
-    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-) -> bool:
-    der = serialization.Encoding.DER
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    return cert.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
 
 
 @dataclass(frozen=True)
@@ -128,11 +87,7 @@ def load_authority(
         found += load_certificates(chain_path, f"{what} chain")
     ca = found[0]
     key = load_private_key(key_path, f"{what} key")
-    try:
-        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
+    if not is_ca(ca):
         raise ConfigError(f"{what} certificate: {cert_path} is not a CA certificate")
     try:
         usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -146,8 +101,9 @@ def load_authority(
         raise ConfigError(f"{what} key: {key_path} does not match {what} certificate {cert_path}")
     now = now or datetime.datetime.now(datetime.timezone.utc)
     if ca.not_valid_after_utc < now:
-        expired = f"{ca.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
-        raise ConfigError(f"{what} certificate: {cert_path} expired on {expired}")
+        raise ConfigError(
+            f"{what} certificate: {cert_path} expired on {utc(ca.not_valid_after_utc)}"
+        )
     intermediates = _unique(cert for cert in found if not is_self_signed(cert))
     return Authority(Issued(ca, key), cert_path, intermediates)
 

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from sidecar.certs.files import is_self_signed
-from sidecar.certs.verify import eku_name, san_names, utc
+from sidecar.certs.verify import is_self_signed, utc
 from sidecar.errors import ConfigError
+from sidecar.pki.x509 import eku_name, san_names, spki
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
 _PRIVATE_KEYS = {b"PRIVATE KEY", b"EC PRIVATE KEY", b"RSA PRIVATE KEY"}
@@ -55,10 +55,7 @@ def key_description(key: object) -> str:
 
 def public_key_fingerprint(public_key: PublicKeyTypes) -> str:
     """SHA-256 of the DER SubjectPublicKeyInfo: equal for a certificate and its key."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return colon_hex(hashlib.sha256(der).digest())
+    return colon_hex(hashlib.sha256(spki(public_key)).digest())
 
 
 def _line(label: str, value: str) -> str:

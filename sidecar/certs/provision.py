@@ -16,11 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from sidecar.errors import ConfigError
-
-Role = Literal["server", "client"]
+from sidecar.pki.x509 import Role
 
 # Each flag, the environment variable that stands in for it, and (for help) what it is.
 ENV_VARS = {
@@ -35,7 +33,9 @@ _CERT_SUFFIXES = (".pem", ".crt", ".cer")
 
 
 @dataclass(frozen=True)
-class Decision:
+class Issuance:
+    """What the rule decided: sign or not, for which role, and why."""
+
     sign: bool
     role: Role
     reason: str  # the settings that decided, as one phrase
@@ -54,15 +54,15 @@ class Inputs:
     ca_cert_source: str = "--ca-cert"  # for errors: the flag or `CA_NAME=...`
 
 
-def decide(auth: bool, client_auth: bool, role: Role) -> Decision:
+def decide(auth: bool, client_auth: bool, role: Role) -> Issuance:
     """Apply the rule; the reason names the switches that decided."""
     if not auth:
-        return Decision(False, role, "AUTH=false (no TLS, so no certificate)")
+        return Issuance(False, role, "AUTH=false (no TLS, so no certificate)")
     if role == "server":
-        return Decision(True, role, "AUTH=true, ROLE=server")
+        return Issuance(True, role, "AUTH=true, ROLE=server")
     if client_auth:
-        return Decision(True, role, "AUTH=true, CLIENT_AUTH=true, ROLE=client")
-    return Decision(
+        return Issuance(True, role, "AUTH=true, CLIENT_AUTH=true, ROLE=client")
+    return Issuance(
         False,
         role,
         "CLIENT_AUTH=false, ROLE=client (servers will not ask for a client certificate)",

@@ -11,14 +11,11 @@ own errors ("candidates exhausted") do not.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
@@ -29,19 +26,17 @@ from cryptography.x509.verification import (
 )
 
 from sidecar.errors import SidecarError
+from sidecar.pki.x509 import (
+    ROLE_EKU,
+    Role,
+    eku_allows,
+    eku_name,
+    is_ca,
+    name_matches,
+    san_names,
+    server_subject,
+)
 
-Purpose = Literal["server", "client"]
-
-_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
-_EKU_NAMES = {
-    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
-    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
-    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
-    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
-    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
-}
 _MAX_DEPTH = 8  # the validator's default too: no real chain is longer
 
 
@@ -54,7 +49,7 @@ class Verified:
     """A chain that passed: leaf first, trusted root last."""
 
     chain: tuple[x509.Certificate, ...]
-    purpose: Purpose
+    purpose: Role
     server_name: str | None
 
     @property
@@ -66,53 +61,8 @@ def utc(moment: datetime.datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
-def eku_name(oid: x509.ObjectIdentifier) -> str:
-    return _EKU_NAMES.get(oid, oid.dotted_string)
-
-
 def dn(name: x509.Name) -> str:
     return repr(name.rfc4514_string())
-
-
-def san_names(cert: x509.Certificate) -> list[str]:
-    """The certificate's DNS, IP and URI SANs, written `DNS:x`, `IP:y`, `URI:z`."""
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return (
-        [f"DNS:{name}" for name in sans.get_values_for_type(x509.DNSName)]
-        + [f"IP:{ip}" for ip in sans.get_values_for_type(x509.IPAddress)]
-        + [f"URI:{uri}" for uri in sans.get_values_for_type(x509.UniformResourceIdentifier)]
-    )
-
-
-def _server_subject(server_name: str) -> x509.DNSName | x509.IPAddress:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(server_name))
-    except ValueError:
-        return x509.DNSName(server_name.rstrip(".").lower())
-
-
-def _dns_matches(pattern: str, name: str) -> bool:
-    # RFC 6125: a wildcard stands for exactly one whole left-most label.
-    pattern, name = pattern.rstrip(".").lower(), name.rstrip(".").lower()
-    if pattern.startswith("*."):
-        head, _, rest = name.partition(".")
-        return bool(head) and rest == pattern[2:]
-    return pattern == name
-
-
-def name_matches(cert: x509.Certificate, server_name: str) -> bool:
-    """True if a SAN of cert covers server_name (DNS with wildcards, or an IP); CN is not used."""
-    subject = _server_subject(server_name)
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    if isinstance(subject, x509.IPAddress):
-        return subject.value in sans.get_values_for_type(x509.IPAddress)
-    return any(_dns_matches(p, subject.value) for p in sans.get_values_for_type(x509.DNSName))
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -121,6 +71,11 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    """True for a root: issued by itself and signed by its own key."""
+    return cert.issuer == cert.subject and _signed_by(cert, cert)
 
 
 def _few(certs: Sequence[x509.Certificate]) -> str:
@@ -155,7 +110,7 @@ def _unknown_ca(
     roots: Sequence[x509.Certificate],
 ) -> str:
     issuer = dn(current.issuer)
-    if current.issuer == current.subject and _signed_by(current, current):
+    if is_self_signed(current):
         return f"unknown CA: {issuer} is self-signed and not in the CA bundle {_few(roots)}"
     via = "" if current is leaf else f" (chain ends at {dn(current.subject)})"
     if any(c.subject == current.issuer for c in [*roots, *intermediates]):
@@ -176,21 +131,17 @@ def _check_dates(path: Sequence[x509.Certificate], now: datetime.datetime) -> No
             )
 
 
-def _check_leaf(cert: x509.Certificate, purpose: Purpose, server_name: str | None) -> None:
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise VerificationFailed(f"{dn(cert.subject)} is a CA certificate, not a {purpose}")
-    except x509.ExtensionNotFound:
-        pass
+def _check_leaf(cert: x509.Certificate, purpose: Role, server_name: str | None) -> None:
+    if is_ca(cert):
+        raise VerificationFailed(f"{dn(cert.subject)} is a CA certificate, not a {purpose}")
     try:
         ekus = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         ekus = []  # no EKU extension: any usage (RFC 5280 4.2.1.12)
-    wanted = _EKU[purpose]
-    if ekus and wanted not in ekus and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in ekus:
+    if ekus and not eku_allows(ekus, purpose):
         has = ", ".join(eku_name(oid) for oid in ekus)
         raise VerificationFailed(
-            f"wrong EKU: a {purpose} needs {eku_name(wanted)}, cert has [{has}]"
+            f"wrong EKU: a {purpose} needs {eku_name(ROLE_EKU[purpose])}, cert has [{has}]"
         )
     if server_name is not None and not name_matches(cert, server_name):
         names = ", ".join(san_names(cert)) or f"none; subject {dn(cert.subject)} is not used"
@@ -198,11 +149,11 @@ def _check_leaf(cert: x509.Certificate, purpose: Purpose, server_name: str | Non
 
 
 def _eku_validator(
-    purpose: Purpose,
+    purpose: Role,
 ) -> Callable[[Policy, x509.Certificate, x509.ExtendedKeyUsage | None], None]:
     def check(policy: Policy, cert: x509.Certificate, ext: x509.ExtendedKeyUsage | None) -> None:
-        if ext is not None and _EKU[purpose] not in ext:
-            raise ValueError(f"required EKU {eku_name(_EKU[purpose])} not found")
+        if ext is not None and ROLE_EKU[purpose] not in ext:
+            raise ValueError(f"required EKU {eku_name(ROLE_EKU[purpose])} not found")
 
     return check
 
@@ -211,13 +162,13 @@ def _validate(
     leaf: x509.Certificate,
     intermediates: Sequence[x509.Certificate],
     roots: Sequence[x509.Certificate],
-    purpose: Purpose,
+    purpose: Role,
     server_name: str | None,
     now: datetime.datetime,
 ) -> list[x509.Certificate]:
     builder = PolicyBuilder().store(Store(list(roots))).time(now)
     if purpose == "server" and server_name is not None:
-        return builder.build_server_verifier(_server_subject(server_name)).verify(
+        return builder.build_server_verifier(server_subject(server_name)).verify(
             leaf, list(intermediates)
         )
     # No name to check, so the client verifier walks the chain; the leaf policy
@@ -240,7 +191,7 @@ def verify(
     intermediates: Sequence[x509.Certificate],
     roots: Sequence[x509.Certificate],
     *,
-    purpose: Purpose = "server",
+    purpose: Role = "server",
     server_name: str | None = None,
     at: datetime.datetime | None = None,
 ) -> Verified:

@@ -4,8 +4,8 @@ A `Config` holds the process-wide settings and one or more `RouteConfig`s (a
 listener, its credentials and allowlist, and its upstream). Every rule about what
 a valid configuration is lives here, and every error names where the setting at
 fault came from (`--upstream`, `SIDECAR_CA`, `sidecar.yaml: routes[1].allow_cn`).
-How values are gathered from flags, environment and file is `config_sources`;
-files are read and checked by `tls`, when credentials are built.
+How values are gathered from flags, environment and file is `sources.py`;
+files are read and checked by `pki/tls.py`, when credentials are built.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sidecar.auth.policy import AllowRules
 from sidecar.config.addresses import Address
 from sidecar.config.limits import Limits
 from sidecar.config.pem import PemSource
@@ -23,7 +22,7 @@ from sidecar.errors import ConfigError
 from sidecar.observe.logs import LogFormat
 
 Mode = Literal["ingress", "egress"]
-DataPlane = Literal["splice", "grpc"]
+DataPlaneName = Literal["splice", "grpc"]
 
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
 
@@ -46,6 +45,20 @@ _SPLICE_ONLY_LIMITS = frozenset(
 
 
 @dataclass(frozen=True)
+class AllowRules:
+    """The allowlist as the user wrote it (flags or settings)."""
+
+    cn: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    uri: tuple[str, ...] = ()
+    allow_all: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.cn or self.dns or self.uri)
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One listener and where its calls go."""
 
@@ -59,7 +72,7 @@ class RouteConfig:
     server_name: str | None = None
     unsafe_upstream: bool = False
     unsafe_listen: bool = False
-    data_plane: DataPlane = "splice"
+    data_plane: DataPlaneName = "splice"
     name: str | None = None
     limits: Limits = field(default_factory=Limits)
     # Where each setting given came from, for error messages: key -> `--upstream`,

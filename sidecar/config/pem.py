@@ -10,10 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.certs.files import read_bytes
 from sidecar.errors import ConfigError
 
 _PEM_START = "-----BEGIN"
+
+
+def read_bytes(path: Path, what: str) -> bytes:
+    """The file's bytes, or a ConfigError saying `what: no such file: PATH` and the like."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{what}: cannot read {path}: permission denied") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)

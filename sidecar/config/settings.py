@@ -35,6 +35,9 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+ENV_PREFIX = "SIDECAR_"  # each setting's variable: SIDECAR_<KEY>
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -53,7 +56,7 @@ class Setting:
 
     @property
     def env_name(self) -> str:
-        return "SIDECAR_" + self.key.upper()
+        return ENV_PREFIX + self.key.upper()
 
 
 # fmt: off

@@ -20,11 +20,11 @@ from typing import Any
 
 import yaml
 
-from sidecar.auth.policy import AllowRules
 from sidecar.config.limits import LIMIT_KEYS, Limits
-from sidecar.config.model import DEFAULT_INGRESS_LISTEN, Config, RouteConfig
+from sidecar.config.model import DEFAULT_INGRESS_LISTEN, AllowRules, Config, RouteConfig
 from sidecar.config.settings import (
     BY_KEY,
+    ENV_PREFIX,
     PROCESS_KEYS,
     REQUIRED_ROUTE_KEYS,
     ROUTE_KEYS,
@@ -36,7 +36,7 @@ from sidecar.config.settings import (
 from sidecar.errors import ConfigError
 
 # The environment variable naming the config file, as --config does.
-CONFIG_ENV = "SIDECAR_CONFIG"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
 _MAX_CONFIG_BYTES = 1024 * 1024
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -167,19 +167,20 @@ def _flag_value(key: str, raw: object) -> Value:
 
 def _from_environment(environ: Mapping[str, str], warnings: list[str]) -> Layer:
     layer: Layer = {}
-    settable = [key for key, setting in BY_KEY.items() if setting.flag]
+    by_variable = {setting.env_name: setting for setting in BY_KEY.values() if setting.flag}
     for name, text in environ.items():
-        if not name.startswith("SIDECAR_") or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        key = name[len("SIDECAR_") :].lower()
-        if key not in settable:
+        setting = by_variable.get(name.upper())  # the key's case does not matter
+        if setting is None:
             # A warning, not an error: orchestrators set variables of their own
             # with this prefix (Kubernetes: SIDECAR_SERVICE_HOST for a service
             # named "sidecar").
-            hint = _did_you_mean(key, settable, "SIDECAR_")
+            settable = [setting.key for setting in by_variable.values()]
+            hint = _did_you_mean(name[len(ENV_PREFIX) :].lower(), settable, ENV_PREFIX)
             warnings.append(f"ignoring {name}: not a setting{hint}")
             continue
-        layer[key] = Given(from_text(BY_KEY[key], text, name), name)
+        layer[setting.key] = Given(from_text(setting, text, name), name)
     return layer
 
 

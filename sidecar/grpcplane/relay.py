@@ -10,15 +10,16 @@ request of exactly one message whose client half-closed goes out as a
 unary-stream call, which is the same on the wire (see `_MethodRelay._forward`).
 
 What the relay owns, per call:
-- the allowlist check (when a policy is set), before anything reaches the upstream;
-- request metadata, filtered (see `metadata`), and the caller's deadline, passed on;
+- the allowlist check (ingress), before anything reaches the upstream;
+- request metadata, filtered by the route's header rules, and the caller's deadline,
+  passed on;
 - response headers sent as soon as the upstream sends them, before any message:
   otherwise grpc.aio sends its own empty headers with the first message and the
   upstream's are lost;
 - trailers, status code, details and `grpc-status-details-bin`, unchanged;
 - cancellation both ways, without turning a client's cancel into a half-close as
   far as grpc.aio lets the relay know one from the other (see `_confirm_half_close`);
-- one access-log line, with the status the client was given;
+- the call's record, with the status the client was given, for the route's observer;
 - the calls' arrivals, which the drain lets settle (see `Relay.settle`).
 """
 
@@ -36,12 +37,12 @@ from grpc import aio
 # over; grpc.aio's own server catches it the same way (grpcio is pinned).
 from grpc._cython.cygrpc import ExecuteBatchError
 
-from sidecar.auth.headers import request_metadata, response_metadata
+from sidecar.auth.headers import HeaderRules
 from sidecar.auth.identity import IdentityReader
-from sidecar.auth.policy import Policy
+from sidecar.dataplane import RouteParts
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.allocator import release_free_memory
-from sidecar.observe.accesslog import CallRecord, log_call
+from sidecar.observe.calls import CallRecord
 from sidecar.observe.loglimit import LogLimiter
 
 logger = logging.getLogger("sidecar.relay")  # by name: operators filter on it
@@ -139,7 +140,7 @@ class _MethodRelay:
             method=self.method,
             started=time.monotonic(),
             remote=context.peer(),
-            route=self._relay.route,
+            route=self._relay.parts.config.name,
         )
         self._relay.call_arrived()
         try:
@@ -159,14 +160,15 @@ class _MethodRelay:
             record.code = grpc.StatusCode.INTERNAL
             await context.abort(grpc.StatusCode.INTERNAL, "sidecar: internal error, see its log")
         finally:
-            log_call(record)
+            self._relay.parts.observer.call_ended(record)
             if record.bytes_in + record.bytes_out >= _LARGE_CALL_BYTES:
                 self._relay.large_call_ended()
 
     async def _authorize(self, context: Any, record: CallRecord) -> None:
-        policy = self._relay.policy
-        if policy is None:
-            return
+        parts = self._relay.parts
+        if not parts.ingress:
+            return  # egress: local callers are the app itself
+        policy = parts.policy
         identity = self._relay.identities.read(context.auth_context())
         if identity is not None:
             record.peer = identity.description
@@ -187,7 +189,7 @@ class _MethodRelay:
         the client's half-close is confirmed, so it never half-closes a call the
         client did not: the choice is made per call from what the client did.
         """
-        metadata = request_metadata(context.invocation_metadata())
+        metadata = self._relay.parts.headers.request_metadata(context.invocation_metadata())
         # The deadline goes upstream as the time left when the upstream call starts
         # (None when the caller set none).
         first = await context.read()
@@ -196,7 +198,7 @@ class _MethodRelay:
             call = self._stream_call(iter(()), metadata=metadata, timeout=context.time_remaining())
             await self._relay_whole_request(context, record, call)
             return
-        record.messages_in, record.bytes_in = 1, len(first)
+        record.bytes_in = len(first)
         second: asyncio.Future[Any] = asyncio.ensure_future(context.read())
         try:
             await asyncio.wait_for(asyncio.shield(second), _PEEK_SECONDS)
@@ -218,7 +220,8 @@ class _MethodRelay:
     async def _relay_whole_request(self, context: Any, record: CallRecord, call: Any) -> None:
         """Relay the responses of a call whose whole request went upstream with it."""
         try:
-            await self._finish(context, record, await _relay_responses(call, context, record))
+            responses = _relay_responses(call, context, record, self._relay.parts.headers)
+            await self._finish(context, record, await responses)
         finally:
             if not call.done():
                 call.cancel()  # every way out of the handler ends the upstream call
@@ -239,7 +242,9 @@ class _MethodRelay:
         """
         handler = asyncio.current_task()
         assert handler is not None
-        responses = asyncio.ensure_future(_relay_responses(call, context, record))
+        responses = asyncio.ensure_future(
+            _relay_responses(call, context, record, self._relay.parts.headers)
+        )
         pumping = True
 
         def upstream_ended(_: object) -> None:
@@ -278,7 +283,7 @@ class _MethodRelay:
             await context.abort(
                 error.code(),
                 await self._relay.describe_error(error),
-                response_metadata(error.trailing_metadata()),
+                self._relay.parts.headers.response_metadata(error.trailing_metadata()),
             )
         except ExecuteBatchError:
             # The status could not be sent: the call had already ended (the client's
@@ -294,7 +299,6 @@ async def _pump_requests(
         await call.write(first)
         message = await second
         while message is not aio.EOF:
-            record.messages_in += 1
             record.bytes_in += len(message)
             await call.write(message)
             message = await context.read()
@@ -304,7 +308,9 @@ async def _pump_requests(
     await call.done_writing()
 
 
-async def _relay_responses(call: Any, context: Any, record: CallRecord) -> aio.AioRpcError | None:
+async def _relay_responses(
+    call: Any, context: Any, record: CallRecord, rules: HeaderRules
+) -> aio.AioRpcError | None:
     """Relay the upstream's headers, messages and trailers; its error if it ends in one.
 
     Raises _CallEnded when the client's call ended while relaying.
@@ -312,11 +318,11 @@ async def _relay_responses(call: Any, context: Any, record: CallRecord) -> aio.A
     try:
         headers = await call.initial_metadata()
         if headers:
-            await context.send_initial_metadata(response_metadata(headers))
+            await context.send_initial_metadata(rules.response_metadata(headers))
         async for message in call:
             record.bytes_out += len(message)
             await context.write(message)
-        trailers = response_metadata(await call.trailing_metadata())
+        trailers = rules.response_metadata(await call.trailing_metadata())
         if trailers:
             context.set_trailing_metadata(trailers)
     except aio.AioRpcError as error:
@@ -329,10 +335,9 @@ async def _relay_responses(call: Any, context: Any, record: CallRecord) -> aio.A
 class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
     """The generic handler serving every method by relaying it to one upstream."""
 
-    def __init__(self, upstream: Upstream, policy: Policy | None, route: str | None = None) -> None:
+    def __init__(self, upstream: Upstream, parts: RouteParts) -> None:
         self.upstream = upstream
-        self.policy = policy  # None: no allowlist (an egress route's local callers)
-        self.route = route  # the route's name, for the access log
+        self.parts = parts
         self.identities = IdentityReader()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._arrived = asyncio.Event()  # set by each call's arrival (see settle)

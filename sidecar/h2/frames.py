@@ -120,6 +120,11 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
     return _pack_frame_header(length >> 16, length & 0xFFFF, kind, flags, stream_id) + payload
 
 
+# The first GOAWAY of RFC 9113's graceful pair (6.8): "shutting down; finish what you
+# started, start nothing new" (the highest stream id possible, no error).
+GOAWAY_GRACEFUL = frame(GOAWAY, 0, 0, (2**31 - 1).to_bytes(4, "big") + bytes(4))
+
+
 def header_frames(stream_id: int, end_stream: bool, block: bytes) -> bytes:
     """A header block as HEADERS (+ CONTINUATION) frames no larger than any peer accepts."""
     if len(block) <= _MAX_OUTPUT_FRAME:  # the usual case: one frame

@@ -1,8 +1,9 @@
 """HTTP/2 header blocks (HPACK) on the spliced path: filter requests, read trailers, cheaply.
 
 The splice forwards HTTP/2 frames as they are, except header blocks, which it
-must read: requests lose the metadata that metadata.py keeps from crossing (and
-get the sidecar's user-agent), and responses are read for the method's status.
+must read: requests lose the fields the route's header rules keep from crossing
+(auth/headers.py, handed in as a RequestFilter: this module imports no rules) and
+get the sidecar's user-agent, and responses are read for the method's status.
 HPACK's dynamic table would make every block depend on all the blocks before
 it, so the splice advertises a table size of 0 to both peers (in SETTINGS).
 Once a peer's encoder has applied it, every block stands alone: a scan of its
@@ -11,7 +12,7 @@ are. Until then (the first blocks of a connection may be sent before the peer
 has seen our SETTINGS) hpack's decoder follows the table, and kept fields are
 re-encoded as literals that never touch the upstream's table.
 
-Every request field is judged on the way (metadata.py's table): a request
+Every request field is judged on the way (the route's rules): a request
 larger than the header-list budget, with too many fields, or malformed (RFC 9113
 8.2) raises RequestRefused, and the splice answers it itself; it never reaches
 the upstream. Until a client's table is empty each block is decoded and
@@ -24,14 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import grpc
 import hpack
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
-
-from sidecar.auth import headers as metadata
 
 _STATIC_NAMES = tuple(name for name, _ in HeaderTable.STATIC_TABLE)
 _CACHE_LIMIT = 4096  # distinct encoded names or values remembered; cleared when full
@@ -79,6 +78,7 @@ def _string_end(block: bytes, position: int) -> int:
     return end
 
 
+# Huffman decodings, process-wide: a pure function of the bytes, whatever the rules.
 _decoded: dict[bytes, bytes] = {}
 
 
@@ -145,13 +145,67 @@ def _fields(block: bytes) -> Iterator[tuple[bytes, int, int, int]]:
         yield name, start, position, value_start
 
 
-def _filter_stateless(block: bytes) -> tuple[list[bytes], list[_Judgement]]:
+class FieldRules(Protocol):
+    """A route's header rules, as the filter asks them (auth/headers.py's HeaderRules)."""
+
+    user_agent: str
+
+    def judge_request_field(self, name: bytes, value: bytes) -> tuple[bool, str | None]:
+        """Whether the field crosses, and what makes the request malformed (or None)."""
+        ...
+
+
+class RequestFilter:
+    """A route's request-header filter: its rules, and the judgements of the stateless
+    field representations its callers sent lately (shared by the route's connections).
+
+    A stateless representation means the same wherever it appears (only the static table
+    is in play), and a client repeats the same fields call after call: judgements are
+    remembered by the representation's bytes, and only fields that change (a deadline)
+    are decoded again.
+    """
+
+    def __init__(self, rules: FieldRules) -> None:
+        self.rules = rules
+        self.user_agent_field = _literal(b"user-agent", rules.user_agent.encode())
+        self.judged: dict[bytes, _Judgement] = {}
+
+    def judge(self, name: bytes, value: bytes) -> _Judgement:
+        """One request field on its own, by the route's rules (see _Judgement)."""
+        kept, problem = self.rules.judge_request_field(name, value)
+        path = value if name == b":path" else None
+        return _Judgement(name, path, len(name) + len(value) + 32, kept, problem)
+
+    def judge_representation(self, block: bytes, start: int, end: int) -> _Judgement:
+        """Decode and judge the representation block[start:end] (an indexed field or a
+        literal, its extent already measured), and remember the judgement."""
+        first = block[start]
+        if first & 0x80:
+            index = _integer(block, start, 7)[0]
+            if not 1 <= index <= len(_STATIC_NAMES):
+                raise HeaderBlockError(f"header block refers to table entry {index}")
+            name, value = HeaderTable.STATIC_TABLE[index - 1]
+        else:
+            name, position = _literal_name(block, start)
+            value = _string(block, position)[0]
+        judged = self.judge(name, value)
+        if end - start <= _CACHED_REPRESENTATION_LIMIT:
+            if len(self.judged) >= _CACHE_LIMIT:
+                self.judged.clear()
+            self.judged[block[start:end]] = judged
+        return judged
+
+
+def _filter_stateless(
+    block: bytes, request_filter: RequestFilter
+) -> tuple[list[bytes], list[_Judgement]]:
     """The kept runs of a stateless request block, and the judgement of each of its fields.
 
     This runs once per call on the hot path: each representation is measured (integers
     of one byte, nearly all of them, read inline) and its judgement looked up by its
-    bytes; only a representation not seen lately is decoded (_judged).
+    bytes; only a representation not seen lately is decoded (RequestFilter.judged).
     """
+    remembered = request_filter.judged
     kept: list[bytes] = []
     fields: list[_Judgement] = []
     position, copied, size = 0, 0, len(block)
@@ -180,9 +234,9 @@ def _filter_stateless(block: bytes) -> tuple[list[bytes], list[_Judgement]]:
             position = position + 1 + length if length < 0x7F else _string_end(block, position)
             if position > size:
                 raise HeaderBlockError("header block ends inside a string")
-        judged = _judged.get(block[start:position])
+        judged = remembered.get(block[start:position])
         if judged is None:
-            judged = _judge_representation(block, start, position)
+            judged = request_filter.judge_representation(block, start, position)
         fields.append(judged)
         if not judged.kept:
             kept.append(block[copied:start])
@@ -192,7 +246,7 @@ def _filter_stateless(block: bytes) -> tuple[list[bytes], list[_Judgement]]:
 
 
 class _Judgement(NamedTuple):
-    """What one request field is, on its own (metadata.py's table)."""
+    """What one request field is, on its own (by the route's rules)."""
 
     name: bytes
     path: bytes | None  # its value, when the name is :path
@@ -201,42 +255,7 @@ class _Judgement(NamedTuple):
     problem: str | None  # what makes the request malformed
 
 
-# A stateless representation means the same wherever it appears (only the static table is
-# in play), and a client repeats the same fields call after call: judgements are remembered
-# by the representation's bytes, and only fields that change (a deadline) are decoded again.
-_judged: dict[bytes, _Judgement] = {}
 _CACHED_REPRESENTATION_LIMIT = 256  # bytes
-
-
-def _judge_representation(block: bytes, start: int, end: int) -> _Judgement:
-    """Decode and judge the representation block[start:end] (an indexed field or a
-    literal, its extent already measured), and remember the judgement."""
-    first = block[start]
-    if first & 0x80:
-        index = _integer(block, start, 7)[0]
-        if not 1 <= index <= len(_STATIC_NAMES):
-            raise HeaderBlockError(f"header block refers to table entry {index}")
-        name, value = HeaderTable.STATIC_TABLE[index - 1]
-    else:
-        name, position = _literal_name(block, start)
-        value = _string(block, position)[0]
-    judged = _judge(name, value)
-    if end - start <= _CACHED_REPRESENTATION_LIMIT:
-        if len(_judged) >= _CACHE_LIMIT:
-            _judged.clear()
-        _judged[block[start:end]] = judged
-    return judged
-
-
-def _judge(name: bytes, value: bytes) -> _Judgement:
-    """One request field on its own, by metadata.py's table (see _Judgement)."""
-    verdict = _verdict(name)
-    if verdict is metadata.KEEP or verdict is metadata.DROP:
-        problem = metadata.value_problem(name, value)
-    else:
-        problem = verdict
-    path = value if name == b":path" else None
-    return _Judgement(name, path, len(name) + len(value) + 32, verdict is metadata.KEEP, problem)
 
 
 def _literal(name: bytes, value: bytes, *, never_indexed: bool = False) -> bytes:
@@ -261,10 +280,22 @@ _STATUS_200 = b"\x88"  # the static table's :status 200
 _GRPC_CONTENT_TYPE = _literal(b"content-type", b"application/grpc")
 
 
-def status_block(code: int, message: bytes, *, trailers_only: bool) -> bytes:
+def grpc_message(details: str) -> bytes:
+    """The grpc-message value for details: percent-encoded UTF-8, as the gRPC spec says."""
+    encoded = bytearray()
+    for byte in details.encode("utf-8"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:  # printable ASCII except '%'
+            encoded.append(byte)
+        else:
+            encoded += b"%%%02X" % byte
+    return bytes(encoded)
+
+
+def status_block(code: int, details: str, *, trailers_only: bool) -> bytes:
     """A response header block ending a call with a gRPC status, as a server sends it: the
     trailers of a response already begun, or (trailers_only) the whole response. Touches
     no table, so it fits any point of any connection."""
+    message = grpc_message(details)
     fields = _literal(b"grpc-status", str(code).encode()) + _literal(b"grpc-message", message)
     if trailers_only:
         return _STATUS_200 + _GRPC_CONTENT_TYPE + fields
@@ -300,21 +331,6 @@ class RequestRefused(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
-
-
-_verdicts: dict[bytes, str] = {}
-
-
-def _verdict(name: bytes) -> str:
-    """metadata.request_verdict, remembered for small names (the same few recur)."""
-    verdict = _verdicts.get(name)
-    if verdict is None:
-        verdict = metadata.request_verdict(name)
-        if len(name) <= _CACHED_STRING_LIMIT:
-            if len(_verdicts) >= _CACHE_LIMIT:
-                _verdicts.clear()
-            _verdicts[name] = verdict
-    return verdict
 
 
 def _check_request(fields: list[_Judgement], limits: HeaderLimits, trailers: bool) -> bytes | None:
@@ -376,13 +392,13 @@ class HeaderLimits:
 class RequestBlocks:
     """One connection's request header blocks, client to upstream."""
 
-    def __init__(self, user_agent: bytes, limits: HeaderLimits | None = None) -> None:
+    def __init__(self, request_filter: RequestFilter, limits: HeaderLimits | None = None) -> None:
+        self._filter = request_filter
         self.limits = limits if limits is not None else HeaderLimits()
         self._decoder: hpack.Decoder | None = hpack.Decoder()
         self._decoder.max_header_list_size = self.limits.list_size
         self._stateful_left = self.limits.stateful_bytes
         self._limited = False
-        self._user_agent = _literal(b"user-agent", user_agent)
         # Once blocks stand alone, a client sends the same bytes for the same method
         # and metadata: remember recent answers (only requests that crossed).
         self._rewritten: dict[bytes, tuple[bytes, bytes | None]] = {}
@@ -428,10 +444,10 @@ class RequestBlocks:
             )
         if self._decoder is not None:
             return self._rewrite_stateful(self._decoder, block, trailers)
-        kept, fields = _filter_stateless(block)
+        kept, fields = _filter_stateless(block, self._filter)
         path = _check_request(fields, self.limits, trailers)
         if not trailers:
-            kept.append(self._user_agent)
+            kept.append(self._filter.user_agent_field)
         answer = b"".join(kept), path
         if len(block) <= _CACHED_BLOCK_LIMIT and not trailers:
             self._remember(block, answer)
@@ -469,7 +485,7 @@ class RequestBlocks:
                 f"more than {self.limits.stateful_bytes} bytes of request headers before "
                 "the client applied a header table size of 0"
             )
-        fields = [_judge(name, value) for name, value in decoded]
+        fields = [self._filter.judge(name, value) for name, value in decoded]
         path = _check_request(fields, self.limits, trailers)
         parts = [
             # RFC 7541 6.2.3: a field the client marked never-indexed stays so.
@@ -478,7 +494,7 @@ class RequestBlocks:
             if judged.kept
         ]
         if not trailers:
-            parts.append(self._user_agent)
+            parts.append(self._filter.user_agent_field)
         return b"".join(parts), path
 
 

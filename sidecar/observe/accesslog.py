@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
 
+from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.observe.logs import escape
 
@@ -25,22 +25,20 @@ _denied_calls = LogLimiter(access_logger)
 _LINE = "%s%s peer='%s' remote=%s code=%s duration_ms=%.3f bytes_in=%d bytes_out=%d"
 
 
-@dataclass(slots=True)
-class CallRecord:
-    """What the relay learns about one call while relaying it."""
+class AccessLog(CallObserver):
+    """The access log as a route's call observer (one line per call, at INFO)."""
 
-    method: str
-    started: float  # time.monotonic() at arrival
-    remote: str = "-"  # the caller's address, as grpc names it (ipv4:127.0.0.1:53412)
-    peer: str = "-"  # the caller's identity (PeerIdentity.description), when the listener has one
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
-    messages_in: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    route: str | None = None  # the route's name, when the configuration names it
-    # Why the call ended as it did, when the sidecar ended it (an upstream that is down,
-    # a request refused): what the caller was told.
-    details: str = ""
+    observes = True
+
+    def call_ended(self, record: CallRecord) -> None:
+        log_call(record)
+
+
+def access_log() -> CallObserver:
+    """The observer a route's calls go to: the access log when it is on (the logger is
+    set up before routes start), else nothing, and the data planes skip the reading only
+    the log needs."""
+    return AccessLog() if access_logger.isEnabledFor(logging.INFO) else NO_OBSERVER
 
 
 def log_call(record: CallRecord) -> None:

@@ -12,22 +12,19 @@ setting to fix. Only calls that already failed wait for it, and for at most a se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
 
-from sidecar.certs.verify import name_matches, san_names
 from sidecar.config.addresses import Address
 from sidecar.h2.frames import PREFACE, SETTINGS, frame
 from sidecar.observe.logs import escape
-from sidecar.pki.tls import TLSMaterial
+from sidecar.pki.tls import TLSMaterial, load_own_chain
+from sidecar.pki.x509 import name_matches, san_names
 
 logger = logging.getLogger("sidecar.egress")
 
@@ -168,9 +165,7 @@ class TLSDiagnosis:
         context.verify_mode = ssl.CERT_NONE  # we only look; trust is decided by core
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["h2"])
-        with _pem_files(self._material) as (cert_path, key_path):
-            if cert_path is not None and key_path is not None:
-                context.load_cert_chain(cert_path, key_path)
+        load_own_chain(context, self._material)
         host, port = self._address.host, self._address.port
         try:
             with socket.create_connection((host, port), timeout=_TIMEOUT_SECONDS) as raw:
@@ -244,19 +239,3 @@ def _is_ip(name: str) -> bool:
     except OSError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _pem_files(material: TLSMaterial) -> Iterator[tuple[str | None, str | None]]:
-    """Our chain and key as paths for ssl, which reads only files; in memory, never on disk."""
-    if not hasattr(os, "memfd_create"):
-        yield None, None  # elsewhere than Linux: look without presenting a certificate
-        return
-    fds = [os.memfd_create("sidecar-diagnosis") for _ in range(2)]
-    try:
-        for fd, data in zip(fds, (material.cert_chain_pem, material.key_pem), strict=True):
-            os.write(fd, data)
-        yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
-    finally:
-        for fd in fds:
-            os.close(fd)

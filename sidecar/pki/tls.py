@@ -3,35 +3,42 @@
 Everything that can be wrong with a file is found here, at start-up, and reported
 as a ConfigError naming the flag and the file: grpc core would otherwise accept
 the bytes and fail later, per handshake, with nothing but "Socket closed" for
-the client. The listener gets its credentials from `ServerCredentialStore`, whose
-fetcher only hands over configurations already built and validated, because
-grpc calls it before every TLS handshake on a core thread.
+the client. What is loaded here becomes each data plane's credentials through
+a route's CredentialSource (credentials.py): the spliced plane's SSL contexts,
+grpc core's server and channel credentials.
 """
 
 from __future__ import annotations
 
 import _ssl
+import contextlib
 import ctypes
 import datetime
 import os
 import ssl
-import threading
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.config.pem import PemSource
 from sidecar.errors import ConfigError
-
-_PEM_CERT_MARKER = b"-----BEGIN CERTIFICATE-----"
-
-# What the certificate is for: a listener (server) or an egress route (client).
-Role = Literal["server", "client"]
+from sidecar.pki.x509 import (
+    ROLE_EKU,
+    Role,
+    eku_allows,
+    eku_name,
+    is_ca,
+    parse_certificates,
+    parse_private_key,
+    pem_bundle,
+    public_key_matches,
+)
 
 
 @dataclass(frozen=True)
@@ -47,17 +54,6 @@ class TLSMaterial:
         return f"TLSMaterial(leaf={self.leaf.subject.rfc4514_string()!r})"
 
 
-def _load_certificates(data: bytes, source: PemSource) -> list[x509.Certificate]:
-    if _PEM_CERT_MARKER not in data:
-        raise ConfigError(f"{source.setting}: {source.origin} holds no PEM certificate")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{source.setting}: {source.origin} is not a valid PEM certificate ({exc})"
-        ) from None
-
-
 PrivateKey = (
     ec.EllipticCurvePrivateKey
     | rsa.RSAPrivateKey
@@ -66,25 +62,17 @@ PrivateKey = (
 )
 
 
+def _where(source: PemSource) -> str:
+    """How an error about source's contents begins: `--cert: app.pem`."""
+    return f"{source.setting}: {source.origin}"
+
+
 def _load_key(data: bytes, source: PemSource) -> PrivateKey:
-    where = f"{source.setting}: {source.origin}"
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ConfigError(f"{where} is encrypted; give an unencrypted key") from None
-    except ValueError:
-        # Not the parser's message: it could quote bytes of a key.
-        raise ConfigError(f"{where} is not a PEM private key") from None
+    where = _where(source)
+    key = parse_private_key(data, where)
     if not isinstance(key, PrivateKey):
         raise ConfigError(f"{where} holds an unsupported key type {type(key).__name__}")
     return key
-
-
-def _spki(key: PrivateKey | x509.Certificate) -> bytes:
-    public = key.public_key()
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _check_validity(leaf: x509.Certificate, source: PemSource) -> None:
@@ -104,24 +92,12 @@ def _check_usage(leaf: x509.Certificate, source: PemSource, role: Role) -> None:
         usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return  # no EKU: any usage
-    wanted, peer = {
-        "server": (ExtendedKeyUsageOID.SERVER_AUTH, "callers"),
-        "client": (ExtendedKeyUsageOID.CLIENT_AUTH, "the remote"),
-    }[role]
-    if wanted not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
-        name = "serverAuth" if role == "server" else "clientAuth"
+    if not eku_allows(usages, role):
+        name, peer = eku_name(ROLE_EKU[role]), "callers" if role == "server" else "the remote"
         raise ConfigError(
             f"{source.setting}: certificate {source.origin} lacks the {name} extended key "
             f"usage, so {peer} would refuse it (issue it with --{role} or --both)"
         )
-
-
-def _is_ca(certificate: x509.Certificate) -> bool:
-    try:
-        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
-    except x509.ExtensionNotFound:
-        return False
-    return constraints.value.ca
 
 
 def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role) -> TLSMaterial:
@@ -135,10 +111,10 @@ def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role
     """
     cert_pem, key_pem, ca_pem = cert.read(), key.read(), ca.read()
 
-    chain = _load_certificates(cert_pem, cert)
+    chain = parse_certificates(cert_pem, _where(cert))
     leaf = chain[0]
     private_key = _load_key(key_pem, key)
-    if _spki(private_key) != _spki(leaf):
+    if not public_key_matches(leaf, private_key):
         raise ConfigError(
             f"{key.setting} does not match {cert.setting} "
             f"({key.origin} is not the key of {cert.origin})"
@@ -146,8 +122,8 @@ def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role
     _check_validity(leaf, cert)
     _check_usage(leaf, cert, role)
 
-    authorities = _load_certificates(ca_pem, ca)
-    if not any(_is_ca(certificate) for certificate in authorities):
+    authorities = parse_certificates(ca_pem, _where(ca))
+    if not any(is_ca(certificate) for certificate in authorities):
         raise ConfigError(
             f"{ca.setting}: {ca.origin} holds no CA certificate (none has BasicConstraints CA:TRUE)"
         )
@@ -155,56 +131,15 @@ def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role
     # BoringSSL refuses (folded lines, indentation from a YAML value), and a
     # check that passes here must mean the handshake will load it.
     return TLSMaterial(
-        cert_chain_pem=_pem(chain),
+        cert_chain_pem=pem_bundle(chain),
         key_pem=private_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),
-        ca_pem=_pem(authorities),
+        ca_pem=pem_bundle(authorities),
         leaf=leaf,
     )
-
-
-def _pem(certificates: list[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
-
-
-class ServerCredentialStore:
-    """Server TLS credentials that can be swapped without a restart.
-
-    grpc calls `_fetch` before every new TLS handshake, on a core thread: it must
-    be cheap and must never read files. `stage` hands it a configuration built
-    (and validated) beforehand; existing connections keep their credentials.
-    """
-
-    def __init__(self, material: TLSMaterial) -> None:
-        self._lock = threading.Lock()
-        self._pending: grpc.ServerCertificateConfiguration | None = None
-        self._initial = self._configuration(material)
-
-    @staticmethod
-    def _configuration(material: TLSMaterial) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(material.key_pem, material.cert_chain_pem)], root_certificates=material.ca_pem
-        )
-
-    def stage(self, material: TLSMaterial) -> None:
-        """Use material for handshakes from now on (material must come from load_tls_material)."""
-        configuration = self._configuration(material)
-        with self._lock:
-            self._pending = configuration
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        with self._lock:
-            configuration, self._pending = self._pending, None
-        return configuration  # None keeps the current configuration
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials that require and verify a client certificate on every connection."""
-        return grpc.dynamic_ssl_server_credentials(
-            self._initial, self._fetch, require_client_authentication=True
-        )
 
 
 def channel_credentials(material: TLSMaterial) -> grpc.ChannelCredentials:
@@ -216,16 +151,34 @@ def channel_credentials(material: TLSMaterial) -> grpc.ChannelCredentials:
     )
 
 
-def _load_own_chain(context: ssl.SSLContext, material: TLSMaterial) -> None:
-    """Load the chain and key from memory: ssl only reads files, so hand it an anonymous
-    in-memory file (memfd) that never touches a disk and is gone once loaded."""
-    descriptor = os.memfd_create("sidecar-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(descriptor, material.cert_chain_pem + b"\n" + material.key_pem)
-        path = f"/proc/self/fd/{descriptor}"
+@contextlib.contextmanager
+def _readable_path(data: bytes) -> Iterator[str]:
+    """A path ssl can read data from (it only reads files), gone when the block ends.
+
+    On Linux an anonymous in-memory file (memfd) that never touches a disk. Elsewhere
+    (no memfd) a file readable by its owner only, in a private temporary directory,
+    removed right after: a private key must never be readable by another user.
+    """
+    if sys.platform == "linux" and hasattr(os, "memfd_create"):
+        descriptor = os.memfd_create("sidecar-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(descriptor, data)
+            yield f"/proc/self/fd/{descriptor}"
+        finally:
+            os.close(descriptor)
+        return
+    with tempfile.TemporaryDirectory(prefix="sidecar-tls-") as directory:  # mode 0700
+        path = os.path.join(directory, "chain-and-key.pem")
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        yield path
+
+
+def load_own_chain(context: ssl.SSLContext, material: TLSMaterial) -> None:
+    """Load material's chain and key into context, from memory (see _readable_path)."""
+    with _readable_path(material.cert_chain_pem + b"\n" + material.key_pem) as path:
         context.load_cert_chain(path, path)
-    finally:
-        os.close(descriptor)
 
 
 def _modern(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -239,7 +192,7 @@ def server_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     """The spliced listener's TLS: own chain, a client certificate required and verified
     against the CA bundle, TLS 1.2 or later, ALPN h2."""
     context = _modern(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    _load_own_chain(context, material)
+    load_own_chain(context, material)
     context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
     context.verify_mode = ssl.CERT_REQUIRED
     return context
@@ -249,7 +202,7 @@ def client_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     """An egress route's TLS to the remote: own chain as the client certificate, the
     remote's chain verified against the CA bundle and its name checked, ALPN h2."""
     context = _modern(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # verifies and checks the name
-    _load_own_chain(context, material)
+    load_own_chain(context, material)
     context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
     return context
 

@@ -32,6 +32,7 @@ import grpc
 
 from sidecar.config.limits import Limits
 from sidecar.host.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor, open_file_limit
+from sidecar.observe.calls import NO_OBSERVER, CallObserver
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.splice.handshake import Handshake
 from sidecar.splice.refusal import Refusal
@@ -53,10 +54,13 @@ Verdict = Literal["serve", "refuse", "close"]
 class Admission:
     """The budgets of one listener (see the module)."""
 
-    def __init__(self, title: str, route: str | None, limits: Limits) -> None:
+    def __init__(
+        self, title: str, route: str | None, limits: Limits, observer: CallObserver = NO_OBSERVER
+    ) -> None:
         self._title = title
         self._route = route
         self._limits = limits
+        self._observer = observer
         # Handshakes in progress, oldest first, with the task running each.
         self._pending: dict[Handshake, asyncio.Task[Any]] = {}
         self._refusing = 0  # connections admitted beyond max_connections, not yet ended
@@ -160,6 +164,7 @@ class Admission:
             route=self._route,
             goaway=True,
             limits=self._limits,
+            observer=self._observer,
         )
 
     def handshake_started(self, handshake: Handshake, task: asyncio.Task[Any]) -> None:

@@ -21,20 +21,19 @@ full, the other side stops being read.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
 from sidecar.config.limits import Limits
+from sidecar.h2.calls import Call, message_bytes, reset_status, status_code
 from sidecar.h2.frames import (
-    ACK,
     DROP,
     END_STREAM,
     GOAWAY,
-    PING,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
@@ -48,14 +47,22 @@ from sidecar.h2.headerblock import (
     HeaderBlockError,
     HeaderLimits,
     RequestBlocks,
+    RequestFilter,
     RequestRefused,
     ResponseBlocks,
     status_block,
 )
-from sidecar.observe.accesslog import CallRecord, access_logger, log_call
+from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.splice.budget import BudgetExceeded, TokenBucket
-from sidecar.splice.refusal import Refusal, grpc_message
+from sidecar.splice.own_frames import (
+    DRAIN_OPAQUE,
+    DRAIN_OPENING,
+    DRAIN_PING_SECONDS,
+    HANG_UP_SECONDS,
+    OwnFrames,
+)
+from sidecar.splice.refusal import Refusal
 
 logger = logging.getLogger("sidecar.server")
 
@@ -66,8 +73,6 @@ _REPLAY_LIMIT = 256 * 1024
 WRITE_BUFFER_HIGH = 256 * 1024
 # How long a closing connection may take to send what is buffered for a peer.
 _CLOSE_GRACE_SECONDS = 10.0
-# How long a caller cut for what it did has to read our last words (its GOAWAY).
-_HANG_UP_SECONDS = 0.5
 # Answers of the splice's own to a caller (PING answers, requests refused here, window
 # credit) while it does not read, or waiting here for the frame relayed to it to be whole,
 # before its connection is cut: a caller that goes on asking without reading the answers
@@ -87,40 +92,11 @@ _ACK_DELAY_SECONDS = 0.005
 # they leave in one TLS record (a record holds up to 16 KiB).
 _JOIN_LIMIT = 16 * 1024
 
-_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
-# How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
-_STATUS_BY_RESET = {
-    0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before trailers
-    0x7: grpc.StatusCode.UNAVAILABLE,  # REFUSED_STREAM
-    0x8: grpc.StatusCode.CANCELLED,  # CANCEL
-    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
-    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
-}
-# How a gRPC client reads a response that ends without grpc-status (a server that is
-# not gRPC, or a proxy's error page): "HTTP to gRPC Status Code Mapping" in gRPC's docs.
-_STATUS_BY_HTTP = {
-    b"400": grpc.StatusCode.INTERNAL,
-    b"401": grpc.StatusCode.UNAUTHENTICATED,
-    b"403": grpc.StatusCode.PERMISSION_DENIED,
-    b"404": grpc.StatusCode.UNIMPLEMENTED,
-    b"429": grpc.StatusCode.UNAVAILABLE,
-    b"502": grpc.StatusCode.UNAVAILABLE,
-    b"503": grpc.StatusCode.UNAVAILABLE,
-    b"504": grpc.StatusCode.UNAVAILABLE,
-}
 # An upstream that accepted the connection (and, for TLS, finished the handshake)
 # and closed it without a byte: for TLS 1.3, typically a refused client certificate.
 _CLOSED_BEFORE_SPEAKING = ConnectionError(
     "the connection was closed before the upstream spoke (after any TLS handshake)"
 )
-# "Shutting down; finish what you started, start nothing new" (RFC 9113 6.8).
-_GOAWAY_GRACEFUL = frame(GOAWAY, 0, 0, (0x7FFFFFFF).to_bytes(4, "big") + bytes(4))
-# Sent with it: the caller's ACK comes after any call it started before it read the
-# GOAWAY, so the last word (the GOAWAY naming the last stream) waits for the ACK.
-_DRAIN_OPAQUE = b"draining"
-_DRAIN_PING = frame(PING, 0, 0, _DRAIN_OPAQUE)
-# How long that wait lasts for a caller that does not answer pings.
-_DRAIN_PING_SECONDS = 1.0
 _NO_ERROR, _PROTOCOL_ERROR, _CANCEL, _ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0xB
 # Budgets broken, upstreams lost: one line per reason and route per period, not per connection.
 _limited_log = LogLimiter(logger)
@@ -133,74 +109,16 @@ Connector = Callable[
 Describer = Callable[[BaseException | None], Awaitable[str]]
 
 
-class _Call:
-    """One gRPC call (an HTTP/2 stream) in flight: what ending it here and the access log
-    need to know."""
+class Phase(enum.IntEnum):
+    """Where a splice is in its life. It only moves forward (`Splice._enter`): a later
+    phase is never undone by an earlier one's event (a drain asked of a broken splice)."""
 
-    __slots__ = (
-        "answered",
-        "bytes_in",
-        "bytes_out",
-        "http_status",
-        "need_in",
-        "need_out",
-        "path",
-        "prefix_in",
-        "prefix_out",
-        "request_ended",
-        "started",
-    )  # fmt: skip
-
-    def __init__(self, path: bytes | None, request_ended: bool) -> None:
-        self.path = path
-        self.started = time.monotonic()
-        self.answered = False  # response headers have gone to the caller
-        self.request_ended = request_ended  # the caller has sent END_STREAM
-        self.bytes_in = self.bytes_out = 0
-        self.http_status: bytes | None = None  # the response's :status, once it came
-        # Message framing state per direction: body bytes still to skip, and the
-        # part of a 5-byte message prefix seen so far.
-        self.need_in = self.need_out = 0
-        self.prefix_in = self.prefix_out = b""
-
-    @property
-    def method(self) -> str:
-        return self.path.decode("utf-8", "replace") if self.path else "-"
-
-
-def _message_bytes(
-    need: int, prefix: bytes, data: bytes, start: int, end: int
-) -> tuple[int, int, bytes]:
-    """Walk gRPC message framing (flag byte, 4-byte length, body) over data[start:end]:
-    return the body bytes of the messages begun there, and the framing state after."""
-    total, position = 0, start
-    while position < end:
-        if need:
-            taken = min(need, end - position)
-            need -= taken
-            position += taken
-        elif not prefix and end - position >= 5:
-            need = int.from_bytes(data[position + 1 : position + 5], "big")
-            total += need
-            position += 5
-        else:
-            taken = min(5 - len(prefix), end - position)
-            prefix += bytes(data[position : position + taken])
-            position += taken
-            if len(prefix) == 5:
-                need = int.from_bytes(prefix[1:], "big")
-                total += need
-                prefix = b""
-    return total, need, prefix
-
-
-def _status_code(grpc_status: bytes | None, http_status: bytes | None) -> grpc.StatusCode:
-    """The status a gRPC client reads from a response's grpc-status, or else its :status."""
-    if grpc_status is not None:
-        if grpc_status.isdigit():
-            return _STATUS_BY_CODE.get(int(grpc_status), grpc.StatusCode.UNKNOWN)
-        return grpc.StatusCode.UNKNOWN
-    return _STATUS_BY_HTTP.get(http_status or b"", grpc.StatusCode.UNKNOWN)
+    RELAYING = 0  # (until the upstream speaks, the caller's bytes are also kept for a replay)
+    DRAINING = 1  # told GOAWAY: no new calls; the close comes when those in flight are over
+    DRAINED = 2  # the drain's last GOAWAY is out: both connections are closing
+    FAILING = 3  # the upstream could not be reached: a Refusal answers why (once known)
+    BROKEN = 4  # a peer broke HTTP/2 or a budget, or the upstream was lost: nothing relayed
+    GONE = 5  # the caller's connection is lost
 
 
 def _close_within(transport: asyncio.Transport, seconds: float) -> None:
@@ -219,29 +137,6 @@ def _write(transport: asyncio.Transport, chunks: Sequence[bytes | memoryview]) -
         transport.write(b"".join(chunks))
     else:
         transport.writelines(chunks)  # no join: a DATA run may be large
-
-
-class _OwnFrames:
-    """Frames of the splice's own (PING answers, GOAWAY) for one side, waiting for the next
-    frame boundary of the bytes relayed that way, and the timer that sends PING answers
-    which found no relayed bytes to ride with (see _ACK_DELAY_SECONDS)."""
-
-    __slots__ = ("frames", "timer")
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.timer: asyncio.TimerHandle | None = None
-
-    def take(self) -> list[bytes]:
-        """The frames, now sent (with relayed bytes or on their own)."""
-        self.cancel()
-        frames, self.frames = self.frames, []
-        return frames
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 class _UpstreamProtocol(asyncio.Protocol):
@@ -305,7 +200,8 @@ class Splice:
         peer: str,
         remote: str,
         route: str | None,
-        user_agent: bytes,
+        request_filter: RequestFilter,
+        observer: CallObserver = NO_OBSERVER,
         upstream_name: str = "upstream",
         limits: Limits | None = None,
         ack_delay: float = _ACK_DELAY_SECONDS,
@@ -319,26 +215,24 @@ class Splice:
         self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
         self._replay_size = 0
         self._refusal: Refusal | None = None
-        self._failing = False
-        self._broken = False  # a peer broke HTTP/2 or a budget: nothing more is relayed
+        self._phase = Phase.RELAYING
         self._caller_busy = False  # the caller's write buffer is full
         self._answers_while_busy = 0
         self._failure: asyncio.Task[None] | None = None
         self._pauses: set[str] = set()
-        self._calls: dict[int, _Call] = {}  # calls in flight, by stream
+        self._calls: dict[int, Call] = {}  # calls in flight, by stream
         self._last_stream = 0
         # The lowest last-stream id of the upstream's GOAWAYs (relayed to the caller): the
         # sidecar's own GOAWAYs must not name a higher one (RFC 9113 6.8), and streams
         # above it are ignored by the upstream, so they are not tracked as calls.
         self._upstream_last: int | None = None
-        self._draining = False
         self._drain_ping: asyncio.TimerHandle | None = None  # until the caller's ACK
-        self._drain_closed = False
-        self._own_to_caller = _OwnFrames()
-        self._own_to_upstream = _OwnFrames()
+        self._own_to_caller = OwnFrames()
+        self._own_to_upstream = OwnFrames()
         self._ack_delay = ack_delay
-        self._done = False
-        self._log = access_logger.isEnabledFor(logging.INFO)
+        self._observer = observer
+        # Message sizes and statuses are read for an observer only (see observe/calls.py).
+        self._observed = observer.observes
         self._control = TokenBucket(limits.control_frame_rate, limits.control_frame_burst)
         self._resets = TokenBucket(limits.reset_rate, limits.reset_burst)
         self._control_seen = 0  # the caller's control frames already paid for
@@ -346,7 +240,7 @@ class Splice:
         self._credit = 0  # flow-control bytes of dropped DATA, owed to the caller
         self._caller_acks = 0  # SETTINGS ACKs from the caller
         self._requests = RequestBlocks(
-            user_agent,
+            request_filter,
             HeaderLimits(
                 list_size=limits.max_header_list_size,
                 max_fields=limits.max_header_fields,
@@ -358,7 +252,7 @@ class Splice:
         self._outbound = FrameWalker(
             self._request_headers,
             preface=True,
-            data=self._request_data if self._log else None,
+            data=self._request_data if self._observed else None,
             ended=self._request_ended,
             reset=self._caller_reset,
             ping=self._caller_ping,
@@ -369,7 +263,7 @@ class Splice:
         self._inbound = FrameWalker(
             self._response_headers,
             preface=False,
-            data=self._response_data if self._log else None,
+            data=self._response_data if self._observed else None,
             ended=self._upstream_ended,
             reset=self._upstream_reset,
             ping=self._upstream_ping,
@@ -392,7 +286,8 @@ class Splice:
 
     # The caller's side (called by the listener's protocol).
 
-    def from_caller(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> None:
+        """Bytes from the caller."""
         if self._refusal is not None:
             self._refusal.feed(data)
             return
@@ -407,7 +302,8 @@ class Splice:
             return  # the upstream is gone and the caller's connection is closing
         self._to_upstream(data)
 
-    def caller_lost(self) -> None:
+    def connection_lost(self) -> None:
+        """The caller's connection is gone."""
         self._connecting.cancel()
         if self._refusal is not None:
             self._refusal.connection_lost()
@@ -416,7 +312,7 @@ class Splice:
             # Nothing more can reach the caller: the upstream's calls end now, and an
             # upstream that stopped reading cannot hold its connection open.
             self._upstream.abort()
-        self._done = True
+        self._enter(Phase.GONE)
         self._release()
 
     def caller_busy(self) -> None:
@@ -446,13 +342,13 @@ class Splice:
 
     def drain(self) -> None:
         """Tell the caller to start no new calls; close once those in flight are done."""
-        self._draining = True
-        if self._refusal is not None or self._upstream is None or self._broken:
+        self._enter(Phase.DRAINING)
+        if self._phase >= Phase.FAILING or self._upstream is None:
             self._close_both()
             return
         if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
-            self._own_to_caller.frames += (_GOAWAY_GRACEFUL, _DRAIN_PING)
-            self._drain_ping = self._loop.call_later(_DRAIN_PING_SECONDS, self._drain_pinged)
+            self._own_to_caller.frames += DRAIN_OPENING
+            self._drain_ping = self._loop.call_later(DRAIN_PING_SECONDS, self._drain_pinged)
             self._send_own_to_caller()
         elif not self._calls:
             self._close_drained()
@@ -470,13 +366,13 @@ class Splice:
         """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
         the caller started after all (before it saw the first GOAWAY) is known to it as
         not processed and is retried elsewhere, then the close."""
-        if self._drain_closed:  # a stream's end and its reset can both schedule this
+        if self._phase >= Phase.DRAINED:  # a stream's end and its reset can both schedule this
             return
         if self._calls or self._drain_ping is not None:
             # A call started in the same loop turn as the last one ended (its own end
-            # schedules this again), or calls may still be on their way (_DRAIN_PING).
+            # schedules this again), or calls may still be on their way (DRAIN_PING_SECONDS).
             return
-        self._drain_closed = True
+        self._enter(Phase.DRAINED)
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             _write(self._caller, [*self._own_to_caller.take(), self._goaway(_NO_ERROR)])
         self._close_both()
@@ -486,7 +382,7 @@ class Splice:
         callers why, then both connections."""
         if self._upstream is not None:
             self._upstream.abort()  # the upstream's calls end with its connection
-        if self._calls and self._refusal is None and not self._broken:
+        if self._calls and self._phase < Phase.FAILING:
             self._end_calls_here(
                 grpc.StatusCode.UNAVAILABLE,
                 "the sidecar is shutting down and its drain grace is over",
@@ -505,7 +401,7 @@ class Splice:
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         """Connected: relay what the caller sent so far (before any upstream byte can arrive)."""
-        if self._done:
+        if self._phase is Phase.GONE:
             transport.close()
             return
         self._upstream = transport
@@ -513,14 +409,14 @@ class Splice:
             self._limits.connect_timeout, self._upstream_silent
         )
         for chunk in self._replay or ():
-            if self._broken:
+            if self._phase >= Phase.BROKEN:
                 break
             self._to_upstream(chunk)
 
     def _upstream_silent(self) -> None:
         """The upstream accepted the connection but has not sent its SETTINGS in time."""
         self._first_frame_timer = None
-        if self._replay is None or self._upstream is None or self._done:
+        if self._replay is None or self._upstream is None or self._phase is Phase.GONE:
             return
         upstream, self._upstream = self._upstream, None
         upstream.abort()
@@ -533,7 +429,7 @@ class Splice:
         )
 
     def from_upstream(self, data: bytes) -> None:
-        if self._broken or self._done:
+        if self._phase >= Phase.BROKEN:
             return
         if self._replay is not None and not self._upstream_spoke:
             # Its first bytes: a server's connection preface is a SETTINGS frame (RFC 9113
@@ -576,10 +472,10 @@ class Splice:
         )
 
     def upstream_lost(self, exc: BaseException | None) -> None:
-        if self._done or self._refusal is not None or self._failing:
+        if self._phase is Phase.FAILING or self._phase is Phase.GONE:
             return
         self._upstream = None
-        if self._broken:
+        if self._phase is Phase.BROKEN:
             return  # closed by the splice itself (the caller was cut)
         if self._replay is not None:  # lost before it spoke: the calls can still be answered
             self._start_failure(exc or _CLOSED_BEFORE_SPEAKING)
@@ -603,11 +499,11 @@ class Splice:
         self._failure = self._loop.create_task(self._fail(error))
 
     async def _fail(self, error: BaseException) -> None:
-        if self._failing:  # a timeout and a close can both report one failure
+        if self._phase >= Phase.FAILING:  # a timeout and a close can both report one failure
             return
-        self._failing = True
+        self._enter(Phase.FAILING)
         details = await self._describe_failure(error)
-        if self._done:
+        if self._phase is not Phase.FAILING:  # meanwhile the caller left, or was cut
             return
         if self._first_frame_timer is not None:
             self._first_frame_timer.cancel()
@@ -620,6 +516,7 @@ class Splice:
             route=self._route,
             goaway=True,
             limits=self._limits,
+            observer=self._observer,
         )
         replay, self._replay = self._replay or [], None
         self._calls.clear()
@@ -634,7 +531,7 @@ class Splice:
     # Frames.
 
     def _to_upstream(self, data: bytes) -> None:
-        if self._broken:
+        if self._phase >= Phase.BROKEN:
             return
         outbound = self._outbound
         chunks = self._walked(outbound, data, from_upstream=False)
@@ -685,7 +582,7 @@ class Splice:
             self._loop.call_soon(self._walk_backlog, False)
 
     def _walk_backlog(self, from_upstream: bool) -> None:
-        if self._broken or self._done or self._refusal is not None:
+        if self._phase >= Phase.FAILING:
             return
         if from_upstream:
             self.from_upstream(b"")
@@ -714,7 +611,7 @@ class Splice:
                 if self._replay is not None:
                     self._not_http2_detail(str(error))
                     return None
-                self._broken = True
+                self._enter(Phase.BROKEN)
                 self._end_calls_here(
                     grpc.StatusCode.UNAVAILABLE,
                     f"upstream {self._upstream_name} broke HTTP/2: {error}",
@@ -763,14 +660,14 @@ class Splice:
         try:
             rewritten, path = self._requests.rewrite(buffer[start:end])
         except RequestRefused as refused:
-            self._answer_here(stream_id, _Call(None, bool(flags & END_STREAM)), refused)
+            self._answer_here(stream_id, Call(None, bool(flags & END_STREAM)), refused)
             return DROP
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track
-        self._calls[stream_id] = _Call(path, bool(flags & END_STREAM))
+        self._calls[stream_id] = Call(path, bool(flags & END_STREAM))
         return rewritten
 
-    def _answer_here(self, stream_id: int, call: _Call, refused: RequestRefused) -> None:
+    def _answer_here(self, stream_id: int, call: Call, refused: RequestRefused) -> None:
         """Answer a request here (it never reaches the upstream), at a control frame's price:
         the upstream does no work for it (so not at a reset's), but answering costs some."""
         self._spend_control(1)
@@ -785,7 +682,7 @@ class Splice:
             self._local_end(stream_id, call, refused.code, refused.details)
         )
         self._send_own_to_caller()
-        self._log_call(call, refused.code, refused.details)
+        self._report_call(call, refused.code, refused.details)
         self._count_answer()
 
     def _count_answer(self) -> None:
@@ -796,11 +693,11 @@ class Splice:
         if unread > _MAX_UNREAD_ANSWERS:
             raise BudgetExceeded("requests or PINGs sent without reading the answers")
 
-    def _local_end(self, stream_id: int, call: _Call, code: grpc.StatusCode, details: str) -> bytes:
+    def _local_end(self, stream_id: int, call: Call, code: grpc.StatusCode, details: str) -> bytes:
         """The frames that end a call here, as a gRPC server ends one: its status in trailers
         (trailers-only when no response has begun), and, if the caller is still sending,
         RST_STREAM NO_ERROR to tell it to stop (RFC 9113 8.1)."""
-        block = status_block(code.value[0], grpc_message(details), trailers_only=not call.answered)
+        block = status_block(code.value[0], details, trailers_only=not call.answered)
         frames = header_frames(stream_id, True, block)
         if not call.request_ended:
             frames += frame(RST_STREAM, 0, stream_id, _NO_ERROR.to_bytes(4, "big"))
@@ -836,14 +733,14 @@ class Splice:
         call = self._calls.get(stream_id)
         if call is not None:
             call.answered = True
-        if self._log:
+        if self._observed:
             grpc_status, http_status = self._responses.status(buffer[start:end])
             if call is not None and http_status is not None:
                 call.http_status = http_status
             if flags & END_STREAM:
                 self._calls.pop(stream_id, None)
                 if call is not None:
-                    self._log_call(call, _status_code(grpc_status, call.http_status))
+                    self._report_call(call, status_code(grpc_status, call.http_status))
                 self._call_ended()
             return None
         if self._responses.follows_table:
@@ -858,25 +755,25 @@ class Splice:
             self._upstream_last = last_stream
         # Calls above it will never be answered: the caller learns so from the GOAWAY itself.
         for stream_id in [s for s in self._calls if s > last_stream]:
-            self._log_call(
+            self._report_call(
                 self._calls.pop(stream_id),
                 grpc.StatusCode.UNAVAILABLE,
                 f"upstream {self._upstream_name} will not process it (its GOAWAY)",
             )
-        if self._draining and not self._calls:
+        if self._phase is Phase.DRAINING and not self._calls:
             self._loop.call_soon(self._close_drained)
 
     def _upstream_ended(self, stream_id: int) -> None:
         """A response that ended with DATA, without trailers: not a gRPC server's."""
         call = self._calls.pop(stream_id, None)
         if call is not None:
-            self._log_call(call, _status_code(None, call.http_status))
+            self._report_call(call, status_code(None, call.http_status))
         self._call_ended()
 
     def _request_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None:
-            added, call.need_in, call.prefix_in = _message_bytes(
+            added, call.need_in, call.prefix_in = message_bytes(
                 call.need_in, call.prefix_in, data, start, end
             )
             call.bytes_in += added
@@ -884,7 +781,7 @@ class Splice:
     def _response_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None:
-            added, call.need_out, call.prefix_out = _message_bytes(
+            added, call.need_out, call.prefix_out = message_bytes(
                 call.need_out, call.prefix_out, data, start, end
             )
             call.bytes_out += added
@@ -893,7 +790,7 @@ class Splice:
         call = self._calls.pop(stream_id, None)
         if call is not None:
             self._spend_reset()
-            self._log_call(call, grpc.StatusCode.CANCELLED)
+            self._report_call(call, grpc.StatusCode.CANCELLED)
             self._call_ended()  # (a reset of a stream that is no call is no activity)
 
     def _spend_reset(self) -> None:
@@ -910,31 +807,30 @@ class Splice:
     def _upstream_reset(self, stream_id: int, error_code: int) -> None:
         call = self._calls.pop(stream_id, None)
         if call is not None:
-            self._log_call(call, _STATUS_BY_RESET.get(error_code, grpc.StatusCode.INTERNAL))
+            self._report_call(call, reset_status(error_code))
         self._call_ended()
 
     def _call_ended(self) -> None:
         if not self._calls:
             self._idle_since = self._loop.time()
-            if self._draining:
+            if self._phase is Phase.DRAINING:
                 # After this read's bytes are written: close() sends what is buffered first.
                 self._loop.call_soon(self._close_drained)
 
     def _caller_ping(self, opaque: bytes) -> None:
-        self._answer_ping(self._own_to_caller, opaque, self._send_own_to_caller)
+        self._own_to_caller.answer_ping(
+            opaque, self._loop, self._ack_delay, self._send_own_to_caller
+        )
         self._count_answer()
 
     def _caller_acked_ping(self, opaque: bytes) -> None:
-        if opaque == _DRAIN_OPAQUE and self._drain_ping is not None:
+        if opaque == DRAIN_OPAQUE and self._drain_ping is not None:
             self._drain_pinged()
 
     def _upstream_ping(self, opaque: bytes) -> None:
-        self._answer_ping(self._own_to_upstream, opaque, self._send_own_to_upstream)
-
-    def _answer_ping(self, own: _OwnFrames, opaque: bytes, send: Callable[[], None]) -> None:
-        own.frames.append(frame(PING, ACK, 0, opaque))
-        if own.timer is None:
-            own.timer = self._loop.call_later(self._ack_delay, send)
+        self._own_to_upstream.answer_ping(
+            opaque, self._loop, self._ack_delay, self._send_own_to_upstream
+        )
 
     def _send_own_to_caller(self) -> None:
         """Send our frames for the caller now, unless a relayed frame is half sent: the rest
@@ -967,7 +863,7 @@ class Splice:
                 self._limits.header_timeout, self._header_overdue
             )
             return
-        if outbound.in_frame and not self._broken and not self._done:
+        if outbound.in_frame and self._phase < Phase.BROKEN:
             logger.info(
                 "caller %s did not finish a frame or header block within %gs: closing",
                 self._remote,
@@ -983,7 +879,7 @@ class Splice:
         """Close a connection that has had no call in flight for idle_timeout (GOAWAY first:
         its client reconnects when it next needs to)."""
         self._idle_timer = None
-        if self._done or self._draining or self._broken or self._refusal is not None:
+        if self._phase is not Phase.RELAYING:
             return
         idle = self._loop.time() - self._idle_since
         if self._calls or idle < self._limits.idle_timeout:
@@ -991,7 +887,7 @@ class Splice:
             self._idle_timer = self._loop.call_later(remaining, self._idle_check)
             return
         logger.debug("closing the idle connection of %s", self._remote)
-        self._draining = True
+        self._enter(Phase.DRAINING)
         if self._upstream is None:
             self._close_both()
         else:
@@ -1010,10 +906,15 @@ class Splice:
 
     # Endings.
 
-    def _log_call(self, call: _Call, code: grpc.StatusCode, details: str = "") -> None:
-        if not self._log:
+    def _enter(self, phase: Phase) -> None:
+        if phase > self._phase:
+            self._phase = phase
+
+    def _report_call(self, call: Call, code: grpc.StatusCode, details: str = "") -> None:
+        """Tell the route's observer how a call ended (nothing to do when none observes)."""
+        if not self._observed:
             return
-        log_call(
+        self._observer.call_ended(
             CallRecord(
                 method=call.method,
                 started=call.started,
@@ -1030,7 +931,7 @@ class Splice:
     def _end_calls(self, code: grpc.StatusCode, details: str = "") -> None:
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            self._log_call(call, code, details)
+            self._report_call(call, code, details)
 
     def _goaway(self, error_code: int, debug: bytes = b"") -> bytes:
         """A GOAWAY naming the last stream relayed (never above the upstream's own)."""
@@ -1051,7 +952,7 @@ class Splice:
         """End every call in flight on the caller's side with this status (the upstream is
         gone, or going), then GOAWAY and close: its client knows at once, and reconnects."""
         calls, self._calls = self._calls, {}
-        self._broken = True
+        self._enter(Phase.BROKEN)
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             chunks = self._own_to_caller.take()
             for stream_id, call in calls.items():
@@ -1059,21 +960,21 @@ class Splice:
             chunks.append(self._goaway(_NO_ERROR))
             _write(self._caller, chunks)
             for call in calls.values():
-                self._log_call(call, code, details)
+                self._report_call(call, code, details)
             self._cancel_timers()
             _close_within(self._caller, _CLOSE_GRACE_SECONDS)
             return
         # In the middle of a frame to the caller: nothing more can be said on this
         # connection; a reset tells its client at once.
         for call in calls.values():
-            self._log_call(call, code, details)
+            self._report_call(call, code, details)
         self._cancel_timers()
         self._caller.abort()
 
     def _calm_down(self, reason: str) -> None:
         """The caller spent more than a budget allows: GOAWAY ENHANCE_YOUR_CALM with the
         reason, and both connections end (the upstream's calls with its connection)."""
-        if self._broken:
+        if self._phase >= Phase.BROKEN:
             return
         _limited_log.log(
             logging.WARNING,
@@ -1091,7 +992,7 @@ class Splice:
         it, and a reset shortly after. Not TLS's close: that goes on reading, and
         decrypting, whatever the caller still sends until it answers the close."""
         self._goodbye(error_code, reason)
-        self._broken = True
+        self._enter(Phase.BROKEN)
         self._end_calls(code, reason)
         self._cancel_timers()
         if self._upstream is not None:
@@ -1099,11 +1000,11 @@ class Splice:
         caller = self._caller
         if not caller.is_closing():
             caller.pause_reading()
-            self._loop.call_later(_HANG_UP_SECONDS, caller.abort)
+            self._loop.call_later(HANG_UP_SECONDS, caller.abort)
 
     def _stop_relaying(self) -> None:
         """A peer broke HTTP/2 (or the sidecar failed reading it): end both connections."""
-        self._broken = True
+        self._enter(Phase.BROKEN)
         self._end_calls(grpc.StatusCode.INTERNAL)
         self._close_both()
 

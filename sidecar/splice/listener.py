@@ -26,18 +26,16 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 
-from sidecar import __version__
 from sidecar.auth.identity import IdentityReader
-from sidecar.auth.policy import Policy
 from sidecar.config.addresses import Address
-from sidecar.config.model import RouteConfig
+from sidecar.dataplane import RouteParts
 from sidecar.errors import StartupError
-from sidecar.grpcplane.upstream import describe_unavailable
+from sidecar.h2.headerblock import RequestFilter
 from sidecar.host.allocator import release_free_memory
-from sidecar.pki.diagnosis import TLSDiagnosis
 from sidecar.pki.tls import cap_peer_chain
 from sidecar.splice.admission import Admission
 from sidecar.splice.connection import WRITE_BUFFER_HIGH, Splice
@@ -46,7 +44,6 @@ from sidecar.splice.refusal import Refusal
 
 logger = logging.getLogger("sidecar.server")
 
-USER_AGENT = f"sidecar/{__version__}".encode()
 # How long accepting pauses after accept() failed (out of descriptors, say): connections
 # end meanwhile, and callers arriving in the pause wait at most this long to be closed.
 _ACCEPT_PAUSE_SECONDS = 0.1
@@ -76,13 +73,33 @@ def _failure_details(error: BaseException | None, connect_timeout: float) -> str
     return str(error) or type(error).__name__
 
 
+class ConnectionHandler(Protocol):
+    """What a caller's connection is handed to once set up: a Splice (the caller's calls
+    reach the upstream) or a Refusal (each call is answered here, then the close)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def connection_lost(self) -> None: ...
+
+    def caller_busy(self) -> None:
+        """The caller's write buffer is full (it does not read)."""
+
+    def caller_ready(self) -> None: ...
+
+    def drain(self) -> None:
+        """The sidecar is stopping: no new calls; close once those in flight are over."""
+
+    def abort(self) -> None:
+        """The drain's grace is over."""
+
+
 class _CallerProtocol(asyncio.Protocol):
-    """One caller connection, TLS done (ingress): its Splice or Refusal gets the bytes."""
+    """One caller connection, TLS done (ingress): its handler gets the bytes and events."""
 
     def __init__(self, front: Front, remote: str, over_limit: bool = False) -> None:
         self._front = front
         self._transport: asyncio.Transport | None = None
-        self.handler: Splice | Refusal | None = None
+        self.handler: ConnectionHandler | None = None
         self.remote = remote
         self.over_limit = over_limit  # admitted beyond max_connections: answered, then closed
         self.released = False  # its place among the over-limit connections given back
@@ -100,14 +117,13 @@ class _CallerProtocol(asyncio.Protocol):
         if self.over_limit:
             self.handler = front.admission.refusal(self._transport, self.remote)
             return
-        if front.policy is None:  # egress: local callers are the app itself
+        if not front.parts.ingress:  # egress: local callers are the app itself
             self._splice("-")
             return
         der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
         identity = front.identities.from_der(der)
-        policy = front.policy
-        # The rules depend on the identity alone: one decision holds for every call.
-        if policy.decide(identity, "").allowed:
+        policy = front.parts.policy
+        if policy.admits(identity):
             self._splice(identity.description)
             return
         front.denied[self] = None  # the first to go when the listener is full
@@ -120,6 +136,7 @@ class _CallerProtocol(asyncio.Protocol):
             route=front.config.name,
             goaway=False,
             limits=front.config.limits,
+            observer=front.parts.observer,
         )
 
     def _splice(self, peer: str) -> None:
@@ -131,16 +148,15 @@ class _CallerProtocol(asyncio.Protocol):
             peer=peer,
             remote=self.remote,
             route=self._front.config.name,
-            user_agent=USER_AGENT,
+            request_filter=self._front.request_filter,
+            observer=self._front.parts.observer,
             upstream_name=str(self._front.config.upstream),
             limits=self._front.config.limits,
         )
 
     def data_received(self, data: bytes) -> None:
         handler = self.handler
-        if isinstance(handler, Splice):
-            handler.from_caller(data)
-        elif handler is not None:
+        if handler is not None:  # (set in connection_made, let go in connection_lost)
             handler.feed(data)
 
     def eof_received(self) -> bool:
@@ -148,32 +164,26 @@ class _CallerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.forget(self)
-        if isinstance(self.handler, Splice):
-            self.handler.caller_lost()
-        elif self.handler is not None:
+        if self.handler is not None:
             self.handler.connection_lost()
         self.handler = None  # the handler points back at the transport, which points here
 
     def pause_writing(self) -> None:
-        if isinstance(self.handler, Splice):
+        if self.handler is not None:
             self.handler.caller_busy()
-        elif self._transport is not None:  # a refusal: its answers wait for the caller
-            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if isinstance(self.handler, Splice):
+        if self.handler is not None:
             self.handler.caller_ready()
-        elif self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
 
     def drain(self) -> None:
-        if isinstance(self.handler, Splice):
+        if self.handler is not None:
             self.handler.drain()
         elif self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
-        if isinstance(self.handler, Splice):
+        if self.handler is not None:
             self.handler.abort()
         elif self._transport is not None:
             self._transport.abort()
@@ -182,44 +192,46 @@ class _CallerProtocol(asyncio.Protocol):
 class Front:
     """The listener of one route on the spliced data plane, with an explicit lifecycle."""
 
-    def __init__(
-        self,
-        config: RouteConfig,
-        tls: ssl.SSLContext | None,
-        policy: Policy | None,
-        upstream_tls: ssl.SSLContext | None = None,
-        diagnosis: TLSDiagnosis | None = None,
-    ) -> None:
-        self.config = config
+    def __init__(self, parts: RouteParts) -> None:
+        self.parts = parts
+        self.config = config = parts.config
         self.limits = config.limits
-        self.policy = policy
         self.identities = IdentityReader()
+        self.request_filter = RequestFilter(parts.headers)  # shared by the route's splices
         self.connections: set[_CallerProtocol] = set()
         # Denied callers' connections, oldest first: at max_connections the oldest is closed
         # to make room for a newcomer, so that denied callers cannot fill the listener.
         self.denied: dict[_CallerProtocol, None] = {}
         self._peak = 0  # the most connections open at once since memory was last given back
         self._trim: asyncio.TimerHandle | None = None
-        self._tls = tls
-        self._upstream_tls = upstream_tls
-        self._diagnosis = diagnosis
+        self._prepared: ssl.SSLContext | None = None  # the last context given to _tls
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
-        self.admission = Admission(config.title, config.name, config.limits)
+        self.admission = Admission(config.title, config.name, config.limits, parts.observer)
         self._all_gone = asyncio.Event()
-        for context, whose in ((tls, "callers'"), (upstream_tls, "the remote's")):
-            if context is None:
-                continue
-            unsupported = cap_peer_chain(context, self.limits.max_chain_length)
-            if unsupported is not None:
-                logger.warning(
-                    "%s: max_chain_length is not enforced on %s chains: %s",
-                    config.title,
-                    whose,
-                    unsupported,
-                )
-        if tls is not None:
-            watch_handshakes(tls)
+        self._tls()  # the first context is prepared (and any warning logged) at start-up
+
+    def _tls(self) -> ssl.SSLContext:
+        """The route's TLS context for the next handshake (ingress: with a caller; egress: with
+        the remote): the credentials' current one, prepared the first time it is used."""
+        context = self.parts.credentials.current().ssl_context
+        if context is not self._prepared:
+            self._prepare(context)
+            self._prepared = context
+        return context
+
+    def _prepare(self, context: ssl.SSLContext) -> None:
+        """Cap the peer's chain in OpenSSL and, for a listener, watch its handshakes."""
+        unsupported = cap_peer_chain(context, self.limits.max_chain_length)
+        if unsupported is not None:
+            logger.warning(
+                "%s: max_chain_length is not enforced on %s chains: %s",
+                self.config.title,
+                "callers'" if self.parts.ingress else "the remote's",
+                unsupported,
+            )
+        if self.parts.ingress:
+            watch_handshakes(context)
 
     async def start(self) -> int:
         """Bind and start accepting; return the port (0 for a unix socket)."""
@@ -248,7 +260,7 @@ class Front:
                 await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
                 continue
             verdict = self.admission.admit(
-                len(self.connections), self._tls is not None, self._evict_denied
+                len(self.connections), self.parts.ingress, self._evict_denied
             )
             if verdict == "close":
                 sock.close()
@@ -268,7 +280,7 @@ class Front:
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 _keep_alive(sock)
-            if self._tls is None:
+            if not self.parts.ingress:
                 await asyncio.get_running_loop().connect_accepted_socket(protocol, sock)
             else:
                 await self._handshake(sock, remote, protocol)
@@ -296,7 +308,7 @@ class Front:
             await asyncio.get_running_loop().connect_accepted_socket(
                 protocol,
                 sock,
-                ssl=self._tls,
+                ssl=self._tls(),
                 ssl_handshake_timeout=self.limits.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
@@ -315,12 +327,12 @@ class Front:
         upstream = self.config.upstream
         if upstream.unix_path is not None:
             opening = loop.create_unix_connection(factory, upstream.unix_path)
-        elif self._upstream_tls is not None:
+        elif not self.parts.ingress:
             opening = loop.create_connection(
                 factory,
                 upstream.host,
                 upstream.port,
-                ssl=self._upstream_tls,
+                ssl=self._tls(),
                 server_hostname=self.config.tls_name,
                 ssl_handshake_timeout=self.limits.connect_timeout,
             )
@@ -337,11 +349,8 @@ class Front:
         return transport, protocol
 
     async def describe_failure(self, error: BaseException | None) -> str:
-        return await describe_unavailable(
-            self.config.upstream,
-            _failure_details(error, self.limits.connect_timeout),
-            self._diagnosis,
-        )
+        details = _failure_details(error, self.limits.connect_timeout)
+        return await self.parts.upstream_unavailable(details)
 
     def _evict_denied(self) -> str | None:
         """Close the oldest denied caller's connection now, its place given at once; the

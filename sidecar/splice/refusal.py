@@ -50,10 +50,12 @@ import h2.exceptions
 import h2.settings
 
 from sidecar.config.limits import Limits
-from sidecar.h2.frames import GOAWAY, frame
-from sidecar.observe.accesslog import CallRecord, log_call
+from sidecar.h2.frames import GOAWAY_GRACEFUL
+from sidecar.h2.headerblock import grpc_message
+from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.observe.logs import escape
+from sidecar.splice.own_frames import HANG_UP_SECONDS
 from sidecar.splice.refusal_intake import FRAMES_PER_TURN, MAX_FRAME, Intake, Overrun
 
 logger = logging.getLogger("sidecar.server")
@@ -87,10 +89,6 @@ _LINGER_INPUT = 64 * 1024
 # cost the sidecar ~80 MiB with the defaults, ~55 MiB with these.
 _KERNEL_RECEIVE_BUFFER = 64 * 1024
 _TLS_READ_HIGH_WATER = 32 * 1024
-# How long a caller cut for what it did has for its GOAWAY to go out, before the reset.
-_HANG_UP_SECONDS = 0.5
-# The first GOAWAY of a graceful end: the highest stream id possible, no error.
-_GOAWAY_NO_STREAM = frame(GOAWAY, 0, 0, (2**31 - 1).to_bytes(4, "big") + bytes(4))
 _DRAIN_PING = b"goodbye!"
 # How long after a caller acknowledged an UNAVAILABLE refusal's SETTINGS its calls are still
 # answered with the reason (see refuse_later_calls): the calls a gRPC client held back until
@@ -109,17 +107,6 @@ def _read_little(transport: asyncio.Transport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _KERNEL_RECEIVE_BUFFER)
 
 
-def grpc_message(details: str) -> bytes:
-    """The grpc-message value for details: percent-encoded UTF-8, as the gRPC spec says."""
-    encoded = bytearray()
-    for byte in details.encode("utf-8"):
-        if 0x20 <= byte <= 0x7E and byte != 0x25:  # printable ASCII except '%'
-            encoded.append(byte)
-        else:
-            encoded += b"%%%02X" % byte
-    return bytes(encoded)
-
-
 class Refusal:
     """One caller connection on which every call gets `code` and `details(method)`, within
     the budgets of `limits` (denied_calls, denied_lifetime, denied_frames, denied_bytes,
@@ -136,6 +123,7 @@ class Refusal:
         route: str | None,
         goaway: bool,
         limits: Limits = Limits(),  # noqa: B008  (frozen: one shared default is safe)
+        observer: CallObserver = NO_OBSERVER,
     ) -> None:
         self._transport = transport
         self._code = code
@@ -143,6 +131,7 @@ class Refusal:
         self._peer, self._remote, self._route = peer, remote, route
         self._goaway = goaway
         self._limits = limits
+        self._observer = observer
         self._loop = asyncio.get_running_loop()
         self._connection = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -215,6 +204,21 @@ class Refusal:
             if handle is not None:
                 handle.cancel()
         self._turn = self._timer = None
+
+    def caller_busy(self) -> None:
+        """The caller is not reading: its answers wait, and so does what it sends."""
+        self._transport.pause_reading()
+
+    def caller_ready(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def drain(self) -> None:
+        """The sidecar is stopping: a refused caller has nothing in flight to wait for."""
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
 
     # Work, a turn at a time.
 
@@ -311,7 +315,7 @@ class Refusal:
             # END_STREAM may already be in this read, which closed the stream.
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-        log_call(
+        self._observer.call_ended(
             CallRecord(
                 method=method,
                 started=started,
@@ -338,7 +342,7 @@ class Refusal:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self._refused_new_call = True
-        log_call(
+        self._observer.call_ended(
             CallRecord(
                 method=method.decode("utf-8", "replace"),
                 started=time.monotonic(),
@@ -375,7 +379,7 @@ class Refusal:
         self._draining = why
         self._flush()
         if not self._transport.is_closing():
-            self._transport.write(_GOAWAY_NO_STREAM)  # h2 has no first GOAWAY of two
+            self._transport.write(GOAWAY_GRACEFUL)  # h2 has no first GOAWAY of two
         self._connection.ping(_DRAIN_PING)
         self._flush()
         if self._timer is not None:
@@ -424,7 +428,7 @@ class Refusal:
         if error_code != h2.errors.ErrorCodes.NO_ERROR:
             if not self._transport.is_closing():
                 self._pause()
-                self._timer = self._loop.call_later(_HANG_UP_SECONDS, self._transport.abort)
+                self._timer = self._loop.call_later(HANG_UP_SECONDS, self._transport.abort)
             return
         if self._paused and not self._transport.is_closing():
             self._paused = False

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hpack
 import pytest
 
+from sidecar.auth.headers import HeaderRules
 from sidecar.h2.frames import DATA, DROP, PADDED, WINDOW_UPDATE, FrameError, FrameWalker, frame
-from sidecar.h2.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
+from sidecar.h2.headerblock import HeaderBlockError, RequestBlocks, RequestFilter, RequestRefused
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kv.KV/Get")]
 
@@ -53,7 +54,7 @@ def test_a_request_value_with_whitespace_at_an_end_crosses_as_sent(value: bytes)
     one worked straight to the app, and through the grpc plane), and gRPC's spec allows
     spaces in ASCII values. Decided after the review found a grpcio client's "hello " refused."""
     block = hpack.Encoder().encode([*REQUEST, (b"x-id", value)])
-    rewritten, _ = RequestBlocks(b"sidecar/test").rewrite(block)
+    rewritten, _ = RequestBlocks(RequestFilter(HeaderRules("sidecar/test"))).rewrite(block)
     assert (b"x-id", value) in list(hpack.Decoder().decode(rewritten, raw=True))
 
 
@@ -62,7 +63,7 @@ def test_a_request_with_an_empty_path_is_refused() -> None:
     is malformed (8.1.1). It crossed with an empty :path."""
     block = hpack.Encoder().encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"")])
     with pytest.raises((RequestRefused, HeaderBlockError)):
-        RequestBlocks(b"sidecar/test").rewrite(block)
+        RequestBlocks(RequestFilter(HeaderRules("sidecar/test"))).rewrite(block)
 
 
 def _reported(pieces: list[bytes]) -> tuple[bool, list[tuple[int, bytes]]]:

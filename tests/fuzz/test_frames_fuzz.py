@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from sidecar.auth.headers import HeaderRules
 from sidecar.h2.frames import DROP, FrameError, FrameWalker, _Drop
-from sidecar.h2.headerblock import HeaderBlockError, RequestBlocks, RequestRefused
+from sidecar.h2.headerblock import HeaderBlockError, RequestBlocks, RequestFilter, RequestRefused
 from tests.fuzz.frame_oracle import FrameOracle, Hooks, check_output, replacement, split
 from tests.fuzz.streams import FrameCase, chunkings, frame_cases, hooks
 
@@ -66,7 +67,7 @@ class Recorder:
     def walker(self, *, preface: bool) -> FrameWalker:
         hooks = self.hooks
         if hooks.rewrite == "request":
-            self.requests = RequestBlocks(b"sidecar/fuzz")
+            self.requests = RequestBlocks(RequestFilter(HeaderRules("sidecar/fuzz")))
         return FrameWalker(
             self.headers,
             preface=preface,

@@ -16,9 +16,11 @@ import hpack
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from sidecar.auth.headers import HeaderRules
 from sidecar.h2.headerblock import (
     HeaderBlockError,
     RequestBlocks,
+    RequestFilter,
     RequestRefused,
     ResponseBlocks,
     status_block,
@@ -36,6 +38,10 @@ from tests.fuzz.header_lists import (
 from tests.fuzz.streams import mutated
 
 USER_AGENT = b"sidecar/fuzz"
+
+
+def new_filter() -> RequestFilter:
+    return RequestFilter(HeaderRules(USER_AGENT.decode()))
 
 
 class Client:
@@ -106,7 +112,7 @@ def _is_never_indexed(fields: list[hpack.HeaderTuple]) -> list[bool]:
 def test_the_app_decodes_what_the_caller_meant_minus_what_does_not_cross(
     data: st.DataObject,
 ) -> None:
-    client, app, blocks = Client(data), hpack.Decoder(), RequestBlocks(USER_AGENT)
+    client, app, blocks = Client(data), hpack.Decoder(), RequestBlocks(new_filter())
     for _ in range(data.draw(st.integers(1, 12), label="steps")):
         trailers = data.draw(st.integers(0, 5), label="trailers") == 0
         step = client.next_block(data, request_trailers() if trailers else requests())

@@ -1,0 +1,70 @@
+"""What a route gives its data plane, and what a data plane does with it.
+
+A route (runtime/route.py) builds the parts both planes share, once: its
+credentials, its policy, its header rules, its call observer, and (egress) the
+diagnosis of TLS failures to the remote. A data plane (the splice, or the grpc
+plane) takes those parts and serves the route's listener with them, so that a
+rule, a header or an observer written once works on both. Which plane serves a
+route is a name in runtime/route.py's table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.auth.headers import HeaderRules
+from sidecar.auth.policy import Policy
+from sidecar.config.model import RouteConfig
+from sidecar.observe.calls import CallObserver
+from sidecar.observe.loglimit import LogLimiter
+from sidecar.pki.credentials import CredentialSource
+from sidecar.pki.diagnosis import TLSDiagnosis
+
+# Both planes log an unreachable upstream under the grpc plane's historical name.
+_failures = LogLimiter(logging.getLogger("sidecar.upstream"), burst=1)
+
+
+@dataclass(frozen=True)
+class RouteParts:
+    """One route's shared parts, as its data plane gets them."""
+
+    config: RouteConfig
+    credentials: CredentialSource  # ingress: the listener's; egress: towards the remote
+    policy: Policy  # ingress: who may call (egress: local callers are the app itself)
+    headers: HeaderRules
+    observer: CallObserver
+    diagnosis: TLSDiagnosis | None = None  # egress: why a TLS handshake to the remote failed
+
+    @property
+    def ingress(self) -> bool:
+        """Ingress (mTLS callers, the allowlist, a plaintext app) or egress (plaintext local
+        callers, mTLS to the remote)."""
+        return self.config.mode == "ingress"
+
+    async def upstream_unavailable(self, details: str) -> str:
+        """What a caller is told when the upstream cannot be reached: the transport's details,
+        with the reason in plain words first when a TLS handshake is to blame. The operator
+        reads it too, as a WARNING once per kind of failure and period (rate limited); a
+        reason found by the diagnosis is logged by it, once each time it changes."""
+        upstream = self.config.upstream
+        diagnosis = self.diagnosis
+        reason = await diagnosis.explain(details) if diagnosis is not None else None
+        if reason is None:
+            message = f"upstream {upstream} unavailable: {details}"
+            _failures.log(logging.WARNING, (str(upstream), details), "%s", message)
+            return message
+        return f"upstream {upstream} unavailable: {reason} ({details})"
+
+
+class DataPlane(Protocol):
+    """A route's listener and the relaying behind it, with an explicit lifecycle."""
+
+    async def start(self) -> int:
+        """Bind and start serving; the port bound (0 for a unix socket)."""
+        ...
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting; let calls in flight finish for up to grace seconds; end the rest."""
+        ...

@@ -1,0 +1,94 @@
+"""The per-call data plane of a route (`data_plane: grpc`): a grpc.aio server whose one
+generic handler relays every call (relay.py) over one channel to the upstream
+(upstream.py). The route's credentials, policy, header rules and observer are the
+same parts the splice uses (dataplane.py)."""
+
+from __future__ import annotations
+
+import time
+
+from grpc import aio
+
+from sidecar.config.limits import Limits
+from sidecar.dataplane import RouteParts
+from sidecar.errors import StartupError
+from sidecar.grpcplane.relay import Relay
+from sidecar.grpcplane.upstream import Upstream
+
+# A drain on the per-call plane first waits for calls to stop arriving for this long
+# (at most _SETTLE_LIMIT_SECONDS): grpc core cancels, at its shutdown, the calls it
+# has accepted but not yet handed to the relay (see Relay.settle). Handing one over
+# takes a completion-queue round trip: well under a millisecond on an idle machine,
+# tens of milliseconds with both cores saturated.
+_SETTLE_QUIET_SECONDS = 0.25
+_SETTLE_LIMIT_SECONDS = 1.0
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # A second instance on the same port would silently take half the connections.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    # Long-lived idle streams: accept clients' keepalive pings (even without calls)
+    # instead of answering them with GOAWAY too_many_pings, and ping idle clients
+    # ourselves so a vanished peer is noticed. No idle timeout: an idle stream stays.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+def _core_budgets(limits: Limits) -> tuple[tuple[str, int], ...]:
+    """The route's budgets that grpc core's server honours (config/model.py refuses the
+    others on this plane). Core checks channel argument names against nothing: these are
+    the names its headers define (GRPC_ARG_*), and tests/test_grpc_plane.py checks they
+    take effect."""
+    budgets: tuple[tuple[str, int], ...] = (
+        ("grpc.max_metadata_size", limits.max_header_list_size),
+        ("grpc.absolute_max_metadata_size", limits.max_header_list_size),
+        ("grpc.server_handshake_timeout_ms", max(1, round(limits.handshake_timeout * 1000))),
+    )
+    if limits.idle_timeout:
+        budgets += (("grpc.max_connection_idle_ms", max(1, round(limits.idle_timeout * 1000))),)
+    return budgets
+
+
+class GrpcPlane:
+    """A route served call by call through grpc.aio."""
+
+    def __init__(self, parts: RouteParts) -> None:
+        self._parts = parts
+        self._server: aio.Server | None = None
+        self._upstream: Upstream | None = None
+        self._relay: Relay | None = None
+
+    async def start(self) -> int:
+        """Bind and serve (grpc objects are made here, inside the running loop)."""
+        parts = self._parts
+        config = parts.config
+        self._upstream = Upstream(parts)
+        self._relay = Relay(self._upstream, parts)
+        self._server = aio.server(
+            handlers=[self._relay], options=SERVER_OPTIONS + _core_budgets(config.limits)
+        )
+        listen = config.listen
+        try:
+            if parts.ingress:
+                credentials = parts.credentials.grpc_server_credentials()
+                port = self._server.add_secure_port(listen.target, credentials)
+            else:
+                port = self._server.add_insecure_port(listen.target)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {listen}: {exc} (address in use?)") from None
+        await self._server.start()
+        return int(port)
+
+    async def stop(self, grace: float | None) -> None:
+        if self._server is not None:
+            if grace is not None and self._relay is not None:
+                started = time.monotonic()
+                await self._relay.settle(_SETTLE_QUIET_SECONDS, min(grace, _SETTLE_LIMIT_SECONDS))
+                grace = max(0.0, grace - (time.monotonic() - started))
+            await self._server.stop(grace)
+        if self._upstream is not None:
+            await self._upstream.close()

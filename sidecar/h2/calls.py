@@ -1,0 +1,113 @@
+"""The per-call ledger of a spliced connection: one `Call` per HTTP/2 stream in flight,
+and how its end reads to a gRPC client.
+
+The splice keeps a Call for every request it relays, whether or not anything observes
+calls: the drain, the idle timer and the answers it gives on a stream of its own need
+them. What a call's client is told is read here from the wire, by gRPC's own tables:
+grpc-status, else the HTTP :status, else the RST_STREAM error code. Message sizes are
+walked from DATA payloads (gRPC's 5-byte message prefix) only when an observer wants
+them (observe/calls.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+# How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
+_STATUS_BY_RESET = {
+    0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before trailers
+    0x7: grpc.StatusCode.UNAVAILABLE,  # REFUSED_STREAM
+    0x8: grpc.StatusCode.CANCELLED,  # CANCEL
+    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED,  # ENHANCE_YOUR_CALM
+    0xC: grpc.StatusCode.PERMISSION_DENIED,  # INADEQUATE_SECURITY
+}
+# How a gRPC client reads a response that ends without grpc-status (a server that is
+# not gRPC, or a proxy's error page): "HTTP to gRPC Status Code Mapping" in gRPC's docs.
+_STATUS_BY_HTTP = {
+    b"400": grpc.StatusCode.INTERNAL,
+    b"401": grpc.StatusCode.UNAUTHENTICATED,
+    b"403": grpc.StatusCode.PERMISSION_DENIED,
+    b"404": grpc.StatusCode.UNIMPLEMENTED,
+    b"429": grpc.StatusCode.UNAVAILABLE,
+    b"502": grpc.StatusCode.UNAVAILABLE,
+    b"503": grpc.StatusCode.UNAVAILABLE,
+    b"504": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class Call:
+    """One gRPC call (an HTTP/2 stream) in flight: what ending it here and the route's
+    observer need to know."""
+
+    __slots__ = (
+        "answered",
+        "bytes_in",
+        "bytes_out",
+        "http_status",
+        "need_in",
+        "need_out",
+        "path",
+        "prefix_in",
+        "prefix_out",
+        "request_ended",
+        "started",
+    )  # fmt: skip
+
+    def __init__(self, path: bytes | None, request_ended: bool) -> None:
+        self.path = path
+        self.started = time.monotonic()
+        self.answered = False  # response headers have gone to the caller
+        self.request_ended = request_ended  # the caller has sent END_STREAM
+        self.bytes_in = self.bytes_out = 0
+        self.http_status: bytes | None = None  # the response's :status, once it came
+        # Message framing state per direction: body bytes still to skip, and the
+        # part of a 5-byte message prefix seen so far.
+        self.need_in = self.need_out = 0
+        self.prefix_in = self.prefix_out = b""
+
+    @property
+    def method(self) -> str:
+        return self.path.decode("utf-8", "replace") if self.path else "-"
+
+
+def message_bytes(
+    need: int, prefix: bytes, data: bytes, start: int, end: int
+) -> tuple[int, int, bytes]:
+    """Walk gRPC message framing (flag byte, 4-byte length, body) over data[start:end]:
+    return the body bytes of the messages begun there, and the framing state after."""
+    total, position = 0, start
+    while position < end:
+        if need:
+            taken = min(need, end - position)
+            need -= taken
+            position += taken
+        elif not prefix and end - position >= 5:
+            need = int.from_bytes(data[position + 1 : position + 5], "big")
+            total += need
+            position += 5
+        else:
+            taken = min(5 - len(prefix), end - position)
+            prefix += bytes(data[position : position + taken])
+            position += taken
+            if len(prefix) == 5:
+                need = int.from_bytes(prefix[1:], "big")
+                total += need
+                prefix = b""
+    return total, need, prefix
+
+
+def status_code(grpc_status: bytes | None, http_status: bytes | None) -> grpc.StatusCode:
+    """The status a gRPC client reads from a response's grpc-status, or else its :status."""
+    if grpc_status is not None:
+        if grpc_status.isdigit():
+            return _STATUS_BY_CODE.get(int(grpc_status), grpc.StatusCode.UNKNOWN)
+        return grpc.StatusCode.UNKNOWN
+    return _STATUS_BY_HTTP.get(http_status or b"", grpc.StatusCode.UNKNOWN)
+
+
+def reset_status(error_code: int) -> grpc.StatusCode:
+    """The status a gRPC client reads from an RST_STREAM with this error code."""
+    return _STATUS_BY_RESET.get(error_code, grpc.StatusCode.INTERNAL)

@@ -1,0 +1,104 @@
+"""Where a route's own certificate, key and CA bundle come from, and how they are swapped.
+
+A `CredentialSource` reads the route's PEM sources (files or inline text),
+checks them (tls.load_tls_material: every fault a ConfigError naming the
+setting) and holds the result as one immutable `Credentials` snapshot. Every
+handshake reads `current()`, an attribute read, never a file: the splice's
+listener per caller (or, egress, per upstream connection), grpc core through its
+dynamic server credentials (`grpc_server_credentials`), which it asks before
+each handshake on a core thread. `reload()` reads and checks afresh and swaps
+the snapshot in one assignment, or raises ConfigError and keeps the last good
+one: what a reload trigger needs (as ghostunnel's certloader).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from functools import cached_property
+
+import grpc
+
+from sidecar.config.pem import PemSource
+from sidecar.pki.tls import (
+    TLSMaterial,
+    channel_credentials,
+    client_ssl_context,
+    load_tls_material,
+    server_ssl_context,
+)
+from sidecar.pki.x509 import Role
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One checked set of a route's TLS material, and what each data plane makes of it
+    (each made once, when first asked for)."""
+
+    material: TLSMaterial
+    role: Role
+
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The spliced plane's: a listener's (server), or an egress route's to its remote."""
+        if self.role == "server":
+            return server_ssl_context(self.material)
+        return client_ssl_context(self.material)
+
+    @cached_property
+    def grpc_server_configuration(self) -> grpc.ServerCertificateConfiguration:
+        material = self.material
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key_pem, material.cert_chain_pem)], root_certificates=material.ca_pem
+        )
+
+    @cached_property
+    def grpc_channel_credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.material)
+
+
+class CredentialSource:
+    """A route's credentials: `current()` for each handshake, `reload()` to swap them."""
+
+    def __init__(self, cert: PemSource, key: PemSource, ca: PemSource, role: Role) -> None:
+        self._sources = (cert, key, ca)
+        self.role = role
+        self._current = self._load()  # a ConfigError here stops the start-up
+        self._served: Credentials | None = None  # what grpc core was last handed
+
+    def _load(self) -> Credentials:
+        return Credentials(load_tls_material(*self._sources, self.role), self.role)
+
+    def current(self) -> Credentials:
+        return self._current
+
+    def reload(self) -> bool:
+        """Read and check the sources again; swap in the result if it differs from the
+        current one, and say whether it did. Raises ConfigError, keeping the current
+        credentials, when anything is wrong."""
+        loaded = self._load()
+        if loaded.material == self._current.material:
+            return False
+        if self._served is not None:  # the grpc plane's: built here, not on grpc's thread
+            _ = loaded.grpc_server_configuration
+        self._current = loaded
+        return True
+
+    def grpc_server_credentials(self) -> grpc.ServerCredentials:
+        """The grpc plane's listener credentials: a client certificate required and verified
+        on every connection, new handshakes getting whatever is current."""
+        self._served = self._current
+        return grpc.dynamic_ssl_server_credentials(
+            self._current.grpc_server_configuration,
+            self._fetch,
+            require_client_authentication=True,
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc core's question before each handshake (on a core thread): None keeps what it
+        has. Cheap and file-free: the configuration was built when the swap was made."""
+        current = self._current
+        if current is self._served:
+            return None
+        self._served = current
+        return current.grpc_server_configuration

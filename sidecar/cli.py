@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_config(loaded: Loaded) -> int:
     """Validate every route's credentials as serving would, then print the configuration."""
-    from sidecar.config.report import render
+    from sidecar.runtime.report import render
     from sidecar.runtime.route import Route
 
     routes = [Route(route) for route in loaded.config.routes]

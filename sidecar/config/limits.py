@@ -5,10 +5,11 @@ frames, stream resets, idle time, the patience given to a denied caller) is a
 setting with a default that a real deployment never reaches, and exceeding one
 costs the connection at fault only. The settings table (settings.py) declares
 them, with their defaults; this module holds the values a route runs with, and
-the few figures derived from them. Where each budget is enforced: front.py
-(connections, handshakes, chain length), splice.py with frames.py and
-headerblock.py (header lists, frames, resets, idle time) and refusal.py (denied
-callers).
+the few figures derived from them. Where each budget is enforced:
+splice/listener.py with splice/admission.py (connections, handshakes, chain
+length), splice/connection.py with h2/frames.py and h2/headerblock.py (header
+lists, frames, resets, idle time) and splice/refusal.py (denied callers); on the
+grpc plane, grpc core, given them by grpcplane/plane.py.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ DataPlaneName = Literal["splice", "grpc"]
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
 
 # Budgets grpc core's server has no equivalent for (the others map to its channel
-# arguments: see route.py).
+# arguments: see grpcplane/plane.py).
 _SPLICE_ONLY_LIMITS = frozenset(
     {
         "max_connections",

@@ -1,1 +1,1 @@
-"""The running process: routes and their data planes, lifecycle and signals."""
+"""The running process: routes and their data planes, lifecycle and signals, --check-config."""

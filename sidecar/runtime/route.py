@@ -25,13 +25,13 @@ from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
 from sidecar.pki.credentials import CredentialSource
 from sidecar.pki.diagnosis import TLSDiagnosis
-from sidecar.splice.listener import Front
+from sidecar.splice.listener import Listener
 
 logger = logging.getLogger("sidecar.server")
 
 # The data planes a route can be served by, by their `data_plane` name.
 DATA_PLANES: dict[str, Callable[[RouteParts], DataPlane]] = {
-    "splice": Front,
+    "splice": Listener,
     "grpc": GrpcPlane,
 }
 

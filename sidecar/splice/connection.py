@@ -1,12 +1,12 @@
 """The spliced data plane: one caller connection joined to one upstream connection.
 
 Bytes cross as they come. A `FrameWalker` per direction finds the frame
-boundaries; only header blocks are read (requests are filtered and get the
-sidecar's user-agent; trailers, or a non-gRPC response's :status, give the
-status for the access log) and DATA payloads are walked for message sizes when
-the access log is on. PINGs are answered by the splice on the side they come
-from (a PING is about one connection; relaying it would cost a crossing each
-way), the answer riding with the next bytes relayed that way. Everything else (DATA,
+boundaries; only header blocks are read (requests are filtered by the route's
+header rules and get the sidecar's user-agent; trailers, or a non-gRPC response's
+:status, give each call's status) and DATA payloads are walked for message sizes
+when the route's call observer wants them. Every call is kept in a ledger
+(h2/calls.py) and reported to that observer when it ends. PINGs are answered by
+the splice on the side they come from (own_frames.py). Everything else (DATA,
 flow control, RST_STREAM, GOAWAY, SETTINGS but for the table size) crosses
 unchanged, so gRPC's semantics hold exactly: deadlines, cancellation, half-close,
 flow control, trailers and message sizes are the two peers' own.
@@ -15,7 +15,8 @@ Until the upstream has sent its first bytes, the caller's bytes are also kept:
 if the upstream cannot be reached (connection refused, a TLS failure, closed
 before speaking), a `Refusal` replays them and answers each call UNAVAILABLE
 with the reason. Backpressure is end to end: when one side's write buffer is
-full, the other side stops being read.
+full, the other side stops being read. Where the splice is in its life is one
+`Phase`, which only moves forward.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ _GONE: Splice = _Gone()  # type: ignore[assignment]
 class Splice:
     """A caller's connection relayed frame by frame over its own upstream connection.
 
-    Besides relaying, it keeps the caller within its budgets (limits.py): control
+    Besides relaying, it keeps the caller within its budgets (config/limits.py): control
     frames and calls cancelled before their answer (token buckets; past either the
     caller gets GOAWAY ENHANCE_YOUR_CALM and the connection closes), a header
     block or frame once started must be finished within header_timeout, and a
@@ -382,7 +383,7 @@ class Splice:
         callers why, then both connections."""
         if self._upstream is not None:
             self._upstream.abort()  # the upstream's calls end with its connection
-        if self._calls and self._phase < Phase.FAILING:
+        if self._calls and self._refusal is None and self._phase < Phase.BROKEN:
             self._end_calls_here(
                 grpc.StatusCode.UNAVAILABLE,
                 "the sidecar is shutting down and its drain grace is over",
@@ -475,8 +476,8 @@ class Splice:
         if self._phase is Phase.FAILING or self._phase is Phase.GONE:
             return
         self._upstream = None
-        if self._phase is Phase.BROKEN:
-            return  # closed by the splice itself (the caller was cut)
+        if self._phase is Phase.BROKEN or self._phase is Phase.DRAINED:
+            return  # closed by the splice itself (the caller was cut, or the drain is over)
         if self._replay is not None:  # lost before it spoke: the calls can still be answered
             self._start_failure(exc or _CLOSED_BEFORE_SPEAKING)
             return
@@ -503,8 +504,8 @@ class Splice:
             return
         self._enter(Phase.FAILING)
         details = await self._describe_failure(error)
-        if self._phase is not Phase.FAILING:  # meanwhile the caller left, or was cut
-            return
+        if self._phase is not Phase.FAILING or self._caller.is_closing():
+            return  # meanwhile the caller left, was cut, or its connection was closed
         if self._first_frame_timer is not None:
             self._first_frame_timer.cancel()
         self._refusal = Refusal(
@@ -716,7 +717,7 @@ class Splice:
 
     def _caller_acked_settings(self) -> bool:
         """The caller acknowledged a SETTINGS frame: the upstream's, relayed (each carries a
-        HEADER_TABLE_SIZE of 0, see headerblock.py), or nothing at all, which the upstream
+        HEADER_TABLE_SIZE of 0, see h2/headerblock.py), or nothing at all, which the upstream
         would take as a protocol error and drop the connection for: left out."""
         self._caller_acks += 1
         if self._caller_acks > self._inbound.settings_relayed:

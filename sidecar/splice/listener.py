@@ -1,19 +1,21 @@
 """A route's listener on the spliced data plane: accept, terminate TLS, decide, hand over.
 
 Ingress: each connection's TLS handshake runs here (Python's ssl, on uvloop),
-with a client certificate required and verified against the CA bundle. The
-caller's identity is read once per connection and the allowlist decides once
-per connection (its rules depend on the identity alone): an allowed caller's
-connection is spliced to the upstream (`splice.Splice`), a denied caller's is
-answered PERMISSION_DENIED, call by call, with the reason (`refusal.Refusal`),
-and never reaches the upstream. Egress: plaintext callers on loopback are
-spliced to the remote over TLS with this route's client certificate.
+with a client certificate required and verified against the CA bundle (the
+route's credentials as they are at that handshake). The caller's identity is
+read once per connection and the route's policy admits it or not
+(`Policy.admits`): an admitted caller's connection is spliced to the upstream
+(connection.Splice), a refused caller's is answered PERMISSION_DENIED, call by
+call, with the reason (refusal.Refusal), and never reaches the upstream. Both
+are a `ConnectionHandler` to the connection's protocol. Egress: plaintext
+callers on loopback are spliced to the remote over TLS with this route's client
+certificate.
 
-The front keeps every open connection, so that a drain can tell each caller to
+The listener keeps every open connection, so that a drain can tell each caller to
 start no new calls and wait for those in flight. Each connection accepted is
 admitted within the listener's budgets first (admission.py: handshakes pending,
 connections, descriptors); the peer's certificate chain is capped in OpenSSL
-(`max_chain_length`, tls.py), and each handshake is watched (handshake.py).
+(`max_chain_length`, pki/tls.py), and each handshake is watched (handshake.py).
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ class ConnectionHandler(Protocol):
 class _CallerProtocol(asyncio.Protocol):
     """One caller connection, TLS done (ingress): its handler gets the bytes and events."""
 
-    def __init__(self, front: Front, remote: str, over_limit: bool = False) -> None:
-        self._front = front
+    def __init__(self, listener: Listener, remote: str, over_limit: bool = False) -> None:
+        self._listener = listener
         self._transport: asyncio.Transport | None = None
         self.handler: ConnectionHandler | None = None
         self.remote = remote
@@ -108,50 +110,50 @@ class _CallerProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         assert self._transport is not None
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
-        front = self._front
-        front.connections.add(self)
+        listener = self._listener
+        listener.connections.add(self)
         handshake = current_handshake()
         if handshake is not None:
             # Done: no longer one the listener may close as the oldest pending handshake.
-            front.admission.handshake_ended(handshake)
+            listener.admission.handshake_ended(handshake)
         if self.over_limit:
-            self.handler = front.admission.refusal(self._transport, self.remote)
+            self.handler = listener.admission.refusal(self._transport, self.remote)
             return
-        if not front.parts.ingress:  # egress: local callers are the app itself
+        if not listener.parts.ingress:  # egress: local callers are the app itself
             self._splice("-")
             return
         der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        identity = front.identities.from_der(der)
-        policy = front.parts.policy
+        identity = listener.identities.from_der(der)
+        policy = listener.parts.policy
         if policy.admits(identity):
             self._splice(identity.description)
             return
-        front.denied[self] = None  # the first to go when the listener is full
+        listener.denied[self] = None  # the first to go when the listener is full
         self.handler = Refusal(
             self._transport,
             grpc.StatusCode.PERMISSION_DENIED,
             lambda method: policy.decide(identity, method).reason,
             peer=identity.description,
             remote=self.remote,
-            route=front.config.name,
+            route=listener.config.name,
             goaway=False,
-            limits=front.config.limits,
-            observer=front.parts.observer,
+            limits=listener.config.limits,
+            observer=listener.parts.observer,
         )
 
     def _splice(self, peer: str) -> None:
         assert self._transport is not None
         self.handler = Splice(
             self._transport,
-            self._front.connect,
-            self._front.describe_failure,
+            self._listener.connect,
+            self._listener.describe_failure,
             peer=peer,
             remote=self.remote,
-            route=self._front.config.name,
-            request_filter=self._front.request_filter,
-            observer=self._front.parts.observer,
-            upstream_name=str(self._front.config.upstream),
-            limits=self._front.config.limits,
+            route=self._listener.config.name,
+            request_filter=self._listener.request_filter,
+            observer=self._listener.parts.observer,
+            upstream_name=str(self._listener.config.upstream),
+            limits=self._listener.config.limits,
         )
 
     def data_received(self, data: bytes) -> None:
@@ -163,7 +165,7 @@ class _CallerProtocol(asyncio.Protocol):
         return False  # close; HTTP/2 has no use for a half-closed connection
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._front.forget(self)
+        self._listener.forget(self)
         if self.handler is not None:
             self.handler.connection_lost()
         self.handler = None  # the handler points back at the transport, which points here
@@ -189,7 +191,7 @@ class _CallerProtocol(asyncio.Protocol):
             self._transport.abort()
 
 
-class Front:
+class Listener:
     """The listener of one route on the spliced data plane, with an explicit lifecycle."""
 
     def __init__(self, parts: RouteParts) -> None:
@@ -205,7 +207,7 @@ class Front:
         self._peak = 0  # the most connections open at once since memory was last given back
         self._trim: asyncio.TimerHandle | None = None
         self._prepared: ssl.SSLContext | None = None  # the last context given to _tls
-        self._listeners: list[socket.socket] = []
+        self._sockets: list[socket.socket] = []  # listening
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
         self.admission = Admission(config.title, config.name, config.limits, parts.observer)
         self._all_gone = asyncio.Event()
@@ -237,26 +239,26 @@ class Front:
         """Bind and start accepting; return the port (0 for a unix socket)."""
         listen = self.config.listen
         try:
-            self._listeners = _bind(listen)
+            self._sockets = _bind(listen)
         except OSError as error:
             raise StartupError(
                 f"cannot listen on {listen}: {_failure_details(error, 0)} (address in use?)"
             ) from None
         self.admission.start()
         loop = asyncio.get_running_loop()
-        for listener in self._listeners:
-            self._track(loop.create_task(self._accept(listener)))
+        for listening in self._sockets:
+            self._track(loop.create_task(self._accept(listening)))
         if listen.unix_path is not None:
             return 0
-        return int(self._listeners[0].getsockname()[1])
+        return int(self._sockets[0].getsockname()[1])
 
-    async def _accept(self, listener: socket.socket) -> None:
+    async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sock, _ = await loop.sock_accept(listener)
+                sock, _ = await loop.sock_accept(listening)
             except OSError as error:
-                self.admission.accept_failed(listener, error, len(self.connections))
+                self.admission.accept_failed(listening, error, len(self.connections))
                 await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
                 continue
             verdict = self.admission.admit(
@@ -399,13 +401,13 @@ class Front:
         in flight, then end every connection (which cancels what is left upstream)."""
         for task in list(self._tasks):
             task.cancel()  # accept loops, and handshakes not yet done
-        for listener in self._listeners:
-            listener.close()
+        for listening in self._sockets:
+            listening.close()
         self.admission.stop()
-        if self.config.listen.unix_path is not None and self._listeners:
+        if self.config.listen.unix_path is not None and self._sockets:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.unix_path)
-        self._listeners = []
+        self._sockets = []
         self._all_gone.clear()
         for connection in list(self.connections):
             connection.drain()
@@ -435,28 +437,28 @@ def _bind(address: Address) -> list[socket.socket]:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)  # a previous run's socket: bind would fail on it
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listeners = [listener]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        socks = [sock]
     else:
         infos = socket.getaddrinfo(
             address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        listeners, port = [], address.port
+        socks, port = [], address.port
         for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # unique, in order
-            listener = socket.socket(family, kind, proto)
-            listeners.append(listener)
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
             try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
-                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                listener.bind((sockaddr[0], port, *sockaddr[2:]))
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((sockaddr[0], port, *sockaddr[2:]))
             except OSError:
-                for opened in listeners:
+                for opened in socks:
                     opened.close()
                 raise
-            port = listener.getsockname()[1]  # port 0: the others take the one picked
-    for listener in listeners:
-        listener.listen(4096)
-        listener.setblocking(False)
-    return listeners
+            port = sock.getsockname()[1]  # port 0: the others take the one picked
+    for sock in socks:
+        sock.listen(4096)
+        sock.setblocking(False)
+    return socks

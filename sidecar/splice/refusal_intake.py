@@ -5,7 +5,7 @@ is complete and a header block until its last CONTINUATION, however large. So a
 `Refusal` does not give it what the caller sent as it comes: an `Intake` holds
 the input, walks its frame headers (9 bytes each, RFC 9113 4.1), and hands over
 the preface and at most a turn's budget of whole frames at a time. On the way it
-counts the connection's budgets (limits.py: denied_bytes, denied_frames,
+counts the connection's budgets (config/limits.py: denied_bytes, denied_frames,
 max_header_block) and checks each frame's length on its header, before its
 payload is held; what costs h2 far more than its size says is refused too (a
 SETTINGS frame of many entries, a header block of many table size updates): a

@@ -7,6 +7,7 @@ never sees what it should not.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import statistics
 import threading
@@ -290,6 +291,24 @@ def test_idle_connections_are_closed_with_a_goaway_and_busy_ones_kept(
         gate.set()
         assert busy.status(1)["grpc-status"] == "0"
         assert busy.goaway() is not None  # then idle: closed
+
+
+def test_an_idle_close_is_not_logged_as_the_app_dropping_the_connection(
+    sidecars: SidecarFactory, probe: Probe, pki: Pki
+) -> None:
+    """Closing an idle caller, the splice closes the app's connection itself: that is not the
+    app dropping it (a WARNING, "closed a connection abruptly"), and the caller's close, under
+    way, is not cut short by it."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--idle-timeout", "0.5")
+    with RawPeer(sidecar.port, pki) as caller:
+        caller.settle()
+        caller.call(1)
+        assert caller.status(1)["grpc-status"] == "0"
+        assert caller.goaway() == (1, NO_ERROR, b"")
+        assert caller.closed_within(5)
+    sidecar.signal(signal.SIGTERM)
+    assert sidecar.wait_exit() == 0  # every line it wrote has been read
+    assert not [line for line in sidecar.lines if "abruptly" in line], sidecar.output
 
 
 def test_an_unfinished_header_block_is_dropped_after_the_header_timeout(

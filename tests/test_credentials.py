@@ -1,0 +1,102 @@
+"""A route's CredentialSource: new handshakes get what `reload()` swapped in, established
+connections keep theirs, and a reload that finds a fault keeps the last good credentials.
+
+The route runs in this process (as the sidecar runs it), on both data planes; the
+handshakes are real TLS over loopback, read back as the certificate each one was served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+import uvloop
+from cryptography import x509
+
+from sidecar import certs
+from sidecar.config.sources import load
+from sidecar.errors import ConfigError
+from sidecar.h2.frames import PREFACE, SETTINGS, frame
+from sidecar.runtime.route import Route
+from tests.conftest import Pki
+from tests.hostile.peers import client_context
+from tests.probe import Probe
+
+
+def _route(pki: Pki, probe: Probe, directory: Path, data_plane: str) -> Route:
+    flags = {
+        "listen": "127.0.0.1:0",
+        "upstream": f"127.0.0.1:{probe.port}",
+        "cert": str(directory / "server.pem"),
+        "key": str(directory / "server.key"),
+        "ca": str(pki.dir / "ca.pem"),
+        "allow_cn": ["alice"],
+        "data_plane": data_plane,
+    }
+    return Route(load(flags, {}).config.routes[0])
+
+
+def _serve_certificate(pki: Pki, directory: Path) -> int:
+    """Write a fresh server certificate and key where the route reads them; its serial."""
+    issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"])
+    issued.write(directory, "server")
+    return issued.certificate.serial_number
+
+
+async def _connect(
+    port: int, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A TLS connection to the route (HTTP/2's preface sent), and the serial of the
+    certificate it was served."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+    return reader, writer, x509.load_der_x509_certificate(der).serial_number
+
+
+async def _served(port: int, context: ssl.SSLContext) -> int:
+    """The serial of the certificate a new connection is served."""
+    _, writer, serial = await _connect(port, context)
+    writer.transport.abort()  # grpc core does not answer TLS's close_notify at once
+    return serial
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_a_reload_serves_new_handshakes_and_keeps_the_last_good_credentials(
+    pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    first = _serve_certificate(pki, tmp_path)
+    route = _route(pki, probe, tmp_path, data_plane)
+    context = client_context(pki, "alice")
+
+    async def main() -> None:
+        await route.start()
+        assert route.port is not None
+        try:
+            assert await _served(route.port, context) == first
+            established, still_open, _ = await _connect(route.port, context)
+
+            assert route.credentials.reload() is False  # the same content: nothing swapped
+            second = _serve_certificate(pki, tmp_path)
+            assert route.credentials.reload() is True
+            assert await _served(route.port, context) == second
+
+            # A key that is not the certificate's: refused, naming the setting; the last good
+            # credentials serve on.
+            (tmp_path / "server.key").write_bytes(pki.key("alice").read_bytes())
+            with pytest.raises(ConfigError, match="key"):
+                route.credentials.reload()
+            assert await _served(route.port, context) == second
+
+            # The connection made before the swaps still speaks HTTP/2 (its SETTINGS came).
+            head = await asyncio.wait_for(established.readexactly(9), 10)
+            assert head[3] == SETTINGS
+            still_open.transport.abort()
+        finally:
+            await route.stop(0)
+
+    uvloop.run(main())

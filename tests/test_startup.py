@@ -6,6 +6,7 @@ Each case starts from one good command line and changes one thing.
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
         pki.ca, "localhost", usage="server", not_before=now + datetime.timedelta(days=1)
     ).write(directory, "notyet")
     (directory / "a-directory.pem").mkdir()
+    os.mkfifo(directory / "a-fifo.pem")  # opening it to read would wait for a writer
+    with (directory / "huge.pem").open("wb") as huge:  # sparse: 2 MiB that cost no disk
+        huge.truncate(2 * 1024 * 1024)
     return directory
 
 
@@ -59,6 +63,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
         ({"--key": "{bad}/missing.key"}, ["--key", "no such file"]),
         ({"--ca": "{bad}/missing-ca.pem"}, ["--ca", "no such file"]),
         ({"--cert": "{bad}/a-directory.pem"}, ["--cert", "is a directory"]),
+        ({"--cert": "{bad}/a-fifo.pem"}, ["--cert", "a-fifo.pem is not a regular file"]),
+        ({"--ca": "/dev/zero"}, ["--ca", "/dev/zero is not a regular file"]),
+        ({"--key": "{bad}/huge.pem"}, ["--key", "huge.pem is larger than 1024 KiB"]),
         ({"--cert": "{bad}/garbage.pem"}, ["--cert", "holds no PEM certificate"]),
         ({"--cert": "{bad}/broken.pem"}, ["--cert", "not a valid PEM certificate"]),
         ({"--key": "{bad}/garbage.pem"}, ["--key", "not a PEM private key"]),

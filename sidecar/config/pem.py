@@ -7,6 +7,8 @@ remembers which setting it came from, so every error can name it.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,18 +17,37 @@ from sidecar.errors import ConfigError
 _PEM_START = "-----BEGIN"
 
 
-def read_bytes(path: Path, what: str) -> bytes:
-    """The file's bytes, or a ConfigError saying `what: no such file: PATH` and the like."""
+# Larger than any certificate bundle or key (a CA bundle of 200 certificates is ~300 KiB),
+# and than any config file: past it, a file is refused unread (`--cert /dev/zero`).
+MAX_FILE_BYTES = 1024 * 1024
+
+
+def read_bytes(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, or a ConfigError naming `what`
+    and the file: `what: no such file: PATH` and the like. A FIFO, a device or a directory
+    is refused without being read (reading one could block, or never end)."""
     try:
-        return path.read_bytes()
+        # Not blocking: opening a FIFO would otherwise wait for a writer.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{what}: no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what}: {path} is a directory, not a file") from None
     except PermissionError:
         raise ConfigError(f"{what}: cannot read {path}: permission denied") from None
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = "a directory, not a file" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(f"{what}: {path} is {kind}")
+    with os.fdopen(descriptor, "rb") as file:
+        try:
+            data = file.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what}: {path} is larger than {limit // 1024} KiB")
+    return data
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ Top-level keys starting with `x-` are ignored, so they can hold YAML anchors.
 from __future__ import annotations
 
 import difflib
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 
 from sidecar.config.limits import LIMIT_KEYS, Limits
 from sidecar.config.model import DEFAULT_INGRESS_LISTEN, AllowRules, Config, RouteConfig
+from sidecar.config.pem import read_bytes
 from sidecar.config.settings import (
     BY_KEY,
     ENV_PREFIX,
@@ -37,7 +37,6 @@ from sidecar.errors import ConfigError
 
 # The environment variable naming the config file, as --config does.
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-_MAX_CONFIG_BYTES = 1024 * 1024
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -188,13 +187,9 @@ def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
     """The file's top-level settings, and its routes when it has a `routes:` list."""
     path = Path(path_text)
     try:
-        document = yaml.load(_read_text(path), Loader=_StrictLoader)
-    except FileNotFoundError:
-        raise ConfigError(f"--config: no such file: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config: is a directory, not a file: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        # Only a regular file of sane size (not a FIFO, not /dev/zero).
+        text = read_bytes(path, "--config").decode("utf-8")
+        document = yaml.load(text, Loader=_StrictLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"--config: {path} is not UTF-8 text") from None
     except RecursionError:
@@ -245,18 +240,6 @@ class _StrictLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-def _read_text(path: Path) -> str:
-    """The file's text; only a regular file of sane size (not a FIFO, not /dev/zero)."""
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):  # before open: a FIFO blocks it
-        kind = "a directory" if path.is_dir() else "not a regular file"
-        raise ConfigError(f"--config: {path} is {kind}")
-    with path.open("rb") as file:
-        data = file.read(_MAX_CONFIG_BYTES + 1)
-    if len(data) > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"--config: {path} is larger than {_MAX_CONFIG_BYTES // 1024} KiB")
-    return data.decode("utf-8")
 
 
 def _settings(

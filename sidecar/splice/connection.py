@@ -122,6 +122,11 @@ class Phase(enum.IntEnum):
     GONE = 5  # the caller's connection is lost
 
 
+# The phases as module constants, for the checks made on every read: looking a member up
+# on its Enum class costs about 0.2 us each time (a module global, 0.04 us).
+_RELAYING, _DRAINING, _DRAINED, _FAILING, _BROKEN, _GONE = Phase
+
+
 def _close_within(transport: asyncio.Transport, seconds: float) -> None:
     """Close after what is buffered is sent, or abort if the peer does not read it in time."""
     transport.close()
@@ -158,7 +163,7 @@ class _UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._splice.upstream_lost(exc)
-        self._splice = _GONE  # the splice points at the transport, which points here
+        self._splice = _NO_SPLICE  # the splice points at the transport, which points here
 
     def pause_writing(self) -> None:
         self._splice.pause_caller("upstream busy")
@@ -167,7 +172,7 @@ class _UpstreamProtocol(asyncio.Protocol):
         self._splice.resume_caller("upstream busy")
 
 
-class _Gone:
+class _NoSplice:
     """Stands in for a Splice once the upstream connection is lost (late callbacks find
     nothing to do)."""
 
@@ -175,7 +180,7 @@ class _Gone:
         return lambda *args: None
 
 
-_GONE: Splice = _Gone()  # type: ignore[assignment]
+_NO_SPLICE: Splice = _NoSplice()  # type: ignore[assignment]
 
 
 class Splice:
@@ -216,7 +221,7 @@ class Splice:
         self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
         self._replay_size = 0
         self._refusal: Refusal | None = None
-        self._phase = Phase.RELAYING
+        self._phase = _RELAYING
         self._caller_busy = False  # the caller's write buffer is full
         self._answers_while_busy = 0
         self._failure: asyncio.Task[None] | None = None
@@ -313,7 +318,7 @@ class Splice:
             # Nothing more can reach the caller: the upstream's calls end now, and an
             # upstream that stopped reading cannot hold its connection open.
             self._upstream.abort()
-        self._enter(Phase.GONE)
+        self._enter(_GONE)
         self._release()
 
     def caller_busy(self) -> None:
@@ -343,8 +348,8 @@ class Splice:
 
     def drain(self) -> None:
         """Tell the caller to start no new calls; close once those in flight are done."""
-        self._enter(Phase.DRAINING)
-        if self._phase >= Phase.FAILING or self._upstream is None:
+        self._enter(_DRAINING)
+        if self._phase >= _FAILING or self._upstream is None:
             self._close_both()
             return
         if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
@@ -367,13 +372,13 @@ class Splice:
         """The drain's last word: a GOAWAY naming the last stream relayed, so that a call
         the caller started after all (before it saw the first GOAWAY) is known to it as
         not processed and is retried elsewhere, then the close."""
-        if self._phase >= Phase.DRAINED:  # a stream's end and its reset can both schedule this
+        if self._phase >= _DRAINED:  # a stream's end and its reset can both schedule this
             return
         if self._calls or self._drain_ping is not None:
             # A call started in the same loop turn as the last one ended (its own end
             # schedules this again), or calls may still be on their way (DRAIN_PING_SECONDS).
             return
-        self._enter(Phase.DRAINED)
+        self._enter(_DRAINED)
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             _write(self._caller, [*self._own_to_caller.take(), self._goaway(_NO_ERROR)])
         self._close_both()
@@ -383,7 +388,7 @@ class Splice:
         callers why, then both connections."""
         if self._upstream is not None:
             self._upstream.abort()  # the upstream's calls end with its connection
-        if self._calls and self._refusal is None and self._phase < Phase.BROKEN:
+        if self._calls and self._refusal is None and self._phase < _BROKEN:
             self._end_calls_here(
                 grpc.StatusCode.UNAVAILABLE,
                 "the sidecar is shutting down and its drain grace is over",
@@ -402,7 +407,7 @@ class Splice:
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         """Connected: relay what the caller sent so far (before any upstream byte can arrive)."""
-        if self._phase is Phase.GONE:
+        if self._phase is _GONE:
             transport.close()
             return
         self._upstream = transport
@@ -410,14 +415,14 @@ class Splice:
             self._limits.connect_timeout, self._upstream_silent
         )
         for chunk in self._replay or ():
-            if self._phase >= Phase.BROKEN:
+            if self._phase >= _BROKEN:
                 break
             self._to_upstream(chunk)
 
     def _upstream_silent(self) -> None:
         """The upstream accepted the connection but has not sent its SETTINGS in time."""
         self._first_frame_timer = None
-        if self._replay is None or self._upstream is None or self._phase is Phase.GONE:
+        if self._replay is None or self._upstream is None or self._phase is _GONE:
             return
         upstream, self._upstream = self._upstream, None
         upstream.abort()
@@ -430,7 +435,7 @@ class Splice:
         )
 
     def from_upstream(self, data: bytes) -> None:
-        if self._phase >= Phase.BROKEN:
+        if self._phase >= _BROKEN:
             return
         if self._replay is not None and not self._upstream_spoke:
             # Its first bytes: a server's connection preface is a SETTINGS frame (RFC 9113
@@ -473,10 +478,10 @@ class Splice:
         )
 
     def upstream_lost(self, exc: BaseException | None) -> None:
-        if self._phase is Phase.FAILING or self._phase is Phase.GONE:
+        if self._phase is _FAILING or self._phase is _GONE:
             return
         self._upstream = None
-        if self._phase is Phase.BROKEN or self._phase is Phase.DRAINED:
+        if self._phase is _BROKEN or self._phase is _DRAINED:
             return  # closed by the splice itself (the caller was cut, or the drain is over)
         if self._replay is not None:  # lost before it spoke: the calls can still be answered
             self._start_failure(exc or _CLOSED_BEFORE_SPEAKING)
@@ -500,11 +505,11 @@ class Splice:
         self._failure = self._loop.create_task(self._fail(error))
 
     async def _fail(self, error: BaseException) -> None:
-        if self._phase >= Phase.FAILING:  # a timeout and a close can both report one failure
+        if self._phase >= _FAILING:  # a timeout and a close can both report one failure
             return
-        self._enter(Phase.FAILING)
+        self._enter(_FAILING)
         details = await self._describe_failure(error)
-        if self._phase is not Phase.FAILING or self._caller.is_closing():
+        if self._phase is not _FAILING or self._caller.is_closing():
             return  # meanwhile the caller left, was cut, or its connection was closed
         if self._first_frame_timer is not None:
             self._first_frame_timer.cancel()
@@ -532,7 +537,7 @@ class Splice:
     # Frames.
 
     def _to_upstream(self, data: bytes) -> None:
-        if self._phase >= Phase.BROKEN:
+        if self._phase >= _BROKEN:
             return
         outbound = self._outbound
         chunks = self._walked(outbound, data, from_upstream=False)
@@ -583,7 +588,7 @@ class Splice:
             self._loop.call_soon(self._walk_backlog, False)
 
     def _walk_backlog(self, from_upstream: bool) -> None:
-        if self._phase >= Phase.FAILING:
+        if self._phase >= _FAILING:
             return
         if from_upstream:
             self.from_upstream(b"")
@@ -612,7 +617,7 @@ class Splice:
                 if self._replay is not None:
                     self._not_http2_detail(str(error))
                     return None
-                self._enter(Phase.BROKEN)
+                self._enter(_BROKEN)
                 self._end_calls_here(
                     grpc.StatusCode.UNAVAILABLE,
                     f"upstream {self._upstream_name} broke HTTP/2: {error}",
@@ -761,7 +766,7 @@ class Splice:
                 grpc.StatusCode.UNAVAILABLE,
                 f"upstream {self._upstream_name} will not process it (its GOAWAY)",
             )
-        if self._phase is Phase.DRAINING and not self._calls:
+        if self._phase is _DRAINING and not self._calls:
             self._loop.call_soon(self._close_drained)
 
     def _upstream_ended(self, stream_id: int) -> None:
@@ -814,7 +819,7 @@ class Splice:
     def _call_ended(self) -> None:
         if not self._calls:
             self._idle_since = self._loop.time()
-            if self._phase is Phase.DRAINING:
+            if self._phase is _DRAINING:
                 # After this read's bytes are written: close() sends what is buffered first.
                 self._loop.call_soon(self._close_drained)
 
@@ -864,7 +869,7 @@ class Splice:
                 self._limits.header_timeout, self._header_overdue
             )
             return
-        if outbound.in_frame and self._phase < Phase.BROKEN:
+        if outbound.in_frame and self._phase < _BROKEN:
             logger.info(
                 "caller %s did not finish a frame or header block within %gs: closing",
                 self._remote,
@@ -880,7 +885,7 @@ class Splice:
         """Close a connection that has had no call in flight for idle_timeout (GOAWAY first:
         its client reconnects when it next needs to)."""
         self._idle_timer = None
-        if self._phase is not Phase.RELAYING:
+        if self._phase is not _RELAYING:
             return
         idle = self._loop.time() - self._idle_since
         if self._calls or idle < self._limits.idle_timeout:
@@ -888,7 +893,7 @@ class Splice:
             self._idle_timer = self._loop.call_later(remaining, self._idle_check)
             return
         logger.debug("closing the idle connection of %s", self._remote)
-        self._enter(Phase.DRAINING)
+        self._enter(_DRAINING)
         if self._upstream is None:
             self._close_both()
         else:
@@ -953,7 +958,7 @@ class Splice:
         """End every call in flight on the caller's side with this status (the upstream is
         gone, or going), then GOAWAY and close: its client knows at once, and reconnects."""
         calls, self._calls = self._calls, {}
-        self._enter(Phase.BROKEN)
+        self._enter(_BROKEN)
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
             chunks = self._own_to_caller.take()
             for stream_id, call in calls.items():
@@ -975,7 +980,7 @@ class Splice:
     def _calm_down(self, reason: str) -> None:
         """The caller spent more than a budget allows: GOAWAY ENHANCE_YOUR_CALM with the
         reason, and both connections end (the upstream's calls with its connection)."""
-        if self._phase >= Phase.BROKEN:
+        if self._phase >= _BROKEN:
             return
         _limited_log.log(
             logging.WARNING,
@@ -993,7 +998,7 @@ class Splice:
         it, and a reset shortly after. Not TLS's close: that goes on reading, and
         decrypting, whatever the caller still sends until it answers the close."""
         self._goodbye(error_code, reason)
-        self._enter(Phase.BROKEN)
+        self._enter(_BROKEN)
         self._end_calls(code, reason)
         self._cancel_timers()
         if self._upstream is not None:
@@ -1005,7 +1010,7 @@ class Splice:
 
     def _stop_relaying(self) -> None:
         """A peer broke HTTP/2 (or the sidecar failed reading it): end both connections."""
-        self._enter(Phase.BROKEN)
+        self._enter(_BROKEN)
         self._end_calls(grpc.StatusCode.INTERNAL)
         self._close_both()
 

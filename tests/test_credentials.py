@@ -18,7 +18,7 @@ from cryptography import x509
 from sidecar import certs
 from sidecar.config.sources import load
 from sidecar.errors import ConfigError
-from sidecar.h2.frames import PREFACE, SETTINGS, frame
+from sidecar.h2.frames import ACK, PING, PREFACE, SETTINGS, frame
 from sidecar.runtime.route import Route
 from tests.conftest import Pki
 from tests.hostile.peers import client_context
@@ -76,6 +76,7 @@ def test_a_reload_serves_new_handshakes_and_keeps_the_last_good_credentials(
     async def main() -> None:
         await route.start()
         assert route.port is not None
+        still_open: asyncio.StreamWriter | None = None
         try:
             assert await _served(route.port, context) == first
             established, still_open, _ = await _connect(route.port, context)
@@ -92,11 +93,17 @@ def test_a_reload_serves_new_handshakes_and_keeps_the_last_good_credentials(
                 route.credentials.reload()
             assert await _served(route.port, context) == second
 
-            # The connection made before the swaps still speaks HTTP/2 (its SETTINGS came).
-            head = await asyncio.wait_for(established.readexactly(9), 10)
-            assert head[3] == SETTINGS
-            still_open.transport.abort()
+            # The connection made before the swaps still works: a PING sent now is answered.
+            still_open.write(frame(SETTINGS, ACK, 0, b"") + frame(PING, 0, 0, b"swapped!"))
+            while True:
+                head = await asyncio.wait_for(established.readexactly(9), 10)
+                payload = await established.readexactly(int.from_bytes(head[:3], "big"))
+                if head[3] == PING and head[4] & ACK:
+                    assert payload == b"swapped!"
+                    break
         finally:
+            if still_open is not None:
+                still_open.transport.abort()
             await route.stop(0)
 
     uvloop.run(main())

@@ -41,17 +41,48 @@ def _top(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) for each `sidecar...` module the file imports."""
+def test_the_import_reader_sees_every_form() -> None:
+    """_imports finds absolute, relative, function-level and dynamic imports."""
+    source = (
+        "from ..runtime import route\n"
+        "from . import listener\n"
+        "import sidecar.cli\n"
+        "def f():\n"
+        "    from sidecar import runtime\n"
+        "    importlib.import_module('sidecar.cli')\n"
+    )
+    found = [name for _, name in _imports(PACKAGE / "splice" / "example.py", source)]
+    assert found == [
+        "sidecar.runtime",
+        "sidecar.splice.listener",
+        "sidecar.cli",
+        "sidecar.runtime",
+        "sidecar.<import_module: not allowed>",
+    ], found
+
+
+def _imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, module) for each `sidecar...` module the file imports (its text, or `source`
+    as if it were the file's), relative imports resolved against the file's own package."""
+    package = ["sidecar", *path.relative_to(PACKAGE).parent.parts]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sidecar"):
-            if node.module == "sidecar":  # `from sidecar import x`: x is a module or a name
-                found += [(node.lineno, f"sidecar.{alias.name}") for alias in node.names]
+    text = path.read_text() if source is None else source
+    for node in ast.walk(ast.parse(text, str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # `from . import x`, `from ..runtime import route`
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
             else:
-                found.append((node.lineno, node.module))
+                module = node.module or ""
+            if module == "sidecar" or (node.level and not node.module):
+                # `from sidecar import x` / `from . import x`: each x may be a module
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+            elif module.startswith("sidecar."):
+                found.append((node.lineno, module))
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("sidecar.")]
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("sidecar")]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
+            found.append((node.lineno, "sidecar.<import_module: not allowed>"))
     return found
 
 

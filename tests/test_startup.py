@@ -65,7 +65,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
         ({"--cert": "{bad}/a-directory.pem"}, ["--cert", "is a directory"]),
         ({"--cert": "{bad}/a-fifo.pem"}, ["--cert", "a-fifo.pem is not a regular file"]),
         ({"--ca": "/dev/zero"}, ["--ca", "/dev/zero is not a regular file"]),
-        ({"--key": "{bad}/huge.pem"}, ["--key", "huge.pem is larger than 1024 KiB"]),
+        ({"--key": "{bad}/huge.pem"}, ["--key", "huge.pem is larger than 1 MiB"]),
         ({"--cert": "{bad}/garbage.pem"}, ["--cert", "holds no PEM certificate"]),
         ({"--cert": "{bad}/broken.pem"}, ["--cert", "not a valid PEM certificate"]),
         ({"--key": "{bad}/garbage.pem"}, ["--key", "not a PEM private key"]),

@@ -25,29 +25,43 @@ MAX_FILE_BYTES = 1024 * 1024
 def read_bytes(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most `limit` bytes, or a ConfigError naming `what`
     and the file: `what: no such file: PATH` and the like. A FIFO, a device or a directory
-    is refused without being read (reading one could block, or never end)."""
+    is refused without being opened (opening one could block, or do something; reading one
+    could never end)."""
     try:
-        # Not blocking: opening a FIFO would otherwise wait for a writer.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        _check_regular(os.stat(path).st_mode, path, what)
+        # Not blocking, no controlling terminal: should the path have been swapped for a
+        # FIFO or a device since the stat, the check after the open refuses it at once.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{what}: no such file: {path}") from None
     except PermissionError:
         raise ConfigError(f"{what}: cannot read {path}: permission denied") from None
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        _check_regular(os.fstat(descriptor).st_mode, path, what)
+        file = os.fdopen(descriptor, "rb")
+    except BaseException:
         os.close(descriptor)
-        kind = "a directory, not a file" if stat.S_ISDIR(mode) else "not a regular file"
-        raise ConfigError(f"{what}: {path} is {kind}")
-    with os.fdopen(descriptor, "rb") as file:
+        raise
+    with file:
         try:
             data = file.read(limit + 1)
         except OSError as exc:
             raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
     if len(data) > limit:
-        raise ConfigError(f"{what}: {path} is larger than {limit // 1024} KiB")
+        raise ConfigError(f"{what}: {path} is larger than {_size(limit)}")
     return data
+
+
+def _check_regular(mode: int, path: Path, what: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = "a directory, not a file" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(f"{what}: {path} is {kind}")
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if not limit % (1 << 20) else f"{limit >> 10} KiB"
 
 
 @dataclass(frozen=True)

@@ -393,6 +393,7 @@ class Splice:
                 grpc.StatusCode.UNAVAILABLE,
                 "the sidecar is shutting down and its drain grace is over",
             )
+        self._enter(_BROKEN)  # both connections are cut here: their ends are no news
         self._caller.abort()
 
     # The upstream's side.

@@ -1,6 +1,6 @@
 """Header lists for the header-block fuzz: gRPC requests and responses as clients and servers
 send them, with the odd field no well-formed request has; and what the sidecar must do with
-them, restated here from the design and RFC 9113 apart from headerblock.py and metadata.py.
+them, restated here from the design and RFC 9113 apart from h2/headerblock.py and auth/headers.py.
 
 A request field crosses when it is a request pseudo-header, one of the protocol's own
 fields the app needs as sent (te, content-type, grpc-timeout, grpc-encoding,

@@ -298,8 +298,8 @@ def test_an_idle_close_is_not_logged_as_the_app_dropping_the_connection(
 ) -> None:
     """Closing an idle caller, the splice closes the app's connection itself: that is not the
     app dropping it (a WARNING, "closed a connection abruptly"), and the caller's close, under
-    way, is not cut short by it."""
-    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--idle-timeout", "0.5")
+    way, is not aborted by it."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--idle-timeout", "1")
     with RawPeer(sidecar.port, pki) as caller:
         caller.settle()
         caller.call(1)
@@ -308,6 +308,23 @@ def test_an_idle_close_is_not_logged_as_the_app_dropping_the_connection(
         assert caller.closed_within(5)
     sidecar.signal(signal.SIGTERM)
     assert sidecar.wait_exit() == 0  # every line it wrote has been read
+    assert not [line for line in sidecar.lines if "abruptly" in line], sidecar.output
+
+
+def test_a_drain_grace_ending_is_not_logged_as_the_app_dropping_the_connection(
+    sidecars: SidecarFactory, probe: Probe, pki: Pki
+) -> None:
+    """A caller that does not answer the drain's PING is still waited for when a short drain
+    grace ends: the splice then aborts both connections itself, which is not the app
+    dropping one."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--drain-grace", "0.2")
+    with RawPeer(sidecar.port, pki) as caller:
+        caller.settle()
+        caller.call(1)
+        assert caller.status(1)["grpc-status"] == "0"
+        sidecar.signal(signal.SIGTERM)
+        assert caller.goaway() is not None  # the drain's first GOAWAY; its PING goes unanswered
+        assert sidecar.wait_exit() == 0  # every line it wrote has been read
     assert not [line for line in sidecar.lines if "abruptly" in line], sidecar.output
 
 

@@ -167,6 +167,23 @@ class ChildProcess:
             )
         return found[-1]
 
+    def wait_for_count(self, text: str, count: int, timeout: float = 20) -> None:
+        """Wait until `count` lines hold `text` (the same line written again, say)."""
+
+        def seen() -> bool:
+            return sum(text in line for line in self.lines) >= count or (
+                self.proc.poll() is not None
+                and not any(reader.is_alive() for reader in self._readers)
+            )
+
+        with self._changed:
+            self._changed.wait_for(seen, timeout)
+        found = sum(text in line for line in self.lines)
+        if found < count:
+            raise AssertionError(
+                f"{found} lines hold {text!r}, not {count}; the process said:\n{self.output}"
+            )
+
     def wait_ready(self, pattern: str | re.Pattern[str] = LISTENING) -> int:
         """Wait for the line announcing the listening port (group "port"), and return it."""
         self.port = int(self.wait_for(pattern).group("port"))

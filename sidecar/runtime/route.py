@@ -21,6 +21,7 @@ from sidecar.auth.headers import HeaderRules
 from sidecar.auth.policy import Policy
 from sidecar.config.model import AllowRules, RouteConfig
 from sidecar.dataplane import DataPlane, RouteParts
+from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
 from sidecar.pki.credentials import CredentialSource
@@ -100,6 +101,35 @@ class Route:
                 config.upstream,
                 self.credentials.current().material.leaf.subject.rfc4514_string(),
                 config.tls_name,
+            )
+
+    def reload_credentials(self) -> None:
+        """Read the route's certificate, key and CA bundle again. New handshakes get them if
+        they changed and pass every start-up check; established connections keep theirs.
+        Anything wrong keeps the current ones, with one ERROR naming the file and the fault
+        (the start-up checks' own words)."""
+        title = self.config.title
+        try:
+            changed = self.credentials.reload()
+        except ConfigError as error:
+            logger.error("%s: credentials not reloaded, the current ones stay: %s", title, error)
+            return
+        if not changed:
+            logger.info("%s: credentials reloaded, unchanged", title)
+            return
+        leaf = self.credentials.current().material.leaf
+        logger.info(
+            "%s: credentials reloaded: certificate serial %x, %s, valid until %s UTC",
+            title,
+            leaf.serial_number,
+            leaf.subject.rfc4514_string(),
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}",
+        )
+        if self.config.mode == "egress" and self.config.data_plane == "grpc":
+            logger.warning(
+                "%s: data_plane grpc keeps its channel to the remote, and the certificate it "
+                "was made with, until the sidecar restarts",
+                title,
             )
 
     async def stop(self, grace: float | None) -> None:

@@ -3,7 +3,8 @@
 `Sidecar` has an explicit lifecycle (`start`, `stop(grace)`) and is an async
 context manager for embedding; `run` adds the signal handling of the process:
 the first SIGTERM or SIGINT stops accepting and lets in-flight calls finish for
-up to the drain grace, a second one exits at once.
+up to the drain grace, a second one exits at once; SIGHUP reloads every route's
+credentials.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Sidecar:
         except BaseException:
             await asyncio.gather(*(route.stop(None) for route in started))
             raise
+
+    def reload_credentials(self) -> None:
+        """Every route reads its certificate, key and CA bundle again (see Route)."""
+        for route in self.routes:
+            route.reload_credentials()
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting everywhere; in-flight calls have up to grace seconds to finish."""
@@ -81,9 +87,14 @@ async def run(config: Config) -> int:
             logging.shutdown()
             os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
 
+    def on_reload() -> None:
+        logger.info("SIGHUP: reloading every route's certificate, key and CA bundle")
+        sidecar.reload_credentials()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     await stop_requested.wait()
     await sidecar.stop(config.drain_grace)
     return EXIT_OK

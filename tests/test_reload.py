@@ -1,0 +1,84 @@
+"""SIGHUP: every route reads its certificate, key and CA bundle again. New handshakes get
+what changed; a file that would fail the start-up checks keeps the last good credentials,
+with one ERROR line in the start-up checks' words.
+
+The sidecar runs as a process; which certificate each new connection was served is read
+from the client's side of a real TLS handshake.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from sidecar import certs
+from tests.conftest import Pki, SidecarFactory, SidecarProcess
+from tests.hostile.peers import client_context
+from tests.probe import Probe
+
+UNARY = "/probe.Probe/Unary"
+
+
+def _issue_server(pki: Pki, directory: Path) -> int:
+    """A fresh server certificate and key, written where the sidecar reads them; its serial."""
+    issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"])
+    issued.write(directory, "server")
+    return issued.certificate.serial_number
+
+
+def _served_serial(port: int, context: ssl.SSLContext) -> int:
+    """The serial of the certificate a new connection to the sidecar is served."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def _reloaded(sidecar: SidecarProcess, outcome: str) -> None:
+    """SIGHUP, then wait for the reload's outcome line (one per SIGHUP: counted)."""
+    before = sum(outcome in line for line in sidecar.lines)
+    sidecar.signal(signal.SIGHUP)
+    sidecar.wait_for_count(outcome, before + 1)
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_sighup_serves_new_certificates_and_keeps_the_last_good_ones(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    first = _issue_server(pki, tmp_path)
+    sidecar = sidecars.serving(
+        probe.port,
+        "--allow-cn", "alice", "--data-plane", data_plane,
+        "--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key"),
+    )  # fmt: skip
+    context = client_context(pki, "alice")
+    assert _served_serial(sidecar.port, context) == first
+    with sidecar.channel(pki) as channel:  # a connection made before the swap
+        call = channel.unary_unary(UNARY)
+        assert call(b"before", timeout=10) == b"before"
+
+        second = _issue_server(pki, tmp_path)
+        _reloaded(sidecar, f"credentials reloaded: certificate serial {second:x}")
+        assert _served_serial(sidecar.port, context) == second
+        assert call(b"after", timeout=10) == b"after"  # the established connection goes on
+
+        # Unchanged files: nothing swapped, said so.
+        _reloaded(sidecar, "credentials reloaded, unchanged")
+
+        # A key that is not the certificate's: the ERROR names both, in the start-up words,
+        # and the last good credentials serve on.
+        (tmp_path / "server.key").write_bytes(pki.key("alice").read_bytes())
+        _reloaded(sidecar, "credentials not reloaded, the current ones stay")
+        (line,) = [line for line in sidecar.lines if "not reloaded" in line]
+        assert " ERROR " in line and "--key does not match --cert" in line, line
+        assert _served_serial(sidecar.port, context) == second
+        assert call(b"still", timeout=10) == b"still"
+    with sidecar.channel(pki) as fresh:
+        assert fresh.unary_unary(UNARY)(b"new", timeout=10) == b"new"
+    assert sidecar.proc.poll() is None

@@ -107,3 +107,28 @@ def test_a_reload_serves_new_handshakes_and_keeps_the_last_good_credentials(
             await route.stop(0)
 
     uvloop.run(main())
+
+
+def test_a_refused_content_is_not_new_again_and_an_unreadable_file_is_new_once(
+    pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """What a periodic check relies on: changed() is true for content not seen before only,
+    so that a fault is reported once, not at every check."""
+    _serve_certificate(pki, tmp_path)
+    source = _route(pki, probe, tmp_path, "splice").credentials
+    assert not source.changed()
+    (tmp_path / "server.key").write_bytes(pki.key("alice").read_bytes())
+    assert source.changed()
+    with pytest.raises(ConfigError, match="does not match"):
+        source.reload()
+    assert not source.changed()  # refused already
+    (tmp_path / "server.key").unlink()
+    assert source.changed()
+    with pytest.raises(ConfigError, match="no such file"):
+        source.reload()
+    assert not source.changed()
+    second = _serve_certificate(pki, tmp_path)
+    assert source.changed()
+    assert source.reload() is True
+    assert source.current().material.leaf.serial_number == second
+    assert not source.changed()

@@ -82,3 +82,49 @@ def test_sighup_serves_new_certificates_and_keeps_the_last_good_ones(
     with sidecar.channel(pki) as fresh:
         assert fresh.unary_unary(UNARY)(b"new", timeout=10) == b"new"
     assert sidecar.proc.poll() is None
+
+
+def _kubernetes_secret(
+    directory: Path, pki: Pki, version: str, *, key_of: Path | None = None
+) -> int:
+    """A secret volume as the kubelet writes one: files in a timestamped directory, reached
+    through the `..data` symlink, which is swapped in one rename; the new serial."""
+    issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"])
+    issued.write(directory / version, "tls")
+    if key_of is not None:  # a secret whose key is another certificate's
+        (directory / version / "tls.key").write_bytes(key_of.read_bytes())
+    swap = directory / "..data_tmp"
+    swap.symlink_to(version)
+    swap.replace(directory / "..data")
+    for name in ("tls.pem", "tls.key"):
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(Path("..data") / name)
+    return issued.certificate.serial_number
+
+
+def test_reload_interval_follows_a_kubernetes_secret_swap_without_sighup(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    first = _kubernetes_secret(secret, pki, "..2026_12_01_a")
+    sidecar = sidecars.serving(
+        probe.port,
+        "--allow-cn", "alice", "--reload-interval", "0.2",
+        "--cert", str(secret / "tls.pem"), "--key", str(secret / "tls.key"),
+    )  # fmt: skip
+    context = client_context(pki, "alice")
+    assert _served_serial(sidecar.port, context) == first
+
+    second = _kubernetes_secret(secret, pki, "..2026_12_01_b")
+    sidecar.wait_for(f"credentials reloaded: certificate serial {second:x}")
+    assert _served_serial(sidecar.port, context) == second
+
+    # A secret that fails the checks is reported, and the last good credentials stay.
+    _kubernetes_secret(secret, pki, "..2026_12_01_c", key_of=pki.key("alice"))
+    sidecar.wait_for("credentials not reloaded, the current ones stay: --key does not match")
+    assert _served_serial(sidecar.port, context) == second
+    fourth = _kubernetes_secret(secret, pki, "..2026_12_01_d")
+    sidecar.wait_for(f"credentials reloaded: certificate serial {fourth:x}")
+    assert _served_serial(sidecar.port, context) == fourth
+    assert sum("not reloaded" in line for line in sidecar.lines) == 1, sidecar.output

@@ -183,6 +183,7 @@ class Config:
     log_format: LogFormat = "text"
     log_level: str = "info"
     drain_grace: float = 10.0
+    reload_interval: float = 0.0  # 0: credentials reload on SIGHUP only
 
     def __post_init__(self) -> None:
         if not self.routes:

@@ -224,6 +224,12 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS", default=10.0,
     ),
     Setting(
+        "reload_interval", "seconds", "process", "process",
+        "how often every route's certificate, key and CA files are read and, when their "
+        "content changed, reloaded as SIGHUP does; 0: only on SIGHUP",
+        metavar="SECONDS", default=0.0,
+    ),
+    Setting(
         "log_format", "choice", "process", "logging", "", choices=LOG_FORMATS, default="text"
     ),
     Setting(

@@ -20,11 +20,12 @@ from functools import cached_property
 import grpc
 
 from sidecar.config.pem import PemSource
+from sidecar.errors import ConfigError
 from sidecar.pki.tls import (
     TLSMaterial,
     channel_credentials,
+    check_tls_material,
     client_ssl_context,
-    load_tls_material,
     server_ssl_context,
 )
 from sidecar.pki.x509 import Role
@@ -63,20 +64,51 @@ class CredentialSource:
     def __init__(self, cert: PemSource, key: PemSource, ca: PemSource, role: Role) -> None:
         self._sources = (cert, key, ca)
         self.role = role
-        self._current = self._load()  # a ConfigError here stops the start-up
+        # What the sources held when last read and checked: a read that finds the same
+        # bytes has nothing to check again.
+        self._contents = self._read()
+        self._current = self._load(self._contents)  # a ConfigError here stops the start-up
+        # What the last reload refused (the contents, or why they could not be read), so
+        # that a periodic check reports a fault once, not at every check.
+        self._refused: tuple[bytes, ...] | str | None = None
         self._served: Credentials | None = None  # what grpc core was last handed
 
-    def _load(self) -> Credentials:
-        return Credentials(load_tls_material(*self._sources, self.role), self.role)
+    def _read(self) -> tuple[bytes, ...]:
+        return tuple(source.read() for source in self._sources)
+
+    def _load(self, contents: tuple[bytes, ...]) -> Credentials:
+        return Credentials(check_tls_material(*self._sources, self.role, contents), self.role)
 
     def current(self) -> Credentials:
         return self._current
+
+    def changed(self) -> bool:
+        """Whether the sources hold something new: neither what is in use nor what the last
+        reload refused (for a periodic check: reading the files is cheap, checking them is
+        not). A file that cannot be read is new the first time, so that reload() says why."""
+        try:
+            contents: tuple[bytes, ...] | str = self._read()
+        except ConfigError as error:
+            contents = str(error)
+        return contents != self._contents and contents != self._refused
 
     def reload(self) -> bool:
         """Read and check the sources again; swap in the result if it differs from the
         current one, and say whether it did. Raises ConfigError, keeping the current
         credentials, when anything is wrong."""
-        loaded = self._load()
+        try:
+            contents = self._read()
+        except ConfigError as error:
+            self._refused = str(error)
+            raise
+        if contents == self._contents:
+            return False
+        try:
+            loaded = self._load(contents)
+        except ConfigError:
+            self._refused = contents
+            raise
+        self._contents, self._refused = contents, None
         if loaded.material == self._current.material:
             return False
         if self._served is not None:  # the grpc plane's: built here, not on grpc's thread

@@ -109,7 +109,14 @@ def load_tls_material(cert: PemSource, key: PemSource, ca: PemSource, role: Role
     ingress listener, client for an egress route); the CA bundle holds at least
     one CA certificate.
     """
-    cert_pem, key_pem, ca_pem = cert.read(), key.read(), ca.read()
+    return check_tls_material(cert, key, ca, role, (cert.read(), key.read(), ca.read()))
+
+
+def check_tls_material(
+    cert: PemSource, key: PemSource, ca: PemSource, role: Role, contents: tuple[bytes, ...]
+) -> TLSMaterial:
+    """load_tls_material's checks on the sources' contents, read already (cert, key, CA)."""
+    cert_pem, key_pem, ca_pem = contents
 
     chain = parse_certificates(cert_pem, _where(cert))
     leaf = chain[0]

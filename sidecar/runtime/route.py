@@ -103,12 +103,15 @@ class Route:
                 config.tls_name,
             )
 
-    def reload_credentials(self) -> None:
+    def reload_credentials(self, *, when_changed: bool = False) -> None:
         """Read the route's certificate, key and CA bundle again. New handshakes get them if
         they changed and pass every start-up check; established connections keep theirs.
         Anything wrong keeps the current ones, with one ERROR naming the file and the fault
-        (the start-up checks' own words)."""
+        (the start-up checks' own words). when_changed (a periodic check): say nothing
+        unless the files hold something not seen before."""
         title = self.config.title
+        if when_changed and not self.credentials.changed():
+            return
         try:
             changed = self.credentials.reload()
         except ConfigError as error:

@@ -41,10 +41,18 @@ class Sidecar:
             await asyncio.gather(*(route.stop(None) for route in started))
             raise
 
-    def reload_credentials(self) -> None:
+    def reload_credentials(self, *, when_changed: bool = False) -> None:
         """Every route reads its certificate, key and CA bundle again (see Route)."""
         for route in self.routes:
-            route.reload_credentials()
+            route.reload_credentials(when_changed=when_changed)
+
+    async def check_credentials(self, interval: float) -> None:
+        """Every interval, reload the routes whose credential files hold something new (a
+        Kubernetes secret's symlink swapped, cert-manager's renewal): content is compared,
+        not modification times."""
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_credentials(when_changed=True)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting everywhere; in-flight calls have up to grace seconds to finish."""
@@ -95,6 +103,11 @@ async def run(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    checking = None
+    if config.reload_interval:
+        checking = loop.create_task(sidecar.check_credentials(config.reload_interval))
     await stop_requested.wait()
+    if checking is not None:
+        checking.cancel()
     await sidecar.stop(config.drain_grace)
     return EXIT_OK

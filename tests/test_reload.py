@@ -13,6 +13,7 @@ import socket
 import ssl
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
@@ -128,3 +129,35 @@ def test_reload_interval_follows_a_kubernetes_secret_swap_without_sighup(
     sidecar.wait_for(f"credentials reloaded: certificate serial {fourth:x}")
     assert _served_serial(sidecar.port, context) == fourth
     assert sum("not reloaded" in line for line in sidecar.lines) == 1, sidecar.output
+
+
+def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificate(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """Egress: connections to the remote made after the reload present the new client
+    certificate; one made before keeps the one it presented (the remote, an ingress sidecar
+    allowing both names, logs which caller each call came from)."""
+    ingress = sidecars.serving(probe.port, "--allow-cn", "alice", "--allow-cn", "bob")
+    certs.issue(pki.ca, "alice", usage="client").write(tmp_path, "client")
+    egress = sidecars.start(
+        "--mode", "egress", "--upstream", f"127.0.0.1:{ingress.port}",
+        "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"),
+        "--ca", str(pki.dir / "ca.pem"),
+        default_tls=False,
+    )  # fmt: skip
+    egress.wait_ready()
+    target = f"127.0.0.1:{egress.port}"
+    with grpc.insecure_channel(target) as before:
+        call = before.unary_unary(UNARY)
+        assert call(b"1", timeout=10) == b"1"
+        ingress.wait_for_count("peer='CN=alice", 1)
+
+        certs.issue(pki.ca, "bob", usage="client").write(tmp_path, "client")
+        _reloaded(egress, "credentials reloaded: certificate serial")
+        # Its own subchannel: grpcio would otherwise share the first channel's connection.
+        fresh = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(target, options=fresh) as after:
+            assert after.unary_unary(UNARY)(b"2", timeout=10) == b"2"
+            ingress.wait_for_count("peer='CN=bob", 1)
+        assert call(b"3", timeout=10) == b"3"  # the connection made before: still alice
+        ingress.wait_for_count("peer='CN=alice", 2)

@@ -19,6 +19,7 @@ from sidecar import certs
 from sidecar.config.sources import load
 from sidecar.errors import ConfigError
 from sidecar.h2.frames import ACK, PING, PREFACE, SETTINGS, frame
+from sidecar.pki.expiry import warning_time
 from sidecar.runtime.route import Route
 from tests.conftest import Pki
 from tests.hostile.peers import client_context
@@ -132,3 +133,15 @@ def test_a_refused_content_is_not_new_again_and_an_unreadable_file_is_new_once(
     assert source.reload() is True
     assert source.current().material.leaf.serial_number == second
     assert not source.changed()
+
+
+@pytest.mark.parametrize(
+    ("days", "warned_after"),
+    [(90, 60.0), (365, 365 * 2 / 3), (21, 14.0), (9, 2.0)],  # the last third, or 7 days left
+)
+def test_the_expiry_warning_comes_at_the_last_third_or_7_days_left_whichever_is_first(
+    pki: Pki, days: int, warned_after: float
+) -> None:
+    leaf = certs.issue(pki.ca, "localhost", usage="server", days=days).certificate
+    due = warning_time(leaf) - leaf.not_valid_before_utc
+    assert abs(due.total_seconds() / 86400 - warned_after) < 1e-6, due

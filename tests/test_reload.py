@@ -8,6 +8,7 @@ from the client's side of a real TLS handshake.
 
 from __future__ import annotations
 
+import datetime
 import signal
 import socket
 import ssl
@@ -161,3 +162,25 @@ def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificat
             ingress.wait_for_count("peer='CN=bob", 1)
         assert call(b"3", timeout=10) == b"3"  # the connection made before: still alice
         ingress.wait_for_count("peer='CN=alice", 2)
+
+
+def test_a_certificate_near_its_end_is_warned_of_and_its_expiry_is_an_error(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """A certificate in the last third of its life (here: its last 5 seconds of a day) gets
+    a WARNING at start; the moment it expires, an ERROR (it is still the one in use)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = now - datetime.timedelta(days=1) + datetime.timedelta(seconds=5)
+    issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"], days=1,
+                         not_before=start)  # fmt: skip
+    issued.write(tmp_path, "server")
+    serial = f"{issued.certificate.serial_number:x}"
+    sidecar = sidecars.serving(
+        probe.port,
+        "--allow-cn", "alice",
+        "--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key"),
+    )  # fmt: skip
+    warning = sidecar.wait_for(f"WARNING sidecar.server: ingress: certificate serial {serial} .*")
+    assert "renew it" in warning.group(0), warning.group(0)
+    error = sidecar.wait_for(f"ERROR sidecar.server: ingress: certificate serial {serial} .*")
+    assert "expired on" in error.group(0) and "new connections fail" in error.group(0)

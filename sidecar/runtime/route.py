@@ -26,6 +26,7 @@ from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
 from sidecar.pki.credentials import CredentialSource
 from sidecar.pki.diagnosis import TLSDiagnosis
+from sidecar.pki.expiry import ExpiryWatch
 from sidecar.splice.listener import Listener
 
 logger = logging.getLogger("sidecar.server")
@@ -51,6 +52,7 @@ class Route:
             "server" if config.mode == "ingress" else "client",
         )
         self._plane: DataPlane | None = None
+        self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
 
     def _parts(self) -> RouteParts:
@@ -79,6 +81,7 @@ class Route:
         self._plane = DATA_PLANES[self.config.data_plane](self._parts())
         self.port = await self._plane.start()
         self._log_listening()
+        self._expiry.watch(self.credentials.current().material.leaf)
 
     def _log_listening(self) -> None:
         config = self.config
@@ -121,6 +124,7 @@ class Route:
             logger.info("%s: credentials reloaded, unchanged", title)
             return
         leaf = self.credentials.current().material.leaf
+        self._expiry.watch(leaf)
         logger.info(
             "%s: credentials reloaded: certificate serial %x, %s, valid until %s UTC",
             title,
@@ -137,6 +141,7 @@ class Route:
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""
+        self._expiry.stop()
         if self._plane is not None:
             await self._plane.stop(grace)
 

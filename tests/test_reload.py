@@ -167,10 +167,10 @@ def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificat
 def test_a_certificate_near_its_end_is_warned_of_and_its_expiry_is_an_error(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
 ) -> None:
-    """A certificate in the last third of its life (here: its last 5 seconds of a day) gets
+    """A certificate in the last third of its life (here: its last 8 seconds of a day) gets
     a WARNING at start; the moment it expires, an ERROR (it is still the one in use)."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    start = now - datetime.timedelta(days=1) + datetime.timedelta(seconds=5)
+    start = now - datetime.timedelta(days=1) + datetime.timedelta(seconds=8)
     issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"], days=1,
                          not_before=start)  # fmt: skip
     issued.write(tmp_path, "server")

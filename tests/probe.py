@@ -32,6 +32,10 @@ INIT_HEADERS = (("x-up-init", "hello"), ("x-up-init-bin", b"\x01\x02\x00"))
 TRAILERS = (("x-up-trail", "bye"), ("x-up-trail-bin", b"\x00\xff\x10"))
 
 
+# The longest a call waits on a gate (longer than any test: pytest-timeout is 120 s).
+_GATE_LIMIT_SECONDS = 180.0
+
+
 @dataclass
 class SeenCall:
     """What the upstream observed about one call."""
@@ -111,9 +115,12 @@ class Probe:
         if not names:
             return
         gate = self.gate(str(names[0]))
-        # Wake on the gate or on the call ending (cancel, deadline), whichever is first.
-        context.add_callback(gate.set)
-        gate.wait()
+        # Wake on the gate or on the call ending (cancel, deadline), whichever is first. A
+        # call already over cannot take the callback (it would never run): it does not wait.
+        # The wait is bounded too: a worker waiting forever would keep the test process
+        # from exiting (concurrent.futures joins its workers at exit).
+        if context.add_callback(gate.set):
+            gate.wait(_GATE_LIMIT_SECONDS)
         call.cancelled = not context.is_active()
         call.woke.set()
 

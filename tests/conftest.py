@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -71,6 +71,13 @@ class Pki:
 
     def _issue(self, name: str, ca: certs.Issued, cn: str, **kwargs: object) -> None:
         certs.issue(ca, cn, **kwargs).write(self.dir, name)  # type: ignore[arg-type]
+
+    def issue_server(self, directory: Path) -> int:
+        """A fresh server certificate for localhost and 127.0.0.1, written as server.pem and
+        server.key into directory (where a sidecar under test reads them); its serial."""
+        issued = certs.issue(self.ca, "localhost", usage="server", ips=["127.0.0.1"])
+        issued.write(directory, "server")
+        return issued.certificate.serial_number
 
     def cert(self, name: str) -> Path:
         return self.dir / f"{name}.pem"
@@ -147,6 +154,20 @@ class ChildProcess:
         with self._changed:
             return "\n".join(self.lines)
 
+    def _wait_until(self, seen: Callable[[], bool], timeout: float) -> None:
+        """Wait until seen() holds of the lines, or the process has ended and said all."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    seen()
+                    or (
+                        self.proc.poll() is not None
+                        and not any(reader.is_alive() for reader in self._readers)
+                    )
+                ),
+                timeout,
+            )
+
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 20) -> re.Match[str]:
         """Wait until a line matching pattern appears; fail with the output if it does not."""
         regex = re.compile(pattern)
@@ -154,13 +175,9 @@ class ChildProcess:
 
         def seen() -> bool:
             found[:] = [m for line in self.lines if (m := regex.search(line))]
-            return bool(found) or (
-                self.proc.poll() is not None
-                and not any(reader.is_alive() for reader in self._readers)
-            )
+            return bool(found)
 
-        with self._changed:
-            self._changed.wait_for(seen, timeout)
+        self._wait_until(seen, timeout)
         if not found:
             raise AssertionError(
                 f"no line matching {regex.pattern!r}; the process said:\n{self.output}"
@@ -170,14 +187,7 @@ class ChildProcess:
     def wait_for_count(self, text: str, count: int, timeout: float = 20) -> None:
         """Wait until `count` lines hold `text` (the same line written again, say)."""
 
-        def seen() -> bool:
-            return sum(text in line for line in self.lines) >= count or (
-                self.proc.poll() is not None
-                and not any(reader.is_alive() for reader in self._readers)
-            )
-
-        with self._changed:
-            self._changed.wait_for(seen, timeout)
+        self._wait_until(lambda: sum(text in line for line in self.lines) >= count, timeout)
         found = sum(text in line for line in self.lines)
         if found < count:
             raise AssertionError(

@@ -307,6 +307,11 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("nan seconds", lambda p: single(p, drain_grace=float("nan")), ["drain_grace: nan seconds"]),
     ("huge seconds", lambda p: single(p, drain_grace=1e400), ["drain_grace: inf seconds"]),
     (
+        "a busy reload period",
+        lambda p: single(p, reload_interval=0.001),
+        ["reload_interval: 0.001 seconds is too short (at least 0.1; 0: off)"],
+    ),
+    (
         "key given twice",
         lambda p: "allow_cn: [alice]\nallow_cn: [bob]\n",
         ["sidecar.yaml: 'allow_cn' is given twice at line 2"],

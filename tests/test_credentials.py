@@ -39,13 +39,6 @@ def _route(pki: Pki, probe: Probe, directory: Path, data_plane: str) -> Route:
     return Route(load(flags, {}).config.routes[0])
 
 
-def _serve_certificate(pki: Pki, directory: Path) -> int:
-    """Write a fresh server certificate and key where the route reads them; its serial."""
-    issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"])
-    issued.write(directory, "server")
-    return issued.certificate.serial_number
-
-
 async def _connect(
     port: int, context: ssl.SSLContext
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
@@ -70,7 +63,7 @@ async def _served(port: int, context: ssl.SSLContext) -> int:
 def test_a_reload_serves_new_handshakes_and_keeps_the_last_good_credentials(
     pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
 ) -> None:
-    first = _serve_certificate(pki, tmp_path)
+    first = pki.issue_server(tmp_path)
     route = _route(pki, probe, tmp_path, data_plane)
     context = client_context(pki, "alice")
 
@@ -83,7 +76,7 @@ def test_a_reload_serves_new_handshakes_and_keeps_the_last_good_credentials(
             established, still_open, _ = await _connect(route.port, context)
 
             assert route.credentials.reload() is False  # the same content: nothing swapped
-            second = _serve_certificate(pki, tmp_path)
+            second = pki.issue_server(tmp_path)
             assert route.credentials.reload() is True
             assert await _served(route.port, context) == second
 
@@ -115,7 +108,7 @@ def test_a_refused_content_is_not_new_again_and_an_unreadable_file_is_new_once(
 ) -> None:
     """What a periodic check relies on: changed() is true for content not seen before only,
     so that a fault is reported once, not at every check."""
-    _serve_certificate(pki, tmp_path)
+    pki.issue_server(tmp_path)
     source = _route(pki, probe, tmp_path, "splice").credentials
     assert not source.changed()
     (tmp_path / "server.key").write_bytes(pki.key("alice").read_bytes())
@@ -128,7 +121,7 @@ def test_a_refused_content_is_not_new_again_and_an_unreadable_file_is_new_once(
     with pytest.raises(ConfigError, match="no such file"):
         source.reload()
     assert not source.changed()
-    second = _serve_certificate(pki, tmp_path)
+    second = pki.issue_server(tmp_path)
     assert source.changed()
     assert source.reload() is True
     assert source.current().material.leaf.serial_number == second

@@ -26,13 +26,6 @@ from tests.probe import Probe
 UNARY = "/probe.Probe/Unary"
 
 
-def _issue_server(pki: Pki, directory: Path) -> int:
-    """A fresh server certificate and key, written where the sidecar reads them; its serial."""
-    issued = certs.issue(pki.ca, "localhost", usage="server", ips=["127.0.0.1"])
-    issued.write(directory, "server")
-    return issued.certificate.serial_number
-
-
 def _served_serial(port: int, context: ssl.SSLContext) -> int:
     """The serial of the certificate a new connection to the sidecar is served."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -53,7 +46,7 @@ def _reloaded(sidecar: SidecarProcess, outcome: str) -> None:
 def test_sighup_serves_new_certificates_and_keeps_the_last_good_ones(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
 ) -> None:
-    first = _issue_server(pki, tmp_path)
+    first = pki.issue_server(tmp_path)
     sidecar = sidecars.serving(
         probe.port,
         "--allow-cn", "alice", "--data-plane", data_plane,
@@ -65,7 +58,7 @@ def test_sighup_serves_new_certificates_and_keeps_the_last_good_ones(
         call = channel.unary_unary(UNARY)
         assert call(b"before", timeout=10) == b"before"
 
-        second = _issue_server(pki, tmp_path)
+        second = pki.issue_server(tmp_path)
         _reloaded(sidecar, f"credentials reloaded: certificate serial {second:x}")
         assert _served_serial(sidecar.port, context) == second
         assert call(b"after", timeout=10) == b"after"  # the established connection goes on

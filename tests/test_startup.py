@@ -86,6 +86,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
         ({"--allow-cn": None}, ["no allow rule", "--allow-all"]),
         ({"--allow-all": ""}, ["--allow-all cannot be combined"]),
         ({"--drain-grace": "-1"}, ["--drain-grace"]),
+        ({"--reload-interval": "0.01"}, ["--reload-interval", "too short"]),
         ({"--log-format": "xml"}, ["--log-format", "xml"]),
         ({"--no-such-flag": ""}, ["--no-such-flag"]),
         ({"--cert": None}, ["--cert"]),

@@ -49,6 +49,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     default: object = None
     flag: bool = True  # settable by a command-line flag and an environment variable
+    shortest: float = 0.0  # seconds: a value above 0 and below this is refused (0 stays "off")
 
     @property
     def flag_name(self) -> str:
@@ -227,7 +228,7 @@ SETTINGS: tuple[Setting, ...] = (
         "reload_interval", "seconds", "process", "process",
         "how often every route's certificate, key and CA files are read and, when their "
         "content changed, reloaded as SIGHUP does; 0: only on SIGHUP",
-        metavar="SECONDS", default=0.0,
+        metavar="SECONDS", default=0.0, shortest=0.1,
     ),
     Setting(
         "log_format", "choice", "process", "logging", "", choices=LOG_FORMATS, default="text"
@@ -273,7 +274,7 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
             seconds = float(text)
         except ValueError:
             raise ConfigError(f"{where}: expected a number of seconds, got {text!r}") from None
-        return _seconds(seconds, where)
+        return _seconds(seconds, where, setting.shortest)
     if setting.kind == "count":
         try:
             count = int(text.strip())
@@ -299,7 +300,7 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number of seconds, got {value!r}")
         try:
-            return _seconds(float(value), where)
+            return _seconds(float(value), where, setting.shortest)
         except OverflowError:
             raise ConfigError(f"{where}: {value} seconds is out of range") from None
     if setting.kind == "count":
@@ -349,9 +350,13 @@ def _count(value: int, where: str) -> int:
     return value
 
 
-def _seconds(value: float, where: str) -> float:
+def _seconds(value: float, where: str, shortest: float = 0.0) -> float:
     if not math.isfinite(value) or value > _MAX_SECONDS:
         raise ConfigError(f"{where}: {value:g} seconds is out of range (at most {_MAX_SECONDS})")
     if value < 0:
         raise ConfigError(f"{where}: {value:g} must not be negative")
+    if 0 < value < shortest:  # a period so short it would keep the process busy
+        raise ConfigError(
+            f"{where}: {value:g} seconds is too short (at least {shortest:g}; 0: off)"
+        )
     return value

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from sidecar import __version__
@@ -145,7 +145,7 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Load
     return load(flags, environ, config_file)
 
 
-def _run_event_loop(config: Config) -> int:
+def _run_event_loop(config: Config, reread: Callable[[], Config] | None) -> int:
     from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
 
     allocator.tune_for_relaying()
@@ -153,8 +153,8 @@ def _run_event_loop(config: Config) -> int:
     try:
         import uvloop
     except ImportError:  # uvloop is optional: grpc.aio works on the stock loop too
-        return asyncio.run(run(config))
-    return int(uvloop.run(run(config)))
+        return asyncio.run(run(config, reread))
+    return int(uvloop.run(run(config, reread)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,8 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.log_format == "json":
         # grpc core writes its own plain-text lines to stderr; keep the stream JSON.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    reread = None
+    if loaded.config_file is not None:
+        # A reload reads the file again; the flags and environment are the process's own.
+        environ = dict(os.environ)
+        reread = lambda: load_from_args(args, environ).config  # noqa: E731
     try:
-        return _run_event_loop(config)
+        return _run_event_loop(config, reread)
     except ConfigError as exc:
         _say(f"config error: {exc}")
         return EXIT_USAGE

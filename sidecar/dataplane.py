@@ -65,6 +65,16 @@ class DataPlane(Protocol):
         """Bind and start serving; the port bound (0 for a unix socket)."""
         ...
 
+    def policy_replaced(self) -> None:
+        """The route's allow rules were replaced (a reload): apply them to established
+        connections (new connections and calls read the policy anyway)."""
+        ...
+
+    def credentials_replaced(self) -> None:
+        """The route's credentials were replaced (a reload): whatever was made with the old
+        ones and outlives a handshake (an egress channel, an egress splice) moves on."""
+        ...
+
     async def stop(self, grace: float | None) -> None:
         """Stop accepting; let calls in flight finish for up to grace seconds; end the rest."""
         ...

@@ -125,35 +125,40 @@ def test_reload_interval_follows_a_kubernetes_secret_swap_without_sighup(
     assert sum("not reloaded" in line for line in sidecar.lines) == 1, sidecar.output
 
 
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
 def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificate(
-    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
 ) -> None:
     """Egress: connections to the remote made after the reload present the new client
-    certificate; one made before keeps the one it presented (the remote, an ingress sidecar
-    allowing both names, logs which caller each call came from)."""
+    certificate; a call in flight on one made before finishes there (the remote, an ingress
+    sidecar allowing both names, logs which caller each call came from)."""
     ingress = sidecars.serving(probe.port, "--allow-cn", "alice", "--allow-cn", "bob")
     certs.issue(pki.ca, "alice", usage="client").write(tmp_path, "client")
     egress = sidecars.start(
         "--mode", "egress", "--upstream", f"127.0.0.1:{ingress.port}",
         "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"),
-        "--ca", str(pki.dir / "ca.pem"),
+        "--ca", str(pki.dir / "ca.pem"), "--data-plane", data_plane,
         default_tls=False,
     )  # fmt: skip
     egress.wait_ready()
     target = f"127.0.0.1:{egress.port}"
+    gate = probe.gate("rotation")
     with grpc.insecure_channel(target) as before:
         call = before.unary_unary(UNARY)
         assert call(b"1", timeout=10) == b"1"
         ingress.wait_for_count("peer='CN=alice", 1)
+        in_flight = call.future(b"2", timeout=60, metadata=[("x-probe-gate", "rotation")])
+        probe.wait_for_calls(2)
 
         certs.issue(pki.ca, "bob", usage="client").write(tmp_path, "client")
         _reloaded(egress, "credentials reloaded: certificate serial")
         # Its own subchannel: grpcio would otherwise share the first channel's connection.
         fresh = [("grpc.use_local_subchannel_pool", 1)]
         with grpc.insecure_channel(target, options=fresh) as after:
-            assert after.unary_unary(UNARY)(b"2", timeout=10) == b"2"
+            assert after.unary_unary(UNARY)(b"3", timeout=10) == b"3"
             ingress.wait_for_count("peer='CN=bob", 1)
-        assert call(b"3", timeout=10) == b"3"  # the connection made before: still alice
+        gate.set()
+        assert in_flight.result() == b"2"  # made before the reload: alice's connection
         ingress.wait_for_count("peer='CN=alice", 2)
 
 

@@ -64,16 +64,41 @@ class _Rule:
         return any(self.regex.fullmatch(name) for name in names if matchable(name))
 
 
+@dataclass(frozen=True)
+class _CompiledRules:
+    """The allow rules and their compiled patterns, swapped as one."""
+
+    rules: AllowRules
+    cn: tuple[_Rule, ...]
+    dns: tuple[_Rule, ...]
+    uri: tuple[_Rule, ...]
+
+    @classmethod
+    def of(cls, rules: AllowRules) -> _CompiledRules:
+        return cls(
+            rules,
+            tuple(_Rule("allow-cn", p, compile_pattern(p, ".")) for p in rules.cn),
+            tuple(
+                _Rule("allow-dns", p, compile_pattern(p, ".", ignore_case=True)) for p in rules.dns
+            ),
+            tuple(_Rule("allow-uri", p, compile_pattern(p, "/")) for p in rules.uri),
+        )
+
+
 class Policy:
     """Decides, for each call, whether the verified caller may invoke the method."""
 
     def __init__(self, rules: AllowRules) -> None:
-        self.rules = rules
-        self._cn = [_Rule("allow-cn", p, compile_pattern(p, ".")) for p in rules.cn]
-        self._dns = [
-            _Rule("allow-dns", p, compile_pattern(p, ".", ignore_case=True)) for p in rules.dns
-        ]
-        self._uri = [_Rule("allow-uri", p, compile_pattern(p, "/")) for p in rules.uri]
+        self._compiled = _CompiledRules.of(rules)
+
+    @property
+    def rules(self) -> AllowRules:
+        return self._compiled.rules
+
+    def replace(self, rules: AllowRules) -> None:
+        """Take new rules (a configuration reload): one assignment, so that a decision sees
+        the old rules or the new, never a mix, and both planes see the swap at once."""
+        self._compiled = _CompiledRules.of(rules)
 
     def admits(self, identity: PeerIdentity | None) -> bool:
         """Whether any call of this caller can be allowed: a caller admitted by no rule is
@@ -98,15 +123,16 @@ class Policy:
 
     def _matching_rule(self, identity: PeerIdentity | None) -> str | None:
         """The first rule the caller matches, as the audit trail names it."""
-        if self.rules.allow_all:
+        compiled = self._compiled
+        if compiled.rules.allow_all:
             return "allow-all"
         if identity is None or identity.unreadable is not None:
             return None  # a certificate that cannot be read matches nothing
         common_names = (identity.common_name,) if identity.common_name is not None else ()
         for rules, names in (
-            (self._cn, common_names),
-            (self._dns, identity.dns_names),
-            (self._uri, identity.uris),
+            (compiled.cn, common_names),
+            (compiled.dns, identity.dns_names),
+            (compiled.uri, identity.uris),
         ):
             for rule in rules:
                 if rule.matches(names):

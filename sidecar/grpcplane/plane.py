@@ -83,6 +83,17 @@ class GrpcPlane:
         await self._server.start()
         return int(port)
 
+    def policy_replaced(self) -> None:
+        """Nothing to do: each call is decided as it arrives, with the current rules. (grpc
+        core offers no way to close one caller's connection: a caller no longer allowed
+        keeps it open, and each of its calls is denied.)"""
+
+    def credentials_replaced(self) -> None:
+        """Ingress: nothing (grpc core asks the credentials before each handshake). Egress:
+        new calls go over a new channel made with the new certificate and CA."""
+        if not self._parts.ingress and self._relay is not None:
+            self._relay.renew_channel()
+
     async def stop(self, grace: float | None) -> None:
         if self._server is not None:
             if grace is not None and self._relay is not None:

@@ -353,6 +353,12 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             self._handlers[method] = handler
         return handler
 
+    def renew_channel(self) -> None:
+        """New calls go over a new channel to the upstream (Upstream.renew); the handlers
+        made for the old one are let go (calls in flight keep theirs)."""
+        self.upstream.renew()
+        self._handlers.clear()
+
     def call_arrived(self) -> None:
         self._arrived.set()
 

@@ -144,8 +144,13 @@ def configure(log_format: LogFormat, level: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter(_TEXT_FORMAT))
+    logging.getLogger().handlers[:] = [handler]
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    """Log at this level from now on (at start-up, and when a reload changes log_level)."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The HTTP/2 and HPACK libraries log every frame and header at debug level.
     for chatty in ("hpack", "h2"):

@@ -67,7 +67,8 @@ class CredentialSource:
         # What the sources held when last read and checked: a read that finds the same
         # bytes has nothing to check again.
         self._contents = self._read()
-        self._current = self._load(self._contents)  # a ConfigError here stops the start-up
+        # A ConfigError here stops the start-up.
+        self._current = Credentials(check_tls_material(cert, key, ca, role, self._contents), role)
         # What the last reload refused (the contents, or why they could not be read), so
         # that a periodic check reports a fault once, not at every check.
         self._refused: tuple[bytes, ...] | str | None = None
@@ -75,9 +76,6 @@ class CredentialSource:
 
     def _read(self) -> tuple[bytes, ...]:
         return tuple(source.read() for source in self._sources)
-
-    def _load(self, contents: tuple[bytes, ...]) -> Credentials:
-        return Credentials(check_tls_material(*self._sources, self.role, contents), self.role)
 
     def current(self) -> Credentials:
         return self._current
@@ -92,23 +90,25 @@ class CredentialSource:
             contents = str(error)
         return contents != self._contents and contents != self._refused
 
-    def reload(self) -> bool:
-        """Read and check the sources again; swap in the result if it differs from the
-        current one, and say whether it did. Raises ConfigError, keeping the current
-        credentials, when anything is wrong."""
+    def reload(self, sources: tuple[PemSource, PemSource, PemSource] | None = None) -> bool:
+        """Read and check the sources again (or new ones: cert, key, ca, from a reloaded
+        configuration); swap in the result if it differs from the current one, and say
+        whether it did. Raises ConfigError, keeping the current credentials and sources,
+        when anything is wrong."""
+        sources = sources or self._sources
         try:
-            contents = self._read()
+            contents = tuple(source.read() for source in sources)
         except ConfigError as error:
             self._refused = str(error)
             raise
-        if contents == self._contents:
+        if contents == self._contents and sources == self._sources:
             return False
         try:
-            loaded = self._load(contents)
+            loaded = Credentials(check_tls_material(*sources, self.role, contents), self.role)
         except ConfigError:
             self._refused = contents
             raise
-        self._contents, self._refused = contents, None
+        self._sources, self._contents, self._refused = sources, contents, None
         if loaded.material == self._current.material:
             return False
         if self._served is not None:  # the grpc plane's: built here, not on grpc's thread

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -79,7 +80,7 @@ class TLSDiagnosis:
         self,
         address: Address,
         server_name: str,
-        material: TLSMaterial,
+        material: Callable[[], TLSMaterial],
         *,
         server_name_setting: str,
         ca_setting: str,
@@ -87,7 +88,7 @@ class TLSDiagnosis:
     ) -> None:
         self._address = address
         self._server_name = server_name
-        self._material = material
+        self._material = material  # the route's current material (it changes on a reload)
         self._settings = (server_name_setting, ca_setting, cert_setting)
         self._cached: tuple[float, str | None] | None = None  # (when, reason)
         self._running: asyncio.Future[str | None] | None = None
@@ -146,7 +147,7 @@ class TLSDiagnosis:
         if observed is None:
             return None
         if observed.refused_ours is not None:
-            ours = self._material.leaf
+            ours = self._material().leaf
             return (
                 f"the remote refused this route's client certificate "
                 f"{ours.subject.rfc4514_string()} (issued by {ours.issuer.rfc4514_string()}) "
@@ -165,7 +166,7 @@ class TLSDiagnosis:
         context.verify_mode = ssl.CERT_NONE  # we only look; trust is decided by core
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["h2"])
-        load_own_chain(context, self._material)
+        load_own_chain(context, self._material())
         host, port = self._address.host, self._address.port
         try:
             with socket.create_connection((host, port), timeout=_TIMEOUT_SECONDS) as raw:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from sidecar.auth.headers import HeaderRules
 from sidecar.auth.policy import Policy
 from sidecar.config.model import AllowRules, RouteConfig
+from sidecar.config.pem import PemSource
 from sidecar.dataplane import DataPlane, RouteParts
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
@@ -51,6 +53,7 @@ class Route:
             config.ca,
             "server" if config.mode == "ingress" else "client",
         )
+        self.policy = Policy(config.allow)  # replaced in place on a reload
         self._plane: DataPlane | None = None
         self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
@@ -62,7 +65,7 @@ class Route:
             diagnosis = TLSDiagnosis(
                 config.upstream,
                 config.tls_name,
-                self.credentials.current().material,
+                lambda: self.credentials.current().material,
                 server_name_setting=config.label("server_name"),
                 ca_setting=config.label("ca"),
                 cert_setting=config.label("cert"),
@@ -70,7 +73,7 @@ class Route:
         return RouteParts(
             config=config,
             credentials=self.credentials,
-            policy=Policy(config.allow),
+            policy=self.policy,
             headers=HeaderRules(),
             observer=access_log(),
             diagnosis=diagnosis,
@@ -106,20 +109,37 @@ class Route:
                 config.tls_name,
             )
 
-    def reload_credentials(self, *, when_changed: bool = False) -> None:
-        """Read the route's certificate, key and CA bundle again. New handshakes get them if
-        they changed and pass every start-up check; established connections keep theirs.
-        Anything wrong keeps the current ones, with one ERROR naming the file and the fault
-        (the start-up checks' own words). when_changed (a periodic check): say nothing
-        unless the files hold something not seen before."""
+    def reload(self, config: RouteConfig | None = None, *, when_changed: bool = False) -> None:
+        """Read the route's certificate, key and CA bundle again and, given a reloaded
+        configuration of this route (differing from the running one in
+        reload.ROUTE_FIELDS_IN_PLACE only), take its allow rules and credential sources.
+
+        New rules apply at once, to established connections too. New credentials
+        serve new handshakes if they pass every start-up check; established
+        connections keep theirs. Anything wrong keeps the current credentials, with
+        one ERROR naming the file and the fault (the start-up checks' own words).
+        when_changed (a periodic check): say nothing unless the files hold something
+        not seen before.
+        """
         title = self.config.title
-        if when_changed and not self.credentials.changed():
+        if config is not None and config.allow != self.config.allow:
+            self.policy.replace(config.allow)
+            self.config = replace(self.config, allow=config.allow)
+            logger.info("%s: allowlist reloaded: %s", title, _describe_rules(config.allow))
+            if self._plane is not None:
+                self._plane.policy_replaced()
+        sources = None
+        if config is not None and (config.cert, config.key, config.ca) != self._sources():
+            sources = (config.cert, config.key, config.ca)
+        elif when_changed and not self.credentials.changed():
             return
         try:
-            changed = self.credentials.reload()
+            changed = self.credentials.reload(sources)
         except ConfigError as error:
             logger.error("%s: credentials not reloaded, the current ones stay: %s", title, error)
             return
+        if sources is not None:
+            self.config = replace(self.config, cert=sources[0], key=sources[1], ca=sources[2])
         if not changed:
             logger.info("%s: credentials reloaded, unchanged", title)
             return
@@ -132,12 +152,11 @@ class Route:
             leaf.subject.rfc4514_string(),
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}",
         )
-        if self.config.mode == "egress" and self.config.data_plane == "grpc":
-            logger.warning(
-                "%s: data_plane grpc keeps its channel to the remote, and the certificate it "
-                "was made with, until the sidecar restarts",
-                title,
-            )
+        if self._plane is not None:
+            self._plane.credentials_replaced()
+
+    def _sources(self) -> tuple[PemSource, PemSource, PemSource]:
+        return (self.config.cert, self.config.key, self.config.ca)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""

@@ -4,7 +4,7 @@
 context manager for embedding; `run` adds the signal handling of the process:
 the first SIGTERM or SIGINT stops accepting and lets in-flight calls finish for
 up to the drain grace, a second one exits at once; SIGHUP reloads every route's
-credentials.
+credentials, and the configuration file if there is one (runtime/reload.py).
 """
 
 from __future__ import annotations
@@ -13,22 +13,36 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
+from dataclasses import replace
 from types import TracebackType
 
 from sidecar.config.model import Config
-from sidecar.errors import EXIT_OK, EXIT_RUNTIME
+from sidecar.errors import EXIT_OK, EXIT_RUNTIME, ConfigError
 from sidecar.host.descriptors import raise_open_file_limit
+from sidecar.observe import logs
+from sidecar.runtime.reload import PROCESS_FIELDS_IN_PLACE, needs_restart, route_key
 from sidecar.runtime.route import Route
 
 logger = logging.getLogger("sidecar.server")  # by name: operators filter on it
 
 
 class Sidecar:
-    """All routes of one configuration, started and stopped together."""
+    """All routes of one configuration, started and stopped together.
 
-    def __init__(self, config: Config) -> None:
+    reread, when the configuration comes from a file, reads it again (with the same
+    flags and environment) for a reload: see runtime/reload.py for what changes in
+    place and what takes a restart.
+    """
+
+    def __init__(self, config: Config, reread: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.routes = [Route(route) for route in config.routes]  # validates every certificate
+        self._reread = reread
+        # The configuration last read by a reload, or why it could not be read: a periodic
+        # check acts on (and reports) a configuration once, not at every check.
+        self._last_read: Config | str = config
+        self._checking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start every route; if one cannot start, stop those already started."""
@@ -40,22 +54,76 @@ class Sidecar:
         except BaseException:
             await asyncio.gather(*(route.stop(None) for route in started))
             raise
+        self._check_every(self.config.reload_interval)
 
-    def reload_credentials(self, *, when_changed: bool = False) -> None:
-        """Every route reads its certificate, key and CA bundle again (see Route)."""
-        for route in self.routes:
-            route.reload_credentials(when_changed=when_changed)
+    def reload(self, *, when_changed: bool = False) -> None:
+        """Read the configuration file again (if there is one) and apply what can change in
+        place, then every route's certificate, key and CA bundle. when_changed (a periodic
+        check): act, and speak, only on what was not read before."""
+        config = self._read_config(when_changed)
+        if config is not None:
+            self._apply(config)
+        for index, route in enumerate(self.routes):
+            update = None
+            if config is not None:
+                update = config.routes[index]
+            route.reload(update, when_changed=when_changed)
 
-    async def check_credentials(self, interval: float) -> None:
-        """Every interval, reload the routes whose credential files hold something new (a
-        Kubernetes secret's symlink swapped, cert-manager's renewal): content is compared,
-        not modification times."""
+    def _read_config(self, when_changed: bool) -> Config | None:
+        """The configuration to apply: read again, and possible to apply in place; else None
+        (the running one stays, with one ERROR saying why)."""
+        if self._reread is None:
+            return None
+        try:
+            config: Config | str = self._reread()
+        except ConfigError as error:
+            config = str(error)
+        if when_changed and config == self._last_read:
+            return None
+        self._last_read = config
+        if isinstance(config, str):
+            logger.error("config not reloaded, the running configuration stays: %s", config)
+            return None
+        refusal = needs_restart(self.config, config)
+        if refusal is not None:
+            logger.error("config not reloaded, the running configuration stays: %s", refusal)
+            return None
+        # In the running order (routes are matched by name, or place), for Route.reload.
+        by_key = {route_key(route, i): route for i, route in enumerate(config.routes)}
+        routes = tuple(by_key[route_key(r.config, i)] for i, r in enumerate(self.routes))
+        return replace(config, routes=routes)
+
+    def _apply(self, config: Config) -> None:
+        """Take the process settings that change in place."""
+        running, self.config = self.config, replace(config, routes=self.config.routes)
+        for key in sorted(PROCESS_FIELDS_IN_PLACE):
+            before, after = getattr(running, key), getattr(config, key)
+            if before != after:
+                logger.info("config reloaded: %s %s, was %s", key, after, before)
+        if config.log_level != running.log_level:
+            logs.set_level(config.log_level)
+        if config.reload_interval != running.reload_interval:
+            self._check_every(config.reload_interval)
+
+    def _check_every(self, interval: float) -> None:
+        """Check the files every interval (0: never), replacing the check running."""
+        if self._checking is not None:
+            self._checking.cancel()
+            self._checking = None
+        if interval:
+            self._checking = asyncio.get_running_loop().create_task(self._check(interval))
+
+    async def _check(self, interval: float) -> None:
+        """Every interval, reload what changed: the config file, or a route's credential
+        files (a Kubernetes secret's symlink swapped, cert-manager's renewal). Content is
+        compared, not modification times."""
         while True:
             await asyncio.sleep(interval)
-            self.reload_credentials(when_changed=True)
+            self.reload(when_changed=True)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting everywhere; in-flight calls have up to grace seconds to finish."""
+        self._check_every(0)
         await asyncio.gather(*(route.stop(grace) for route in self.routes))
         logger.info("stopped")
 
@@ -72,9 +140,10 @@ class Sidecar:
         await self.stop(None)
 
 
-async def run(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT, drain, and return the process exit code."""
-    sidecar = Sidecar(config)  # validates every certificate first
+async def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, drain, and return the process exit code. reread: how
+    SIGHUP reads the configuration again (None: it reloads credential files only)."""
+    sidecar = Sidecar(config, reread)  # validates every certificate first
     raise_open_file_limit()  # each spliced caller costs two descriptors
     await sidecar.start()
     stop_requested = asyncio.Event()
@@ -87,7 +156,7 @@ async def run(config: Config) -> int:
             logger.info(
                 "%s: draining, in-flight calls have up to %gs (again to exit now)",
                 signum.name,
-                config.drain_grace,
+                sidecar.config.drain_grace,
             )
             stop_requested.set()
         else:
@@ -96,18 +165,16 @@ async def run(config: Config) -> int:
             os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
 
     def on_reload() -> None:
-        logger.info("SIGHUP: reloading every route's certificate, key and CA bundle")
-        sidecar.reload_credentials()
+        logger.info(
+            "SIGHUP: reloading %severy route's certificate, key and CA bundle",
+            "the config file and " if reread is not None else "",
+        )
+        sidecar.reload()
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
-    checking = None
-    if config.reload_interval:
-        checking = loop.create_task(sidecar.check_credentials(config.reload_interval))
     await stop_requested.wait()
-    if checking is not None:
-        checking.cancel()
-    await sidecar.stop(config.drain_grace)
+    await sidecar.stop(sidecar.config.drain_grace)
     return EXIT_OK

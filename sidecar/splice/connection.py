@@ -233,6 +233,8 @@ class Splice:
         # above it are ignored by the upstream, so they are not tracked as calls.
         self._upstream_last: int | None = None
         self._drain_ping: asyncio.TimerHandle | None = None  # until the caller's ACK
+        # Set when the allowlist no longer admits the caller: the reason for each new call.
+        self._revoked: Callable[[str], str] | None = None
         self._own_to_caller = OwnFrames()
         self._own_to_upstream = OwnFrames()
         self._ack_delay = ack_delay
@@ -358,6 +360,13 @@ class Splice:
             self._send_own_to_caller()
         elif not self._calls:
             self._close_drained()
+
+    def revoke(self, reason: Callable[[str], str]) -> None:
+        """The caller is no longer allowed (the allowlist was reloaded): each call it starts
+        from now on is answered PERMISSION_DENIED here, with reason(method) as the details;
+        its calls in flight finish, and the connection closes as a drain's does."""
+        self._revoked = reason
+        self.drain()
 
     def _drain_pinged(self) -> None:
         """The caller has read the first GOAWAY and sent every call it will (or did not
@@ -668,6 +677,11 @@ class Splice:
             rewritten, path = self._requests.rewrite(buffer[start:end])
         except RequestRefused as refused:
             self._answer_here(stream_id, Call(None, bool(flags & END_STREAM)), refused)
+            return DROP
+        if self._revoked is not None:
+            method = (path or b"").decode("utf-8", "replace")
+            denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, self._revoked(method))
+            self._answer_here(stream_id, Call(path, bool(flags & END_STREAM)), denied)
             return DROP
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track

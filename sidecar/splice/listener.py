@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -32,7 +33,8 @@ from typing import Protocol
 
 import grpc
 
-from sidecar.auth.identity import IdentityReader
+from sidecar.auth.identity import IdentityReader, PeerIdentity
+from sidecar.auth.policy import Policy
 from sidecar.config.addresses import Address
 from sidecar.dataplane import RouteParts
 from sidecar.errors import StartupError
@@ -102,6 +104,7 @@ class _CallerProtocol(asyncio.Protocol):
         self._listener = listener
         self._transport: asyncio.Transport | None = None
         self.handler: ConnectionHandler | None = None
+        self.identity: PeerIdentity | None = None  # ingress: the caller, once its TLS is done
         self.remote = remote
         self.over_limit = over_limit  # admitted beyond max_connections: answered, then closed
         self.released = False  # its place among the over-limit connections given back
@@ -123,7 +126,7 @@ class _CallerProtocol(asyncio.Protocol):
             self._splice("-")
             return
         der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        identity = listener.identities.from_der(der)
+        self.identity = identity = listener.identities.from_der(der)
         policy = listener.parts.policy
         if policy.admits(identity):
             self._splice(identity.description)
@@ -132,7 +135,7 @@ class _CallerProtocol(asyncio.Protocol):
         self.handler = Refusal(
             self._transport,
             grpc.StatusCode.PERMISSION_DENIED,
-            lambda method: policy.decide(identity, method).reason,
+            functools.partial(_denial, policy, identity),
             peer=identity.description,
             remote=self.remote,
             route=listener.config.name,
@@ -354,6 +357,39 @@ class Listener:
         details = _failure_details(error, self.limits.connect_timeout)
         return await self.parts.upstream_unavailable(details)
 
+    def credentials_replaced(self) -> None:
+        """Ingress: nothing to do (each handshake takes the current credentials; established
+        connections keep their TLS session). Egress: each caller's connection drains (no new
+        calls, those in flight finish), so that its client reconnects and its calls reach
+        the remote over a new connection made with the new certificate and CA."""
+        if self.parts.ingress:
+            return
+        for connection in list(self.connections):
+            connection.drain()
+
+    def policy_replaced(self) -> None:
+        """The allowlist changed: each spliced caller it no longer admits has every new call
+        answered PERMISSION_DENIED, its calls in flight finish, then its connection closes
+        (Splice.revoke). A caller refused before and admitted now calls on its next
+        connection (a refused connection is closed soon: denied_calls, denied_lifetime)."""
+        policy = self.parts.policy
+        revoked: dict[str, int] = {}  # connections, by caller: one log line each
+        for connection in list(self.connections):
+            handler, identity = connection.handler, connection.identity
+            if not isinstance(handler, Splice) or identity is None or policy.admits(identity):
+                continue
+            handler.revoke(functools.partial(_denial, policy, identity))
+            revoked[identity.description] = revoked.get(identity.description, 0) + 1
+        for caller, count in revoked.items():
+            logger.info(
+                "%s: %s is no longer allowed: new calls on its %d open connection%s are denied, "
+                "and each closes once its calls in flight are over",
+                self.config.title,
+                caller,
+                count,
+                "" if count == 1 else "s",
+            )
+
     def _evict_denied(self) -> str | None:
         """Close the oldest denied caller's connection now, its place given at once; the
         caller's address, or None if no caller is denied."""
@@ -416,6 +452,11 @@ class Listener:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
         for connection in list(self.connections):
             connection.abort()
+
+
+def _denial(policy: Policy, identity: PeerIdentity, method: str) -> str:
+    """Why this caller may not call this method: what a revoked caller's calls are told."""
+    return policy.decide(identity, method).reason
 
 
 def _keep_alive(sock: socket.socket) -> None:

@@ -58,6 +58,16 @@ class RouteParts:
         return f"upstream {upstream} unavailable: {reason} ({details})"
 
 
+def log_shared_port(config: RouteConfig) -> None:
+    """Say that the route's port is shared with another process (host/ports.py)."""
+    logging.getLogger("sidecar.server").warning(
+        "%s: another process listens on %s too: new connections are shared with it until "
+        "it stops (a rolling restart); if that is not what you meant, stop one of the two",
+        config.title,
+        config.listen,
+    )
+
+
 class DataPlane(Protocol):
     """A route's listener and the relaying behind it, with an explicit lifecycle."""
 

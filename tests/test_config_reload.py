@@ -17,8 +17,8 @@ import grpc
 import pytest
 import yaml
 
-from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from sidecar.h2.frames import DATA, END_HEADERS, END_STREAM, HEADERS
+from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.hostile.peers import RawPeer, client_context, message, request_block
 from tests.probe import Probe
 from tests.test_reload import UNARY, _served_serial

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -120,12 +121,30 @@ def test_unsafe_upstream_flag_allows_a_non_loopback_upstream(
 
 
 def test_listen_port_in_use_exits_1_with_one_line(sidecars: SidecarFactory, pki: Pki) -> None:
-    first = sidecars.start("--upstream", "127.0.0.1:50051", "--allow-cn", "alice")
-    port = first.wait_ready()
-    result = sidecars.run(*command({**good_args(pki), "--listen": f"127.0.0.1:{port}"}))
+    """A port held by a program that does not share it (no SO_REUSEPORT) cannot be taken."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = sidecars.run(*command({**good_args(pki), "--listen": f"127.0.0.1:{port}"}))
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_a_second_sidecar_on_the_same_port_starts_and_says_it_shares_it(
+    sidecars: SidecarFactory, pki: Pki, data_plane: str
+) -> None:
+    """SO_REUSEPORT, for a rolling restart: the second binds, and warns that the port is
+    shared, so that two sidecars started on one port by mistake are not silent."""
+    first = sidecars.start("--upstream", "127.0.0.1:50051", "--allow-cn", "alice",
+                           "--data-plane", data_plane)  # fmt: skip
+    port = first.wait_ready()
+    second = sidecars.start("--upstream", "127.0.0.1:50051", "--allow-cn", "alice",
+                            "--data-plane", data_plane, listen=f"127.0.0.1:{port}")  # fmt: skip
+    assert second.wait_ready() == port
+    line = second.wait_for(r"WARNING .*another process listens on 127\.0\.0\.1:\d+ too.*")
+    assert "a rolling restart" in line.group(0)
+    assert not any("another process" in line for line in first.lines)
 
 
 def test_help_documents_every_flag(sidecars: SidecarFactory) -> None:

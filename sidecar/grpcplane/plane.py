@@ -10,10 +10,11 @@ import time
 from grpc import aio
 
 from sidecar.config.limits import Limits
-from sidecar.dataplane import RouteParts
+from sidecar.dataplane import RouteParts, log_shared_port
 from sidecar.errors import StartupError
 from sidecar.grpcplane.relay import Relay
 from sidecar.grpcplane.upstream import Upstream
+from sidecar.host.ports import port_held
 
 # A drain on the per-call plane first waits for calls to stop arriving for this long
 # (at most _SETTLE_LIMIT_SECONDS): grpc core cancels, at its shutdown, the calls it
@@ -24,8 +25,9 @@ _SETTLE_QUIET_SECONDS = 0.25
 _SETTLE_LIMIT_SECONDS = 1.0
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    # A second instance on the same port would silently take half the connections.
-    ("grpc.so_reuseport", 0),
+    # A second sidecar can take over the port for a rolling restart (host/ports.py: a
+    # port held already is said at start, so that a mistake is not silent).
+    ("grpc.so_reuseport", 1),
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
     # Long-lived idle streams: accept clients' keepalive pings (even without calls)
@@ -53,6 +55,13 @@ def _core_budgets(limits: Limits) -> tuple[tuple[str, int], ...]:
     return budgets
 
 
+def _port_held(host: str, port: int) -> bool:
+    try:
+        return port_held(host or None, port)
+    except OSError:
+        return False  # a name that does not resolve: grpc core's bind says why
+
+
 class GrpcPlane:
     """A route served call by call through grpc.aio."""
 
@@ -72,6 +81,8 @@ class GrpcPlane:
             handlers=[self._relay], options=SERVER_OPTIONS + _core_budgets(config.limits)
         )
         listen = config.listen
+        if listen.unix_path is None and _port_held(listen.host, listen.port):
+            log_shared_port(config)
         try:
             if parts.ingress:
                 credentials = parts.credentials.grpc_server_credentials()

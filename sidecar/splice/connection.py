@@ -349,11 +349,15 @@ class Splice:
             self._caller.resume_reading()
 
     def drain(self) -> None:
-        """Tell the caller to start no new calls; close once those in flight are done."""
+        """Tell the caller to start no new calls; close once those in flight are done. Before
+        the upstream's SETTINGS have been relayed (the server's preface, which must come
+        first), the GOAWAY waits for them."""
         self._enter(_DRAINING)
-        if self._phase >= _FAILING or self._upstream is None:
+        if self._phase >= _FAILING:
             self._close_both()
             return
+        if self._replay is not None:
+            return  # from_upstream drains once the upstream's first frame is relayed
         if self._upstream_last is None:  # else the caller already has a GOAWAY, and a lower one
             self._own_to_caller.frames += DRAIN_OPENING
             self._drain_ping = self._loop.call_later(DRAIN_PING_SECONDS, self._drain_pinged)
@@ -468,6 +472,8 @@ class Splice:
                 self._first_frame_timer.cancel()
                 self._first_frame_timer = None
             self.resume_caller("upstream silent")
+            if self._phase is _DRAINING:  # asked to drain before the upstream spoke
+                self._loop.call_soon(self.drain)
         earned = self._inbound.data_frames - self._data_seen
         if earned:  # the caller's WINDOW_UPDATEs and PINGs answer what it receives
             self._data_seen = self._inbound.data_frames

@@ -36,10 +36,11 @@ import grpc
 from sidecar.auth.identity import IdentityReader, PeerIdentity
 from sidecar.auth.policy import Policy
 from sidecar.config.addresses import Address
-from sidecar.dataplane import RouteParts
+from sidecar.dataplane import RouteParts, log_shared_port
 from sidecar.errors import StartupError
 from sidecar.h2.headerblock import RequestFilter
 from sidecar.host.allocator import release_free_memory
+from sidecar.host.ports import bind_tcp
 from sidecar.pki.tls import cap_peer_chain
 from sidecar.splice.admission import Admission
 from sidecar.splice.connection import WRITE_BUFFER_HIGH, Splice
@@ -110,6 +111,11 @@ class _CallerProtocol(asyncio.Protocol):
         self.released = False  # its place among the over-limit connections given back
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._set_up(transport)
+        if self._listener.draining:  # its handshake was under way when the listener stopped
+            self.drain()
+
+    def _set_up(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         assert self._transport is not None
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
@@ -211,7 +217,9 @@ class Listener:
         self._trim: asyncio.TimerHandle | None = None
         self._prepared: ssl.SSLContext | None = None  # the last context given to _tls
         self._sockets: list[socket.socket] = []  # listening
-        self._tasks: set[asyncio.Task[None]] = set()  # accept loops and handshakes
+        self._accepting: set[asyncio.Task[None]] = set()  # one accept loop per socket
+        self._opening: set[asyncio.Task[None]] = set()  # connections being set up (TLS)
+        self.draining = False  # stopped accepting: a connection set up now drains at once
         self.admission = Admission(config.title, config.name, config.limits, parts.observer)
         self._all_gone = asyncio.Event()
         self._tls()  # the first context is prepared (and any warning logged) at start-up
@@ -242,15 +250,17 @@ class Listener:
         """Bind and start accepting; return the port (0 for a unix socket)."""
         listen = self.config.listen
         try:
-            self._sockets = _bind(listen)
+            self._sockets, shared = _bind(listen)
         except OSError as error:
             raise StartupError(
                 f"cannot listen on {listen}: {_failure_details(error, 0)} (address in use?)"
             ) from None
+        if shared:
+            log_shared_port(self.config)
         self.admission.start()
         loop = asyncio.get_running_loop()
         for listening in self._sockets:
-            self._track(loop.create_task(self._accept(listening)))
+            _track(self._accepting, loop.create_task(self._accept(listening)))
         if listen.unix_path is not None:
             return 0
         return int(self._sockets[0].getsockname()[1])
@@ -270,7 +280,7 @@ class Listener:
             if verdict == "close":
                 sock.close()
                 continue
-            self._track(loop.create_task(self._open(sock, verdict == "refuse")))
+            _track(self._opening, loop.create_task(self._open(sock, verdict == "refuse")))
 
     async def _open(self, sock: socket.socket, over_limit: bool) -> None:
         """Run the TLS handshake (ingress) and give the connection its protocol."""
@@ -428,15 +438,18 @@ class Listener:
         self._peak = len(self.connections)
         release_free_memory()
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def stop(self, grace: float | None) -> None:
         """Stop accepting; tell callers to start no new calls; wait up to grace for those
-        in flight, then end every connection (which cancels what is left upstream)."""
-        for task in list(self._tasks):
-            task.cancel()  # accept loops, and handshakes not yet done
+        in flight, then end every connection (which cancels what is left upstream).
+
+        A connection accepted before the stop whose TLS handshake is still running is
+        let finish it (within the grace), then drained like the others: in a rolling
+        restart, a client that connected as the listener closed gets its call served,
+        or a GOAWAY, never a closed connection in the middle of its handshake."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (grace or 0)
+        for task in list(self._accepting):
+            task.cancel()
         for listening in self._sockets:
             listening.close()
         self.admission.stop()
@@ -444,14 +457,25 @@ class Listener:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.unix_path)
         self._sockets = []
+        self.draining = True
         self._all_gone.clear()
         for connection in list(self.connections):
             connection.drain()
-        if self.connections and grace:
+        if self._opening and grace:
+            await asyncio.wait(list(self._opening), timeout=grace)
+        for task in list(self._opening):
+            task.cancel()
+        left = end - loop.time()
+        if self.connections and left > 0:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._all_gone.wait(), grace)
+                await asyncio.wait_for(self._all_gone.wait(), left)
         for connection in list(self.connections):
             connection.abort()
+
+
+def _track(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _denial(policy: Policy, identity: PeerIdentity, method: str) -> str:
@@ -471,8 +495,10 @@ def _keep_alive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-def _bind(address: Address) -> list[socket.socket]:
-    """Listening sockets for address: one per address a host name has (all on one port)."""
+def _bind(address: Address) -> tuple[list[socket.socket], bool]:
+    """Listening sockets for address, and whether another process holds its port already
+    (a rolling restart: see host/ports.py)."""
+    shared = False
     if address.unix_path is not None:
         path = address.unix_path
         with contextlib.suppress(FileNotFoundError):
@@ -482,24 +508,8 @@ def _bind(address: Address) -> list[socket.socket]:
         sock.bind(path)
         socks = [sock]
     else:
-        infos = socket.getaddrinfo(
-            address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        socks, port = [], address.port
-        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):  # unique, in order
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((sockaddr[0], port, *sockaddr[2:]))
-            except OSError:
-                for opened in socks:
-                    opened.close()
-                raise
-            port = sock.getsockname()[1]  # port 0: the others take the one picked
+        socks, shared = bind_tcp(address.host or None, address.port)
     for sock in socks:
         sock.listen(4096)
         sock.setblocking(False)
-    return socks
+    return socks, shared

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +29,14 @@ class Result:
 
 
 class Load:
-    """Workers calling `method` on `target` until stopped; the result says how it went."""
+    """Workers calling `method` on `target` until stopped; the result says how it went.
+    credentials may be a function, asked for each new connection (a client rotating its
+    own certificate)."""
 
     def __init__(
         self,
         target: str,
-        credentials: grpc.ChannelCredentials | None,
+        credentials: grpc.ChannelCredentials | Callable[[], grpc.ChannelCredentials] | None,
         *,
         workers: int = 16,
         calls_per_connection: int = 20,
@@ -80,9 +82,12 @@ class Load:
     def _channel(self) -> grpc.Channel:
         # Its own subchannel: grpcio would otherwise share one connection among channels.
         options = [("grpc.use_local_subchannel_pool", 1)]
-        if self._credentials is None:
+        credentials = self._credentials
+        if callable(credentials):
+            credentials = credentials()
+        if credentials is None:
             return grpc.insecure_channel(self._target, options=options)
-        return grpc.secure_channel(self._target, self._credentials, options=options)
+        return grpc.secure_channel(self._target, credentials, options=options)
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -96,6 +101,7 @@ class Load:
                     self._one(call)
 
     def _one(self, call: grpc.UnaryUnaryMultiCallable) -> None:
+        failure: str | None
         try:
             answer = call(self._payload, timeout=self._timeout)
         except grpc.RpcError as error:

@@ -205,4 +205,6 @@ def _check_config(loaded: Loaded) -> int:
     for warning in loaded.warnings:
         print(f"# warning: {warning}")
     print(render(loaded, [route.credentials.current().material for route in routes]), end="")
+    for route in routes:
+        route.credentials.close()  # a SPIFFE source's connection to its agent
     return EXIT_OK

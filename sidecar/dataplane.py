@@ -19,7 +19,7 @@ from sidecar.auth.policy import Policy
 from sidecar.config.model import RouteConfig
 from sidecar.observe.calls import CallObserver
 from sidecar.observe.loglimit import LogLimiter
-from sidecar.pki.credentials import CredentialSource
+from sidecar.pki.credentials import SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
 
 # Both planes log an unreachable upstream under the grpc plane's historical name.
@@ -31,7 +31,7 @@ class RouteParts:
     """One route's shared parts, as its data plane gets them."""
 
     config: RouteConfig
-    credentials: CredentialSource  # ingress: the listener's; egress: towards the remote
+    credentials: SwappedCredentials  # ingress: the listener's; egress: towards the remote
     policy: Policy  # ingress: who may call (egress: local callers are the app itself)
     headers: HeaderRules
     observer: CallObserver

@@ -65,9 +65,12 @@ class RouteConfig:
     mode: Mode
     listen: Address
     upstream: Address
-    cert: PemSource
-    key: PemSource
-    ca: PemSource
+    # The route's own certificate chain, key and CA bundle: PEM sources, or, instead, a
+    # SPIFFE Workload API's socket (unix:/path) that pushes them.
+    cert: PemSource | None = None
+    key: PemSource | None = None
+    ca: PemSource | None = None
+    spiffe_socket: str | None = None
     allow: AllowRules = field(default_factory=AllowRules)
     server_name: str | None = None
     unsafe_upstream: bool = False
@@ -103,6 +106,11 @@ class RouteConfig:
         return f"route {self.name!r} ({self.mode})" if self.name else self.mode
 
     def __post_init__(self) -> None:
+        pem_sources = (self.cert, self.key, self.ca)
+        if self.spiffe_socket is None and None not in pem_sources:
+            pass
+        elif self.spiffe_socket is None or pem_sources != (None, None, None):
+            raise ConfigError("a route takes cert, key and ca, or spiffe_socket instead")
         if self.mode == "ingress":
             self._check_ingress()
         else:

@@ -22,8 +22,8 @@ from sidecar.errors import ConfigError
 
 # text: a string; choice: one of `choices`; address: HOST:PORT or unix:/path;
 # pem: a file path or inline PEM; names: a list of strings; switch: a boolean;
-# seconds: a non-negative number; count: a positive whole number.
-Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds", "count"]
+# seconds: a non-negative number; count: a positive whole number; socket: unix:/path.
+Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds", "count", "socket"]
 
 # route: belongs to one listener (repeated per item under `routes:`);
 # process: shared by the whole process (top level of the file only).
@@ -100,6 +100,13 @@ SETTINGS: tuple[Setting, ...] = (
         "CA bundle, PEM: ingress, callers' certificates must chain to it; egress, the "
         "remote's must",
         metavar="FILE|PEM",
+    ),
+    Setting(
+        "spiffe_socket", "socket", "route", "TLS",
+        "take the certificate, key and CA bundle from this SPIFFE Workload API (a SPIRE "
+        "agent's socket) and follow its rotations, instead of --cert, --key and --ca "
+        "(default, when none of those is given: $SPIFFE_ENDPOINT_SOCKET)",
+        metavar="unix:PATH",
     ),
     Setting(
         "server_name", "text", "route", "TLS",
@@ -242,7 +249,11 @@ SETTINGS: tuple[Setting, ...] = (
 BY_KEY: dict[str, Setting] = {setting.key: setting for setting in SETTINGS}
 ROUTE_KEYS = tuple(setting.key for setting in SETTINGS if setting.scope == "route")
 PROCESS_KEYS = tuple(setting.key for setting in SETTINGS if setting.scope == "process")
-REQUIRED_ROUTE_KEYS = ("upstream", "cert", "key", "ca")
+REQUIRED_ROUTE_KEYS = ("upstream",)
+CREDENTIAL_KEYS = ("cert", "key", "ca")  # required unless spiffe_socket replaces them
+# The variable SPIFFE's own tools read the Workload API's address from (the SPIFFE
+# Workload Endpoint specification): spiffe_socket's default.
+SPIFFE_ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 _MAX_SECONDS = 86_400 * 365  # anything longer is a typo
 
@@ -309,7 +320,11 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
         return _count(value, where)
     if not isinstance(value, str):
         # The type only: the value may be a private key pasted as a YAML list.
-        example = {"address": " like 127.0.0.1:50051", "pem": " (a path or PEM text)"}
+        example = {
+            "address": " like 127.0.0.1:50051",
+            "pem": " (a path or PEM text)",
+            "socket": " like unix:/run/spire/agent.sock",
+        }
         raise ConfigError(
             f"{where}: expected a string{example.get(setting.kind, '')}, got {type(value).__name__}"
         )
@@ -317,6 +332,8 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
 
 
 def _from_string(setting: Setting, text: str, where: str, base: Path | None) -> Value:
+    if setting.kind == "socket":
+        return _unix_socket(text, where)
     if setting.kind == "address":
         return parse_address(text, where, allow_unix=True)
     if setting.kind == "pem":
@@ -360,3 +377,14 @@ def _seconds(value: float, where: str, shortest: float = 0.0) -> float:
             f"{where}: {value:g} seconds is too short (at least {shortest:g}; 0: off)"
         )
     return value
+
+
+def _unix_socket(text: str, where: str) -> str:
+    """A unix socket's address as SPIFFE writes it: unix:/path or unix:///path (absolute)."""
+    path = text.removeprefix("unix://") if text.startswith("unix:///") else text[5:]
+    absolute = path.startswith("/") and not path.startswith("//")  # no unix://authority/
+    if not text.startswith("unix:") or not absolute or "\0" in path:
+        raise ConfigError(
+            f"{where}: expected unix:/ABSOLUTE/PATH (the Workload API's socket), got {text!r}"
+        )
+    return f"unix:{path}"

@@ -24,10 +24,12 @@ from sidecar.config.model import DEFAULT_INGRESS_LISTEN, AllowRules, Config, Rou
 from sidecar.config.pem import read_bytes
 from sidecar.config.settings import (
     BY_KEY,
+    CREDENTIAL_KEYS,
     ENV_PREFIX,
     PROCESS_KEYS,
     REQUIRED_ROUTE_KEYS,
     ROUTE_KEYS,
+    SPIFFE_ENDPOINT_ENV,
     Value,
     from_file,
     from_text,
@@ -98,6 +100,12 @@ def load(
                     )
         route_layers = [(layer, f"{config_file}: routes[{index}]") for index, layer in routes]
 
+    endpoint = environ.get(SPIFFE_ENDPOINT_ENV)
+    if endpoint:
+        for layer, _ in route_layers:
+            if not any(key in layer for key in ("spiffe_socket", *CREDENTIAL_KEYS)):
+                value = from_text(BY_KEY["spiffe_socket"], endpoint, SPIFFE_ENDPOINT_ENV)
+                layer["spiffe_socket"] = Given(value, SPIFFE_ENDPOINT_ENV)
     config = Config(
         routes=tuple(_route(layer, location, config_file) for layer, location in route_layers),
         **{key: given.value for key, given in process.items()},  # type: ignore[arg-type]
@@ -114,6 +122,16 @@ def load(
 def _route(layer: Layer, location: str | None, config_file: str | None) -> RouteConfig:
     mode = layer["mode"].value if "mode" in layer else "ingress"
     required = [*REQUIRED_ROUTE_KEYS, *(("listen",) if mode == "egress" else ())]
+    if "spiffe_socket" in layer:
+        given = [key for key in CREDENTIAL_KEYS if key in layer]
+        if given:
+            where = layer["spiffe_socket"].where
+            raise ConfigError(
+                f"{where} replaces cert, key and ca, but {layer[given[0]].where} is given too: "
+                "keep one or the other"
+            )
+    else:
+        required += CREDENTIAL_KEYS
     missing = [key for key in required if key not in layer]
     if missing and location:
         raise ConfigError(f"{location}: missing {', '.join(missing)}")
@@ -136,6 +154,7 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         cert=get("cert"),
         key=get("key"),
         ca=get("ca"),
+        spiffe_socket=get("spiffe_socket"),
         allow=AllowRules(
             cn=get("allow_cn"),
             dns=get("allow_dns"),

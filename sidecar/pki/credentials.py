@@ -8,12 +8,15 @@ listener per caller (or, egress, per upstream connection), grpc core through its
 dynamic server credentials (`grpc_server_credentials`), which it asks before
 each handshake on a core thread. `reload()` reads and checks afresh and swaps
 the snapshot in one assignment, or raises ConfigError and keeps the last good
-one: what a reload trigger needs (as ghostunnel's certloader).
+one: what a reload trigger needs (as ghostunnel's certloader). The other source,
+pki/spiffe.py, is pushed its credentials by a SPIFFE Workload API; both are a
+`SwappedCredentials` to the data planes.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -58,8 +61,65 @@ class Credentials:
         return channel_credentials(self.material)
 
 
-class CredentialSource:
-    """A route's credentials: `current()` for each handshake, `reload()` to swap them."""
+class SwappedCredentials:
+    """What every credential source is to the data planes: `current()` for each handshake,
+    swapped in one assignment (`_swap`), and grpc core's dynamic server credentials that
+    follow the swaps. on_change, set by the route, is told after each swap made by the
+    source on its own (an agent's push; a reload() reports its swap by its result)."""
+
+    role: Role
+    _current: Credentials
+    _served: Credentials | None = None  # what grpc core was last handed
+    on_change: Callable[[], None] | None = None
+
+    def current(self) -> Credentials:
+        return self._current
+
+    def changed(self) -> bool:
+        """Whether a reload would find something new (a periodic check asks first)."""
+        return False
+
+    def reload(self, sources: tuple[PemSource, PemSource, PemSource] | None = None) -> bool:
+        """Read the credentials again and say whether they changed (ConfigError: kept)."""
+        return False
+
+    def watch(self) -> None:
+        """Start following the source's own updates (in the running loop)."""
+
+    def close(self) -> None:
+        """Stop following them."""
+
+    def _swap(self, loaded: Credentials) -> bool:
+        """Serve loaded from the next handshake on, if it differs; whether it did."""
+        if loaded.material == self._current.material:
+            return False
+        if self._served is not None:  # the grpc plane's: built here, not on grpc's thread
+            _ = loaded.grpc_server_configuration
+        self._current = loaded
+        return True
+
+    def grpc_server_credentials(self) -> grpc.ServerCredentials:
+        """The grpc plane's listener credentials: a client certificate required and verified
+        on every connection, new handshakes getting whatever is current."""
+        self._served = self._current
+        return grpc.dynamic_ssl_server_credentials(
+            self._current.grpc_server_configuration,
+            self._fetch,
+            require_client_authentication=True,
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc core's question before each handshake (on a core thread): None keeps what it
+        has. Cheap and file-free: the configuration was built when the swap was made."""
+        current = self._current
+        if current is self._served:
+            return None
+        self._served = current
+        return current.grpc_server_configuration
+
+
+class CredentialSource(SwappedCredentials):
+    """A route's credentials from PEM files or text: `reload()` reads and swaps them."""
 
     def __init__(self, cert: PemSource, key: PemSource, ca: PemSource, role: Role) -> None:
         self._sources = (cert, key, ca)
@@ -72,13 +132,9 @@ class CredentialSource:
         # What the last reload refused (the contents, or why they could not be read), so
         # that a periodic check reports a fault once, not at every check.
         self._refused: tuple[bytes, ...] | str | None = None
-        self._served: Credentials | None = None  # what grpc core was last handed
 
     def _read(self) -> tuple[bytes, ...]:
         return tuple(source.read() for source in self._sources)
-
-    def current(self) -> Credentials:
-        return self._current
 
     def changed(self) -> bool:
         """Whether the sources hold something new: neither what is in use nor what the last
@@ -109,28 +165,4 @@ class CredentialSource:
             self._refused = contents
             raise
         self._sources, self._contents, self._refused = sources, contents, None
-        if loaded.material == self._current.material:
-            return False
-        if self._served is not None:  # the grpc plane's: built here, not on grpc's thread
-            _ = loaded.grpc_server_configuration
-        self._current = loaded
-        return True
-
-    def grpc_server_credentials(self) -> grpc.ServerCredentials:
-        """The grpc plane's listener credentials: a client certificate required and verified
-        on every connection, new handshakes getting whatever is current."""
-        self._served = self._current
-        return grpc.dynamic_ssl_server_credentials(
-            self._current.grpc_server_configuration,
-            self._fetch,
-            require_client_authentication=True,
-        )
-
-    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """grpc core's question before each handshake (on a core thread): None keeps what it
-        has. Cheap and file-free: the configuration was built when the swap was made."""
-        current = self._current
-        if current is self._served:
-            return None
-        self._served = current
-        return current.grpc_server_configuration
+        return self._swap(loaded)

@@ -110,6 +110,14 @@ def san_names(cert: x509.Certificate) -> list[str]:
     )
 
 
+def describe_names(cert: x509.Certificate) -> str:
+    """Who a certificate names, for a log line: its subject, and its SPIFFE ID if it has one
+    (an X.509-SVID's subject may say nothing)."""
+    subject = cert.subject.rfc4514_string() or "no subject"
+    spiffe_ids = [name[4:] for name in san_names(cert) if name.startswith("URI:spiffe://")]
+    return f"{subject}, {spiffe_ids[0]}" if spiffe_ids else subject
+
+
 def server_subject(server_name: str) -> x509.DNSName | x509.IPAddress:
     """The SAN a server dialled as server_name must carry: an IP address, else a DNS name."""
     try:

@@ -46,7 +46,11 @@ def render(loaded: Loaded, materials: Sequence[TLSMaterial]) -> str:
             if value is None:
                 continue
             text = line(
-                indent, key, value, layer.get(key), material=material if key == "cert" else None
+                indent,
+                key,
+                value,
+                layer.get(key),
+                material=material if key in ("cert", "spiffe_socket") else None,
             )
             if several and first:
                 text = "- " + text[2:]

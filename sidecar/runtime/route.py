@@ -26,9 +26,10 @@ from sidecar.dataplane import DataPlane, RouteParts
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
-from sidecar.pki.credentials import CredentialSource
+from sidecar.pki.credentials import CredentialSource, SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
 from sidecar.pki.expiry import ExpiryWatch
+from sidecar.pki.x509 import Role, describe_names
 from sidecar.splice.listener import Listener
 
 logger = logging.getLogger("sidecar.server")
@@ -47,12 +48,16 @@ class Route:
         self.config = config
         # Read and validate certificates first: a bad file is a ConfigError before
         # anything is bound.
-        self.credentials = CredentialSource(
-            config.cert,
-            config.key,
-            config.ca,
-            "server" if config.mode == "ingress" else "client",
-        )
+        role: Role = "server" if config.mode == "ingress" else "client"
+        self.credentials: SwappedCredentials
+        if config.spiffe_socket is not None:
+            from sidecar.pki.spiffe import SpiffeSource  # imports the spiffe package
+
+            setting = config.label("spiffe_socket")
+            self.credentials = SpiffeSource(config.spiffe_socket, role, setting)
+        else:
+            assert config.cert is not None and config.key is not None and config.ca is not None
+            self.credentials = CredentialSource(config.cert, config.key, config.ca, role)
         self.policy = Policy(config.allow)  # replaced in place on a reload
         self._plane: DataPlane | None = None
         self._expiry = ExpiryWatch(config.title)
@@ -85,6 +90,8 @@ class Route:
         self.port = await self._plane.start()
         self._log_listening()
         self._expiry.watch(self.credentials.current().material.leaf)
+        self.credentials.on_change = self._credentials_changed
+        self.credentials.watch()
 
     def _log_listening(self) -> None:
         config = self.config
@@ -105,7 +112,7 @@ class Route:
                 config.title,
                 where,
                 config.upstream,
-                self.credentials.current().material.leaf.subject.rfc4514_string(),
+                describe_names(self.credentials.current().material.leaf),
                 config.tls_name,
             )
 
@@ -128,8 +135,11 @@ class Route:
             logger.info("%s: allowlist reloaded: %s", title, _describe_rules(config.allow))
             if self._plane is not None:
                 self._plane.policy_replaced()
+        if self.config.spiffe_socket is not None:
+            return  # nothing to read: the agent pushes its updates (_credentials_changed)
         sources = None
         if config is not None and (config.cert, config.key, config.ca) != self._sources():
+            assert config.cert is not None and config.key is not None and config.ca is not None
             sources = (config.cert, config.key, config.ca)
         elif when_changed and not self.credentials.changed():
             return
@@ -143,24 +153,31 @@ class Route:
         if not changed:
             logger.info("%s: credentials reloaded, unchanged", title)
             return
+        self._credentials_changed("reloaded")
+
+    def _credentials_changed(self, how: str = "updated by the SPIFFE Workload API") -> None:
+        """New credentials are in use for new handshakes: say which, watch their expiry, and
+        let the plane move what outlives a handshake (dataplane.credentials_replaced)."""
         leaf = self.credentials.current().material.leaf
         self._expiry.watch(leaf)
         logger.info(
-            "%s: credentials reloaded: certificate serial %x, %s, valid until %s UTC",
-            title,
+            "%s: credentials %s: certificate serial %x, %s, valid until %s UTC",
+            self.config.title,
+            how,
             leaf.serial_number,
-            leaf.subject.rfc4514_string(),
+            describe_names(leaf),
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}",
         )
         if self._plane is not None:
             self._plane.credentials_replaced()
 
-    def _sources(self) -> tuple[PemSource, PemSource, PemSource]:
+    def _sources(self) -> tuple[PemSource | None, PemSource | None, PemSource | None]:
         return (self.config.cert, self.config.key, self.config.ca)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""
         self._expiry.stop()
+        self.credentials.close()
         if self._plane is not None:
             await self._plane.stop(grace)
 

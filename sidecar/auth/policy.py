@@ -104,8 +104,9 @@ class Policy:
         """Whether any call of this caller can be allowed: a caller admitted by no rule is
         refused on its whole connection (never reaching the upstream). Every rule today
         names callers only, so for an admitted caller every call is allowed as well, and
-        the listener decides once per connection; rules that name methods will make the
-        splice decide per call too."""
+        the listener decides once per connection (and again for each open connection when
+        the rules are replaced); rules that name methods will make the splice decide per
+        call too."""
         return self._matching_rule(identity) is not None
 
     def decide(self, identity: PeerIdentity | None, method: str) -> Decision:

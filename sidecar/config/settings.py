@@ -233,8 +233,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "reload_interval", "seconds", "process", "process",
-        "how often every route's certificate, key and CA files are read and, when their "
-        "content changed, reloaded as SIGHUP does; 0: only on SIGHUP",
+        "how often every route's certificate, key and CA files, and the --config file, are "
+        "read and, when their content changed, reloaded as SIGHUP does; 0: only on SIGHUP",
         metavar="SECONDS", default=0.0, shortest=0.1,
     ),
     Setting(

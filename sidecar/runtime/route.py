@@ -72,8 +72,8 @@ class Route:
                 config.tls_name,
                 lambda: self.credentials.current().material,
                 server_name_setting=config.label("server_name"),
-                ca_setting=config.label("ca"),
-                cert_setting=config.label("cert"),
+                ca_setting=config.label("spiffe_socket" if config.spiffe_socket else "ca"),
+                cert_setting=config.label("spiffe_socket" if config.spiffe_socket else "cert"),
             )
         return RouteParts(
             config=config,

@@ -68,6 +68,8 @@ class Sidecar:
             if config is not None:
                 update = config.routes[index]
             route.reload(update, when_changed=when_changed)
+        # What runs now (a route whose new credential files were refused keeps its old ones).
+        self.config = replace(self.config, routes=tuple(route.config for route in self.routes))
 
     def _read_config(self, when_changed: bool) -> Config | None:
         """The configuration to apply: read again, and possible to apply in place; else None

@@ -79,6 +79,56 @@ def test_sighup_serves_new_certificates_and_keeps_the_last_good_ones(
     assert sidecar.proc.poll() is None
 
 
+def test_each_kind_of_bad_credentials_keeps_the_last_good_ones_with_one_error(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """Missing, half-written, mismatched, an empty CA bundle, expired, not yet valid, the
+    wrong usage: each reload is refused with one ERROR in the start-up checks' words, and
+    calls (on a connection made before, and on new ones) go on with the last good ones."""
+    good = pki.issue_server(tmp_path)
+    cert, key, ca = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"
+    ca.write_bytes((pki.dir / "ca.pem").read_bytes())
+    sidecar = sidecars.serving(
+        probe.port, "--allow-cn", "alice",
+        "--cert", str(cert), "--key", str(key), "--ca", str(ca),
+        default_tls=False,
+    )  # fmt: skip
+    saved = {path: path.read_bytes() for path in (cert, key, ca)}
+
+    def use(name: str) -> None:  # one of the test PKI's certificates, with its key
+        cert.write_bytes(pki.cert(name).read_bytes())
+        key.write_bytes(pki.key(name).read_bytes())
+
+    faults = [
+        ("missing", lambda: key.unlink(), "--key: no such file"),
+        ("half-written", lambda: cert.write_bytes(saved[cert][: len(saved[cert]) // 2]),
+         "--cert: " + str(cert) + " is not a valid PEM certificate"),
+        ("mismatched", lambda: key.write_bytes(pki.key("alice").read_bytes()),
+         "--key does not match --cert"),
+        ("empty CA bundle", lambda: ca.write_bytes(pki.cert("alice").read_bytes()),
+         "holds no CA certificate"),
+        ("expired", lambda: use("expired"), " expired on "),
+        ("not yet valid", lambda: use("notyet"), " is not valid until "),
+        ("wrong usage", lambda: use("alice"), "lacks the serverAuth extended key usage"),
+    ]  # fmt: skip
+    context = client_context(pki, "alice")
+    with sidecar.channel(pki) as established:
+        call = established.unary_unary(UNARY)
+        for kind, break_it, words in faults:
+            break_it()
+            _reloaded(sidecar, "credentials not reloaded, the current ones stay")
+            line = [line for line in sidecar.lines if "not reloaded" in line][-1]
+            assert " ERROR " in line and words in line, (kind, line)
+            assert _served_serial(sidecar.port, context) == good, kind
+            assert call(kind.encode(), timeout=10) == kind.encode()
+            with sidecar.channel(pki) as fresh:
+                assert fresh.unary_unary(UNARY)(b"new", timeout=10) == b"new", kind
+            for path, content in saved.items():
+                path.write_bytes(content)
+    assert sum("not reloaded" in line for line in sidecar.lines) == len(faults)
+    assert sidecar.proc.poll() is None
+
+
 def _kubernetes_secret(
     directory: Path, pki: Pki, version: str, *, key_of: Path | None = None
 ) -> int:

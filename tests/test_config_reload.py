@@ -192,3 +192,31 @@ def test_reload_interval_applies_a_changed_config_file_without_sighup(
     assert sum("config not reloaded" in line for line in sidecar.lines) == 1, sidecar.output
     with sidecar.channel(pki, "alice") as alice:
         assert alice.unary_unary(UNARY)(b"y", timeout=10) == b"y"
+
+
+def test_new_credential_paths_not_there_yet_are_taken_once_they_are(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """The config file names certificate files that are not written yet: refused once (the
+    current ones serve on), then taken by a later check as soon as they pass, with no
+    signal and no second ERROR."""
+    config = tmp_path / "sidecar.yaml"
+    _write_config(config, pki, probe.port, reload_interval=0.2)
+    sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
+    sidecar.wait_ready()
+    context = client_context(pki, "alice")
+    first = _served_serial(sidecar.port, context)
+    later = tmp_path / "later"
+    _write_config(
+        config, pki, probe.port, reload_interval=0.2,
+        cert=str(later / "server.pem"), key=str(later / "server.key"),
+    )  # fmt: skip
+    sidecar.wait_for("credentials not reloaded, the current ones stay: .*no such file")
+    assert _served_serial(sidecar.port, context) == first
+    staging = tmp_path / "staging"  # both files appear at once (a directory renamed)
+    staging.mkdir()
+    serial = pki.issue_server(staging)
+    staging.rename(later)
+    sidecar.wait_for(f"credentials reloaded: certificate serial {serial:x}")
+    assert _served_serial(sidecar.port, context) == serial
+    assert sum("not reloaded" in line for line in sidecar.lines) == 1, sidecar.output

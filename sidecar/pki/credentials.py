@@ -75,7 +75,7 @@ class SwappedCredentials:
     def current(self) -> Credentials:
         return self._current
 
-    def changed(self) -> bool:
+    def changed(self, sources: tuple[PemSource, PemSource, PemSource] | None = None) -> bool:
         """Whether a reload would find something new (a periodic check asks first)."""
         return False
 
@@ -136,15 +136,19 @@ class CredentialSource(SwappedCredentials):
     def _read(self) -> tuple[bytes, ...]:
         return tuple(source.read() for source in self._sources)
 
-    def changed(self) -> bool:
-        """Whether the sources hold something new: neither what is in use nor what the last
-        reload refused (for a periodic check: reading the files is cheap, checking them is
-        not). A file that cannot be read is new the first time, so that reload() says why."""
+    def changed(self, sources: tuple[PemSource, PemSource, PemSource] | None = None) -> bool:
+        """Whether the sources (or new ones) hold something new: neither what is in use nor
+        what the last reload refused (for a periodic check: reading the files is cheap,
+        checking them is not). A file that cannot be read is new the first time, so that
+        reload() says why."""
+        sources = sources or self._sources
         try:
-            contents: tuple[bytes, ...] | str = self._read()
+            contents: tuple[bytes, ...] | str = tuple(source.read() for source in sources)
         except ConfigError as error:
             contents = str(error)
-        return contents != self._contents and contents != self._refused
+        if contents == self._refused:
+            return False
+        return sources != self._sources or contents != self._contents
 
     def reload(self, sources: tuple[PemSource, PemSource, PemSource] | None = None) -> bool:
         """Read and check the sources again (or new ones: cert, key, ca, from a reloaded

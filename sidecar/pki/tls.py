@@ -116,6 +116,20 @@ def check_tls_material(
     cert: PemSource, key: PemSource, ca: PemSource, role: Role, contents: tuple[bytes, ...]
 ) -> TLSMaterial:
     """load_tls_material's checks on the sources' contents, read already (cert, key, CA)."""
+    try:
+        return _checked(cert, key, ca, role, contents)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
+        # cryptography parses extensions lazily: one it cannot read (two of a kind, a name
+        # type it does not know) surfaces here, not when the PEM was parsed.
+        raise ConfigError(
+            f"{cert.setting} or {ca.setting}: a certificate whose extensions cannot be read "
+            f"({error})"
+        ) from None
+
+
+def _checked(
+    cert: PemSource, key: PemSource, ca: PemSource, role: Role, contents: tuple[bytes, ...]
+) -> TLSMaterial:
     cert_pem, key_pem, ca_pem = contents
 
     chain = parse_certificates(cert_pem, _where(cert))

@@ -141,7 +141,7 @@ class Route:
         if config is not None and (config.cert, config.key, config.ca) != self._sources():
             assert config.cert is not None and config.key is not None and config.ca is not None
             sources = (config.cert, config.key, config.ca)
-        elif when_changed and not self.credentials.changed():
+        if when_changed and not self.credentials.changed(sources):
             return
         try:
             changed = self.credentials.reload(sources)

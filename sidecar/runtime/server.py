@@ -42,6 +42,7 @@ class Sidecar:
         # The configuration last read by a reload, or why it could not be read: a periodic
         # check acts on (and reports) a configuration once, not at every check.
         self._last_read: Config | str = config
+        self._accepted: Config | None = None  # the last configuration read and accepted
         self._checking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -56,10 +57,7 @@ class Sidecar:
             raise
         self._check_every(self.config.reload_interval)
 
-    def reload(self, *, when_changed: bool = False) -> None:
-        """Read the configuration file again (if there is one) and apply what can change in
-        place, then every route's certificate, key and CA bundle. when_changed (a periodic
-        check): act, and speak, only on what was not read before."""
+    def _reload(self, *, when_changed: bool) -> None:
         config = self._read_config(when_changed)
         if config is not None:
             self._apply(config)
@@ -72,8 +70,10 @@ class Sidecar:
         self.config = replace(self.config, routes=tuple(route.config for route in self.routes))
 
     def _read_config(self, when_changed: bool) -> Config | None:
-        """The configuration to apply: read again, and possible to apply in place; else None
-        (the running one stays, with one ERROR saying why)."""
+        """The configuration to apply: the file read again if it can be applied in place (a
+        file that cannot is refused with one ERROR); else the last one that could be, or
+        None. The last one accepted stays the aim: a route whose new credential files were
+        refused (not written yet, say) takes them once they pass."""
         if self._reread is None:
             return None
         try:
@@ -81,19 +81,20 @@ class Sidecar:
         except ConfigError as error:
             config = str(error)
         if when_changed and config == self._last_read:
-            return None
+            return self._accepted
         self._last_read = config
         if isinstance(config, str):
             logger.error("config not reloaded, the running configuration stays: %s", config)
-            return None
+            return self._accepted
         refusal = needs_restart(self.config, config)
         if refusal is not None:
             logger.error("config not reloaded, the running configuration stays: %s", refusal)
-            return None
+            return self._accepted
         # In the running order (routes are matched by name, or place), for Route.reload.
         by_key = {route_key(route, i): route for i, route in enumerate(config.routes)}
         routes = tuple(by_key[route_key(r.config, i)] for i, r in enumerate(self.routes))
-        return replace(config, routes=routes)
+        self._accepted = replace(config, routes=routes)
+        return self._accepted
 
     def _apply(self, config: Config) -> None:
         """Take the process settings that change in place."""
@@ -122,6 +123,16 @@ class Sidecar:
         while True:
             await asyncio.sleep(interval)
             self.reload(when_changed=True)
+
+    def reload(self, *, when_changed: bool = False) -> None:
+        """Read the configuration file again (if there is one) and apply what can change in
+        place, then every route's certificate, key and CA bundle. when_changed (a periodic
+        check): act, and speak, only on what was not read before. A bug must not end the
+        periodic checks or reach the signal handler: it is logged, and what runs stays."""
+        try:
+            self._reload(when_changed=when_changed)
+        except Exception:
+            logger.exception("reload failed (a bug: please report it); what runs stays")
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting everywhere; in-flight calls have up to grace seconds to finish."""

@@ -27,11 +27,11 @@ def svid_response(
     leaf: certs.Issued,
     spiffe_id: str,
     bundle: list[certs.Issued],
-    *,
-    key_of: certs.Issued | None = None,
+    federated: dict[str, certs.Issued] | None = None,
 ) -> workload_pb2.X509SVIDResponse:
-    """One X509SVIDResponse: the SVID (leaf, its key or another's) and the trust bundle."""
-    key = (key_of or leaf).key.private_bytes(
+    """One X509SVIDResponse: the SVID (the leaf and its key), its trust domain's bundle, and
+    the bundles of federated trust domains (by trust domain: spiffe://partner.org)."""
+    key = leaf.key.private_bytes(
         _DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     svid = workload_pb2.X509SVID(
@@ -40,7 +40,8 @@ def svid_response(
         x509_svid_key=key,
         bundle=b"".join(ca.certificate.public_bytes(_DER) for ca in bundle),
     )
-    return workload_pb2.X509SVIDResponse(svids=[svid])
+    others = {domain: ca.certificate.public_bytes(_DER) for domain, ca in (federated or {}).items()}
+    return workload_pb2.X509SVIDResponse(svids=[svid], federated_bundles=others)
 
 
 class FakeAgent(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]

@@ -17,6 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
@@ -110,6 +113,8 @@ def test_each_kind_of_bad_credentials_keeps_the_last_good_ones_with_one_error(
         ("expired", lambda: use("expired"), " expired on "),
         ("not yet valid", lambda: use("notyet"), " is not valid until "),
         ("wrong usage", lambda: use("alice"), "lacks the serverAuth extended key usage"),
+        ("a key OpenSSL refuses", lambda: _weak_server(pki, cert, key),
+         "--cert: OpenSSL refuses " + str(cert) + ": [SSL: EE_KEY_TOO_SMALL]"),
     ]  # fmt: skip
     context = client_context(pki, "alice")
     with sidecar.channel(pki) as established:
@@ -127,6 +132,33 @@ def test_each_kind_of_bad_credentials_keeps_the_last_good_ones_with_one_error(
                 path.write_bytes(content)
     assert sum("not reloaded" in line for line in sidecar.lines) == len(faults)
     assert sidecar.proc.poll() is None
+
+
+def _weak_server(pki: Pki, cert: Path, key: Path) -> None:
+    """A server certificate for localhost with an RSA-1024 key, as an old internal CA may
+    issue: every check of the sidecar's own passes, but OpenSSL's security level refuses it."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    issued = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(weak.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=5))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(pki.ca.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert.write_bytes(issued.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        weak.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 def _kubernetes_secret(

@@ -115,6 +115,21 @@ def test_the_agents_rotations_and_new_bundle_serve_new_handshakes_without_a_rest
     assert sum("SPIFFE" in line and "ERROR" in line for line in sidecar.lines) == 1
 
 
+def test_a_federated_domains_ca_cannot_vouch_for_names_of_this_one(
+    sidecars: SidecarFactory, probe: Probe, agent: FakeAgent
+) -> None:
+    """The agent sends a partner's bundle too: a certificate its CA signed for this domain's
+    allowed SPIFFE ID is refused at the handshake (only the SVID's own domain is trusted)."""
+    own_ca, partner_ca = certs.init_ca("example.org CA"), certs.init_ca("partner.org CA")
+    federated = {"spiffe://partner.org": partner_ca}
+    agent.push(svid_response(_svid(own_ca), SERVER_ID, [own_ca], federated))
+    sidecar = _start(sidecars, probe, "--spiffe-socket", agent.address)
+    trusted = [own_ca]
+    assert _call(sidecar.port, _client(own_ca, trusted)) == grpc.StatusCode.OK
+    assert _call(sidecar.port, _client(partner_ca, trusted)) == grpc.StatusCode.UNAVAILABLE
+    assert len(probe.calls) == 1, "the partner-signed caller reached the app"
+
+
 def test_spiffe_endpoint_socket_is_the_default_and_an_agent_late_is_waited_for(
     sidecars: SidecarFactory, probe: Probe, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, assert_config_error
+from tests.test_reload import _weak_server
 
 
 def good_args(pki: Pki) -> dict[str, str]:
@@ -172,3 +173,15 @@ def test_help_documents_every_flag(sidecars: SidecarFactory) -> None:
     ):
         assert flag in result.stdout
     assert "SIDECAR_SOME_KEY" in result.stdout  # every flag is also an environment variable
+
+
+def test_a_key_openssl_refuses_exits_2_with_one_line(
+    sidecars: SidecarFactory, pki: Pki, tmp_path: Path
+) -> None:
+    """An RSA-1024 server key passes the sidecar's own checks but not OpenSSL's security
+    level: said at start-up, as a configuration error, not as a listener whose every
+    handshake fails."""
+    cert, key = tmp_path / "weak.pem", tmp_path / "weak.key"
+    _weak_server(pki, cert, key)
+    args = {**good_args(pki), "--cert": str(cert), "--key": str(key)}
+    assert_config_error(sidecars, command(args), f"--cert: OpenSSL refuses {cert}: ")

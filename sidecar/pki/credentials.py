@@ -42,6 +42,19 @@ class Credentials:
     material: TLSMaterial
     role: Role
 
+    @classmethod
+    def checked(cls, material: TLSMaterial, role: Role, cert: PemSource) -> Credentials:
+        """Credentials OpenSSL takes: its SSL context is made now, so that material it
+        refuses (a key too small for its security level, say) is a ConfigError naming the
+        setting, at start-up or at a reload, never a listener whose every handshake fails."""
+        credentials = cls(material, role)
+        try:
+            _ = credentials.ssl_context
+        except ssl.SSLError as error:
+            reason = str(error).split(" (_ssl.c:")[0]
+            raise ConfigError(f"{cert.setting}: OpenSSL refuses {cert.origin}: {reason}") from None
+        return credentials
+
     @cached_property
     def ssl_context(self) -> ssl.SSLContext:
         """The spliced plane's: a listener's (server), or an egress route's to its remote."""
@@ -128,7 +141,8 @@ class CredentialSource(SwappedCredentials):
         # bytes has nothing to check again.
         self._contents = self._read()
         # A ConfigError here stops the start-up.
-        self._current = Credentials(check_tls_material(cert, key, ca, role, self._contents), role)
+        material = check_tls_material(cert, key, ca, role, self._contents)
+        self._current = Credentials.checked(material, role, cert)
         # What the last reload refused (the contents, or why they could not be read), so
         # that a periodic check reports a fault once, not at every check.
         self._refused: tuple[bytes, ...] | str | None = None
@@ -164,7 +178,8 @@ class CredentialSource(SwappedCredentials):
         if contents == self._contents and sources == self._sources:
             return False
         try:
-            loaded = Credentials(check_tls_material(*sources, self.role, contents), self.role)
+            material = check_tls_material(*sources, self.role, contents)
+            loaded = Credentials.checked(material, self.role, sources[0])
         except ConfigError:
             self._refused = contents
             raise

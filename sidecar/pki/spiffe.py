@@ -6,8 +6,8 @@ speaks the API (the `workload.spiffe.io` header, the FetchX509SVID stream, the D
 chain, key and bundles) and calls back on a thread of its own; the callbacks are
 handed to the event loop, where each update is checked with the start-up checks of
 a certificate file (pki/tls.py) and swapped in for new handshakes, or refused with
-one ERROR while the last good SVID serves on. Every trust bundle the agent sends
-(the route's trust domain and those federated with it) is trusted.
+one ERROR while the last good SVID serves on. Only the bundle of the SVID's own
+trust domain is trusted: federated bundles are not used (see _check).
 
 The package is imported only when a route names a socket: it costs ~0.1 s.
 """
@@ -93,21 +93,31 @@ class SpiffeSource(SwappedCredentials):
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        authorities = [
-            authority
-            for bundle in context.x509_bundle_set.bundles
-            for authority in bundle.x509_authorities
-        ]
+        # Only the SVID's own trust domain's bundle: one CA pool for every bundle would let
+        # a federated domain's CA vouch for names of this one (a partner's CA signing
+        # spiffe://example.org/...), since the allowlist and the egress name check do not
+        # ask which bundle a chain ended in. In a stable order, so that an update that
+        # changes nothing compares equal.
+        own = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        if own is None or not own.x509_authorities:
+            raise ConfigError(
+                f"{self._setting} {self._socket}: no trust bundle for the SVID's trust domain "
+                f"{svid.spiffe_id.trust_domain}"
+            )
+        authorities = sorted(
+            own.x509_authorities, key=lambda cert: cert.public_bytes(serialization.Encoding.DER)
+        )
         bundle = pem_bundle(authorities)
         where = f"{self._setting} ({svid.spiffe_id})"
+        cert = PemSource(f"{where} X.509-SVID", inline=chain)
         material = check_tls_material(
-            PemSource(f"{where} X.509-SVID", inline=chain),
+            cert,
             PemSource(f"{where} key", inline=key),
             PemSource(f"{where} trust bundle", inline=bundle),
             self.role,
             (chain, key, bundle),
         )
-        return Credentials(material, self.role)
+        return Credentials.checked(material, self.role, cert)
 
     def watch(self) -> None:
         """Follow the agent's updates (SVID rotations, new bundles) from now on."""

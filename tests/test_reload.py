@@ -12,6 +12,8 @@ import datetime
 import signal
 import socket
 import ssl
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -242,6 +244,38 @@ def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificat
         gate.set()
         assert in_flight.result() == b"2"  # made before the reload: alice's connection
         ingress.wait_for_count("peer='CN=alice", 2)
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_an_egress_call_waiting_for_its_first_message_across_a_rotation_is_relayed(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    """A client-streaming call opened before the egress route's certificate is rotated, and
+    sending its first message after: it reaches the remote over the new credentials (the
+    grpc plane's old channel refuses new calls once it closes)."""
+    ingress = sidecars.serving(probe.port, "--allow-cn", "alice", "--allow-cn", "bob")
+    certs.issue(pki.ca, "alice", usage="client").write(tmp_path, "client")
+    egress = sidecars.start(
+        "--mode", "egress", "--upstream", f"127.0.0.1:{ingress.port}",
+        "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"),
+        "--ca", str(pki.dir / "ca.pem"), "--data-plane", data_plane,
+        default_tls=False,
+    )  # fmt: skip
+    egress.wait_ready()
+    rotated = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        rotated.wait(30)
+        yield b"after"
+        yield b" rotation"
+
+    with grpc.insecure_channel(f"127.0.0.1:{egress.port}") as channel:
+        assert channel.unary_unary(UNARY)(b"warm", timeout=10) == b"warm"
+        waiting = channel.stream_unary("/probe.Probe/ClientStream").future(requests(), timeout=60)
+        certs.issue(pki.ca, "bob", usage="client").write(tmp_path, "client")
+        _reloaded(egress, "credentials reloaded: certificate serial")
+        rotated.set()
+        assert waiting.result() == b"after rotation"
 
 
 def test_a_certificate_near_its_end_is_warned_of_and_its_expiry_is_an_error(

@@ -125,9 +125,21 @@ class _MethodRelay:
     def __init__(self, method: str, relay: Relay) -> None:
         self.method = method
         self._relay = relay
-        channel = relay.upstream.channel
-        self._stream_call = channel.stream_stream(method)  # bytes in, bytes out
-        self._single_request_call = channel.unary_stream(method)
+        self._bind(relay.upstream.channel)
+
+    def _bind(self, channel: aio.Channel) -> None:
+        self._channel = channel
+        self._stream_call = channel.stream_stream(self.method)  # bytes in, bytes out
+        self._single_request_call = channel.unary_stream(self.method)
+
+    def _follow_channel(self) -> None:
+        """Call over the upstream's channel as it is now: one renewed (egress: new
+        credentials) while this call waited for its first request message takes it, as the
+        old one refuses new calls once it is closing. Read just before each upstream call
+        is made, with no await in between."""
+        channel = self._relay.upstream.channel
+        if channel is not self._channel:
+            self._bind(channel)
 
     async def handle(self, requests: Any, context: Any) -> None:
         """Serve one call (a coroutine function: grpc.aio checks for one to run it as async).
@@ -195,6 +207,7 @@ class _MethodRelay:
         first = await context.read()
         if first is aio.EOF:
             await _confirm_half_close(context)
+            self._follow_channel()
             call = self._stream_call(iter(()), metadata=metadata, timeout=context.time_remaining())
             await self._relay_whole_request(context, record, call)
             return
@@ -209,11 +222,13 @@ class _MethodRelay:
             raise
         if second.done() and second.result() is aio.EOF:
             await _confirm_half_close(context)
+            self._follow_channel()
             call = self._single_request_call(
                 first, metadata=metadata, timeout=context.time_remaining()
             )
             await self._relay_whole_request(context, record, call)
             return
+        self._follow_channel()
         call = self._stream_call(metadata=metadata, timeout=context.time_remaining())
         await self._relay_stream(context, record, call, first, second)
 
@@ -354,10 +369,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         return handler
 
     def renew_channel(self) -> None:
-        """New calls go over a new channel to the upstream (Upstream.renew); the handlers
-        made for the old one are let go (calls in flight keep theirs)."""
+        """New calls go over a new channel to the upstream (Upstream.renew); each method's
+        handler takes it for its next call (_MethodRelay._follow_channel)."""
         self.upstream.renew()
-        self._handlers.clear()
 
     def call_arrived(self) -> None:
         self._arrived.set()

@@ -145,7 +145,9 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Load
     return load(flags, environ, config_file)
 
 
-def _run_event_loop(config: Config, reread: Callable[[], Config] | None) -> int:
+def _run_event_loop(
+    config: Config, reread: Callable[[], Config] | None, config_file: str | None
+) -> int:
     from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
 
     allocator.tune_for_relaying()
@@ -153,8 +155,8 @@ def _run_event_loop(config: Config, reread: Callable[[], Config] | None) -> int:
     try:
         import uvloop
     except ImportError:  # uvloop is optional: grpc.aio works on the stock loop too
-        return asyncio.run(run(config, reread))
-    return int(uvloop.run(run(config, reread)))
+        return asyncio.run(run(config, reread, config_file))
+    return int(uvloop.run(run(config, reread, config_file)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         environ = dict(os.environ)
         reread = lambda: load_from_args(args, environ).config  # noqa: E731
     try:
-        return _run_event_loop(config, reread)
+        return _run_event_loop(config, reread, loaded.config_file)
     except ConfigError as exc:
         _say(f"config error: {exc}")
         return EXIT_USAGE

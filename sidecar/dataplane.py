@@ -75,9 +75,10 @@ class DataPlane(Protocol):
         """Bind and start serving; the port bound (0 for a unix socket)."""
         ...
 
-    def policy_replaced(self) -> None:
+    def policy_replaced(self, grace: float) -> None:
         """The route's allow rules were replaced (a reload): apply them to established
-        connections (new connections and calls read the policy anyway)."""
+        connections (new connections and calls read the policy anyway); a caller no longer
+        allowed has grace seconds (the drain grace) for its calls in flight."""
         ...
 
     def credentials_replaced(self) -> None:

@@ -220,3 +220,52 @@ def test_new_credential_paths_not_there_yet_are_taken_once_they_are(
     sidecar.wait_for(f"credentials reloaded: certificate serial {serial:x}")
     assert _served_serial(sidecar.port, context) == serial
     assert sum("not reloaded" in line for line in sidecar.lines) == 1, sidecar.output
+
+
+def test_a_revoked_callers_calls_in_flight_end_after_the_drain_grace(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """A call that would never end (a watch, a session stream) does not keep a revoked
+    caller in: after drain_grace it ends PERMISSION_DENIED, and the app's call is cancelled."""
+    config = tmp_path / "sidecar.yaml"
+    _write_config(config, pki, probe.port, drain_grace=0.5)
+    sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
+    sidecar.wait_ready()
+    with sidecar.channel(pki, "alice") as alice:
+        endless = alice.unary_unary(UNARY).future(
+            b"x", timeout=60, metadata=[("x-probe-gate", "never")]
+        )
+        (seen,) = probe.wait_for_calls(1)
+        _write_config(config, pki, probe.port, drain_grace=0.5, allow_cn=["carol"])
+        _sighup(sidecar, "CN=alice is no longer allowed")
+        with pytest.raises(grpc.RpcError) as ended:
+            endless.result(timeout=30)
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "no longer allowed" in str(ended.value.details())
+    assert seen.woke.wait(10) and seen.cancelled, "the app's call must be cancelled too"
+
+
+def test_a_revoked_caller_has_denied_calls_answers_then_its_connection_ends(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """A revoked caller that keeps starting calls (ignoring the GOAWAY) gets denied_calls
+    answers, as a caller denied from the start does, then its connection ends, even with a
+    call in flight and the drain grace not over."""
+    config = tmp_path / "sidecar.yaml"
+    _write_config(config, pki, probe.port, drain_grace=60, denied_calls=3)
+    sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
+    sidecar.wait_ready()
+    with RawPeer(sidecar.port, pki, "alice") as alice:
+        alice.settle()
+        block = request_block(UNARY, (("x-probe-gate", "never"),))
+        alice.send_frame(HEADERS, END_HEADERS, 1, block)
+        alice.send_frame(DATA, END_STREAM, 1, message(b"in flight"))
+        probe.wait_for_calls(1)
+        _write_config(config, pki, probe.port, drain_grace=60, denied_calls=3, allow_cn=["carol"])
+        _sighup(sidecar, "CN=alice is no longer allowed")
+        for stream in (3, 5, 7):
+            alice.call(stream, UNARY, b"again")
+            assert alice.status(stream)["grpc-status"] == "7"
+        assert alice.status(1)["grpc-status"] == "7"  # the call in flight, cut
+        assert alice.closed_within(10)
+    assert len(probe.calls) == 1

@@ -81,8 +81,7 @@ class GrpcPlane:
             handlers=[self._relay], options=SERVER_OPTIONS + _core_budgets(config.limits)
         )
         listen = config.listen
-        if listen.unix_path is None and _port_held(listen.host, listen.port):
-            log_shared_port(config)
+        held = listen.unix_path is None and _port_held(listen.host, listen.port)
         try:
             if parts.ingress:
                 credentials = parts.credentials.grpc_server_credentials()
@@ -91,13 +90,16 @@ class GrpcPlane:
                 port = self._server.add_insecure_port(listen.target)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {listen}: {exc} (address in use?)") from None
+        if held:  # said once the port is ours too: a bind that failed shares nothing
+            log_shared_port(config)
         await self._server.start()
         return int(port)
 
-    def policy_replaced(self) -> None:
-        """Nothing to do: each call is decided as it arrives, with the current rules. (grpc
-        core offers no way to close one caller's connection: a caller no longer allowed
-        keeps it open, and each of its calls is denied.)"""
+    def policy_replaced(self, grace: float) -> None:
+        """Nothing to do for new calls: each is decided as it arrives, with the current
+        rules. (grpc core offers no way to close one caller's connection: a caller no
+        longer allowed keeps it open, and each of its new calls is denied; its calls in
+        flight run to their end.)"""
 
     def credentials_replaced(self) -> None:
         """Ingress: nothing (grpc core asks the credentials before each handshake). Egress:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.config.pem import PemSource
 from sidecar.errors import ConfigError, StartupError
+from sidecar.observe.loglimit import LogLimiter
 from sidecar.pki.credentials import Credentials, SwappedCredentials
 from sidecar.pki.tls import check_tls_material
 from sidecar.pki.x509 import Role, pem_bundle
@@ -34,15 +35,19 @@ if TYPE_CHECKING:
     from spiffe.workloadapi.x509_context import X509Context
 
 logger = logging.getLogger("sidecar.server")
+# An agent that keeps sending what cannot be used (or keeps failing the stream) is told
+# about a few times a minute, not at every update: the last good SVID serves meanwhile.
+_faults = LogLimiter(logger, burst=3, period=60.0)
 
 # How long the start-up waits for the agent's first SVID (its socket may appear after
 # the sidecar starts, as in a pod whose agent comes up alongside it).
 FIRST_SVID_SECONDS = 30.0
 _FETCH_TIMEOUT_SECONDS = 5.0
 # How long after the stream failed for good (an update the package could not parse, an
-# agent answering INVALID_ARGUMENT) it is opened again. A broken connection is retried
-# by the package itself.
+# agent answering INVALID_ARGUMENT) it is opened again: doubling from the first to the
+# last while it keeps failing. A broken connection is retried by the package itself.
 _RESTART_SECONDS = 5.0
+_RESTART_MAX_SECONDS = 300.0
 
 
 class SpiffeSource(SwappedCredentials):
@@ -56,7 +61,7 @@ class SpiffeSource(SwappedCredentials):
         self._stream: StreamCancelHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restart: asyncio.TimerHandle | None = None
-        self._refused: str | None = None  # the last update refused, reported once
+        self._restart_delay = _RESTART_SECONDS
         self._current = self._first()
 
     def _first(self) -> Credentials:
@@ -146,11 +151,14 @@ class SpiffeSource(SwappedCredentials):
         try:
             loaded = self._check(context)
         except ConfigError as error:
-            if str(error) != self._refused:
-                self._refused = str(error)
-                logger.error("SPIFFE update not used, the current SVID stays: %s", error)
+            _faults.log(
+                logging.ERROR,
+                ("refused", self._socket, str(error)),
+                "SPIFFE update not used, the current SVID stays: %s",
+                error,
+            )
             return
-        self._refused = None
+        self._restart_delay = _RESTART_SECONDS  # the stream works
         if self._swap(loaded) and self.on_change is not None:
             self.on_change()
 
@@ -159,14 +167,18 @@ class SpiffeSource(SwappedCredentials):
         again after a pause, keeping the current SVID meanwhile."""
         if self._loop is None or self._restart is not None:
             return  # closed, or a restart is already planned
-        logger.warning(
+        delay = self._restart_delay
+        self._restart_delay = min(delay * 2, _RESTART_MAX_SECONDS)
+        _faults.log(
+            logging.WARNING,
+            ("stream", self._socket),
             "SPIFFE Workload API %s: the update stream failed (%s); the current SVID stays, "
             "and the stream is opened again in %gs",
             self._socket,
             error,
-            _RESTART_SECONDS,
+            delay,
         )
-        self._restart = self._loop.call_later(_RESTART_SECONDS, self._open_stream)
+        self._restart = self._loop.call_later(delay, self._open_stream)
 
     def close(self) -> None:
         self._loop = None

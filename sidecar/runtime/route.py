@@ -116,7 +116,9 @@ class Route:
                 config.tls_name,
             )
 
-    def reload(self, config: RouteConfig | None = None, *, when_changed: bool = False) -> None:
+    def reload(
+        self, config: RouteConfig | None = None, *, when_changed: bool = False, grace: float = 0
+    ) -> None:
         """Read the route's certificate, key and CA bundle again and, given a reloaded
         configuration of this route (differing from the running one in
         reload.ROUTE_FIELDS_IN_PLACE only), take its allow rules and credential sources.
@@ -126,7 +128,8 @@ class Route:
         connections keep theirs. Anything wrong keeps the current credentials, with
         one ERROR naming the file and the fault (the start-up checks' own words).
         when_changed (a periodic check): say nothing unless the files hold something
-        not seen before.
+        not seen before. grace: how long a caller no longer allowed keeps its calls in
+        flight (the drain grace).
         """
         title = self.config.title
         if config is not None and config.allow != self.config.allow:
@@ -134,7 +137,7 @@ class Route:
             self.config = replace(self.config, allow=config.allow)
             logger.info("%s: allowlist reloaded: %s", title, _describe_rules(config.allow))
             if self._plane is not None:
-                self._plane.policy_replaced()
+                self._plane.policy_replaced(grace)
         if self.config.spiffe_socket is not None:
             return  # nothing to read: the agent pushes its updates (_credentials_changed)
         sources = None

@@ -15,12 +15,15 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from types import TracebackType
 
 from sidecar.config.model import Config
+from sidecar.config.pem import read_bytes
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, ConfigError
 from sidecar.host.descriptors import raise_open_file_limit
 from sidecar.observe import logs
+from sidecar.observe.accesslog import access_logger
 from sidecar.runtime.reload import PROCESS_FIELDS_IN_PLACE, needs_restart, route_key
 from sidecar.runtime.route import Route
 
@@ -35,10 +38,20 @@ class Sidecar:
     place and what takes a restart.
     """
 
-    def __init__(self, config: Config, reread: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reread: Callable[[], Config] | None = None,
+        config_file: str | None = None,
+    ) -> None:
         self.config = config
+        self._access_log_at_start = access_logger.isEnabledFor(logging.INFO)
         self.routes = [Route(route) for route in config.routes]  # validates every certificate
         self._reread = reread
+        # The config file's bytes when last read: a periodic check parses it only when they
+        # change (parsing a large file on the event loop at every check would stall calls).
+        self._config_file = Path(config_file) if config_file else None
+        self._config_bytes = self._read_config_bytes()
         # The configuration last read by a reload, or why it could not be read: a periodic
         # check acts on (and reports) a configuration once, not at every check.
         self._last_read: Config | str = config
@@ -65,7 +78,7 @@ class Sidecar:
             update = None
             if config is not None:
                 update = config.routes[index]
-            route.reload(update, when_changed=when_changed)
+            route.reload(update, when_changed=when_changed, grace=self.config.drain_grace)
         # What runs now (a route whose new credential files were refused keeps its old ones).
         self.config = replace(self.config, routes=tuple(route.config for route in self.routes))
 
@@ -76,6 +89,11 @@ class Sidecar:
         refused (not written yet, say) takes them once they pass."""
         if self._reread is None:
             return None
+        if when_changed:
+            raw = self._read_config_bytes()
+            if raw == self._config_bytes:
+                return self._accepted
+            self._config_bytes = raw
         try:
             config: Config | str = self._reread()
         except ConfigError as error:
@@ -96,15 +114,35 @@ class Sidecar:
         self._accepted = replace(config, routes=routes)
         return self._accepted
 
+    def _read_config_bytes(self) -> bytes | str | None:
+        """The config file's bytes, or why they cannot be read (None: there is no file)."""
+        if self._config_file is None:
+            return None
+        try:
+            return read_bytes(self._config_file, "--config")
+        except ConfigError as error:
+            return str(error)
+
     def _apply(self, config: Config) -> None:
         """Take the process settings that change in place."""
         running, self.config = self.config, replace(config, routes=self.config.routes)
+        if config.log_level != running.log_level:
+            logs.set_level(config.log_level)  # first: the line saying so is at the new level
         for key in sorted(PROCESS_FIELDS_IN_PLACE):
             before, after = getattr(running, key), getattr(config, key)
             if before != after:
                 logger.info("config reloaded: %s %s, was %s", key, after, before)
-        if config.log_level != running.log_level:
-            logs.set_level(config.log_level)
+        access_log_on = access_logger.isEnabledFor(logging.INFO)
+        if (
+            config.log_level != running.log_level
+            and access_log_on
+            and not self._access_log_at_start
+        ):
+            logger.warning(
+                "log_level %s: the access log stays off until a restart (each route chooses "
+                "its call observer when it starts, and log_level was above info then)",
+                config.log_level,
+            )
         if config.reload_interval != running.reload_interval:
             self._check_every(config.reload_interval)
 
@@ -153,10 +191,19 @@ class Sidecar:
         await self.stop(None)
 
 
-async def run(config: Config, reread: Callable[[], Config] | None = None) -> int:
+async def run(
+    config: Config,
+    reread: Callable[[], Config] | None = None,
+    config_file: str | None = None,
+) -> int:
     """Serve until SIGTERM/SIGINT, drain, and return the process exit code. reread: how
-    SIGHUP reads the configuration again (None: it reloads credential files only)."""
-    sidecar = Sidecar(config, reread)  # validates every certificate first
+    SIGHUP reads the configuration again, from config_file (None: it reloads credential
+    files only)."""
+    loop = asyncio.get_running_loop()
+    # A SIGHUP while the routes are set up (a SPIFFE route may wait for its agent) would
+    # end the process, its default action: there is nothing to reload yet.
+    loop.add_signal_handler(signal.SIGHUP, logger.info, "SIGHUP during start-up: ignored")
+    sidecar = Sidecar(config, reread, config_file)  # validates every certificate first
     raise_open_file_limit()  # each spliced caller costs two descriptors
     await sidecar.start()
     stop_requested = asyncio.Event()
@@ -184,7 +231,6 @@ async def run(config: Config, reread: Callable[[], Config] | None = None) -> int
         )
         sidecar.reload()
 
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)

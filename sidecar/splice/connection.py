@@ -233,8 +233,11 @@ class Splice:
         # above it are ignored by the upstream, so they are not tracked as calls.
         self._upstream_last: int | None = None
         self._drain_ping: asyncio.TimerHandle | None = None  # until the caller's ACK
-        # Set when the allowlist no longer admits the caller: the reason for each new call.
+        # Set when the allowlist no longer admits the caller: the reason for each new call,
+        # how many were answered so, and when its calls in flight are cut.
         self._revoked: Callable[[str], str] | None = None
+        self._revoked_answers = 0
+        self._revocation_timer: asyncio.TimerHandle | None = None
         self._own_to_caller = OwnFrames()
         self._own_to_upstream = OwnFrames()
         self._ack_delay = ack_delay
@@ -365,12 +368,29 @@ class Splice:
         elif not self._calls:
             self._close_drained()
 
-    def revoke(self, reason: Callable[[str], str]) -> None:
+    def revoke(self, reason: Callable[[str], str], grace: float) -> None:
         """The caller is no longer allowed (the allowlist was reloaded): each call it starts
-        from now on is answered PERMISSION_DENIED here, with reason(method) as the details;
-        its calls in flight finish, and the connection closes as a drain's does."""
+        from now on is answered PERMISSION_DENIED here, with reason(method) as the details
+        (denied_calls of them at most); its calls in flight have up to grace seconds to
+        finish, and the connection closes as a drain's does."""
         self._revoked = reason
+        self._revocation_timer = self._loop.call_later(grace, self._revocation_over)
         self.drain()
+
+    def _revocation_over(self) -> None:
+        """A revoked caller's time is up (the grace, or its denied_calls): its calls still in
+        flight end here PERMISSION_DENIED (the upstream's with its connection), then the
+        close. A long stream does not outlive the allowlist that dropped its caller."""
+        self._revocation_timer = None
+        if self._phase >= _BROKEN:
+            return
+        if self._upstream is not None:
+            self._upstream.abort()
+        self._end_calls_here(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "the caller is no longer allowed (the allowlist was reloaded), and the calls it "
+            "had in flight have had their drain grace",
+        )
 
     def _drain_pinged(self) -> None:
         """The caller has read the first GOAWAY and sent every call it will (or did not
@@ -688,6 +708,9 @@ class Splice:
             method = (path or b"").decode("utf-8", "replace")
             denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, self._revoked(method))
             self._answer_here(stream_id, Call(path, bool(flags & END_STREAM)), denied)
+            self._revoked_answers += 1
+            if self._revoked_answers == self._limits.denied_calls:  # as a denied caller's
+                self._loop.call_soon(self._revocation_over)
             return DROP
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track
@@ -930,6 +953,9 @@ class Splice:
         if self._drain_ping is not None:
             self._drain_ping.cancel()
             self._drain_ping = None
+        if self._revocation_timer is not None:
+            self._revocation_timer.cancel()
+            self._revocation_timer = None
 
     # Endings.
 

@@ -41,6 +41,7 @@ from sidecar.errors import StartupError
 from sidecar.h2.headerblock import RequestFilter
 from sidecar.host.allocator import release_free_memory
 from sidecar.host.ports import bind_tcp
+from sidecar.observe.logs import escape
 from sidecar.pki.tls import cap_peer_chain
 from sidecar.splice.admission import Admission
 from sidecar.splice.connection import WRITE_BUFFER_HIGH, Splice
@@ -52,6 +53,10 @@ logger = logging.getLogger("sidecar.server")
 # How long accepting pauses after accept() failed (out of descriptors, say): connections
 # end meanwhile, and callers arriving in the pause wait at most this long to be closed.
 _ACCEPT_PAUSE_SECONDS = 0.1
+# How long a stop waits for TLS handshakes under way to finish (a real client's takes
+# milliseconds; one that never sends its hello must not hold the stop for
+# handshake_timeout).
+_HANDSHAKE_FINISH_SECONDS = 1.0
 # Closed connections that make a burst worth giving memory back for.
 _BURST = 256
 
@@ -377,27 +382,31 @@ class Listener:
         for connection in list(self.connections):
             connection.drain()
 
-    def policy_replaced(self) -> None:
+    def policy_replaced(self, grace: float) -> None:
         """The allowlist changed: each spliced caller it no longer admits has every new call
-        answered PERMISSION_DENIED, its calls in flight finish, then its connection closes
-        (Splice.revoke). A caller refused before and admitted now calls on its next
-        connection (a refused connection is closed soon: denied_calls, denied_lifetime)."""
+        answered PERMISSION_DENIED, its calls in flight up to grace seconds to finish, then
+        its connection closes (Splice.revoke); meanwhile it is among the denied, the first
+        closed when the listener is full. A caller refused before and admitted now calls on
+        its next connection (a refused connection is closed soon: denied_calls,
+        denied_lifetime)."""
         policy = self.parts.policy
         revoked: dict[str, int] = {}  # connections, by caller: one log line each
         for connection in list(self.connections):
             handler, identity = connection.handler, connection.identity
             if not isinstance(handler, Splice) or identity is None or policy.admits(identity):
                 continue
-            handler.revoke(functools.partial(_denial, policy, identity))
+            handler.revoke(functools.partial(_denial, policy, identity), grace)
+            self.denied[connection] = None
             revoked[identity.description] = revoked.get(identity.description, 0) + 1
         for caller, count in revoked.items():
             logger.info(
                 "%s: %s is no longer allowed: new calls on its %d open connection%s are denied, "
-                "and each closes once its calls in flight are over",
+                "and each closes once its calls in flight are over (within %gs)",
                 self.config.title,
                 caller,
                 count,
                 "" if count == 1 else "s",
+                grace,
             )
 
     def _evict_denied(self) -> str | None:
@@ -443,7 +452,7 @@ class Listener:
         in flight, then end every connection (which cancels what is left upstream).
 
         A connection accepted before the stop whose TLS handshake is still running is
-        let finish it (within the grace), then drained like the others: in a rolling
+        let finish it (for a second at most), then drained like the others: in a rolling
         restart, a client that connected as the listener closed gets its call served,
         or a GOAWAY, never a closed connection in the middle of its handshake."""
         loop = asyncio.get_running_loop()
@@ -462,7 +471,7 @@ class Listener:
         for connection in list(self.connections):
             connection.drain()
         if self._opening and grace:
-            await asyncio.wait(list(self._opening), timeout=grace)
+            await asyncio.wait(list(self._opening), timeout=min(grace, _HANDSHAKE_FINISH_SECONDS))
         for task in list(self._opening):
             task.cancel()
         left = end - loop.time()
@@ -479,8 +488,16 @@ def _track(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
 
 
 def _denial(policy: Policy, identity: PeerIdentity, method: str) -> str:
-    """Why this caller may not call this method: what a revoked caller's calls are told."""
-    return policy.decide(identity, method).reason
+    """Why this caller may not call this method on this connection: what a refused or
+    revoked caller's calls are told (the rules of the moment; a caller allowed again since
+    the connection was refused or revoked must open a new one)."""
+    decision = policy.decide(identity, method)
+    if decision.allowed:
+        return (
+            f"peer {identity.description} may call {escape(method)} now (the allowlist was "
+            "reloaded), but not on this connection, refused before: open a new one"
+        )
+    return decision.reason
 
 
 def _keep_alive(sock: socket.socket) -> None:

@@ -183,13 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.log_format == "json":
         # grpc core writes its own plain-text lines to stderr; keep the stream JSON.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    reread = None
-    if loaded.config_file is not None:
-        # A reload reads the file again; the flags and environment are the process's own.
-        environ = dict(os.environ)
-        reread = lambda: load_from_args(args, environ).config  # noqa: E731
+    environ = dict(os.environ)  # as the process started: a reload reads the file only again
+
+    def reread() -> Config:
+        return load_from_args(args, environ).config
+
     try:
-        return _run_event_loop(config, reread, loaded.config_file)
+        return _run_event_loop(config, reread if loaded.config_file else None, loaded.config_file)
     except ConfigError as exc:
         _say(f"config error: {exc}")
         return EXIT_USAGE

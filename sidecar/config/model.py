@@ -107,9 +107,9 @@ class RouteConfig:
 
     def __post_init__(self) -> None:
         pem_sources = (self.cert, self.key, self.ca)
-        if self.spiffe_socket is None and None not in pem_sources:
-            pass
-        elif self.spiffe_socket is None or pem_sources != (None, None, None):
+        from_files = None not in pem_sources
+        from_agent = self.spiffe_socket is not None and pem_sources == (None, None, None)
+        if not (from_files or from_agent):
             raise ConfigError("a route takes cert, key and ca, or spiffe_socket instead")
         if self.mode == "ingress":
             self._check_ingress()

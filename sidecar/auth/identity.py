@@ -55,6 +55,7 @@ class PeerIdentity:
     """The names a verified client certificate carries, as the certificate spells them."""
 
     common_names: tuple[str, ...] = ()  # the subject's CNs, in DER order (normally one)
+    organizational_units: tuple[str, ...] = ()  # the subject's OUs (rules by team: allow_ou)
     dns_names: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
@@ -113,6 +114,12 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
             str(attribute.value)  # a str but for X500UniqueIdentifier, never a CN
             for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         )
+        organizational_units = tuple(
+            str(attribute.value)
+            for attribute in certificate.subject.get_attributes_for_oid(
+                NameOID.ORGANIZATIONAL_UNIT_NAME
+            )
+        )
         try:
             sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         except x509.ExtensionNotFound:
@@ -121,6 +128,7 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
             san = sans.value
         return PeerIdentity(
             common_names=common_names,
+            organizational_units=organizational_units,
             dns_names=tuple(san.get_values_for_type(x509.DNSName)),
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
             ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),

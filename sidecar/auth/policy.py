@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sidecar.auth.identity import PeerIdentity
 from sidecar.config.model import AllowRules
+from sidecar.config.rules import MethodRule
 from sidecar.observe.logs import escape
 
 
@@ -55,7 +56,7 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class _Rule:
+class _Pattern:
     kind: str  # the flag that declared it, for the audit trail
     pattern: str
     regex: re.Pattern[str] = field(compare=False)
@@ -65,23 +66,88 @@ class _Rule:
 
 
 @dataclass(frozen=True)
+class _Callers:
+    """Caller patterns of each kind (OR'd), compiled."""
+
+    cn: tuple[_Pattern, ...]
+    dns: tuple[_Pattern, ...]
+    uri: tuple[_Pattern, ...]
+    ou: tuple[_Pattern, ...]
+
+    @classmethod
+    def of(
+        cls,
+        cn: tuple[str, ...],
+        dns: tuple[str, ...],
+        uri: tuple[str, ...],
+        ou: tuple[str, ...],
+        prefix: str = "allow-",
+    ) -> _Callers:
+        return cls(
+            tuple(_Pattern(f"{prefix}cn", p, compile_pattern(p, ".")) for p in cn),
+            tuple(
+                _Pattern(f"{prefix}dns", p, compile_pattern(p, ".", ignore_case=True)) for p in dns
+            ),
+            tuple(_Pattern(f"{prefix}uri", p, compile_pattern(p, "/")) for p in uri),
+            tuple(_Pattern(f"{prefix}ou", p, compile_pattern(p, ".")) for p in ou),
+        )
+
+    def match(self, identity: PeerIdentity) -> _Pattern | None:
+        """The first pattern one of the caller's names matches."""
+        common_names = (identity.common_name,) if identity.common_name is not None else ()
+        for patterns, names in (
+            (self.cn, common_names),
+            (self.dns, identity.dns_names),
+            (self.uri, identity.uris),
+            (self.ou, identity.organizational_units),
+        ):
+            for pattern in patterns:
+                if pattern.matches(names):
+                    return pattern
+        return None
+
+
+@dataclass(frozen=True)
+class _CompiledMethodRule:
+    rule: MethodRule
+    callers: _Callers | None  # None: any caller
+
+    def matches_caller(self, identity: PeerIdentity) -> bool:
+        return self.callers is None or self.callers.match(identity) is not None
+
+    def matches_method(self, method: str) -> bool:
+        return any(_method_matches(pattern, method) for pattern in self.rule.methods)
+
+
+def _method_matches(pattern: str, method: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.endswith("/*"):
+        service = pattern[:-1]  # `/pkg.Service/`
+        return method.startswith(service) and "/" not in method[len(service) :]
+    return method == pattern
+
+
+@dataclass(frozen=True)
 class _CompiledRules:
     """The allow rules and their compiled patterns, swapped as one."""
 
     rules: AllowRules
-    cn: tuple[_Rule, ...]
-    dns: tuple[_Rule, ...]
-    uri: tuple[_Rule, ...]
+    callers: _Callers  # allow_cn/dns/uri/ou: these callers may call every method
+    method_rules: tuple[_CompiledMethodRule, ...]
 
     @classmethod
     def of(cls, rules: AllowRules) -> _CompiledRules:
         return cls(
             rules,
-            tuple(_Rule("allow-cn", p, compile_pattern(p, ".")) for p in rules.cn),
+            _Callers.of(rules.cn, rules.dns, rules.uri, rules.ou),
             tuple(
-                _Rule("allow-dns", p, compile_pattern(p, ".", ignore_case=True)) for p in rules.dns
+                _CompiledMethodRule(
+                    rule,
+                    None if rule.any else _Callers.of(rule.cn, rule.dns, rule.uri, rule.ou, ""),
+                )
+                for rule in rules.rules
             ),
-            tuple(_Rule("allow-uri", p, compile_pattern(p, "/")) for p in rules.uri),
         )
 
 
@@ -102,40 +168,51 @@ class Policy:
 
     def admits(self, identity: PeerIdentity | None) -> bool:
         """Whether any call of this caller can be allowed: a caller admitted by no rule is
-        refused on its whole connection (never reaching the upstream). Every rule today
-        names callers only, so for an admitted caller every call is allowed as well, and
-        the listener decides once per connection (and again for each open connection when
-        the rules are replaced); rules that name methods will make the splice decide per
-        call too."""
-        return self._matching_rule(identity) is not None
+        refused on its whole connection (never reaching the upstream). The listener asks
+        once per connection (and again for each open connection when the rules are
+        replaced); per_call says whether its calls need deciding one by one."""
+        compiled = self._compiled
+        if self._caller_rule(identity, compiled) is not None:
+            return True
+        if identity is None or identity.unreadable is not None:
+            return False
+        return any(
+            rule.rule.action == "allow" and rule.matches_caller(identity)
+            for rule in compiled.method_rules
+        )
+
+    def per_call(self, identity: PeerIdentity | None) -> bool:
+        """Whether this admitted caller's calls must be decided one by one (some method
+        rule may deny some of them); False when it may call every method (allow_*)."""
+        return self._caller_rule(identity, self._compiled) is None
 
     def decide(self, identity: PeerIdentity | None, method: str) -> Decision:
         """Allow, naming the rule that matched, or deny with the message the caller will see."""
-        rule = self._matching_rule(identity)
+        compiled = self._compiled
+        rule = self._caller_rule(identity, compiled)
         if rule is not None:
             return Decision(True, rule)
         if identity is None:
             return Decision(
                 False, f"peer without a client certificate may not call {escape(method)}"
             )
-        return Decision(
-            False, f"peer {identity.description} is not allowed to call {escape(method)}"
-        )
+        denial = f"peer {identity.description} is not allowed to call {escape(method)}"
+        if identity.unreadable is not None or not compiled.method_rules:
+            return Decision(False, denial)
+        for method_rule in compiled.method_rules:
+            if method_rule.matches_method(method) and method_rule.matches_caller(identity):
+                if method_rule.rule.action == "allow":
+                    return Decision(True, method_rule.rule.title)
+                return Decision(False, f"{denial} ({escape(method_rule.rule.title)})")
+        return Decision(False, f"{denial} (no rule matched)")
 
-    def _matching_rule(self, identity: PeerIdentity | None) -> str | None:
-        """The first rule the caller matches, as the audit trail names it."""
-        compiled = self._compiled
+    @staticmethod
+    def _caller_rule(identity: PeerIdentity | None, compiled: _CompiledRules) -> str | None:
+        """The allow_* rule the caller matches (it may call every method), as the audit
+        trail names it."""
         if compiled.rules.allow_all:
             return "allow-all"
         if identity is None or identity.unreadable is not None:
             return None  # a certificate that cannot be read matches nothing
-        common_names = (identity.common_name,) if identity.common_name is not None else ()
-        for rules, names in (
-            (compiled.cn, common_names),
-            (compiled.dns, identity.dns_names),
-            (compiled.uri, identity.uris),
-        ):
-            for rule in rules:
-                if rule.matches(names):
-                    return f"{rule.kind} {rule.pattern}"
-        return None
+        pattern = compiled.callers.match(identity)
+        return f"{pattern.kind} {pattern.pattern}" if pattern is not None else None

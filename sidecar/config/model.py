@@ -17,6 +17,7 @@ from typing import Literal
 from sidecar.config.addresses import Address
 from sidecar.config.limits import Limits
 from sidecar.config.pem import PemSource
+from sidecar.config.rules import MethodRule
 from sidecar.config.settings import BY_KEY
 from sidecar.errors import ConfigError
 from sidecar.observe.logs import LogFormat
@@ -51,11 +52,15 @@ class AllowRules:
     cn: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
     uri: tuple[str, ...] = ()
+    ou: tuple[str, ...] = ()
     allow_all: bool = False
+    # Per-method rules (config file), tried in order after the callers above, who may call
+    # every method.
+    rules: tuple[MethodRule, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.cn or self.dns or self.uri)
+        return not (self.cn or self.dns or self.uri or self.ou or self.rules)
 
 
 @dataclass(frozen=True)
@@ -138,12 +143,14 @@ class RouteConfig:
                 prefix, names = "", ("--allow-cn", "--allow-dns", "--allow-uri")
                 opt_out = "--allow-all"
             raise ConfigError(
-                f"{prefix}no allow rule: give {names[0]}, {names[1]} or {names[2]}, "
-                f"or {opt_out} to accept any certificate signed by the CA"
+                f"{prefix}no allow rule: give {names[0]}, {names[1]} or {names[2]} (or "
+                f"allow_ou, or per-method rules in the config file), or {opt_out} to accept "
+                "any certificate signed by the CA"
             )
         if allow.allow_all and not allow.empty:
             raise ConfigError(
-                f"{self.label('allow_all')} cannot be combined with allow_cn/allow_dns/allow_uri"
+                f"{self.label('allow_all')} cannot be combined with "
+                "allow_cn/allow_dns/allow_uri/allow_ou or rules"
             )
         if not self.upstream.is_loopback and not self.unsafe_upstream:
             raise ConfigError(
@@ -173,6 +180,8 @@ class RouteConfig:
             ("allow_cn", bool(self.allow.cn)),
             ("allow_dns", bool(self.allow.dns)),
             ("allow_uri", bool(self.allow.uri)),
+            ("allow_ou", bool(self.allow.ou)),
+            ("rules", bool(self.allow.rules)),
             ("allow_all", self.allow.allow_all),
             ("unsafe_upstream", self.unsafe_upstream),
         ):

@@ -18,12 +18,16 @@ from typing import Literal
 
 from sidecar.config.addresses import Address, parse_address
 from sidecar.config.pem import PemSource
+from sidecar.config.rules import MethodRule, parse_rules
 from sidecar.errors import ConfigError
 
 # text: a string; choice: one of `choices`; address: HOST:PORT or unix:/path;
 # pem: a file path or inline PEM; names: a list of strings; switch: a boolean;
 # seconds: a non-negative number; count: a positive whole number; socket: unix:/path.
-Kind = Literal["text", "choice", "address", "pem", "names", "switch", "seconds", "count", "socket"]
+# rules: a route's per-method rules (config/rules.py), from the config file only.
+Kind = Literal[
+    "text", "choice", "address", "pem", "names", "switch", "seconds", "count", "socket", "rules"
+]
 
 # route: belongs to one listener (repeated per item under `routes:`);
 # process: shared by the whole process (top level of the file only).
@@ -127,6 +131,18 @@ SETTINGS: tuple[Setting, ...] = (
         "allow_uri", "names", "route", "allowlist",
         "allow callers with a matching URI SAN, SPIFFE IDs included (repeatable)",
         metavar="PATTERN", default=(),
+    ),
+    Setting(
+        "allow_ou", "names", "route", "allowlist",
+        "allow callers whose certificate subject has a matching OU (repeatable; glob allowed)",
+        metavar="PATTERN", default=(),
+    ),
+    Setting(
+        "rules", "rules", "route", "allowlist",
+        "per-method rules, tried in order after the allow_* callers: each an action (allow "
+        "or deny), callers (cn, dns, uri, ou globs, or any: true) and methods (config file "
+        "only; see config/sidecar.example.yaml)",
+        default=(), flag=False,
     ),
     Setting(
         "allow_all", "switch", "route", "allowlist",
@@ -259,7 +275,7 @@ _MAX_SECONDS = 86_400 * 365  # anything longer is a typo
 
 _MAX_COUNT = 2**31 - 1
 
-Value = str | Address | PemSource | tuple[str, ...] | bool | float | int
+Value = str | Address | PemSource | tuple[str, ...] | tuple[MethodRule, ...] | bool | float | int
 
 
 def from_text(setting: Setting, text: str, where: str, base: Path | None = None) -> Value:
@@ -297,6 +313,8 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
 
 def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
     """The typed value of a config-file entry, after checking its YAML type."""
+    if setting.kind == "rules":
+        return parse_rules(value, where, names)
     if setting.kind == "names":
         if isinstance(value, str):
             value = [value]  # `allow_cn: alice` reads as the one-element list it means

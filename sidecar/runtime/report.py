@@ -14,6 +14,7 @@ from sidecar.config.addresses import Address
 from sidecar.config.limits import LIMIT_KEYS
 from sidecar.config.model import RouteConfig
 from sidecar.config.pem import PemSource
+from sidecar.config.rules import CALLER_KINDS, MethodRule
 from sidecar.config.settings import PROCESS_KEYS, ROUTE_KEYS, Value
 from sidecar.config.sources import Given, Loaded
 from sidecar.pki.tls import TLSMaterial
@@ -60,6 +61,8 @@ def render(loaded: Loaded, materials: Sequence[TLSMaterial]) -> str:
 
 
 def _route_value(route: RouteConfig, key: str) -> Value | None:
+    if key == "rules":
+        return route.allow.rules or None
     if key.startswith("allow_"):
         allow = route.allow
         value = getattr(allow, key if key == "allow_all" else key.removeprefix("allow_"))
@@ -90,9 +93,26 @@ def _scalar(key: str, value: Value) -> str:
         return "<inline private key, redacted>" if key == "key" else "<inline PEM>"
     if isinstance(value, Address):
         return _yaml(value.target)
+    if isinstance(value, tuple) and value and isinstance(value[0], MethodRule):
+        return _yaml([_rule(rule) for rule in value])
     if isinstance(value, tuple):
         return _yaml(list(value))
     return _yaml(value)
+
+
+def _rule(rule: MethodRule) -> dict[str, object]:
+    """A method rule as the config file writes it (keys left at their default omitted)."""
+    written: dict[str, object] = {"name": rule.name} if rule.name else {}
+    written["action"] = rule.action
+    for kind in CALLER_KINDS:
+        if getattr(rule, kind):
+            written[kind] = list(getattr(rule, kind))
+    if rule.any:
+        written["any"] = True
+    written["methods"] = list(rule.methods)
+    if rule.mode != "enforce":
+        written["mode"] = rule.mode
+    return written
 
 
 def _yaml(value: object) -> str:

@@ -22,6 +22,7 @@ from sidecar.auth.headers import HeaderRules
 from sidecar.auth.policy import Policy
 from sidecar.config.model import AllowRules, RouteConfig
 from sidecar.config.pem import PemSource
+from sidecar.config.rules import shadowed
 from sidecar.dataplane import DataPlane, RouteParts
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
@@ -89,6 +90,7 @@ class Route:
         self._plane = DATA_PLANES[self.config.data_plane](self._parts())
         self.port = await self._plane.start()
         self._log_listening()
+        _warn_shadowed(self.config.title, self.config.allow)
         self._expiry.watch(self.credentials.current().material.leaf)
         self.credentials.on_change = self._credentials_changed
         self.credentials.watch()
@@ -136,6 +138,7 @@ class Route:
             self.policy.replace(config.allow)
             self.config = replace(self.config, allow=config.allow)
             logger.info("%s: allowlist reloaded: %s", title, _describe_rules(config.allow))
+            _warn_shadowed(title, config.allow)
             if self._plane is not None:
                 self._plane.policy_replaced(grace)
         if self.config.spiffe_socket is not None:
@@ -195,7 +198,19 @@ def _describe_rules(rules: AllowRules) -> str:
             ("allow-cn", rules.cn),
             ("allow-dns", rules.dns),
             ("allow-uri", rules.uri),
+            ("allow-ou", rules.ou),
         )
         if patterns
     ]
-    return "allow " + " ".join(parts)
+    described = "allow " + " ".join(parts) if parts else ""
+    if rules.rules:
+        count = len(rules.rules)
+        method_rules = f"{count} method rule{'' if count == 1 else 's'} (first match wins)"
+        described = f"{described}, then {method_rules}" if described else method_rules
+    return described
+
+
+def _warn_shadowed(title: str, rules: AllowRules) -> None:
+    """A WARNING per method rule that an earlier one makes dead (it never decides a call)."""
+    for line in shadowed(rules.rules):
+        logger.warning("%s: %s", title, line)

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
+from sidecar.auth.policy import Decision
 from sidecar.config.limits import Limits
 from sidecar.h2.calls import Call, message_bytes, reset_status, status_code
 from sidecar.h2.frames import (
@@ -63,7 +64,7 @@ from sidecar.splice.own_frames import (
     HANG_UP_SECONDS,
     OwnFrames,
 )
-from sidecar.splice.refusal import Refusal
+from sidecar.splice.refusal import Refusal, log_denial
 
 logger = logging.getLogger("sidecar.server")
 
@@ -101,6 +102,8 @@ _CLOSED_BEFORE_SPEAKING = ConnectionError(
 _NO_ERROR, _PROTOCOL_ERROR, _CANCEL, _ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0xB
 # Budgets broken, upstreams lost: one line per reason and route per period, not per connection.
 _limited_log = LogLimiter(logger)
+# Methods whose decision a connection remembers (a client calls a handful of methods).
+_DECISIONS_KEPT = 64
 
 # Opens the upstream connection with the protocol from the factory given.
 Connector = Callable[
@@ -210,6 +213,7 @@ class Splice:
         observer: CallObserver = NO_OBSERVER,
         upstream_name: str = "upstream",
         limits: Limits | None = None,
+        authorize: Callable[[str], Decision] | None = None,
         ack_delay: float = _ACK_DELAY_SECONDS,
     ) -> None:
         self._caller = caller
@@ -238,6 +242,10 @@ class Splice:
         self._revoked: Callable[[str], str] | None = None
         self._revoked_answers = 0
         self._revocation_timer: asyncio.TimerHandle | None = None
+        # The method rules, for a caller some of whose calls they may deny: decided once
+        # per method on this connection (the dict), again after a reload (authorize()).
+        self._authorize: Callable[[str], Decision] | None = authorize
+        self._decisions: dict[bytes | None, Decision] = {}
         self._own_to_caller = OwnFrames()
         self._own_to_upstream = OwnFrames()
         self._ack_delay = ack_delay
@@ -706,28 +714,55 @@ class Splice:
             return DROP
         if self._revoked is not None:
             method = (path or b"").decode("utf-8", "replace")
-            denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, self._revoked(method))
-            self._answer_here(stream_id, Call(path, bool(flags & END_STREAM)), denied)
+            self._deny_here(stream_id, flags, path, self._revoked(method))
             self._revoked_answers += 1
             if self._revoked_answers == self._limits.denied_calls:  # as a denied caller's
                 self._loop.call_soon(self._revocation_over)
             return DROP
+        if self._authorize is not None:
+            decision = self._decisions.get(path)
+            if decision is None:
+                decision = self._authorize((path or b"").decode("utf-8", "replace"))
+                if len(self._decisions) >= _DECISIONS_KEPT:
+                    self._decisions.clear()  # a caller trying many methods: decide afresh
+                self._decisions[path] = decision
+            if not decision.allowed:
+                self._deny_here(stream_id, flags, path, decision.reason)
+                return DROP
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track
         self._calls[stream_id] = Call(path, bool(flags & END_STREAM))
         return rewritten
 
-    def _answer_here(self, stream_id: int, call: Call, refused: RequestRefused) -> None:
+    def _deny_here(self, stream_id: int, flags: int, path: bytes | None, reason: str) -> None:
+        """Answer a call the rules deny here, PERMISSION_DENIED with the reason: its HEADERS
+        never reach the upstream, and DATA the caller still sends on it is dropped with its
+        flow-control credit returned (the walker's DROP), so a denied upload cannot stall
+        the connection."""
+        log_denial(self._peer, reason)
+        denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, reason)
+        self._answer_here(stream_id, Call(path, bool(flags & END_STREAM)), denied, logged=True)
+
+    def authorize(self, decide: Callable[[str], Decision] | None) -> None:
+        """Decide each call by decide(method) from now on (None: every call is allowed):
+        set when the caller is admitted and again when the rules are replaced."""
+        self._authorize = decide
+        self._decisions = {}
+
+    def _answer_here(
+        self, stream_id: int, call: Call, refused: RequestRefused, *, logged: bool = False
+    ) -> None:
         """Answer a request here (it never reaches the upstream), at a control frame's price:
         the upstream does no work for it (so not at a reset's), but answering costs some."""
         self._spend_control(1)
-        _limited_log.log(
-            logging.INFO,
-            ("refused", self._route),
-            "refused a call from %s: %s",
-            self._remote,
-            refused.details,
-        )
+        if not logged:
+            _limited_log.log(
+                logging.INFO,
+                ("refused", self._route),
+                "refused a call from %s: %s",
+                self._remote,
+                refused.details,
+            )
         self._own_to_caller.frames.append(
             self._local_end(stream_id, call, refused.code, refused.details)
         )

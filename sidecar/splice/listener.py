@@ -140,7 +140,9 @@ class _CallerProtocol(asyncio.Protocol):
         self.identity = identity = listener.identities.from_der(der)
         policy = listener.parts.policy
         if policy.admits(identity):
-            self._splice(identity.description)
+            splice = self._splice(identity.description)
+            if policy.per_call(identity):  # the method rules may deny some of its calls
+                splice.authorize(functools.partial(policy.decide, identity))
             return
         listener.denied[self] = None  # the first to go when the listener is full
         self.handler = Refusal(
@@ -155,9 +157,9 @@ class _CallerProtocol(asyncio.Protocol):
             observer=listener.parts.observer,
         )
 
-    def _splice(self, peer: str) -> None:
+    def _splice(self, peer: str) -> Splice:
         assert self._transport is not None
-        self.handler = Splice(
+        self.handler = splice = Splice(
             self._transport,
             self._listener.connect,
             self._listener.describe_failure,
@@ -169,6 +171,7 @@ class _CallerProtocol(asyncio.Protocol):
             upstream_name=str(self._listener.config.upstream),
             limits=self._listener.config.limits,
         )
+        return splice
 
     def data_received(self, data: bytes) -> None:
         handler = self.handler
@@ -393,7 +396,11 @@ class Listener:
         revoked: dict[str, int] = {}  # connections, by caller: one log line each
         for connection in list(self.connections):
             handler, identity = connection.handler, connection.identity
-            if not isinstance(handler, Splice) or identity is None or policy.admits(identity):
+            if not isinstance(handler, Splice) or identity is None:
+                continue
+            if policy.admits(identity):  # the method rules may have changed
+                per_call = policy.per_call(identity)
+                handler.authorize(functools.partial(policy.decide, identity) if per_call else None)
                 continue
             handler.revoke(functools.partial(_denial, policy, identity), grace)
             self.denied[connection] = None

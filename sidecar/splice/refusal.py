@@ -61,6 +61,14 @@ from sidecar.splice.refusal_intake import FRAMES_PER_TURN, MAX_FRAME, Intake, Ov
 logger = logging.getLogger("sidecar.server")
 # A line per denied call would let a denied caller write the log at its call rate.
 _denials = LogLimiter(logger)
+
+
+def log_denial(peer: str, details: str) -> None:
+    """A denied call, in the log: WARNING, rate limited per caller (here, and for calls a
+    splice denies by the method rules)."""
+    _denials.log(logging.WARNING, peer, "denied: %s", details)
+
+
 # Likewise a line per connection cut, for a caller that reconnects as fast as it is cut.
 _cuts = LogLimiter(logger)
 
@@ -292,7 +300,7 @@ class Refusal:
         )
         details = self._details(method)
         if self._code == grpc.StatusCode.PERMISSION_DENIED:
-            _denials.log(logging.WARNING, self._peer, "denied: %s", details)
+            log_denial(self._peer, details)
         code = self._code
         try:
             self._connection.send_headers(

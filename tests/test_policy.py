@@ -7,6 +7,7 @@ import pytest
 from sidecar.auth.identity import PeerIdentity
 from sidecar.auth.policy import Policy
 from sidecar.config.model import AllowRules
+from sidecar.config.rules import MethodRule
 
 CAROL = PeerIdentity(
     common_names=("carol",),
@@ -131,3 +132,58 @@ def test_description_of_a_certificate_with_many_long_names_is_bounded() -> None:
     assert len(crowded.description) < 16 * 300
     assert crowded.description.endswith(", 984 more names")
     assert "...(311 characters)" in crowded.description
+
+
+# Per-method rules: first match wins, no match denies, allow_* callers may call everything.
+
+OPS = PeerIdentity(common_names=("ops",), organizational_units=("platform",))
+
+
+METHOD_RULES = AllowRules(
+    cn=("admin",),
+    rules=(
+        MethodRule("allow", ("/kv.KV/Get",), cn=("carol",), name="carol-reads"),
+        MethodRule("allow", ("/kv.KV/Put",), ou=("platform",), where="routes[0].rules[1]"),
+        MethodRule("deny", ("/kv.KV/*",), any=True, name="no-kv"),
+        MethodRule("allow", ("*",), cn=("carol",), name="carol-everything"),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("identity", "method", "allowed", "reason"),
+    [
+        (CAROL, "/kv.KV/Get", True, "rule 'carol-reads'"),
+        (CAROL, "/kv.KV/Delete", False, "(rule 'no-kv')"),  # first match wins, not the last
+        (CAROL, "/other.Svc/Call", True, "rule 'carol-everything'"),
+        (OPS, "/kv.KV/Put", True, "rule routes[0].rules[1]"),
+        (OPS, "/kv.KV/Get", False, "(rule 'no-kv')"),
+        (OPS, "/other.Svc/Call", False, "is not allowed to call /other.Svc/Call (no rule matched)"),
+        (PeerIdentity(common_names=("admin",)), "/kv.KV/Delete", True, "allow-cn admin"),
+        (OPS, "/kv.KV/Get/extra", False, "(no rule matched)"),  # /kv.KV/* is one method deep
+    ],
+)
+def test_method_rules_first_match_wins_and_no_match_denies(
+    identity: PeerIdentity, method: str, allowed: bool, reason: str
+) -> None:
+    decision = Policy(METHOD_RULES).decide(identity, method)
+    assert decision.allowed is allowed
+    assert reason in decision.reason, decision.reason
+
+
+def test_a_caller_no_rule_can_allow_is_not_admitted_and_allow_callers_skip_per_call() -> None:
+    policy = Policy(METHOD_RULES)
+    mallory = PeerIdentity(common_names=("mallory",))
+    assert not policy.admits(mallory)  # only a deny rule matches it: refused whole
+    assert policy.admits(CAROL) and policy.per_call(CAROL)
+    assert policy.admits(OPS) and policy.per_call(OPS)
+    admin = PeerIdentity(common_names=("admin",))
+    assert policy.admits(admin) and not policy.per_call(admin)  # every method: no checks
+
+
+def test_a_reload_replaces_the_method_rules_at_once() -> None:
+    policy = Policy(METHOD_RULES)
+    assert policy.decide(CAROL, "/kv.KV/Get").allowed
+    policy.replace(AllowRules(rules=(MethodRule("deny", ("*",), cn=("carol",)),)))
+    assert not policy.decide(CAROL, "/kv.KV/Get").allowed
+    assert not policy.admits(CAROL)

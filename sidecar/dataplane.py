@@ -24,6 +24,13 @@ from sidecar.pki.diagnosis import TLSDiagnosis
 
 # Both planes log an unreachable upstream under the grpc plane's historical name.
 _failures = LogLimiter(logging.getLogger("sidecar.upstream"), burst=1)
+# Calls a rule in audit mode would deny: a line each, rate limited per caller.
+_audits = LogLimiter(logging.getLogger("sidecar.server"))
+
+
+def log_audit(peer: str, denial: str) -> None:
+    """A call let through because the rule that denies it is in audit mode (both planes)."""
+    _audits.log(logging.WARNING, peer, "audit: would deny: %s", denial)
 
 
 @dataclass(frozen=True)

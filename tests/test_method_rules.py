@@ -175,4 +175,31 @@ def test_a_reload_of_the_rules_applies_to_calls_on_open_connections(
         sidecar.wait_for_count("allowlist reloaded", before + 1)
         code, details = _code(unary)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "(no rule matched)" in details
-        assert list(alice.unary_stream(SERVER_STREAM)(b"x", timeout=10))[0] == b"x0"
+        responses = list(alice.unary_stream(SERVER_STREAM)(b"x", timeout=10))
+        assert responses[:1] == [b"x0"]
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_a_deny_rule_in_audit_mode_lets_calls_through_and_says_so(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    """The rule being tried out (mode: audit) would deny carol's Unary: the call reaches the
+    app, and a WARNING names the rule that would have denied it."""
+    rules = [
+        {"name": "trial", "action": "deny", "cn": ["carol"], "methods": [UNARY], "mode": "audit"},
+        {"action": "allow", "cn": ["alice"], "methods": ["*"]},
+    ]
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{probe.port}",
+        "cert": str(pki.cert("server")), "key": str(pki.key("server")),
+        "ca": str(pki.dir / "ca.pem"), "data_plane": data_plane, "rules": rules,
+    }))  # fmt: skip
+    sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
+    sidecar.wait_ready()
+    with sidecar.channel(pki, "carol") as carol:
+        assert carol.unary_unary(UNARY)(b"let through", timeout=10) == b"let through"
+        code, details = _code(carol.unary_unary("/other.Service/Call"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "(no rule matched)" in details
+    line = sidecar.wait_for("WARNING .*audit: would deny: .*")
+    assert "peer CN=carol" in line.group(0) and f"{UNARY} (rule 'trial')" in line.group(0)

@@ -1,12 +1,15 @@
 """Who may call: the allowlist, decided per call as a pure function of (identity, method).
 
-Rules are OR'd: a caller is allowed when any of its names matches any rule of the
+First the allow_* callers: a caller any of whose names matches any pattern of the
 matching kind (`allow_cn` against the subject CN, `allow_dns` against DNS SANs,
-`allow_uri` against URI SANs, SPIFFE IDs included). Patterns are exact names or
-globs: `*` matches within one label (no `.` for CN and DNS, no `/` for URIs),
-`**` matches across labels. DNS names compare case-insensitively (RFC 4343),
-folding ASCII letters only; CNs and URIs compare exactly. No I/O here: the
-policy is easy to test exhaustively and to swap atomically.
+`allow_uri` against URI SANs, SPIFFE IDs included, `allow_ou` against the subject's
+OUs) may call every method. Then the per-method rules (config/rules.py), in order:
+the first whose callers and methods both match decides, allow or deny (a deny rule in
+audit mode allows, and the decision carries the denial for the log); a call no rule
+matches is denied. Patterns are exact names or globs: `*` matches within one label
+(no `.` for CN, DNS and OU, no `/` for URIs), `**` matches across labels. DNS names
+compare case-insensitively (RFC 4343), folding ASCII letters only; the others
+exactly. No I/O here: the policy is easy to test exhaustively and to swap atomically.
 
 Only names in printable ASCII can match. DNS and URI SANs are IA5String (RFC
 5280), ASCII by definition; a CA that signs `adm\u0131n.example.com` (dotless i)
@@ -53,6 +56,8 @@ class Decision:
     # For a denial, the message the caller receives (printable ASCII: caller-controlled
     # text in it is escaped, so it can go into a log line as it is); for an allow, the rule.
     reason: str
+    # An allow that a rule in audit mode would have denied: the denial, for the log.
+    audit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,8 @@ class Policy:
         if identity is None or identity.unreadable is not None:
             return False
         return any(
-            rule.rule.action == "allow" and rule.matches_caller(identity)
+            (rule.rule.action == "allow" or rule.rule.mode == "audit")
+            and rule.matches_caller(identity)
             for rule in compiled.method_rules
         )
 
@@ -201,9 +207,13 @@ class Policy:
             return Decision(False, denial)
         for method_rule in compiled.method_rules:
             if method_rule.matches_method(method) and method_rule.matches_caller(identity):
-                if method_rule.rule.action == "allow":
-                    return Decision(True, method_rule.rule.title)
-                return Decision(False, f"{denial} ({escape(method_rule.rule.title)})")
+                matched = method_rule.rule
+                if matched.action == "allow":
+                    return Decision(True, matched.title)
+                denied = f"{denial} ({escape(matched.title)})"
+                if matched.mode == "audit":  # a rule being tried out: said, not enforced
+                    return Decision(True, f"{matched.title}, audit mode", audit=denied)
+                return Decision(False, denied)
         return Decision(False, f"{denial} (no rule matched)")
 
     @staticmethod

@@ -39,7 +39,7 @@ from grpc._cython.cygrpc import ExecuteBatchError
 
 from sidecar.auth.headers import HeaderRules
 from sidecar.auth.identity import IdentityReader
-from sidecar.dataplane import RouteParts
+from sidecar.dataplane import RouteParts, log_audit
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.allocator import release_free_memory
 from sidecar.observe.calls import CallRecord
@@ -185,6 +185,8 @@ class _MethodRelay:
         if identity is not None:
             record.peer = identity.description
         decision = policy.decide(identity, self.method)
+        if decision.audit is not None:
+            log_audit(record.peer, decision.audit)
         if not decision.allowed:
             _denials.log(logging.WARNING, record.peer, "denied: %s", decision.reason)
             record.code = grpc.StatusCode.PERMISSION_DENIED

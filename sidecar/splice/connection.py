@@ -31,6 +31,7 @@ import grpc
 
 from sidecar.auth.policy import Decision
 from sidecar.config.limits import Limits
+from sidecar.dataplane import log_audit
 from sidecar.h2.calls import Call, message_bytes, reset_status, status_code
 from sidecar.h2.frames import (
     DROP,
@@ -729,6 +730,8 @@ class Splice:
             if not decision.allowed:
                 self._deny_here(stream_id, flags, path, decision.reason)
                 return DROP
+            if decision.audit is not None:
+                log_audit(self._peer, decision.audit)
         if self._upstream_last is not None and stream_id > self._upstream_last:
             return rewritten  # the upstream said it will not process it: no call to track
         self._calls[stream_id] = Call(path, bool(flags & END_STREAM))

@@ -19,7 +19,7 @@ from sidecar.config.limits import Limits
 from sidecar.config.model import Config, RouteConfig
 
 # The route fields a running route takes from a new configuration.
-ROUTE_FIELDS_IN_PLACE = frozenset({"allow", "cert", "key", "ca"})
+ROUTE_FIELDS_IN_PLACE = frozenset({"allow", "cert", "key", "ca"})  # allow: rules too
 # The process settings a running sidecar takes from a new configuration.
 PROCESS_FIELDS_IN_PLACE = frozenset({"log_level", "drain_grace", "reload_interval"})
 

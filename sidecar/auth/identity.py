@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from sidecar.observe.logs import escape
@@ -59,7 +60,8 @@ class PeerIdentity:
     dns_names: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
-    serial: str = ""
+    serial: str = ""  # lowercase hex, no leading zeros
+    fingerprint: str = ""  # SHA-256 of the certificate (DER), lowercase hex
     unreadable: str | None = None  # why the names could not be read; then no rule matches
 
     @property
@@ -108,6 +110,7 @@ def _shown(name: str) -> str:
 def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
     """The names in `certificate`; one whose names cannot be read gives an unreadable identity."""
     serial = ""
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
     try:
         serial = format(certificate.serial_number, "x")
         common_names = tuple(
@@ -133,9 +136,10 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
             ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
             serial=serial,
+            fingerprint=fingerprint,
         )
     except _UNREADABLE as error:
-        return PeerIdentity(serial=serial, unreadable=_reason(error))
+        return PeerIdentity(serial=serial, fingerprint=fingerprint, unreadable=_reason(error))
 
 
 def _reason(error: Exception) -> str:

@@ -177,6 +177,8 @@ class Policy:
         once per connection (and again for each open connection when the rules are
         replaced); per_call says whether its calls need deciding one by one."""
         compiled = self._compiled
+        if identity is not None and _revoked(identity, compiled.rules) is not None:
+            return False
         if self._caller_rule(identity, compiled) is not None:
             return True
         if identity is None or identity.unreadable is not None:
@@ -195,6 +197,9 @@ class Policy:
     def decide(self, identity: PeerIdentity | None, method: str) -> Decision:
         """Allow, naming the rule that matched, or deny with the message the caller will see."""
         compiled = self._compiled
+        revoked = _revoked(identity, compiled.rules) if identity is not None else None
+        if revoked is not None:
+            return Decision(False, revoked)
         rule = self._caller_rule(identity, compiled)
         if rule is not None:
             return Decision(True, rule)
@@ -226,3 +231,18 @@ class Policy:
             return None  # a certificate that cannot be read matches nothing
         pattern = compiled.callers.match(identity)
         return f"{pattern.kind} {pattern.pattern}" if pattern is not None else None
+
+
+def _revoked(identity: PeerIdentity, rules: AllowRules) -> str | None:
+    """Why the caller's certificate is refused whatever the rules say, or None."""
+    if identity.serial in rules.deny_serials:
+        return (
+            f"peer {identity.description}: certificate serial {identity.serial} is revoked "
+            "(deny_serials)"
+        )
+    if identity.fingerprint in rules.deny_fingerprints:
+        return (
+            f"peer {identity.description}: certificate with SHA-256 fingerprint "
+            f"{identity.fingerprint} is revoked (deny_fingerprints)"
+        )
+    return None

@@ -57,6 +57,10 @@ class AllowRules:
     # Per-method rules (config file), tried in order after the callers above, who may call
     # every method.
     rules: tuple[MethodRule, ...] = ()
+    # Revoked certificates, refused whatever the rules say: serials and SHA-256
+    # fingerprints, as lowercase hex (serials without leading zeros).
+    deny_serials: frozenset[str] = frozenset()
+    deny_fingerprints: frozenset[str] = frozenset()
 
     @property
     def empty(self) -> bool:
@@ -182,6 +186,8 @@ class RouteConfig:
             ("allow_uri", bool(self.allow.uri)),
             ("allow_ou", bool(self.allow.ou)),
             ("rules", bool(self.allow.rules)),
+            ("deny_serials", bool(self.allow.deny_serials)),
+            ("deny_fingerprints", bool(self.allow.deny_fingerprints)),
             ("allow_all", self.allow.allow_all),
             ("unsafe_upstream", self.unsafe_upstream),
         ):
@@ -220,3 +226,17 @@ class Config:
                         f"{other.label('listen')}; each route needs its own listener"
                     )
                 listeners[route.listen] = route
+
+
+def certificate_hex(values: tuple[str, ...], where: str, *, fingerprint: bool) -> frozenset[str]:
+    """Serials or SHA-256 fingerprints as users copy them (`0A:1B`, `serial=0A1B`, any case)
+    in the one form identities carry: lowercase hex, serials without leading zeros."""
+    normalized = set()
+    for value in values:
+        digits = value.strip().lower().removeprefix("serial=").replace(":", "")
+        if not digits or any(c not in "0123456789abcdef" for c in digits):
+            raise ConfigError(f"{where}: {value!r} is not hexadecimal")
+        if fingerprint and len(digits) != 64:
+            raise ConfigError(f"{where}: {value!r} is not a SHA-256 fingerprint (64 hex digits)")
+        normalized.add(digits if fingerprint else digits.lstrip("0") or "0")
+    return frozenset(normalized)

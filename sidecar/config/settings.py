@@ -145,6 +145,18 @@ SETTINGS: tuple[Setting, ...] = (
         default=(), flag=False,
     ),
     Setting(
+        "deny_serials", "names", "route", "allowlist",
+        "refuse callers whose certificate has this serial, hex as `openssl x509 -serial` "
+        "prints it (colons and case ignored; repeatable): a revoked certificate",
+        metavar="HEX", default=(),
+    ),
+    Setting(
+        "deny_fingerprints", "names", "route", "allowlist",
+        "refuse callers whose certificate has this SHA-256 fingerprint, as `sidecar certs "
+        "inspect` prints it (colons and case ignored; repeatable)",
+        metavar="HEX", default=(),
+    ),
+    Setting(
         "allow_all", "switch", "route", "allowlist",
         "accept any caller whose certificate chains to --ca (no identity check; mTLS stays)",
         default=False,

@@ -20,7 +20,13 @@ from typing import Any
 import yaml
 
 from sidecar.config.limits import LIMIT_KEYS, Limits
-from sidecar.config.model import DEFAULT_INGRESS_LISTEN, AllowRules, Config, RouteConfig
+from sidecar.config.model import (
+    DEFAULT_INGRESS_LISTEN,
+    AllowRules,
+    Config,
+    RouteConfig,
+    certificate_hex,
+)
 from sidecar.config.pem import read_bytes
 from sidecar.config.settings import (
     BY_KEY,
@@ -147,6 +153,10 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         given = layer.get(key)
         return given.value if given is not None else BY_KEY[key].default
 
+    def label(key: str) -> str:
+        given = layer.get(key)
+        return given.where if given is not None else key
+
     return RouteConfig(
         mode=mode,  # type: ignore[arg-type]
         listen=get("listen") or DEFAULT_INGRESS_LISTEN,
@@ -162,6 +172,12 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
             ou=get("allow_ou"),
             allow_all=get("allow_all"),
             rules=get("rules"),
+            deny_serials=certificate_hex(
+                get("deny_serials"), label("deny_serials"), fingerprint=False
+            ),
+            deny_fingerprints=certificate_hex(
+                get("deny_fingerprints"), label("deny_fingerprints"), fingerprint=True
+            ),
         ),
         server_name=get("server_name"),
         unsafe_upstream=get("unsafe_upstream"),

@@ -14,8 +14,10 @@ What else a request carries is one of:
   the grpc plane's relay re-derives them from the call (deadline, compression),
   so there they are dropped from the metadata it forwards;
 - dropped on both planes: `user-agent` (it names the sidecar's upstream client
-  on the next hop; the splice sends its own), `host` and `content-length`, and
-  every other `grpc-*` key, which is reserved for the protocol;
+  on the next hop; the splice sends its own), `host` and `content-length`,
+  `x-forwarded-client-cert` (the caller's identity as Envoy writes it: the app
+  must be able to trust that only the sidecar sets it), and every other `grpc-*`
+  key, which is reserved for the protocol;
 - malformed (RFC 9113 8.2.1, 8.2.2, 8.3): names that are empty or carry
   uppercase, controls, space, non-ASCII or a colon past the first byte,
   pseudo-headers other than the four of a request, connection-specific fields
@@ -48,8 +50,10 @@ REQUEST_PSEUDO_HEADERS: Final = frozenset({b":method", b":scheme", b":path", b":
 PROTOCOL_FIELDS: Final = frozenset(
     {b"te", b"content-type", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
 )
-# Dropped on both planes (the grpc-* prefix too).
-DROPPED_FIELDS: Final = frozenset({b"user-agent", b"host", b"content-length"})
+# Dropped on both planes (the grpc-* prefix too). x-forwarded-client-cert names the
+# caller to the app, and only the sidecar may set it: a caller's own is never relayed.
+IDENTITY_FIELD: Final = b"x-forwarded-client-cert"
+DROPPED_FIELDS: Final = frozenset({b"user-agent", b"host", b"content-length", IDENTITY_FIELD})
 # RFC 9113 8.2.2 (dropped: see the module doc).
 CONNECTION_SPECIFIC_FIELDS: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}

@@ -60,6 +60,7 @@ class PeerIdentity:
     dns_names: tuple[str, ...] = ()
     uris: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
+    subject: str = ""  # RFC 4514, as `openssl x509 -subject -nameopt RFC2253` writes it
     serial: str = ""  # lowercase hex, no leading zeros
     fingerprint: str = ""  # SHA-256 of the certificate (DER), lowercase hex
     unreadable: str | None = None  # why the names could not be read; then no rule matches
@@ -130,6 +131,7 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
         else:
             san = sans.value
         return PeerIdentity(
+            subject=certificate.subject.rfc4514_string(),
             common_names=common_names,
             organizational_units=organizational_units,
             dns_names=tuple(san.get_values_for_type(x509.DNSName)),

@@ -18,7 +18,7 @@ from sidecar.config.addresses import Address
 from sidecar.config.limits import Limits
 from sidecar.config.pem import PemSource
 from sidecar.config.rules import MethodRule
-from sidecar.config.settings import BY_KEY
+from sidecar.config.settings import BY_KEY, IDENTITY_ELEMENTS
 from sidecar.errors import ConfigError
 from sidecar.observe.logs import LogFormat
 
@@ -85,6 +85,9 @@ class RouteConfig:
     unsafe_upstream: bool = False
     unsafe_listen: bool = False
     data_plane: DataPlaneName = "splice"
+    # Ingress: the caller's identity for the app (auth/forwarded.py), and which elements.
+    identity_header: bool = False
+    identity_header_fields: tuple[str, ...] = IDENTITY_ELEMENTS
     name: str | None = None
     limits: Limits = field(default_factory=Limits)
     # Where each setting given came from, for error messages: key -> `--upstream`,
@@ -126,6 +129,12 @@ class RouteConfig:
             self._check_egress()
         if self.data_plane == "grpc":
             self._check_grpc_plane()
+        unknown = [f for f in self.identity_header_fields if f not in IDENTITY_ELEMENTS]
+        if unknown:
+            raise ConfigError(
+                f"{self.label('identity_header_fields')}: {unknown[0]!r} is not one of "
+                f"{', '.join(IDENTITY_ELEMENTS)}"
+            )
 
     def _check_grpc_plane(self) -> None:
         """The per-call plane runs on grpc core's HTTP/2 server, which has its own budgets:
@@ -188,6 +197,7 @@ class RouteConfig:
             ("rules", bool(self.allow.rules)),
             ("deny_serials", bool(self.allow.deny_serials)),
             ("deny_fingerprints", bool(self.allow.deny_fingerprints)),
+            ("identity_header", self.identity_header),
             ("allow_all", self.allow.allow_all),
             ("unsafe_upstream", self.unsafe_upstream),
         ):

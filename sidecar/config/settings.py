@@ -39,6 +39,10 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# The elements of the caller's identity header (x-forwarded-client-cert, in Envoy's XFCC
+# format) that identity_header can send; auth/forwarded.py writes them.
+IDENTITY_ELEMENTS = ("Hash", "Subject", "URI", "DNS")
+
 ENV_PREFIX = "SIDECAR_"  # each setting's variable: SIDECAR_<KEY>
 
 
@@ -160,6 +164,17 @@ SETTINGS: tuple[Setting, ...] = (
         "allow_all", "switch", "route", "allowlist",
         "accept any caller whose certificate chains to --ca (no identity check; mTLS stays)",
         default=False,
+    ),
+    Setting(
+        "identity_header", "switch", "route", "allowlist",
+        "ingress: send the caller's verified identity to the app in x-forwarded-client-cert "
+        "(Envoy's XFCC format); a caller's own header of that name is always dropped",
+        default=False,
+    ),
+    Setting(
+        "identity_header_fields", "names", "route", "allowlist",
+        "which XFCC elements identity_header sends: Hash, Subject, URI, DNS (repeatable)",
+        metavar="ELEMENT", default=IDENTITY_ELEMENTS,
     ),
     Setting(
         "unsafe_upstream", "switch", "route", "route",

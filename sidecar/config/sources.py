@@ -183,6 +183,8 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         unsafe_upstream=get("unsafe_upstream"),
         unsafe_listen=get("unsafe_listen"),
         data_plane=get("data_plane"),
+        identity_header=get("identity_header"),
+        identity_header_fields=get("identity_header_fields"),
         name=get("name"),
         limits=Limits(**{key: get(key) for key in LIMIT_KEYS}),
         where={key: given.where for key, given in layer.items()},

@@ -37,8 +37,9 @@ from grpc import aio
 # over; grpc.aio's own server catches it the same way (grpcio is pinned).
 from grpc._cython.cygrpc import ExecuteBatchError
 
-from sidecar.auth.headers import HeaderRules
-from sidecar.auth.identity import IdentityReader
+from sidecar.auth.forwarded import xfcc
+from sidecar.auth.headers import IDENTITY_FIELD, HeaderRules
+from sidecar.auth.identity import IdentityReader, PeerIdentity
 from sidecar.dataplane import RouteParts, log_audit
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.allocator import release_free_memory
@@ -156,8 +157,8 @@ class _MethodRelay:
         )
         self._relay.call_arrived()
         try:
-            await self._authorize(context, record)
-            await self._forward(context, record)
+            identity = await self._authorize(context, record)
+            await self._forward(context, record, identity)
         except (asyncio.CancelledError, _CallEnded):
             # The client cancelled or its deadline passed; grpc.aio treats a
             # CancelledError from the handler as exactly that, quietly.
@@ -176,10 +177,11 @@ class _MethodRelay:
             if record.bytes_in + record.bytes_out >= _LARGE_CALL_BYTES:
                 self._relay.large_call_ended()
 
-    async def _authorize(self, context: Any, record: CallRecord) -> None:
+    async def _authorize(self, context: Any, record: CallRecord) -> PeerIdentity | None:
+        """The caller's identity, if the call is allowed; else the call ends here."""
         parts = self._relay.parts
         if not parts.ingress:
-            return  # egress: local callers are the app itself
+            return None  # egress: local callers are the app itself
         policy = parts.policy
         identity = self._relay.identities.read(context.auth_context())
         if identity is not None:
@@ -191,8 +193,11 @@ class _MethodRelay:
             _denials.log(logging.WARNING, record.peer, "denied: %s", decision.reason)
             record.code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+        return identity
 
-    async def _forward(self, context: Any, record: CallRecord) -> None:
+    async def _forward(
+        self, context: Any, record: CallRecord, identity: PeerIdentity | None
+    ) -> None:
         """Relay the call, in the single-request form when the request is one message.
 
         grpc.aio writes a stream call's messages in batches of their own, and when the
@@ -204,6 +209,10 @@ class _MethodRelay:
         client did not: the choice is made per call from what the client did.
         """
         metadata = self._relay.parts.headers.request_metadata(context.invocation_metadata())
+        config = self._relay.parts.config
+        if identity is not None and config.identity_header:  # the caller's, for the app
+            value = xfcc(identity, config.identity_header_fields)
+            metadata = (*metadata, (IDENTITY_FIELD.decode(), value))
         # The deadline goes upstream as the time left when the upstream call starts
         # (None when the caller set none).
         first = await context.read()

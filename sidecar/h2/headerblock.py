@@ -333,9 +333,12 @@ class RequestRefused(Exception):
         self.details = details
 
 
-def _check_request(fields: list[_Judgement], limits: HeaderLimits, trailers: bool) -> bytes | None:
+def _check_request(
+    fields: list[_Judgement], limits: HeaderLimits, trailers: bool, reserved: int = 0
+) -> bytes | None:
     """The request's :path; raises RequestRefused for a request the splice answers itself:
-    too many fields, too large, or malformed (RFC 9113 8.2, 8.3)."""
+    too many fields, too large (counting `reserved` bytes the splice adds), or malformed
+    (RFC 9113 8.2, 8.3)."""
     if len(fields) > limits.max_fields:
         raise RequestRefused(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -360,7 +363,7 @@ def _check_request(fields: list[_Judgement], limits: HeaderLimits, trailers: boo
             raise RequestRefused(grpc.StatusCode.INTERNAL, f"malformed request: {problem}")
         pseudo.append(name)
         path = field_path if field_path is not None else path
-    if list_size > limits.list_size:
+    if list_size + reserved > limits.list_size:
         raise RequestRefused(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"request headers are larger than {limits.list_size} bytes",
@@ -392,9 +395,21 @@ class HeaderLimits:
 class RequestBlocks:
     """One connection's request header blocks, client to upstream."""
 
-    def __init__(self, request_filter: RequestFilter, limits: HeaderLimits | None = None) -> None:
+    def __init__(
+        self,
+        request_filter: RequestFilter,
+        limits: HeaderLimits | None = None,
+        injected: tuple[bytes, bytes] | None = None,
+    ) -> None:
         self._filter = request_filter
         self.limits = limits if limits is not None else HeaderLimits()
+        # A field this connection's requests carry to the upstream besides the user-agent
+        # (the caller's identity): encoded once, counted toward the header-list budget.
+        self._injected = b""
+        self._reserved = 0
+        if injected is not None:
+            self._injected = _literal(*injected)
+            self._reserved = len(injected[0]) + len(injected[1]) + 32  # RFC 7541 4.1
         self._decoder: hpack.Decoder | None = hpack.Decoder()
         self._decoder.max_header_list_size = self.limits.list_size
         self._stateful_left = self.limits.stateful_bytes
@@ -445,9 +460,10 @@ class RequestBlocks:
         if self._decoder is not None:
             return self._rewrite_stateful(self._decoder, block, trailers)
         kept, fields = _filter_stateless(block, self._filter)
-        path = _check_request(fields, self.limits, trailers)
+        path = _check_request(fields, self.limits, trailers, 0 if trailers else self._reserved)
         if not trailers:
             kept.append(self._filter.user_agent_field)
+            kept.append(self._injected)
         answer = b"".join(kept), path
         if len(block) <= _CACHED_BLOCK_LIMIT and not trailers:
             self._remember(block, answer)
@@ -486,7 +502,7 @@ class RequestBlocks:
                 "the client applied a header table size of 0"
             )
         fields = [self._filter.judge(name, value) for name, value in decoded]
-        path = _check_request(fields, self.limits, trailers)
+        path = _check_request(fields, self.limits, trailers, 0 if trailers else self._reserved)
         parts = [
             # RFC 7541 6.2.3: a field the client marked never-indexed stays so.
             _literal(*field, never_indexed=isinstance(field, hpack.NeverIndexedHeaderTuple))
@@ -495,6 +511,7 @@ class RequestBlocks:
         ]
         if not trailers:
             parts.append(self._filter.user_agent_field)
+            parts.append(self._injected)
         return b"".join(parts), path
 
 

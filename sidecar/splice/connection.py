@@ -215,6 +215,7 @@ class Splice:
         upstream_name: str = "upstream",
         limits: Limits | None = None,
         authorize: Callable[[str], Decision] | None = None,
+        injected: tuple[bytes, bytes] | None = None,
         ack_delay: float = _ACK_DELAY_SECONDS,
     ) -> None:
         self._caller = caller
@@ -261,7 +262,8 @@ class Splice:
         self._caller_acks = 0  # SETTINGS ACKs from the caller
         self._requests = RequestBlocks(
             request_filter,
-            HeaderLimits(
+            injected=injected,  # the caller's identity for the app, when the route sends it
+            limits=HeaderLimits(
                 list_size=limits.max_header_list_size,
                 max_fields=limits.max_header_fields,
                 stateful_bytes=limits.stateful_header_bytes,

@@ -33,6 +33,8 @@ from typing import Protocol
 
 import grpc
 
+from sidecar.auth.forwarded import xfcc
+from sidecar.auth.headers import IDENTITY_FIELD
 from sidecar.auth.identity import IdentityReader, PeerIdentity
 from sidecar.auth.policy import Policy
 from sidecar.config.addresses import Address
@@ -140,7 +142,11 @@ class _CallerProtocol(asyncio.Protocol):
         self.identity = identity = listener.identities.from_der(der)
         policy = listener.parts.policy
         if policy.admits(identity):
-            splice = self._splice(identity.description)
+            injected = None
+            if listener.config.identity_header:
+                fields = listener.config.identity_header_fields
+                injected = (IDENTITY_FIELD, xfcc(identity, fields).encode("ascii"))
+            splice = self._splice(identity.description, injected)
             if policy.per_call(identity):  # the method rules may deny some of its calls
                 splice.authorize(functools.partial(policy.decide, identity))
             return
@@ -157,7 +163,7 @@ class _CallerProtocol(asyncio.Protocol):
             observer=listener.parts.observer,
         )
 
-    def _splice(self, peer: str) -> Splice:
+    def _splice(self, peer: str, injected: tuple[bytes, bytes] | None = None) -> Splice:
         assert self._transport is not None
         self.handler = splice = Splice(
             self._transport,
@@ -170,6 +176,7 @@ class _CallerProtocol(asyncio.Protocol):
             observer=self._listener.parts.observer,
             upstream_name=str(self._listener.config.upstream),
             limits=self._listener.config.limits,
+            injected=injected,
         )
         return splice
 

@@ -35,6 +35,7 @@ types, metadata, headers, trailers, status details, deadlines and cancellation.
           --cert client.pem --key client.key --ca ca.pem
   sidecar --config sidecar.yaml
   sidecar certs --help
+  sidecar explain --config sidecar.yaml --cert caller.pem --method /kv.KV/Put
 """
 
 _EPILOG = """\
@@ -165,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.certs.cli import main as certs_main
 
         return certs_main(argv[1:])
+    if argv[:1] == ["explain"]:
+        from sidecar.runtime.explain import main as explain_main
+
+        return explain_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         loaded = load_from_args(args, os.environ)

@@ -221,6 +221,56 @@ class Policy:
                 return Decision(False, denied)
         return Decision(False, f"{denial} (no rule matched)")
 
+    def explain(self, identity: PeerIdentity, method: str) -> tuple[Decision, list[str]]:
+        """The decision, and one line per step that led to it (`sidecar explain`): the
+        revocation lists, the allow_* callers, then each rule tried, with why it did or did
+        not match, up to the one that decided."""
+        compiled = self._compiled
+        decision = self.decide(identity, method)
+        steps = []
+        revoked = _revoked(identity, compiled.rules)
+        if revoked is not None:
+            return decision, [f"revoked: {revoked}"]
+        caller_rule = self._caller_rule(identity, compiled)
+        rules = compiled.rules
+        listed = [
+            f"{kind} [{', '.join(patterns)}]"
+            for kind, patterns in (
+                ("allow_cn", rules.cn),
+                ("allow_dns", rules.dns),
+                ("allow_uri", rules.uri),
+                ("allow_ou", rules.ou),
+            )
+            if patterns
+        ]
+        if caller_rule is not None:
+            return decision, [f"{caller_rule}: the caller may call every method: ALLOWED"]
+        if listed:
+            steps.append(f"{'; '.join(listed)}: no pattern matches the caller")
+        for method_rule in compiled.method_rules:
+            rule = method_rule.rule
+            caller = (
+                "any caller"
+                if method_rule.callers is None
+                else _matched(method_rule.callers.match(identity))
+            )
+            methods = ", ".join(rule.methods)
+            method_matches = method_rule.matches_method(method)
+            line = (
+                f"{rule.where or rule.title} {rule.title if rule.name else ''}".rstrip()
+                + f" ({rule.action}{', audit' if rule.mode == 'audit' else ''}): "
+                f"caller {caller}; method {'matches' if method_matches else 'does not match'} "
+                f"[{methods}]"
+            )
+            if method_matches and (method_rule.callers is None or caller.startswith("matches")):
+                verdict = "ALLOWED" if decision.allowed else "DENIED"
+                steps.append(f"{line}: {verdict} here")
+                return decision, steps
+            steps.append(line)
+        if compiled.method_rules:
+            steps.append("no rule matched: DENIED")
+        return decision, steps
+
     @staticmethod
     def _caller_rule(identity: PeerIdentity | None, compiled: _CompiledRules) -> str | None:
         """The allow_* rule the caller matches (it may call every method), as the audit
@@ -246,3 +296,7 @@ def _revoked(identity: PeerIdentity, rules: AllowRules) -> str | None:
             f"{identity.fingerprint} is revoked (deny_fingerprints)"
         )
     return None
+
+
+def _matched(pattern: _Pattern | None) -> str:
+    return "does not match" if pattern is None else f"matches ({pattern.kind} {pattern.pattern})"

@@ -203,3 +203,25 @@ def test_a_deny_rule_in_audit_mode_lets_calls_through_and_says_so(
         assert code == grpc.StatusCode.PERMISSION_DENIED and "(no rule matched)" in details
     line = sidecar.wait_for("WARNING .*audit: would deny: .*")
     assert "peer CN=carol" in line.group(0) and f"{UNARY} (rule 'trial')" in line.group(0)
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_rules_mode_audit_lets_every_denial_through_but_revocations(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, data_plane: str
+) -> None:
+    """A whole route in audit mode: carol, allowed by nothing, reaches the app and the log says
+    what would have denied her; a revoked certificate is refused all the same."""
+    mallory_serial = x509.load_pem_x509_certificate(pki.cert("mallory").read_bytes()).serial_number
+    sidecar = sidecars.serving(
+        probe.port, "--allow-cn", "alice", "--rules-mode", "audit",
+        "--deny-serials", f"{mallory_serial:x}", "--data-plane", data_plane,
+    )  # fmt: skip
+    with sidecar.channel(pki, "carol") as carol:
+        assert carol.unary_unary(UNARY)(b"audited", timeout=10) == b"audited"
+    with sidecar.channel(pki, "mallory") as mallory:
+        code, details = _code(mallory.unary_unary(UNARY))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "is revoked" in details, details
+    line = sidecar.wait_for("WARNING .*audit: would deny: .*")
+    assert "peer CN=carol, DNS=carol.svc.example.org" in line.group(0)
+    assert f"is not allowed to call {UNARY}" in line.group(0)
+    assert len(probe.calls) == 1

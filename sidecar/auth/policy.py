@@ -183,6 +183,8 @@ class Policy:
             return True
         if identity is None or identity.unreadable is not None:
             return False
+        if compiled.rules.rules_mode == "audit":
+            return True  # every call is let through (what would be denied, logged)
         return any(
             (rule.rule.action == "allow" or rule.rule.mode == "audit")
             and rule.matches_caller(identity)
@@ -191,11 +193,25 @@ class Policy:
 
     def per_call(self, identity: PeerIdentity | None) -> bool:
         """Whether this admitted caller's calls must be decided one by one (some method
-        rule may deny some of them); False when it may call every method (allow_*)."""
+        rule may deny some of them, or in audit mode say so); False when it may call every
+        method (allow_*)."""
         return self._caller_rule(identity, self._compiled) is None
 
     def decide(self, identity: PeerIdentity | None, method: str) -> Decision:
-        """Allow, naming the rule that matched, or deny with the message the caller will see."""
+        """Allow, naming the rule that matched, or deny with the message the caller will see.
+        With rules_mode audit, a denial by the rules is an allow that carries it (audit)."""
+        decision = self._decide(identity, method)
+        if (
+            decision.allowed
+            or self._compiled.rules.rules_mode != "audit"
+            or identity is None
+            or identity.unreadable is not None
+            or _revoked(identity, self._compiled.rules) is not None
+        ):
+            return decision
+        return Decision(True, "rules_mode audit", audit=decision.reason)
+
+    def _decide(self, identity: PeerIdentity | None, method: str) -> Decision:
         compiled = self._compiled
         revoked = _revoked(identity, compiled.rules) if identity is not None else None
         if revoked is not None:
@@ -263,7 +279,9 @@ class Policy:
                 f"[{methods}]"
             )
             if method_matches and (method_rule.callers is None or caller.startswith("matches")):
-                verdict = "ALLOWED" if decision.allowed else "DENIED"
+                verdict = "ALLOWED"
+                if rule.action == "deny":
+                    verdict = "would deny (audit mode)" if rule.mode == "audit" else "DENIED"
                 steps.append(f"{line}: {verdict} here")
                 return decision, steps
             steps.append(line)

@@ -17,7 +17,7 @@ from typing import Literal
 from sidecar.config.addresses import Address
 from sidecar.config.limits import Limits
 from sidecar.config.pem import PemSource
-from sidecar.config.rules import MethodRule
+from sidecar.config.rules import MethodRule, RuleMode
 from sidecar.config.settings import BY_KEY, IDENTITY_ELEMENTS
 from sidecar.errors import ConfigError
 from sidecar.observe.logs import LogFormat
@@ -61,6 +61,8 @@ class AllowRules:
     # fingerprints, as lowercase hex (serials without leading zeros).
     deny_serials: frozenset[str] = frozenset()
     deny_fingerprints: frozenset[str] = frozenset()
+    # audit: what the rules would deny is let through and logged (a policy being tried).
+    rules_mode: RuleMode = "enforce"
 
     @property
     def empty(self) -> bool:
@@ -198,6 +200,7 @@ class RouteConfig:
             ("deny_serials", bool(self.allow.deny_serials)),
             ("deny_fingerprints", bool(self.allow.deny_fingerprints)),
             ("identity_header", self.identity_header),
+            ("rules_mode", self.allow.rules_mode != "enforce"),
             ("allow_all", self.allow.allow_all),
             ("unsafe_upstream", self.unsafe_upstream),
         ):

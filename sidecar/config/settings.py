@@ -149,6 +149,13 @@ SETTINGS: tuple[Setting, ...] = (
         default=(), flag=False,
     ),
     Setting(
+        "rules_mode", "choice", "route", "allowlist",
+        "enforce: denials are enforced; audit: every call the allow rules and method rules "
+        "would deny is let through and logged (WARNING), to try a policy out (revocations "
+        "are always enforced)",
+        choices=("enforce", "audit"), default="enforce",
+    ),
+    Setting(
         "deny_serials", "names", "route", "allowlist",
         "refuse callers whose certificate has this serial, hex as `openssl x509 -serial` "
         "prints it (colons and case ignored; repeatable): a revoked certificate",

@@ -172,6 +172,7 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
             ou=get("allow_ou"),
             allow_all=get("allow_all"),
             rules=get("rules"),
+            rules_mode=get("rules_mode"),
             deny_serials=certificate_hex(
                 get("deny_serials"), label("deny_serials"), fingerprint=False
             ),

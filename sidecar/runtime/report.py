@@ -63,6 +63,8 @@ def render(loaded: Loaded, materials: Sequence[TLSMaterial]) -> str:
 def _route_value(route: RouteConfig, key: str) -> Value | None:
     if key == "rules":
         return route.allow.rules or None
+    if key == "rules_mode":
+        return route.allow.rules_mode
     if key in ("deny_serials", "deny_fingerprints"):
         return tuple(sorted(getattr(route.allow, key))) or None
     if key.startswith("allow_"):

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from bench import toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +162,28 @@ def start_sidecar_grpc(certs: Certificates, port: int, upstream: int, workdir: P
     )  # fmt: skip
 
 
+def start_sidecar_policy(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+    """The sidecar deciding every call by 10 method rules (the bench client matches only the
+    last, the worst case) and sending the caller's identity header to the app."""
+    others = [
+        {"action": "allow" if index % 2 else "deny", "cn": [f"team-{index}"],
+         "methods": [f"/svc{index}.Service/*", "/bench.Echo/Other"]}
+        for index in range(9)
+    ]  # fmt: skip
+    rules = [*others, {"action": "allow", "cn": [ALLOWED_CN], "methods": ["/bench.Echo/*"]}]
+    config = workdir / "sidecar-policy.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "upstream": f"127.0.0.1:{upstream}",
+        "cert": str(certs.server_cert), "key": str(certs.server_key), "ca": str(certs.ca),
+        "rules": rules, "identity_header": True, "log_level": "warning",
+    }))  # fmt: skip
+    log = workdir / "sidecar+policy.log"
+    command = [sys.executable, "-m", "sidecar", "--config", str(config)]
+    proxy = Proxy("sidecar+policy", command, port, log)
+    wait_listening(port, proxy, log)
+    return proxy
+
+
 def start_haproxy(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
     toolchain.ensure_debian_packages(["haproxy"], ["haproxy"])
     bundle = workdir / "haproxy.pem"
@@ -250,6 +274,7 @@ PROXIES: dict[str, ProxyStarter] = {
     "sidecar": start_sidecar,
     "sidecar+log": start_sidecar_logging,
     "sidecar-grpc": start_sidecar_grpc,
+    "sidecar+policy": start_sidecar_policy,
     "haproxy": start_haproxy,
     "nginx": start_nginx,
 }

@@ -65,13 +65,18 @@ def _ops_credentials(pki: Pki) -> grpc.ChannelCredentials:
 
 
 def _start(
-    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+    sidecars: SidecarFactory,
+    pki: Pki,
+    probe: Probe,
+    tmp_path: Path,
+    data_plane: str,
+    rules: list[dict[str, object]] = RULES,
 ) -> SidecarProcess:
     config = tmp_path / "sidecar.yaml"
     config.write_text(yaml.safe_dump({
         "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{probe.port}",
         "cert": str(pki.cert("server")), "key": str(pki.key("server")),
-        "ca": str(pki.dir / "ca.pem"), "data_plane": data_plane, "rules": RULES,
+        "ca": str(pki.dir / "ca.pem"), "data_plane": data_plane, "rules": rules,
     }))  # fmt: skip
     sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
     sidecar.wait_ready()
@@ -189,14 +194,7 @@ def test_a_deny_rule_in_audit_mode_lets_calls_through_and_says_so(
         {"name": "trial", "action": "deny", "cn": ["carol"], "methods": [UNARY], "mode": "audit"},
         {"action": "allow", "cn": ["alice"], "methods": ["*"]},
     ]
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{probe.port}",
-        "cert": str(pki.cert("server")), "key": str(pki.key("server")),
-        "ca": str(pki.dir / "ca.pem"), "data_plane": data_plane, "rules": rules,
-    }))  # fmt: skip
-    sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
-    sidecar.wait_ready()
+    sidecar = _start(sidecars, pki, probe, tmp_path, data_plane, rules)
     with sidecar.channel(pki, "carol") as carol:
         assert carol.unary_unary(UNARY)(b"let through", timeout=10) == b"let through"
         code, details = _code(carol.unary_unary("/other.Service/Call"))

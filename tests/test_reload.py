@@ -209,13 +209,11 @@ def test_reload_interval_follows_a_kubernetes_secret_swap_without_sighup(
     assert sum("not reloaded" in line for line in sidecar.lines) == 1, sidecar.output
 
 
-@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
-def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificate(
+def _egress_as_alice(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
-) -> None:
-    """Egress: connections to the remote made after the reload present the new client
-    certificate; a call in flight on one made before finishes there (the remote, an ingress
-    sidecar allowing both names, logs which caller each call came from)."""
+) -> tuple[SidecarProcess, SidecarProcess]:
+    """An ingress allowing alice and bob, and an egress route to it presenting alice from
+    tmp_path/client.pem (which a test rewrites to rotate it); both ready."""
     ingress = sidecars.serving(probe.port, "--allow-cn", "alice", "--allow-cn", "bob")
     certs.issue(pki.ca, "alice", usage="client").write(tmp_path, "client")
     egress = sidecars.start(
@@ -225,6 +223,17 @@ def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificat
         default_tls=False,
     )  # fmt: skip
     egress.wait_ready()
+    return ingress, egress
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_sighup_gives_an_egress_routes_new_connections_the_new_client_certificate(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    """Egress: connections to the remote made after the reload present the new client
+    certificate; a call in flight on one made before finishes there (the remote, an ingress
+    sidecar allowing both names, logs which caller each call came from)."""
+    ingress, egress = _egress_as_alice(sidecars, pki, probe, tmp_path, data_plane)
     target = f"127.0.0.1:{egress.port}"
     gate = probe.gate("rotation")
     with grpc.insecure_channel(target) as before:
@@ -253,15 +262,7 @@ def test_an_egress_call_waiting_for_its_first_message_across_a_rotation_is_relay
     """A client-streaming call opened before the egress route's certificate is rotated, and
     sending its first message after: it reaches the remote over the new credentials (the
     grpc plane's old channel refuses new calls once it closes)."""
-    ingress = sidecars.serving(probe.port, "--allow-cn", "alice", "--allow-cn", "bob")
-    certs.issue(pki.ca, "alice", usage="client").write(tmp_path, "client")
-    egress = sidecars.start(
-        "--mode", "egress", "--upstream", f"127.0.0.1:{ingress.port}",
-        "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"),
-        "--ca", str(pki.dir / "ca.pem"), "--data-plane", data_plane,
-        default_tls=False,
-    )  # fmt: skip
-    egress.wait_ready()
+    _, egress = _egress_as_alice(sidecars, pki, probe, tmp_path, data_plane)
     rotated = threading.Event()
 
     def requests() -> Iterator[bytes]:

@@ -9,18 +9,17 @@ is served the new certificate, as the client side of a TLS handshake reads it.
 from __future__ import annotations
 
 import signal
-import socket
 import ssl
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 
 from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.load import Load
 from tests.probe import Probe
+from tests.test_reload import _served_serial as served_serial
 
 
 class Rotation:
@@ -59,11 +58,7 @@ class Rotation:
         """The serial of the certificate a new connection to port is served."""
         context = ssl.create_default_context(cadata=self.trusted.decode())
         context.set_alpn_protocols(["h2"])
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        return x509.load_der_x509_certificate(der).serial_number
+        return served_serial(port, context)
 
 
 def _reload(sidecar: SidecarProcess, outcome: str) -> None:

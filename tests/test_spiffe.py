@@ -7,19 +7,18 @@ without a restart.
 from __future__ import annotations
 
 import datetime
-import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 
 from sidecar import certs
 from tests.conftest import SidecarFactory, SidecarProcess, assert_config_error
 from tests.probe import Probe
 from tests.spiffe_agent import FakeAgent, svid_response
+from tests.test_reload import _served_serial as served_serial
 
 UNARY = "/probe.Probe/Unary"
 SERVER_ID = "spiffe://example.org/sidecar"
@@ -41,11 +40,7 @@ def _client(ca: certs.Issued, trusted: list[certs.Issued]) -> grpc.ChannelCreden
 def _served_serial(port: int, trusted: list[certs.Issued]) -> int:
     context = ssl.create_default_context(cadata="".join(a.cert_pem.decode() for a in trusted))
     context.set_alpn_protocols(["h2"])
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    with context.wrap_socket(raw, server_hostname="localhost") as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
+    return served_serial(port, context)
 
 
 def _call(port: int, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:

@@ -248,17 +248,7 @@ class Policy:
         if revoked is not None:
             return decision, [f"revoked: {revoked}"]
         caller_rule = self._caller_rule(identity, compiled)
-        rules = compiled.rules
-        listed = [
-            f"{kind} [{', '.join(patterns)}]"
-            for kind, patterns in (
-                ("allow_cn", rules.cn),
-                ("allow_dns", rules.dns),
-                ("allow_uri", rules.uri),
-                ("allow_ou", rules.ou),
-            )
-            if patterns
-        ]
+        listed = [f"{key} [{', '.join(patterns)}]" for key, patterns in compiled.rules.callers()]
         if caller_rule is not None:
             return decision, [f"{caller_rule}: the caller may call every method: ALLOWED"]
         if listed:

@@ -68,6 +68,12 @@ class AllowRules:
     def empty(self) -> bool:
         return not (self.cn or self.dns or self.uri or self.ou or self.rules)
 
+    def callers(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The allow_* patterns given, by setting key: (`allow_cn`, patterns), ..."""
+        kinds = (("allow_cn", self.cn), ("allow_dns", self.dns), ("allow_uri", self.uri),
+                 ("allow_ou", self.ou))  # fmt: skip
+        return [(key, patterns) for key, patterns in kinds if patterns]
+
 
 @dataclass(frozen=True)
 class RouteConfig:

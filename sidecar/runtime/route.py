@@ -192,16 +192,7 @@ def _describe_rules(rules: AllowRules) -> str:
     """The allowlist as the start-up line states it."""
     if rules.allow_all:
         return "allow-all: any certificate signed by the CA may call"
-    parts = [
-        f"{kind}={','.join(patterns)}"
-        for kind, patterns in (
-            ("allow-cn", rules.cn),
-            ("allow-dns", rules.dns),
-            ("allow-uri", rules.uri),
-            ("allow-ou", rules.ou),
-        )
-        if patterns
-    ]
+    parts = [f"{key.replace('_', '-')}={','.join(patterns)}" for key, patterns in rules.callers()]
     described = "allow " + " ".join(parts) if parts else ""
     if rules.rules:
         count = len(rules.rules)

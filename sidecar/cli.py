@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
             options["action"] = "store_true"
         else:
             options["metavar"] = setting.metavar
-            if setting.kind == "names":
+            if setting.kind in ("names", "files"):
                 options["action"] = "append"
             if setting.choices:
                 options["choices"] = setting.choices

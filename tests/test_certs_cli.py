@@ -590,3 +590,39 @@ def test_provisioned_keys_complete_a_mutual_tls_handshake(made: Made, tmp_path: 
     assert all(done.values())
     peer = server.getpeercert()
     assert peer is not None and peer["subject"] == ((("commonName", "caller"),),)
+
+
+def test_crl_revokes_certificates_as_openssl_checks_them_and_adds_at_each_run(
+    made: Made, tmp_path: Path
+) -> None:
+    crl = tmp_path / "root.crl"
+    first = ok("crl", "--ca", made.root, "--revoke", made.cert("alice"), "--out", crl)
+    assert "CRL 1 of 'CN=Example Root CA', 1 revoked" in first, first
+
+    def verify_with_crl(name: str) -> subprocess.CompletedProcess[str]:
+        return openssl("verify", "-crl_check", "-CAfile", made.root / "ca.pem",
+                       "-CRLfile", crl, made.cert(name))  # fmt: skip
+
+    revoked = verify_with_crl("alice")
+    assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
+    assert verify_with_crl("both").returncode == 0
+    # A second run adds to the list and numbers the CRL one up; alice stays revoked.
+    second = ok("crl", "--ca", made.root, "--serial", "0A:FF", "--out", crl)
+    assert "CRL 2 of 'CN=Example Root CA', 2 revoked (added: aff)" in second, second
+    text = openssl("crl", "-in", crl, "-noout", "-text").stdout
+    assert "Serial Number: 0AFF" in text and verify_with_crl("alice").returncode != 0
+
+
+def test_crl_refuses_a_certificate_of_another_ca_and_a_file_that_is_no_crl(
+    made: Made, tmp_path: Path
+) -> None:
+    line = one_line_error(
+        certs_cmd("crl", "--ca", made.root, "--revoke", made.cert("deep"), "--out", tmp_path / "x")
+    )
+    assert "was issued by 'CN=Example Issuing CA', not by 'CN=Example Root CA'" in line, line
+    other = tmp_path / "notes.txt"
+    other.write_text("not a CRL")
+    line = one_line_error(certs_cmd("crl", "--ca", made.root, "--out", other))
+    assert "exists and is not a CRL of 'CN=Example Root CA'; give --force" in line, line
+    ok("crl", "--ca", made.root, "--out", other, "--force")
+    assert "BEGIN X509 CRL" in other.read_text()

@@ -181,6 +181,7 @@ def test_the_example_config_documents_every_key_and_is_valid(
         ["init-ca", "--out", str(certs)],
         ["issue", "--ca", str(certs), "--cn", "server", "--server", "--out", str(certs)],
         ["issue", "--ca", str(certs), "--cn", "client", "--client", "--out", str(certs)],
+        ["crl", "--ca", str(certs), "--out", str(certs / "ca.crl")],
     ):
         made = sidecars.run("certs", *command)
         assert made.returncode == 0, made.stderr

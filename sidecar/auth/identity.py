@@ -61,6 +61,7 @@ class PeerIdentity:
     uris: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
     subject: str = ""  # RFC 4514, as `openssl x509 -subject -nameopt RFC2253` writes it
+    issuer: str = ""  # RFC 4514: whose CRL lists the certificate (pki/revocation.py)
     serial: str = ""  # lowercase hex, no leading zeros
     fingerprint: str = ""  # SHA-256 of the certificate (DER), lowercase hex
     unreadable: str | None = None  # why the names could not be read; then no rule matches
@@ -110,10 +111,11 @@ def _shown(name: str) -> str:
 
 def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
     """The names in `certificate`; one whose names cannot be read gives an unreadable identity."""
-    serial = ""
+    serial = issuer = ""
     fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
     try:
         serial = format(certificate.serial_number, "x")
+        issuer = certificate.issuer.rfc4514_string()
         common_names = tuple(
             str(attribute.value)  # a str but for X500UniqueIdentifier, never a CN
             for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -137,11 +139,14 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
             dns_names=tuple(san.get_values_for_type(x509.DNSName)),
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
             ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
+            issuer=issuer,
             serial=serial,
             fingerprint=fingerprint,
         )
     except _UNREADABLE as error:
-        return PeerIdentity(serial=serial, fingerprint=fingerprint, unreadable=_reason(error))
+        return PeerIdentity(
+            issuer=issuer, serial=serial, fingerprint=fingerprint, unreadable=_reason(error)
+        )
 
 
 def _reason(error: Exception) -> str:

@@ -29,6 +29,7 @@ from sidecar.auth.identity import PeerIdentity
 from sidecar.config.model import AllowRules
 from sidecar.config.rules import MethodRule
 from sidecar.observe.logs import escape
+from sidecar.pki.revocation import Revocations
 
 
 def compile_pattern(pattern: str, separator: str, *, ignore_case: bool = False) -> re.Pattern[str]:
@@ -135,16 +136,18 @@ def _method_matches(pattern: str, method: str) -> bool:
 
 @dataclass(frozen=True)
 class _CompiledRules:
-    """The allow rules and their compiled patterns, swapped as one."""
+    """The allow rules and their compiled patterns, and the CRLs, swapped as one."""
 
     rules: AllowRules
+    revocations: Revocations | None  # the route's CRLs, if it has any
     callers: _Callers  # allow_cn/dns/uri/ou: these callers may call every method
     method_rules: tuple[_CompiledMethodRule, ...]
 
     @classmethod
-    def of(cls, rules: AllowRules) -> _CompiledRules:
+    def of(cls, rules: AllowRules, revocations: Revocations | None) -> _CompiledRules:
         return cls(
             rules,
+            revocations,
             _Callers.of(rules.cn, rules.dns, rules.uri, rules.ou),
             tuple(
                 _CompiledMethodRule(
@@ -159,8 +162,8 @@ class _CompiledRules:
 class Policy:
     """Decides, for each call, whether the verified caller may invoke the method."""
 
-    def __init__(self, rules: AllowRules) -> None:
-        self._compiled = _CompiledRules.of(rules)
+    def __init__(self, rules: AllowRules, revocations: Revocations | None = None) -> None:
+        self._compiled = _CompiledRules.of(rules, revocations)
 
     @property
     def rules(self) -> AllowRules:
@@ -169,7 +172,11 @@ class Policy:
     def replace(self, rules: AllowRules) -> None:
         """Take new rules (a configuration reload): one assignment, so that a decision sees
         the old rules or the new, never a mix, and both planes see the swap at once."""
-        self._compiled = _CompiledRules.of(rules)
+        self._compiled = _CompiledRules.of(rules, self._compiled.revocations)
+
+    def replace_revocations(self, revocations: Revocations | None) -> None:
+        """Take new CRLs (reloaded files), as replace takes rules."""
+        self._compiled = _CompiledRules.of(self._compiled.rules, revocations)
 
     def admits(self, identity: PeerIdentity | None) -> bool:
         """Whether any call of this caller can be allowed: a caller admitted by no rule is
@@ -177,7 +184,7 @@ class Policy:
         once per connection (and again for each open connection when the rules are
         replaced); per_call says whether its calls need deciding one by one."""
         compiled = self._compiled
-        if identity is not None and _revoked(identity, compiled.rules) is not None:
+        if identity is not None and _revoked(identity, compiled) is not None:
             return False
         if self._caller_rule(identity, compiled) is not None:
             return True
@@ -206,14 +213,14 @@ class Policy:
             or self._compiled.rules.rules_mode != "audit"
             or identity is None
             or identity.unreadable is not None
-            or _revoked(identity, self._compiled.rules) is not None
+            or _revoked(identity, self._compiled) is not None
         ):
             return decision
         return Decision(True, "rules_mode audit", audit=decision.reason)
 
     def _decide(self, identity: PeerIdentity | None, method: str) -> Decision:
         compiled = self._compiled
-        revoked = _revoked(identity, compiled.rules) if identity is not None else None
+        revoked = _revoked(identity, compiled) if identity is not None else None
         if revoked is not None:
             return Decision(False, revoked)
         rule = self._caller_rule(identity, compiled)
@@ -244,13 +251,17 @@ class Policy:
         compiled = self._compiled
         decision = self.decide(identity, method)
         steps = []
-        revoked = _revoked(identity, compiled.rules)
+        revoked = _revoked(identity, compiled)
         if revoked is not None:
             return decision, [f"revoked: {revoked}"]
+        if compiled.revocations is not None:
+            crl = compiled.revocations.by_issuer[identity.issuer]
+            steps.append(f"crl {escape(crl.file)}: the certificate is not revoked")
         caller_rule = self._caller_rule(identity, compiled)
         listed = [f"{key} [{', '.join(patterns)}]" for key, patterns in compiled.rules.callers()]
         if caller_rule is not None:
-            return decision, [f"{caller_rule}: the caller may call every method: ALLOWED"]
+            steps.append(f"{caller_rule}: the caller may call every method: ALLOWED")
+            return decision, steps
         if listed:
             steps.append(f"{'; '.join(listed)}: no pattern matches the caller")
         for method_rule in compiled.method_rules:
@@ -291,8 +302,9 @@ class Policy:
         return f"{pattern.kind} {pattern.pattern}" if pattern is not None else None
 
 
-def _revoked(identity: PeerIdentity, rules: AllowRules) -> str | None:
+def _revoked(identity: PeerIdentity, compiled: _CompiledRules) -> str | None:
     """Why the caller's certificate is refused whatever the rules say, or None."""
+    rules = compiled.rules
     if identity.serial in rules.deny_serials:
         return (
             f"peer {identity.description}: certificate serial {identity.serial} is revoked "
@@ -303,6 +315,10 @@ def _revoked(identity: PeerIdentity, rules: AllowRules) -> str | None:
             f"peer {identity.description}: certificate with SHA-256 fingerprint "
             f"{identity.fingerprint} is revoked (deny_fingerprints)"
         )
+    if compiled.revocations is not None:
+        refusal = compiled.revocations.refusal(identity.issuer, identity.serial)
+        if refusal is not None:
+            return f"peer {identity.description}: {refusal}"
     return None
 
 

@@ -24,6 +24,7 @@ and verify certificates, and issue a container's certificate at build time.
   sidecar certs init-ca --out ca --name "Example Root CA"
   sidecar certs issue --ca ca --cn app --server --out certs
   sidecar certs verify --ca ca/ca.pem certs/app.pem --server-name app
+  sidecar certs crl --ca ca --revoke certs/app.pem --out ca/ca.crl
 """
 
 _EPILOG = """\
@@ -45,6 +46,14 @@ a CN with characters other than letters, digits, '.', '_' and '-' is refused
 (give --name). When the CA is an intermediate, OUT/NAME-chain.pem holds the
 leaf then the intermediates (not the root): serve that one.
 The CN is also written as a DNS SAN unless --no-cn-san.
+"""
+
+_CRL = """\
+writes OUT, the CA's CRL (PEM), listing the certificates given by --revoke and
+--serial, and those OUT already lists when it is a CRL of this CA (so that each run
+adds to it; its CRL number goes up by one). A sidecar route reads it with `crl:`
+(and again at SIGHUP or reload_interval). Past --days, the CRL is stale: make a
+new one before then (run the command with nothing to revoke to renew it).
 """
 
 _PROVISION = """\
@@ -76,6 +85,14 @@ def _days(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of days >= 1, not {text!r}")
     return int(text)
+
+
+def _serial(text: str) -> int:
+    digits = text.strip().lower().removeprefix("serial=").replace(":", "")
+    try:
+        return int(digits, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal serial") from None
 
 
 def _path_length(text: str) -> int:
@@ -213,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("cert", metavar="CERT.pem")
     verify.add_argument("--server-name", metavar="NAME", help="DNS name or IP a client would dial")
     verify.add_argument("--client", action="store_true", help="check as a client certificate")
+
+    crl = commands.add_parser(
+        "crl", help="make or update a CA's certificate revocation list", description=_CRL,
+        formatter_class=raw,
+    )  # fmt: skip
+    crl.add_argument(
+        "--ca", required=True, metavar="DIR", help="the CA's directory (init-ca --out)"
+    )
+    crl.add_argument("--out", required=True, metavar="FILE", help="the CRL file (PEM)")
+    crl.add_argument("--revoke", action="append", default=[], metavar="CERT.pem",
+                     help="a certificate of this CA to revoke (repeatable)")  # fmt: skip
+    crl.add_argument("--serial", action="append", default=[], type=_serial, metavar="HEX",
+                     help="a serial to revoke, hex as `openssl x509 -serial` prints it "
+                     "(repeatable)")  # fmt: skip
+    crl.add_argument("--days", type=_days, default=7, help="until the next update (default 7)")
+    crl.add_argument("--force", action="store_true",
+                     help="replace OUT even when it is not a CRL of this CA")  # fmt: skip
 
     provision = commands.add_parser(
         "provision",

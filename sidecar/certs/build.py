@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -220,3 +220,29 @@ def issue(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+def make_crl(
+    ca: Issued,
+    revoked: Mapping[int, datetime.datetime],
+    *,
+    number: int,
+    days: int = 7,
+    now: datetime.datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """A complete CRL of ca revoking the serials in revoked (with their revocation dates),
+    current for days: its nextUpdate, past which a sidecar calls it stale."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(_authority_key_id(ca), critical=False)
+    )
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())

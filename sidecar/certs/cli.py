@@ -11,12 +11,16 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from sidecar.certs import build as certs
 from sidecar.certs.args import build_parser, is_dns_name
@@ -199,6 +203,65 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _crl(args: argparse.Namespace) -> int:
+    authority = load_ca_dir(Path(args.ca))
+    ca = authority.certificate
+    out = Path(args.out)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    revoked: dict[int, datetime.datetime] = {}
+    number = 1
+    earlier = _earlier_crl(out, authority, args.force)
+    if earlier is not None:
+        revoked = {entry.serial_number: entry.revocation_date_utc for entry in earlier}
+        with contextlib.suppress(x509.ExtensionNotFound):
+            number = earlier.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+    added = []
+    for path in args.revoke:
+        for certificate in load_certificates(Path(path), "--revoke")[:1]:  # the leaf
+            if certificate.issuer != ca.subject:
+                raise ConfigError(
+                    f"--revoke: {path} was issued by {dn(certificate.issuer)}, not by "
+                    f"{dn(ca.subject)}"
+                )
+            added.append(certificate.serial_number)
+    added += args.serial
+    for serial in added:
+        revoked.setdefault(serial, now)
+    crl = certs.make_crl(authority.issued, revoked, number=number, days=args.days, now=now)
+    try:
+        out.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {out}: {exc.strerror}") from None
+    serials = ", ".join(format(serial, "x") for serial in added) or "none"
+    print(
+        f"wrote {out}: CRL {number} of {dn(ca.subject)}, {len(revoked)} revoked "
+        f"(added: {serials}), next update {utc(crl.next_update_utc or now)}"
+    )
+    return EXIT_OK
+
+
+def _earlier_crl(
+    out: Path, authority: Authority, force: bool
+) -> x509.CertificateRevocationList | None:
+    """The CRL out holds, if it is one of this CA's (its entries are kept); anything else
+    there is refused, unless force."""
+    if not out.exists():
+        return None
+    data = read_bytes(out, "--out")
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError:
+        crl = None
+    ca = authority.certificate
+    if crl is not None and crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        return crl
+    if force:
+        return None
+    raise ConfigError(
+        f"--out: {out} exists and is not a CRL of {dn(ca.subject)}; give --force to replace it"
+    )
+
+
 def _provision(args: argparse.Namespace) -> int:
     flags = {
         "--auth": args.auth,
@@ -235,6 +298,7 @@ _COMMANDS = {
     "issue": _issue,
     "inspect": _inspect,
     "verify": _verify,
+    "crl": _crl,
     "provision": _provision,
 }
 

@@ -24,6 +24,8 @@ from sidecar.observe.logs import LogFormat
 
 Mode = Literal["ingress", "egress"]
 DataPlaneName = Literal["splice", "grpc"]
+# A CRL past its nextUpdate: warn, or deny its issuer's callers (pki/revocation.py).
+StaleAction = Literal["warn", "deny"]
 
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
 
@@ -89,6 +91,9 @@ class RouteConfig:
     ca: PemSource | None = None
     spiffe_socket: str | None = None
     allow: AllowRules = field(default_factory=AllowRules)
+    # Ingress: CRLs, each signed by a CA of `ca`, reloaded with it (pki/revocation.py).
+    crl: tuple[PemSource, ...] = ()
+    crl_stale: StaleAction = "warn"
     server_name: str | None = None
     unsafe_upstream: bool = False
     unsafe_listen: bool = False
@@ -137,6 +142,13 @@ class RouteConfig:
             self._check_egress()
         if self.data_plane == "grpc":
             self._check_grpc_plane()
+        if self.crl and from_agent:
+            raise ConfigError(
+                f"{self.label('crl')} needs cert, key and ca: it is checked against the ca "
+                "bundle (SPIFFE SVIDs are short-lived; refuse one now with deny_serials)"
+            )
+        if "crl_stale" in self.where and not self.crl:
+            raise ConfigError(f"{self.label('crl_stale')} is given, but no crl")
         unknown = [f for f in self.identity_header_fields if f not in IDENTITY_ELEMENTS]
         if unknown:
             raise ConfigError(
@@ -205,6 +217,7 @@ class RouteConfig:
             ("rules", bool(self.allow.rules)),
             ("deny_serials", bool(self.allow.deny_serials)),
             ("deny_fingerprints", bool(self.allow.deny_fingerprints)),
+            ("crl", bool(self.crl)),
             ("identity_header", self.identity_header),
             ("rules_mode", self.allow.rules_mode != "enforce"),
             ("allow_all", self.allow.allow_all),

@@ -94,9 +94,10 @@ class PemSource:
         """How errors refer to the contents: the path, or `inline PEM`."""
         return str(self.path) if self.path is not None else "inline PEM"
 
-    def read(self) -> bytes:
-        """The PEM bytes; a file that cannot be read is a ConfigError naming the setting."""
+    def read(self, limit: int = MAX_FILE_BYTES) -> bytes:
+        """The bytes (PEM, or DER for a CRL); a file that cannot be read, or larger than
+        limit, is a ConfigError naming the setting."""
         if self.inline is not None:
             return self.inline
         assert self.path is not None
-        return read_bytes(self.path, self.setting)
+        return read_bytes(self.path, self.setting, limit)

@@ -22,11 +22,22 @@ from sidecar.config.rules import MethodRule, parse_rules
 from sidecar.errors import ConfigError
 
 # text: a string; choice: one of `choices`; address: HOST:PORT or unix:/path;
-# pem: a file path or inline PEM; names: a list of strings; switch: a boolean;
+# pem: a file path or inline PEM; files: a list of those (a flag repeated, commas in
+# an environment variable); names: a list of strings; switch: a boolean;
 # seconds: a non-negative number; count: a positive whole number; socket: unix:/path.
 # rules: a route's per-method rules (config/rules.py), from the config file only.
 Kind = Literal[
-    "text", "choice", "address", "pem", "names", "switch", "seconds", "count", "socket", "rules"
+    "text",
+    "choice",
+    "address",
+    "pem",
+    "files",
+    "names",
+    "switch",
+    "seconds",
+    "count",
+    "socket",
+    "rules",
 ]
 
 # route: belongs to one listener (repeated per item under `routes:`);
@@ -166,6 +177,19 @@ SETTINGS: tuple[Setting, ...] = (
         "refuse callers whose certificate has this SHA-256 fingerprint, as `sidecar certs "
         "inspect` prints it (colons and case ignored; repeatable)",
         metavar="HEX", default=(),
+    ),
+    Setting(
+        "crl", "files", "route", "allowlist",
+        "certificate revocation lists, PEM or DER (repeatable), each signed by a CA of --ca: "
+        "a caller whose certificate its issuer's CRL lists is refused, and so is one whose "
+        "issuer has no CRL here; reloaded with the credentials",
+        metavar="FILE", default=(),
+    ),
+    Setting(
+        "crl_stale", "choice", "route", "allowlist",
+        "a CRL past its nextUpdate: warn (a WARNING; its revocations still apply) or deny "
+        "(its issuer's callers are refused until a fresh CRL is loaded)",
+        choices=("warn", "deny"), default="warn",
     ),
     Setting(
         "allow_all", "switch", "route", "allowlist",
@@ -309,7 +333,10 @@ _MAX_SECONDS = 86_400 * 365  # anything longer is a typo
 
 _MAX_COUNT = 2**31 - 1
 
-Value = str | Address | PemSource | tuple[str, ...] | tuple[MethodRule, ...] | bool | float | int
+Value = (
+    str | Address | PemSource | tuple[PemSource, ...] | tuple[str, ...] | tuple[MethodRule, ...]
+    | bool | float | int
+)  # fmt: skip
 
 
 def from_text(setting: Setting, text: str, where: str, base: Path | None = None) -> Value:
@@ -323,6 +350,8 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
             # An empty variable would silently replace the file's list with nothing.
             raise ConfigError(f"{where}: empty; unset it, or give comma-separated names")
         return names([name.strip() for name in text.split(",")], where)
+    if setting.kind == "files":
+        return files(text.split(","), where, base)
     if setting.kind == "switch":
         lowered = text.strip().lower()
         if lowered in ("true", "1"):
@@ -355,6 +384,12 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ConfigError(f"{where}: expected a list of strings, e.g. [alice, bob]")
         return names(value, where)
+    if setting.kind == "files":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{where}: expected a file, or a list of files")
+        return files(value, where, base)
     if setting.kind == "switch":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -409,6 +444,13 @@ def names(items: Sequence[str], where: str) -> tuple[str, ...]:
                 "can match a rule (write an internationalised DNS name in its xn-- form)"
             )
     return tuple(items)
+
+
+def files(items: Sequence[str], where: str, base: Path | None = None) -> tuple[PemSource, ...]:
+    """A list of files (or PEM texts), relative to base; at least one."""
+    if not items:
+        raise ConfigError(f"{where}: expected at least one file")
+    return tuple(PemSource.parse(item, where, base) for item in items)
 
 
 def _count(value: int, where: str) -> int:

@@ -37,6 +37,7 @@ from sidecar.config.settings import (
     ROUTE_KEYS,
     SPIFFE_ENDPOINT_ENV,
     Value,
+    files,
     from_file,
     from_text,
     names,
@@ -180,6 +181,8 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
                 get("deny_fingerprints"), label("deny_fingerprints"), fingerprint=True
             ),
         ),
+        crl=get("crl"),
+        crl_stale=get("crl_stale"),
         server_name=get("server_name"),
         unsafe_upstream=get("unsafe_upstream"),
         unsafe_listen=get("unsafe_listen"),
@@ -199,8 +202,9 @@ def _flag_value(key: str, raw: object) -> Value:
     where = setting.flag_name
     if isinstance(raw, bool):
         return raw
-    if isinstance(raw, list):  # a repeatable flag: one pattern per use, commas kept
-        return names([str(item) for item in raw], where)
+    if isinstance(raw, list):  # a repeatable flag: one pattern (or file) per use, commas kept
+        items = [str(item) for item in raw]
+        return files(items, where) if setting.kind == "files" else names(items, where)
     return from_text(setting, str(raw), where)
 
 

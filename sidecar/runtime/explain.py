@@ -5,7 +5,9 @@ each rule before it did not.
     sidecar explain --config sidecar.yaml --cn billing --ou platform --method /kv.KV/Get
 
 The decision is the running sidecar's own (auth/policy.py, on the route's rules as the
-configuration gives them); no certificate file of the route is read. Exit 0 allowed,
+configuration gives them). A caller given by its certificate is checked against the
+route's CRLs too (read and checked as the sidecar does); one given by its names is not
+(it has no serial), and the output says so. Exit 0 allowed,
 1 denied, 2 a usage or configuration error (one line). For operators answering "why was
 this denied", and for CI checking a policy change.
 """
@@ -27,6 +29,7 @@ from sidecar.config.model import RouteConfig
 from sidecar.config.pem import read_bytes
 from sidecar.config.sources import CONFIG_ENV, load
 from sidecar.errors import EXIT_RUNTIME, EXIT_USAGE, ConfigError
+from sidecar.pki.revocation import CrlSource, Revocations
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = EXIT_RUNTIME  # 1
@@ -63,10 +66,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         route = _route(args)
         identity = _identity(args)
+        revocations = _revocations(route) if args.cert else None
     except ConfigError as error:
         print(f"sidecar explain: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
-    decision, steps = Policy(route.allow).explain(identity, args.method)
+    decision, steps = Policy(route.allow, revocations).explain(identity, args.method)
+    if route.crl and not args.cert:
+        steps.insert(0, "crl: not checked (give the caller's certificate with --cert)")
     print(f"{route.title}: {args.method} by {identity.description}")
     for step in steps:
         print(f"  {step}")
@@ -93,6 +99,15 @@ def _route(args: argparse.Namespace) -> RouteConfig:
     if len(routes) != 1:
         raise ConfigError(f"--route: {len(routes)} ingress routes; name one")
     return routes[0]
+
+
+def _revocations(route: RouteConfig) -> Revocations | None:
+    """The route's CRLs, checked against its CA bundle as the sidecar checks them."""
+    if not route.crl:
+        return None
+    assert route.ca is not None  # a route with crl has cert, key and ca
+    crl = CrlSource(route.crl, route.crl_stale, route.ca.read(), route.label("ca"))
+    return crl.current
 
 
 def _identity(args: argparse.Namespace) -> PeerIdentity:

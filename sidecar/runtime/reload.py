@@ -3,7 +3,8 @@
 A reload (SIGHUP, or a reload_interval check that finds the config file changed)
 reads the configuration again from the same flags, environment and file. What
 can change in place: each route's allow rules (applied to established connections
-too) and the files or PEM text of its certificate, key and CA bundle; of the
+too), the files or PEM text of its certificate, key and CA bundle, and its CRLs
+(crl, crl_stale); of the
 process settings, log_level, drain_grace and reload_interval. Anything else (a
 listen address, an upstream, a mode, a data plane, a budget, a route added or
 removed, log_format) takes a restart: such a configuration is refused whole, with
@@ -19,7 +20,7 @@ from sidecar.config.limits import Limits
 from sidecar.config.model import Config, RouteConfig
 
 # The route fields a running route takes from a new configuration.
-ROUTE_FIELDS_IN_PLACE = frozenset({"allow", "cert", "key", "ca"})  # allow: rules too
+ROUTE_FIELDS_IN_PLACE = frozenset({"allow", "cert", "key", "ca", "crl", "crl_stale"})
 # The process settings a running sidecar takes from a new configuration.
 PROCESS_FIELDS_IN_PLACE = frozenset({"log_level", "drain_grace", "reload_interval"})
 

@@ -63,6 +63,10 @@ def render(loaded: Loaded, materials: Sequence[TLSMaterial]) -> str:
 def _route_value(route: RouteConfig, key: str) -> Value | None:
     if key == "rules":
         return route.allow.rules or None
+    if key == "crl":
+        return route.crl or None
+    if key == "crl_stale":
+        return route.crl_stale if route.crl else None
     if key == "rules_mode":
         return route.allow.rules_mode
     if key in ("deny_serials", "deny_fingerprints"):
@@ -97,6 +101,8 @@ def _scalar(key: str, value: Value) -> str:
         return "<inline private key, redacted>" if key == "key" else "<inline PEM>"
     if isinstance(value, Address):
         return _yaml(value.target)
+    if isinstance(value, tuple) and value and isinstance(value[0], PemSource):
+        return _yaml([str(source.path) if source.path else "<inline PEM>" for source in value])
     if isinstance(value, tuple) and value and isinstance(value[0], MethodRule):
         return _yaml([_rule(rule) for rule in value])
     if isinstance(value, tuple):

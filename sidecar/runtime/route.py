@@ -14,6 +14,8 @@ call relayed through grpc.aio).
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +32,7 @@ from sidecar.observe.accesslog import access_log
 from sidecar.pki.credentials import CredentialSource, SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
 from sidecar.pki.expiry import ExpiryWatch
+from sidecar.pki.revocation import CrlSource
 from sidecar.pki.x509 import Role, describe_names
 from sidecar.splice.listener import Listener
 
@@ -59,7 +62,12 @@ class Route:
         else:
             assert config.cert is not None and config.key is not None and config.ca is not None
             self.credentials = CredentialSource(config.cert, config.key, config.ca, role)
-        self.policy = Policy(config.allow)  # replaced in place on a reload
+        self.crl: CrlSource | None = None
+        if config.crl:
+            self.crl = CrlSource(config.crl, config.crl_stale, *self._ca())
+        # Replaced in place on a reload (rules and CRLs alike).
+        self.policy = Policy(config.allow, self.crl.current if self.crl else None)
+        self._stale_timer: asyncio.TimerHandle | None = None
         self._plane: DataPlane | None = None
         self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
@@ -91,6 +99,7 @@ class Route:
         self.port = await self._plane.start()
         self._log_listening()
         _warn_shadowed(self.config.title, self.config.allow)
+        self._crls_loaded("loaded")
         self._expiry.watch(self.credentials.current().material.leaf)
         self.credentials.on_change = self._credentials_changed
         self.credentials.watch()
@@ -147,8 +156,12 @@ class Route:
         if config is not None and (config.cert, config.key, config.ca) != self._sources():
             assert config.cert is not None and config.key is not None and config.ca is not None
             sources = (config.cert, config.key, config.ca)
-        if when_changed and not self.credentials.changed(sources):
-            return
+        if not when_changed or self.credentials.changed(sources):
+            self._reload_credentials(sources)
+        self._reload_crl(config or self.config, when_changed=when_changed, grace=grace)
+
+    def _reload_credentials(self, sources: tuple[PemSource, PemSource, PemSource] | None) -> None:
+        title = self.config.title
         try:
             changed = self.credentials.reload(sources)
         except ConfigError as error:
@@ -160,6 +173,87 @@ class Route:
             logger.info("%s: credentials reloaded, unchanged", title)
             return
         self._credentials_changed("reloaded")
+
+    def _ca(self) -> tuple[bytes, str]:
+        """The CA bundle in use, which CRLs are checked against, and its setting's name."""
+        return self.credentials.current().material.ca_pem, self.config.label("ca")
+
+    def _reload_crl(self, config: RouteConfig, *, when_changed: bool, grace: float) -> None:
+        """Read the CRLs again (or the new configuration's), checked against the CA bundle in
+        use; new ones apply at once, to established connections too, as new rules do."""
+        title = self.config.title
+        try:
+            changed = self._read_crl(config, when_changed=when_changed)
+        except ConfigError as error:
+            logger.error("%s: CRLs not reloaded, the current ones stay: %s", title, error)
+            return
+        self.config = replace(self.config, crl=config.crl, crl_stale=config.crl_stale)
+        if not changed:
+            if self.crl is not None and not when_changed:
+                logger.info("%s: CRLs reloaded, unchanged", title)
+            return
+        self.policy.replace_revocations(self.crl.current if self.crl else None)
+        if self.crl is None:
+            logger.info("%s: crl removed: callers are no longer checked against CRLs", title)
+        self._crls_loaded("reloaded")
+        if self._plane is not None:
+            self._plane.policy_replaced(grace)
+
+    def _read_crl(self, config: RouteConfig, *, when_changed: bool) -> bool:
+        """Take config's CRLs (none, files added, or the same files read again): whether
+        the lists in use changed. ConfigError: they did not."""
+        if not config.crl:
+            removed = self.crl is not None
+            self.crl = None
+            return removed
+        wanted = (config.crl, config.crl_stale, *self._ca())
+        if self.crl is None:
+            self.crl = CrlSource(*wanted)
+            return True
+        if when_changed and not self.crl.changed(*wanted):
+            return False
+        return self.crl.reload(*wanted)
+
+    def _crls_loaded(self, how: str) -> None:
+        """Say which CRLs are in use, warn of the stale ones, and watch for the next to go
+        stale (with crl_stale: deny, its callers are refused from that moment)."""
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
+        if self.crl is None:
+            return
+        revocations = self.crl.current
+        for crl in revocations.by_issuer.values():
+            logger.info("%s: CRL %s: %s", self.config.title, how, crl.describe())
+        self._warn_stale()
+        next_stale = revocations.next_stale()
+        if next_stale is not None:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            delay = (next_stale - now).total_seconds() + 0.001  # just past it
+            self._stale_timer = asyncio.get_running_loop().call_later(delay, self._went_stale)
+
+    def _went_stale(self) -> None:
+        self._stale_timer = None
+        if self.config.crl_stale == "deny" and self._plane is not None:
+            # The decision checks the date itself; established connections are told now.
+            self._plane.policy_replaced(0.0)
+        self._crls_loaded("still in use")
+
+    def _warn_stale(self) -> None:
+        assert self.crl is not None
+        for crl in self.crl.current.stale():
+            if self.config.crl_stale == "deny":
+                logger.error(
+                    "%s: CRL %s is stale (past its nextUpdate): callers of %s are refused "
+                    "until a fresh one is loaded (crl_stale: deny)",
+                    self.config.title, crl.file, crl.issuer,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "%s: CRL %s is stale (past its nextUpdate): its revocations still apply, "
+                    "but a certificate revoked since is not in it (crl_stale: warn)",
+                    self.config.title, crl.file,
+                )  # fmt: skip
 
     def _credentials_changed(self, how: str = "updated by the SPIFFE Workload API") -> None:
         """New credentials are in use for new handshakes: say which, watch their expiry, and
@@ -183,6 +277,8 @@ class Route:
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""
         self._expiry.stop()
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
         self.credentials.close()
         if self._plane is not None:
             await self._plane.stop(grace)

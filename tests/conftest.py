@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bench import toolchain
@@ -95,6 +97,37 @@ class Pki:
         return grpc.ssl_channel_credentials(
             ca, self.key(key_of or name).read_bytes(), self.cert(name).read_bytes()
         )
+
+
+def make_crl(
+    ca: certs.Issued,
+    revoked: Iterable[int] = (),
+    *,
+    last_update: datetime.datetime | None = None,
+    next_update: datetime.datetime | None = None,
+    extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
+    signer: certs.Issued | None = None,
+) -> x509.CertificateRevocationList:
+    """A CRL of ca, made with cryptography, revoking the given serials (by default current
+    from a day ago for a week)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(last_update or now - day)
+        .next_update(next_update or now + 7 * day)
+    )
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - day)
+            .build()
+        )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical)
+    return builder.sign((signer or ca).key, hashes.SHA256())
 
 
 def install_debian_packages(packages: Sequence[str], needs: Sequence[str]) -> None:

@@ -10,17 +10,15 @@ import datetime
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
-from sidecar.certs import build as certs
-from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error
+from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, make_crl
 from tests.probe import Probe
 
 UNARY = "/probe.Probe/Unary"
@@ -30,34 +28,6 @@ DAY = datetime.timedelta(days=1)
 
 def _serial(pki: Pki, name: str) -> int:
     return x509.load_pem_x509_certificate(pki.cert(name).read_bytes()).serial_number
-
-
-def _crl(
-    ca: certs.Issued,
-    revoked: Iterable[int] = (),
-    *,
-    last_update: datetime.datetime = NOW - DAY,
-    next_update: datetime.datetime = NOW + 7 * DAY,
-    extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
-    signer: certs.Issued | None = None,
-) -> x509.CertificateRevocationList:
-    """A CRL of ca, made with cryptography, revoking the given serials."""
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.certificate.subject)
-        .last_update(last_update)
-        .next_update(next_update)
-    )
-    for serial in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(NOW - DAY)
-            .build()
-        )
-    for extension, critical in extensions:
-        builder = builder.add_extension(extension, critical)
-    return builder.sign((signer or ca).key, hashes.SHA256())
 
 
 def _write(crl: x509.CertificateRevocationList, path: Path, *, der: bool = False) -> Path:
@@ -133,7 +103,7 @@ def test_a_der_crl_made_with_cryptography_and_a_caller_whose_issuer_has_none(
     (they cannot be checked), as OpenSSL's CRL check refuses them."""
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes((pki.dir / "ca.pem").read_bytes() + (pki.dir / "other-ca.pem").read_bytes())
-    crl = _write(_crl(pki.ca, [_serial(pki, "mallory")]), tmp_path / "root.crl", der=True)
+    crl = _write(make_crl(pki.ca, [_serial(pki, "mallory")]), tmp_path / "root.crl", der=True)
     sidecar = sidecars.serving(
         probe.port, "--cert", str(pki.cert("server")), "--key", str(pki.key("server")),
         "--ca", str(bundle), "--allow-cn", "alice", "--allow-cn", "mallory",
@@ -166,7 +136,9 @@ def test_a_stale_crl_warns_or_denies_as_crl_stale_says(
     log: str,
     data_plane: str,
 ) -> None:
-    old = _crl(pki.ca, [_serial(pki, "mallory")], last_update=NOW - 9 * DAY, next_update=NOW - DAY)
+    old = make_crl(
+        pki.ca, [_serial(pki, "mallory")], last_update=NOW - 9 * DAY, next_update=NOW - DAY
+    )
     crl = _write(old, tmp_path / "old.crl")
     sidecar = sidecars.serving(
         probe.port, "--allow-cn", "alice", "--allow-cn", "mallory", "--crl", str(crl),
@@ -185,7 +157,7 @@ def test_a_crl_going_stale_while_serving_denies_on_open_connections(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
 ) -> None:
     soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
-    crl = _write(_crl(pki.ca, next_update=soon), tmp_path / "short.crl")
+    crl = _write(make_crl(pki.ca, next_update=soon), tmp_path / "short.crl")
     sidecar = sidecars.serving(
         probe.port, "--allow-cn", "alice", "--crl", str(crl), "--crl-stale", "deny"
     )
@@ -199,7 +171,7 @@ def test_a_crl_going_stale_while_serving_denies_on_open_connections(
 def test_a_reload_takes_a_new_crl_and_keeps_the_last_good_one(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
 ) -> None:
-    crl = _write(_crl(pki.ca), tmp_path / "ca.crl")
+    crl = _write(make_crl(pki.ca), tmp_path / "ca.crl")
     config = tmp_path / "sidecar.yaml"
     route = {
         "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{probe.port}",
@@ -212,13 +184,13 @@ def test_a_reload_takes_a_new_crl_and_keeps_the_last_good_one(
     sidecar.wait_ready()
     with sidecar.channel(pki, "alice") as alice:
         assert _code(alice)[0] == grpc.StatusCode.OK
-        _write(_crl(pki.ca, [_serial(pki, "alice")]), crl)
+        _write(make_crl(pki.ca, [_serial(pki, "alice")]), crl)
         sidecar.signal(signal.SIGHUP)
         sidecar.wait_for("CN=alice is no longer allowed")
         code, details = _code(alice)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "(crl ca.crl)" in details, details
     # A CRL signed by a CA the route does not trust: refused, the last good one stays.
-    _write(_crl(pki.ca, [], signer=pki.other_ca), crl)
+    _write(make_crl(pki.ca, [], signer=pki.other_ca), crl)
     sidecar.signal(signal.SIGHUP)
     sidecar.wait_for("CRLs not reloaded, the current ones stay: .*signature does not verify")
     assert _call(sidecar, pki, "alice")[0] == grpc.StatusCode.PERMISSION_DENIED
@@ -239,22 +211,22 @@ def test_a_reload_takes_a_new_crl_and_keeps_the_last_good_one(
             "no CRL in it (PEM blocks of type X509 CRL)",
         ),
         (
-            lambda pki, path: _write(_crl(pki.other_ca), path),
+            lambda pki, path: _write(make_crl(pki.other_ca), path),
             "its issuer CN=Some Other CA is not a certificate of --ca",
         ),
         (
-            lambda pki, path: _write(_crl(pki.ca, signer=pki.other_ca), path),
+            lambda pki, path: _write(make_crl(pki.ca, signer=pki.other_ca), path),
             "its signature does not verify with the key of CN=Test Root CA in --ca",
         ),
         (
             lambda pki, path: _write(
-                _crl(pki.ca, extensions=[(x509.DeltaCRLIndicator(5), True)]), path
+                make_crl(pki.ca, extensions=[(x509.DeltaCRLIndicator(5), True)]), path
             ),
             "a delta CRL; give the complete (base) CRL",
         ),
         (
             lambda pki, path: path.write_bytes(
-                _crl(pki.ca).public_bytes(serialization.Encoding.PEM) * 2
+                make_crl(pki.ca).public_bytes(serialization.Encoding.PEM) * 2
             ),
             "a second CRL of CN=Test Root CA",
         ),
@@ -285,7 +257,7 @@ def test_crl_is_for_ingress_routes_with_a_ca_file(sidecars: SidecarFactory, pki:
 def test_explain_checks_the_callers_certificate_against_the_crl(
     sidecars: SidecarFactory, pki: Pki, tmp_path: Path
 ) -> None:
-    crl = _write(_crl(pki.ca, [_serial(pki, "alice")]), tmp_path / "ca.crl")
+    crl = _write(make_crl(pki.ca, [_serial(pki, "alice")]), tmp_path / "ca.crl")
     config = tmp_path / "sidecar.yaml"
     route = {
         "upstream": "127.0.0.1:1", "cert": str(pki.cert("server")),

@@ -17,6 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from bench import toolchain
 from tests.conftest import (
@@ -24,6 +27,7 @@ from tests.conftest import (
     ChildProcess,
     Pki,
     SidecarFactory,
+    make_crl,
     run_demo_client,
 )
 
@@ -161,3 +165,61 @@ def test_egress_explains_a_go_server_refusing_its_certificate(
     assert "error: UNAVAILABLE: " in output, output
     assert "the remote refused this route's client certificate CN=alice" in output, output
     assert "TLS alert bad certificate" in output, output
+
+
+# The Go client's calls, on one connection: put, get, delete, get_missing (a Get), add, metrics.
+_GO_RULES = [
+    {"name": "kv-writes", "action": "allow", "cn": ["alice"],
+     "methods": ["/kv.KV/Get", "/kv.KV/Put"]},
+    {"name": "no-delete", "action": "deny", "cn": ["alice"], "methods": ["/kv.KV/Delete"],
+     "mode": "audit"},
+    {"name": "no-metrics", "action": "deny", "any": True, "methods": ["/api.Metrics/*"]},
+    {"name": "adding", "action": "allow", "any": True, "methods": ["/adder.Adder/Add"]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_go_client_calls_are_decided_per_method_on_one_connection(
+    crosslang: Path,
+    pki: Pki,
+    sidecars: SidecarFactory,
+    demo_app: ChildProcess,
+    tmp_path: Path,
+    data_plane: str,
+) -> None:
+    """grpc-go in the policy matrix: allowed, denied and audited calls interleave on the
+    Go client's one connection; a caller revoked by the CRL gets nothing through."""
+    crl = tmp_path / "ca.crl"
+    mallory = x509.load_pem_x509_certificate(pki.cert("mallory").read_bytes()).serial_number
+    crl.write_bytes(make_crl(pki.ca, [mallory]).public_bytes(serialization.Encoding.PEM))
+    config = tmp_path / "sidecar.yaml"
+    route = {
+        "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{demo_app.port}",
+        "cert": str(pki.cert("server")), "key": str(pki.key("server")),
+        "ca": str(pki.dir / "ca.pem"), "rules": _GO_RULES, "crl": str(crl),
+        "allow_cn": ["mallory"], "data_plane": data_plane,
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(route))
+    ingress = sidecars.start("--config", str(config), default_tls=False, listen=None)
+    ingress.wait_ready()
+
+    alice = go_client(crosslang, pki, ingress.port, "alice")
+    codes = {call: outcome["code"] for call, outcome in alice.items()}
+    assert codes == {"put": 0, "get": 0, "delete": 0, "get_missing": NOT_FOUND, "add": 0,
+                     "metrics": PERMISSION_DENIED}, alice  # fmt: skip
+    assert alice["metrics"]["message"] == (
+        "peer CN=alice is not allowed to call /api.Metrics/Query (rule 'no-metrics')"
+    )
+    ingress.wait_for(r"WARNING .*audit: would deny: peer CN=alice is not allowed to call "
+                     r"/kv\.KV/Delete \(rule 'no-delete'\)")  # fmt: skip
+
+    carol = go_client(crosslang, pki, ingress.port, "carol")
+    assert carol["add"]["code"] == 0, carol
+    for call in ("put", "get", "delete", "get_missing"):
+        assert carol[call]["code"] == PERMISSION_DENIED, (call, carol[call])
+        assert carol[call]["message"].endswith("(no rule matched)"), carol[call]
+
+    revoked = go_client(crosslang, pki, ingress.port, "mallory")  # on the allowlist, revoked
+    for call, outcome in revoked.items():
+        assert outcome["code"] == PERMISSION_DENIED, (call, outcome)
+        assert f"certificate serial {mallory:x} is revoked (crl ca.crl)" in outcome["message"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import shutil
 import signal
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, make_crl
 from tests.probe import Probe
 
@@ -275,3 +279,88 @@ def test_explain_checks_the_callers_certificate_against_the_crl(
     by_name = sidecars.run(*explain, "--cn", "alice")
     assert by_name.returncode == 0, by_name.stdout + by_name.stderr
     assert "crl: not checked (give the caller's certificate with --cert)" in by_name.stdout
+
+
+def test_a_ca_whose_extensions_cannot_be_read_is_one_line_when_its_crl_is_checked(
+    sidecars: SidecarFactory, pki: Pki, tmp_path: Path
+) -> None:
+    """A CA of the bundle with its KeyUsage twice serves (OpenSSL takes it as a trust
+    anchor), but its CRL cannot be checked against it: exit 2 with one line, not a
+    traceback."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Twice CA")])
+    stand_in = x509.ObjectIdentifier("1.2.3.4")
+    drafted = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(5)
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(*[False] * 5, True, True, False, False), critical=True)
+        # A second KeyUsage, under a stand-in OID the builder lets through, renamed below.
+        .add_extension(x509.UnrecognizedExtension(stand_in, b"\x03\x02\x01\x06"), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    der = drafted.public_bytes(serialization.Encoding.DER)
+    twice = der.replace(bytes.fromhex("06032a0304"), bytes.fromhex("0603551d0f"))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.cert_pem + ssl.DER_cert_to_PEM_cert(twice).encode())
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(NOW - DAY)
+        .next_update(NOW + DAY)
+        .sign(key, hashes.SHA256())
+    )
+    path = _write(crl, tmp_path / "twice.crl")
+    args = ["--upstream", "127.0.0.1:1", "--allow-cn", "alice", "--cert", str(pki.cert("server")),
+            "--key", str(pki.key("server")), "--ca", str(bundle), "--crl", str(path)]  # fmt: skip
+    assert_config_error(sidecars, args, "--ca: a CA certificate (serial 5) cannot be read")
+
+
+def test_a_crl_file_of_begin_lines_is_refused_as_soon_as_read(
+    sidecars: SidecarFactory, pki: Pki, tmp_path: Path
+) -> None:
+    """4 MiB of BEGIN lines and no END: one pass over the file (a backtracking regular
+    expression took minutes over 0.5 MiB, with the event loop stopped)."""
+    path = tmp_path / "begins.crl"
+    path.write_bytes(b"-----BEGIN X509 CRL-----\n" * (4 * 1024 * 1024 // 25))
+    args = ["--upstream", "127.0.0.1:1", "--allow-cn", "alice", "--crl", str(path),
+            *sidecars.tls_args()]  # fmt: skip
+    assert_config_error(sidecars, args, "no CRL in it")
+
+
+def test_two_cas_of_one_name_each_have_their_own_crl(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """A CA whose key was replaced keeps its name: the bundle trusts both keys, and a
+    caller is checked against the CRL signed by its issuer's key (its AuthorityKeyIdentifier
+    says which), never against the other one's."""
+    renewed = certs.init_ca("Test Root CA")  # same name, another key
+    bob = certs.issue(renewed, "bob", usage="client")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.cert_pem + renewed.cert_pem)
+    old_crl = _write(make_crl(pki.ca), tmp_path / "old-key.crl")
+    new_crl = _write(make_crl(renewed, [bob.certificate.serial_number]), tmp_path / "new-key.crl")
+    bob_credentials = grpc.ssl_channel_credentials(bundle.read_bytes(), bob.key_pem, bob.cert_pem)
+
+    def bob_calls(sidecar: SidecarProcess) -> tuple[grpc.StatusCode, str]:
+        with grpc.secure_channel(f"127.0.0.1:{sidecar.port}", bob_credentials) as channel:
+            return _code(channel)
+
+    tls = ["--cert", str(pki.cert("server")), "--key", str(pki.key("server")), "--ca", str(bundle)]
+    allow = ["--allow-cn", "alice", "--allow-cn", "bob"]
+    only_old = sidecars.serving(probe.port, *tls, *allow, "--crl", str(old_crl), default_tls=False)
+    code, details = bob_calls(only_old)
+    assert code == grpc.StatusCode.PERMISSION_DENIED, (code, details)
+    assert "no CRL of its issuer CN=Test Root CA (with its key) is loaded" in details, details
+    both = sidecars.serving(
+        probe.port, *tls, *allow, "--crl", str(old_crl), "--crl", str(new_crl), default_tls=False
+    )
+    code, details = bob_calls(both)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "is revoked (crl new-key.crl)" in details
+    assert _call(both, pki, "alice")[0] == grpc.StatusCode.OK
+    assert len(probe.calls) == 1

@@ -156,7 +156,7 @@ MALFORMED = [
     pytest.param(literal(b"x-k", b"a\r\nb"), "holds NUL, CR or LF", id="crlf-in-value"),
     pytest.param(literal(b"x-k", b"a\x00b"), "holds NUL, CR or LF", id="nul-in-value"),
     pytest.param(literal(b"te", b"gzip"), "only 'trailers'", id="te-not-trailers"),
-    pytest.param(literal(b":path", b"/again"), ":path after regular", id="pseudo-after-regular"),
+    pytest.param(literal(b":path", b"/a.B/c"), ":path after regular", id="pseudo-after-regular"),
 ]
 
 
@@ -248,14 +248,15 @@ def test_multi_byte_integers_are_read_in_every_position() -> None:
     # user-agent as a literal without indexing: static index 58 needs 4 + 8 bits.
     user_agent = b"\x0f\x2b" + b"\x05" + b"go/1."
     application = b"\x00\x05x-big\x7f\xad\x01" + long_value  # 127 + 0x2d + 0x80 = 300
-    # :method POST, :scheme http, :path / (static 3, 6, 4), then the two fields
-    block = b"\x83\x86\x84" + user_agent + application
+    # :method POST, :scheme http (static 3, 6), :path /a.B/C (a literal of static name 4),
+    # then the two fields
+    block = b"\x83\x86" + b"\x04\x06/a.B/C" + user_agent + application
     rewritten, path = blocks.rewrite(block)
-    assert path == b"/"
+    assert path == b"/a.B/C"
     assert hpack.Decoder().decode(rewritten, raw=True) == [
         (b":method", b"POST"),
         (b":scheme", b"http"),
-        (b":path", b"/"),
+        (b":path", b"/a.B/C"),
         (b"x-big", long_value),
         (b"user-agent", USER_AGENT),
     ]

@@ -58,10 +58,14 @@ def _odd_client(pki: Pki) -> tuple[grpc.ChannelCredentials, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ex;ample"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ex;ample\\"),
         x509.NameAttribute(NameOID.COMMON_NAME, 'a"b,c;d=\u00e9'),
     ])  # fmt: skip
-    sans = [x509.UniformResourceIdentifier("spiffe://example.org/a;b"), x509.DNSName("odd.example")]
+    sans = [
+        x509.UniformResourceIdentifier("spiffe://example.org/a;b"),
+        x509.UniformResourceIdentifier("spiffe://example.org/x=\\"),
+        x509.DNSName("odd.example"),
+    ]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -118,10 +122,12 @@ def test_the_app_reads_the_callers_identity_in_envoys_format(
         ],
         [
             f"Hash={odd_hash};"
-            # RFC 4514 escapes " , and ;, the e-acute is written as its UTF-8 bytes (\xx
-            # each), and XFCC quotes the subject, writing its " as \".
-            r'Subject="CN=a\\"b\,c\;d=\c3\a9,O=Ex\;ample";'
-            'URI="spiffe://example.org/a;b";DNS=odd.example'
+            # RFC 4514 escapes " , ; and \, the e-acute is written as its UTF-8 bytes (\xx
+            # each), an escaped quote or backslash as RFC 4514's hex pair (\22, \5c), a
+            # backslash outside the subject as \5c: none stands before a quote.
+            r'Subject="CN=a\22b\,c\;d=\c3\a9,O=Ex\;ample\5c";'
+            r'URI="spiffe://example.org/a;b";URI="spiffe://example.org/x=\5c";'
+            "DNS=odd.example"
         ],
     ], seen
 

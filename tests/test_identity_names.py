@@ -4,6 +4,7 @@ UTF-8, several CNs. Each is refused cleanly on both data planes and shown escape
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import ssl
 
@@ -245,3 +246,72 @@ def test_tls_handshake_survives_a_peer_certificate_that_is_not_utf8(hostile: Pki
     assert tolerant.getpeercert(binary_form=True) == _der_of(hostile, "not-utf8")
     identity = IdentityReader().from_der(tolerant.getpeercert(binary_form=True))
     assert identity.unreadable and identity.common_name is None
+
+
+def lax_certificate(ca: certs.Issued) -> tuple[bytes, bytes]:
+    """A client certificate OpenSSL verifies but cryptography cannot load (its CN a
+    PrintableString holding `_` and `@`, as lax CAs write them), PEM, and its key, PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    printable = x509.NameAttribute(
+        NameOID.COMMON_NAME, "svc x lax", _type=x509.name._ASN1Type.PrintableString
+    )
+    drafted = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([printable]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(0x5EED)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    draft = drafted.public_bytes(serialization.Encoding.DER)
+    tbs = drafted.tbs_certificate_bytes.replace(b"svc x lax", b"svc_x@lax")  # same length
+    algorithm_at = draft.index(drafted.tbs_certificate_bytes) + len(tbs)
+    algorithm = draft[algorithm_at : algorithm_at + 2 + draft[algorithm_at + 1]]
+    signature = ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    der = _der(0x30, tbs + algorithm + _der(0x03, b"\0" + signature))
+    pem = ssl.DER_cert_to_PEM_cert(der).encode()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem, key_pem
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_a_certificate_cryptography_cannot_load_keeps_its_fingerprint_and_serial(
+    sidecars: SidecarFactory, probe: Probe, pki: Pki, plane: str
+) -> None:
+    """Its names cannot be read, so no name rule matches it; but allow_all lets it in, and
+    then deny_fingerprints and deny_serials must still refuse it, and the app's identity
+    header must carry its hash (all three were empty for such a certificate)."""
+    pem, key_pem = lax_certificate(pki.ca)
+    with pytest.raises(ValueError):
+        x509.load_pem_x509_certificate(pem)
+    fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode())).hexdigest()
+    credentials = grpc.ssl_channel_credentials((pki.dir / "ca.pem").read_bytes(), key_pem, pem)
+
+    def call(sidecar: SidecarProcess) -> grpc.RpcError | None:
+        with grpc.secure_channel(f"127.0.0.1:{sidecar.port}", credentials) as channel:
+            try:
+                channel.unary_unary(UNARY)(b"x", timeout=5)
+            except grpc.RpcError as error:
+                return error
+        return None
+
+    common = ("--allow-all", "--data-plane", plane)
+    for flag, value, reason in (
+        ("--deny-fingerprints", fingerprint, f"{fingerprint} is revoked (deny_fingerprints)"),
+        ("--deny-serials", "5EED", "certificate serial 5eed is revoked (deny_serials)"),
+    ):
+        refusing = sidecars.serving(probe.port, *common, flag, value)
+        error = call(refusing)
+        assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+        assert reason in str(error.details()), error.details()
+    assert probe.calls == []
+    telling = sidecars.serving(probe.port, *common, "--identity-header")
+    assert call(telling) is None
+    (seen,) = probe.wait_for_calls(1)
+    assert ("x-forwarded-client-cert", f"Hash={fingerprint}") in seen.metadata, seen.metadata

@@ -120,6 +120,22 @@ def test_each_call_is_decided_on_its_method_first_match_wins(
 
 
 @pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_a_path_that_is_not_service_slash_method_is_refused_not_matched_around(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    """`probe.Probe/ServerStream` (no leading slash) would match no rule as written, and an
+    app may route it as `/probe.Probe/ServerStream` (grpc-go does): a deny rule written
+    around. Every :path other than /service/method is a malformed request."""
+    sidecar = _start(sidecars, pki, probe, tmp_path, data_plane)
+    with sidecar.channel(pki, "alice") as alice:
+        for path in ("probe.Probe/ServerStream", "/probe.Probe/Unary?x=1", "//probe.Probe/Unary"):
+            code, details = _code(alice.unary_unary(path))
+            assert code == grpc.StatusCode.INTERNAL, (path, code, details)
+            assert "malformed request: :path" in details and "is not /service/method" in details
+    assert probe.calls == []
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
 def test_a_caller_the_rules_allow_nothing_is_refused_without_an_app_connection(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
 ) -> None:

@@ -68,6 +68,10 @@ _CACHED_NAME_LIMIT = 128  # bytes: only small names are remembered
 _VALID_NAME = re.compile(rb"[!-9;-@\[-~]+")
 # RFC 9113 8.2.1: nor a value NUL, CR or LF (one search: three `in` tests cost 5 times more).
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\0\r\n]")
+# A gRPC call's :path: "/" service "/" method (the gRPC HTTP/2 protocol). Servers differ on
+# the rest (grpc-go routes `kv.KV/Delete` as `/kv.KV/Delete`), so a method rule could be
+# written around: any other :path makes the request malformed.
+_GRPC_PATH = re.compile(rb"/[^/?#]+/[^/?#]+")
 
 KEEP: Final = ""  # a verdict: the field crosses
 DROP: Final = "drop"  # a verdict: the field is left out
@@ -97,10 +101,19 @@ def value_problem(name: bytes, value: bytes) -> str | None:
     """Why a request field's value makes the request malformed, or None."""
     if _FORBIDDEN_IN_VALUE.search(value):
         return f"the value of {_shown(name)} holds NUL, CR or LF"
-    if name == b":path" and not value:
-        return "empty :path"
+    if name == b":path":
+        return path_problem(value)
     if name == b"te" and value != b"trailers":
         return f"te is {_shown(value)}; HTTP/2 allows only 'trailers'"
+    return None
+
+
+def path_problem(path: bytes) -> str | None:
+    """Why a request's :path is not a gRPC method's (`/package.Service/Method`), or None."""
+    if not path:
+        return "empty :path"
+    if not _GRPC_PATH.fullmatch(path):
+        return f":path {_shown(path)} is not /service/method"
     return None
 
 

@@ -15,8 +15,10 @@ that no rule matches. Names are kept as read; `description` shows them escaped.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import functools
+import hashlib
 import ipaddress
 import logging
 import ssl
@@ -62,6 +64,7 @@ class PeerIdentity:
     ip_addresses: tuple[str, ...] = ()
     subject: str = ""  # RFC 4514, as `openssl x509 -subject -nameopt RFC2253` writes it
     issuer: str = ""  # RFC 4514: whose CRL lists the certificate (pki/revocation.py)
+    authority_key_id: str = ""  # hex, from its AuthorityKeyIdentifier: which key of issuer
     serial: str = ""  # lowercase hex, no leading zeros
     fingerprint: str = ""  # SHA-256 of the certificate (DER), lowercase hex
     unreadable: str | None = None  # why the names could not be read; then no rule matches
@@ -116,6 +119,7 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
     try:
         serial = format(certificate.serial_number, "x")
         issuer = certificate.issuer.rfc4514_string()
+        authority_key_id = _authority_key_id(certificate)
         common_names = tuple(
             str(attribute.value)  # a str but for X500UniqueIdentifier, never a CN
             for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -140,6 +144,7 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
             uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
             ip_addresses=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
             issuer=issuer,
+            authority_key_id=authority_key_id,
             serial=serial,
             fingerprint=fingerprint,
         )
@@ -147,6 +152,61 @@ def identity_from_certificate(certificate: x509.Certificate) -> PeerIdentity:
         return PeerIdentity(
             issuer=issuer, serial=serial, fingerprint=fingerprint, unreadable=_reason(error)
         )
+
+
+def _authority_key_id(certificate: x509.Certificate) -> str:
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return ""
+    key_identifier = extension.value.key_identifier
+    return key_identifier.hex() if key_identifier is not None else ""
+
+
+def _unreadable(der: bytes, error: Exception) -> PeerIdentity:
+    """A certificate the TLS layer verified but cryptography cannot load: no names (no
+    rule matches it), but its fingerprint and serial, read from the bytes, so that
+    deny_fingerprints, deny_serials and the identity header's Hash still apply to it."""
+    return PeerIdentity(
+        fingerprint=hashlib.sha256(der).hexdigest(),
+        serial=_der_serial(der),
+        unreadable=_reason(error),
+    )
+
+
+def _der_serial(der: bytes) -> str:
+    """The serial of a DER certificate, read by hand (Certificate and tbsCertificate
+    SEQUENCEs, an optional [0] version, then the INTEGER), as lowercase hex; "" if the
+    bytes are not shaped so."""
+    try:
+        position = _content(der, 0, 0x30)  # Certificate
+        position = _content(der, position, 0x30)  # tbsCertificate
+        if der[position] == 0xA0:  # [0] EXPLICIT version: skipped
+            start = _content(der, position, 0xA0)
+            position = start + _length(der, position)[0]
+        start = _content(der, position, 0x02)
+        length = _length(der, position)[0]
+        return format(int.from_bytes(der[start : start + length], "big", signed=True), "x")
+    except (IndexError, ValueError):
+        return ""
+
+
+def _length(der: bytes, position: int) -> tuple[int, int]:
+    """The length of the DER element at position, and where its content starts."""
+    first = der[position + 1]
+    if first < 0x80:
+        return first, position + 2
+    count = first & 0x7F
+    if not 0 < count <= 4:
+        raise ValueError("unsupported DER length")
+    return int.from_bytes(der[position + 2 : position + 2 + count], "big"), position + 2 + count
+
+
+def _content(der: bytes, position: int, tag: int) -> int:
+    """Where the content of the element at position starts, if it has this tag."""
+    if der[position] != tag:
+        raise ValueError("unexpected DER tag")
+    return _length(der, position)[1]
 
 
 def _reason(error: Exception) -> str:
@@ -196,6 +256,14 @@ class PeerCertificateTolerantSSLObject(ssl.SSLObject):
             return {}
 
 
+def _pem_to_der(pem: bytes) -> bytes:
+    """grpc core's PEM of the peer's certificate as DER (ValueError if it is not PEM)."""
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    except (UnicodeDecodeError, binascii.Error) as error:
+        raise ValueError(f"not a PEM certificate: {error}") from None
+
+
 class IdentityReader:
     """Turns a call's auth context into a PeerIdentity, caching parsed certificates."""
 
@@ -213,19 +281,21 @@ class IdentityReader:
             ):
                 return _identity_from_core_names(auth_context)
             return None
-        return self._cached(pems[0], x509.load_pem_x509_certificate)
+        return self._cached(pems[0], _pem_to_der)
 
     def from_der(self, der: bytes) -> PeerIdentity:
         """The identity in a verified certificate, DER-encoded (as Python's ssl gives it)."""
-        return self._cached(der, x509.load_der_x509_certificate)
+        return self._cached(der, bytes)
 
-    def _cached(self, encoded: bytes, load: Callable[[bytes], x509.Certificate]) -> PeerIdentity:
+    def _cached(self, encoded: bytes, to_der: Callable[[bytes], bytes]) -> PeerIdentity:
         identity = self._cache.get(encoded)
         if identity is None:
+            der = b""
             try:
-                identity = identity_from_certificate(load(encoded))
+                der = to_der(encoded)
+                identity = identity_from_certificate(x509.load_der_x509_certificate(der))
             except _UNREADABLE as error:  # the TLS layer accepted it; cryptography is stricter
-                identity = PeerIdentity(unreadable=_reason(error))
+                identity = _unreadable(der, error)
             if identity.unreadable is not None:
                 # Once per certificate (the cache remembers it): each of its connections
                 # and calls is denied, and each denial is logged, rate limited.

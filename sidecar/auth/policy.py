@@ -255,8 +255,8 @@ class Policy:
         if revoked is not None:
             return decision, [f"revoked: {revoked}"]
         if compiled.revocations is not None:
-            crl = compiled.revocations.by_issuer[identity.issuer]
-            steps.append(f"crl {escape(crl.file)}: the certificate is not revoked")
+            for crl in compiled.revocations.covering(identity.issuer, identity.authority_key_id):
+                steps.append(f"crl {escape(crl.file)}: the certificate is not revoked")
         caller_rule = self._caller_rule(identity, compiled)
         listed = [f"{key} [{', '.join(patterns)}]" for key, patterns in compiled.rules.callers()]
         if caller_rule is not None:
@@ -316,7 +316,9 @@ def _revoked(identity: PeerIdentity, compiled: _CompiledRules) -> str | None:
             f"{identity.fingerprint} is revoked (deny_fingerprints)"
         )
     if compiled.revocations is not None:
-        refusal = compiled.revocations.refusal(identity.issuer, identity.serial)
+        refusal = compiled.revocations.refusal(
+            identity.issuer, identity.authority_key_id, identity.serial
+        )
         if refusal is not None:
             return f"peer {identity.description}: {refusal}"
     return None

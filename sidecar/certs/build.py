@@ -228,10 +228,12 @@ def make_crl(
     *,
     number: int,
     days: int = 7,
+    kept: Sequence[x509.RevokedCertificate] = (),
     now: datetime.datetime | None = None,
 ) -> x509.CertificateRevocationList:
-    """A complete CRL of ca revoking the serials in revoked (with their revocation dates),
-    current for days: its nextUpdate, past which a sidecar calls it stale."""
+    """A complete CRL of ca revoking the serials in revoked (with their revocation dates)
+    and the entries of an earlier CRL in kept (as they are: reasons kept), current for
+    days: its nextUpdate, past which a sidecar calls it stale."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -241,8 +243,12 @@ def make_crl(
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(_authority_key_id(ca), critical=False)
     )
+    for entry in kept:
+        builder = builder.add_revoked_certificate(entry)
+    listed = {entry.serial_number for entry in kept}
     for serial, when in sorted(revoked.items()):
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-        )
+        if serial not in listed:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
     return builder.sign(ca.key, hashes.SHA256())

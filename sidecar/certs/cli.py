@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.certs import build as certs
@@ -208,36 +209,46 @@ def _crl(args: argparse.Namespace) -> int:
     ca = authority.certificate
     out = Path(args.out)
     now = datetime.datetime.now(datetime.timezone.utc)
-    revoked: dict[int, datetime.datetime] = {}
+    kept: list[x509.RevokedCertificate] = []
     number = 1
     earlier = _earlier_crl(out, authority, args.force)
     if earlier is not None:
-        revoked = {entry.serial_number: entry.revocation_date_utc for entry in earlier}
+        kept = list(earlier)
         with contextlib.suppress(x509.ExtensionNotFound):
             number = earlier.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
     added = []
     for path in args.revoke:
         for certificate in load_certificates(Path(path), "--revoke")[:1]:  # the leaf
-            if certificate.issuer != ca.subject:
+            if not _issued_by(certificate, ca):
                 raise ConfigError(
                     f"--revoke: {path} was issued by {dn(certificate.issuer)}, not by "
                     f"{dn(ca.subject)}"
                 )
             added.append(certificate.serial_number)
     added += args.serial
-    for serial in added:
-        revoked.setdefault(serial, now)
-    crl = certs.make_crl(authority.issued, revoked, number=number, days=args.days, now=now)
+    revoked = dict.fromkeys(added, now)
+    crl = certs.make_crl(
+        authority.issued, revoked, number=number, days=args.days, kept=kept, now=now
+    )
     try:
         out.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
         raise ConfigError(f"--out: cannot write {out}: {exc.strerror}") from None
     serials = ", ".join(format(serial, "x") for serial in added) or "none"
     print(
-        f"wrote {out}: CRL {number} of {dn(ca.subject)}, {len(revoked)} revoked "
+        f"wrote {out}: CRL {number} of {dn(ca.subject)}, {len(crl)} revoked "
         f"(added: {serials}), next update {utc(crl.next_update_utc or now)}"
     )
     return EXIT_OK
+
+
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ca's key signed certificate (its name alone could be another CA's)."""
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _earlier_crl(

@@ -18,9 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from sidecar.certs.verify import is_self_signed, utc
 from sidecar.errors import ConfigError
-from sidecar.pki.x509 import eku_name, san_names, spki
+from sidecar.pki.x509 import eku_name, pem_blocks, san_names, spki
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
 _PRIVATE_KEYS = {b"PRIVATE KEY", b"EC PRIVATE KEY", b"RSA PRIVATE KEY"}
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _KEY_USAGES = [
@@ -152,7 +151,7 @@ def _describe_block(label: bytes, block: bytes, now: datetime.datetime) -> list[
 def describe(data: bytes, source: str, now: datetime.datetime | None = None) -> list[str]:
     """Lines describing every PEM block in data (or one DER certificate)."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    blocks = [(m.group(1), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+    blocks = pem_blocks(data)
     if not blocks:
         try:
             return [

@@ -38,7 +38,7 @@ from grpc import aio
 from grpc._cython.cygrpc import ExecuteBatchError
 
 from sidecar.auth.forwarded import xfcc
-from sidecar.auth.headers import IDENTITY_FIELD, HeaderRules
+from sidecar.auth.headers import IDENTITY_FIELD, HeaderRules, path_problem
 from sidecar.auth.identity import IdentityReader, PeerIdentity
 from sidecar.dataplane import RouteParts, log_audit
 from sidecar.grpcplane.upstream import Upstream
@@ -157,6 +157,10 @@ class _MethodRelay:
         )
         self._relay.call_arrived()
         try:
+            malformed = path_problem(self.method.encode("utf-8", "surrogateescape"))
+            if malformed is not None:  # as the splice answers it
+                record.code = grpc.StatusCode.INTERNAL
+                await context.abort(grpc.StatusCode.INTERNAL, f"malformed request: {malformed}")
             identity = await self._authorize(context, record)
             await self._forward(context, record, identity)
         except (asyncio.CancelledError, _CallEnded):

@@ -10,7 +10,9 @@ intermediate CA that callers present in their chain needs that intermediate in
 must be complete.
 
 What is checked is the caller's own certificate (the leaf, the one certificate both
-data planes are given): its serial against the CRL of its issuer, found by name.
+data planes are given): its serial against the CRL of its issuer, found by name and,
+when the certificate names it (AuthorityKeyIdentifier), by the issuer's key, so that
+two CAs of one name (a CA whose key was replaced) each have their own CRL.
 A caller whose issuer has no CRL here is refused too, as OpenSSL's CRL check
 refuses it under nginx and Envoy: a route given CRLs promises that every caller
 was checked against one. A CRL past its nextUpdate ("stale") still applies; with
@@ -24,7 +26,6 @@ as pki/credentials.py swaps the TLS material.
 from __future__ import annotations
 
 import datetime
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -35,13 +36,11 @@ from sidecar.config.model import StaleAction
 from sidecar.config.pem import PemSource
 from sidecar.errors import ConfigError
 from sidecar.observe.logs import escape
-from sidecar.pki.x509 import parse_certificates
+from sidecar.pki.x509 import parse_certificates, pem_blocks
 
 # A CA's whole CRL may be large (a public CA's: tens of MiB); past this a file is refused
 # unread. It is parsed on the event loop, at start-up and when it changes.
 MAX_CRL_BYTES = 32 * 1024 * 1024
-
-_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,7 @@ class RevocationList:
 
     file: str  # the file's name (not its path: denials tell it to callers)
     issuer: str  # RFC 4514, as PeerIdentity.issuer spells a caller's
+    signer_key_id: str  # hex: the subject key identifier of the CA whose key signed it
     serials: frozenset[str]  # lowercase hex, no leading zeros, as PeerIdentity.serial
     next_update: datetime.datetime | None  # None: the CRL says no date (never stale)
 
@@ -67,40 +67,59 @@ class RevocationList:
 
 @dataclass(frozen=True)
 class Revocations:
-    """A route's CRLs, by issuer, and what a stale one means."""
+    """A route's CRLs, by issuer name (one per key of that name), and what a stale one means."""
 
-    by_issuer: Mapping[str, RevocationList]
+    by_issuer: Mapping[str, tuple[RevocationList, ...]]
     stale_action: StaleAction = "warn"
 
-    def refusal(self, issuer: str, serial: str, now: datetime.datetime | None = None) -> str | None:
-        """Why the CRLs refuse the certificate of this issuer (RFC 4514) and serial (hex),
-        as the denial says it after the caller's name; None when they do not."""
-        crl = self.by_issuer.get(issuer) if issuer else None
-        if crl is None:
+    @property
+    def lists(self) -> list[RevocationList]:
+        return [crl for lists in self.by_issuer.values() for crl in lists]
+
+    def covering(self, issuer: str, authority_key_id: str) -> tuple[RevocationList, ...]:
+        """The CRLs that cover a certificate of this issuer: the one signed with the key its
+        AuthorityKeyIdentifier names, or, a certificate naming none, every one of the name."""
+        lists = self.by_issuer.get(issuer, ()) if issuer else ()
+        if authority_key_id:
+            return tuple(crl for crl in lists if crl.signer_key_id == authority_key_id)
+        return lists
+
+    def refusal(
+        self, issuer: str, authority_key_id: str, serial: str, now: datetime.datetime | None = None
+    ) -> str | None:
+        """Why the CRLs refuse the certificate of this issuer (RFC 4514), issuer key (hex)
+        and serial (hex), as the denial says it after the caller's name; None when not."""
+        lists = self.covering(issuer, authority_key_id)
+        if not lists:
             return (
-                f"no CRL of its issuer {escape(issuer) or '(unreadable)'} is loaded (crl), so "
-                "it cannot be checked for revocation"
+                f"no CRL of its issuer {escape(issuer) or '(unreadable)'}"
+                f"{' (with its key)' if self.by_issuer.get(issuer) else ''} is loaded (crl), "
+                "so it cannot be checked for revocation"
             )
-        if serial in crl.serials:
-            return f"certificate serial {serial} is revoked (crl {escape(crl.file)})"
-        if self.stale_action == "deny" and crl.stale(now or _now()):
-            assert crl.next_update is not None
-            return (
-                f"the CRL of its issuer ({escape(crl.file)}) is stale since "
-                f"{crl.next_update:%Y-%m-%d %H:%M:%S} UTC (crl_stale: deny)"
-            )
+        for crl in lists:
+            if serial in crl.serials:
+                return f"certificate serial {serial} is revoked (crl {escape(crl.file)})"
+        if self.stale_action == "deny":
+            now = now or _now()
+            for crl in lists:
+                if crl.stale(now):
+                    assert crl.next_update is not None
+                    return (
+                        f"the CRL of its issuer ({escape(crl.file)}) is stale since "
+                        f"{crl.next_update:%Y-%m-%d %H:%M:%S} UTC (crl_stale: deny)"
+                    )
         return None
 
     def stale(self, now: datetime.datetime | None = None) -> list[RevocationList]:
         now = now or _now()
-        return [crl for crl in self.by_issuer.values() if crl.stale(now)]
+        return [crl for crl in self.lists if crl.stale(now)]
 
     def next_stale(self, now: datetime.datetime | None = None) -> datetime.datetime | None:
         """When the next CRL still current goes stale, if one will."""
         now = now or _now()
         ahead = [
             crl.next_update
-            for crl in self.by_issuer.values()
+            for crl in self.lists
             if crl.next_update is not None and crl.next_update > now
         ]
         return min(ahead, default=None)
@@ -120,24 +139,70 @@ def load_revocations(
     """The CRLs in contents (read from sources), each checked against the CA bundle; a
     ConfigError naming the file and the fault for the first that does not pass."""
     authorities = parse_certificates(ca_pem, ca_setting)
-    by_issuer: dict[str, RevocationList] = {}
+    by_issuer: dict[str, tuple[RevocationList, ...]] = {}
     for source, data in zip(sources, contents, strict=True):
         where = f"{source.setting}: {source.origin}"
         for crl in _parse(data, where):
             checked = _checked(crl, where, source, authorities, ca_setting)
-            earlier = by_issuer.get(checked.issuer)
-            if earlier is not None:
-                raise ConfigError(
-                    f"{where}: a second CRL of {escape(checked.issuer)} (the first is in "
-                    f"{escape(earlier.file)}): give only the current one"
-                )
-            by_issuer[checked.issuer] = checked
+            lists = by_issuer.get(checked.issuer, ())
+            for earlier in lists:
+                if earlier.signer_key_id == checked.signer_key_id:
+                    raise ConfigError(
+                        f"{where}: a second CRL of {escape(checked.issuer)} (the first is in "
+                        f"{escape(earlier.file)}): give only the current one"
+                    )
+            by_issuer[checked.issuer] = (*lists, checked)
     return Revocations(by_issuer, stale_action)
+
+
+@dataclass(frozen=True)
+class _Authority:
+    """A CA of the bundle that may have signed a CRL, as the checks need it (one-line
+    errors for what cannot be read)."""
+
+    certificate: x509.Certificate
+    subject: str
+    key_id: str  # its SubjectKeyIdentifier (what its certificates' AKI names), hex
+    may_sign_crls: bool
+
+    @classmethod
+    def of(cls, ca: x509.Certificate, ca_setting: str) -> _Authority:
+        try:
+            subject = ca.subject.rfc4514_string()
+            try:
+                key_id = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+                identifier = key_id.value.digest
+            except x509.ExtensionNotFound:  # RFC 5280 method 1, as CAs derive it
+                public_key = ca.public_key()
+                identifier = x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+            try:
+                usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+                may_sign_crls = usage.crl_sign
+            except x509.ExtensionNotFound:
+                may_sign_crls = True
+        except (
+            ValueError,
+            TypeError,
+            x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType,
+        ) as error:
+            raise ConfigError(
+                f"{ca_setting}: a CA certificate (serial {ca.serial_number:x}) cannot be read "
+                f"to check CRLs with: {error}"
+            ) from None
+        return cls(ca, subject, identifier.hex(), may_sign_crls)
+
+
+def _subject(ca: x509.Certificate) -> str | None:
+    try:
+        return ca.subject.rfc4514_string()
+    except ValueError:
+        return None
 
 
 def _parse(data: bytes, where: str) -> list[x509.CertificateRevocationList]:
     if b"-----BEGIN" in data:
-        blocks = _PEM_CRL.findall(data)
+        blocks = [block for label, block in pem_blocks(data) if label == b"X509 CRL"]
         if not blocks:
             raise ConfigError(f"{where}: no CRL in it (PEM blocks of type X509 CRL)")
         crls = []
@@ -167,25 +232,28 @@ def _checked(
         next_update = crl.next_update_utc
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
         raise ConfigError(f"{where}: the CRL cannot be read: {error}") from None
-    signers = [ca for ca in authorities if ca.subject.rfc4514_string() == issuer]
+    signers = [_Authority.of(ca, ca_setting) for ca in authorities if _subject(ca) == issuer]
     if not signers:
-        held = ", ".join(escape(ca.subject.rfc4514_string()) for ca in authorities[:4])
+        held = ", ".join(escape(_subject(ca) or "?") for ca in authorities[:4])
         raise ConfigError(
             f"{where}: its issuer {escape(issuer)} is not a certificate of {ca_setting} "
             f"(which holds {held}{', ...' if len(authorities) > 4 else ''}): its signature "
             "cannot be checked"
         )
-    if not any(_may_sign_crls(signer) for signer in signers):
+    if not any(signer.may_sign_crls for signer in signers):
         raise ConfigError(
             f"{where}: its issuer {escape(issuer)} may not sign CRLs (its key usage has no cRLSign)"
         )
-    if not any(_may_sign_crls(signer) and _signature_valid(crl, signer) for signer in signers):
+    signer = next(
+        (ca for ca in signers if ca.may_sign_crls and _signature_valid(crl, ca.certificate)), None
+    )
+    if signer is None:
         raise ConfigError(
             f"{where}: its signature does not verify with the key of {escape(issuer)} in "
             f"{ca_setting}"
         )
     file = PurePath(source.path).name if source.path is not None else "inline PEM"
-    return RevocationList(file, issuer, serials, next_update)
+    return RevocationList(file, issuer, signer.key_id, serials, next_update)
 
 
 def _check_complete(extensions: x509.Extensions, where: str) -> None:
@@ -210,14 +278,6 @@ def _check_complete(extensions: x509.Extensions, where: str) -> None:
             raise ConfigError(
                 f"{where}: a critical CRL extension not understood: {extension.oid.dotted_string}"
             )
-
-
-def _may_sign_crls(ca: x509.Certificate) -> bool:
-    try:
-        usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return True
-    return usage.crl_sign
 
 
 def _signature_valid(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

@@ -40,6 +40,36 @@ _EKU_NAMES = {
 }
 
 
+_BEGIN, _END, _DASHES = b"-----BEGIN ", b"-----END ", b"-----"
+_LONGEST_LABEL = 64
+
+
+def pem_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Every complete PEM block in data, as (label, block), in order: `-----BEGIN LABEL-----`
+    through its `-----END LABEL-----`. In time linear in len(data), whatever it holds: a
+    file of nothing but BEGIN lines (which a backtracking regular expression takes hours
+    over) is read once, and has no block."""
+    blocks: list[tuple[bytes, bytes]] = []
+    unended: set[bytes] = set()  # labels with no END past some point: none further on either
+    position = 0
+    while (start := data.find(_BEGIN, position)) != -1:
+        label_end = data.find(_DASHES, start + len(_BEGIN), start + len(_BEGIN) + _LONGEST_LABEL)
+        position = start + len(_BEGIN)
+        if label_end == -1:
+            continue
+        label = data[start + len(_BEGIN) : label_end]
+        if label in unended:
+            continue
+        end = _END + label + _DASHES
+        stop = data.find(end, label_end)
+        if stop == -1:
+            unended.add(label)
+            continue
+        blocks.append((label, data[start : stop + len(end)]))
+        position = stop + len(end)
+    return blocks
+
+
 def eku_name(oid: x509.ObjectIdentifier) -> str:
     """The usage's name as openssl writes it (serverAuth), or its dotted OID if unknown."""
     return _EKU_NAMES.get(oid, oid.dotted_string)

@@ -223,7 +223,7 @@ class Route:
         if self.crl is None:
             return
         revocations = self.crl.current
-        for crl in revocations.by_issuer.values():
+        for crl in revocations.lists:
             logger.info("%s: CRL %s: %s", self.config.title, how, crl.describe())
         self._warn_stale()
         next_stale = revocations.next_stale()

@@ -78,7 +78,13 @@ class Sidecar:
             update = None
             if config is not None:
                 update = config.routes[index]
-            route.reload(update, when_changed=when_changed, grace=self.config.drain_grace)
+            try:
+                route.reload(update, when_changed=when_changed, grace=self.config.drain_grace)
+            except Exception:  # a bug in one route's reload must not hold the others back
+                logger.exception(
+                    "%s: reload failed (a bug: please report it); what runs stays",
+                    route.config.title,
+                )
         # What runs now (a route whose new credential files were refused keeps its old ones).
         self.config = replace(self.config, routes=tuple(route.config for route in self.routes))
 

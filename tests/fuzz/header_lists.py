@@ -54,7 +54,7 @@ def malformed_request(fields: Sequence[Field], *, trailers: bool = False) -> str
     uppercase, controls, space, non-ASCII, colon past a pseudo-header's first byte; values:
     no NUL, CR or LF), 8.2.2 (te other than "trailers"), 8.3 (only a request's four
     pseudo-headers, before the regular fields, each once; :method, :scheme and a non-empty
-    :path present; none in trailers)."""
+    :path present; none in trailers); and gRPC's :path, /service/method."""
     seen_regular, pseudo = False, []
     for name, value in fields:
         if b"\x00" in value or b"\r" in value or b"\n" in value:
@@ -62,8 +62,8 @@ def malformed_request(fields: Sequence[Field], *, trailers: bool = False) -> str
         if name.startswith(b":"):
             if name not in REQUEST_PSEUDO or seen_regular or trailers or name in pseudo:
                 return f"pseudo-header {name!r} misplaced, repeated or unknown"
-            if name == b":path" and not value:
-                return "empty :path"
+            if name == b":path" and not re.fullmatch(rb"/[^/?#]+/[^/?#]+", value):
+                return "a :path that is not /service/method (empty included)"
             pseudo.append(name)
             continue
         seen_regular = True
@@ -160,7 +160,8 @@ _pseudo = st.tuples(
     st.sampled_from([b"http", b"https"]),
     st.one_of(
         st.builds(lambda *names: b"/%s.%s/%s" % names, tokens, tokens, tokens),
-        st.sampled_from([b"/", b"/index.html", b""]),  # (an empty :path is malformed)
+        # Malformed: gRPC's :path is /service/method (and an empty one is malformed anyway).
+        st.sampled_from([b"/", b"/index.html", b"", b"kv.KV/Get", b"/kv.KV/Get?x=1", b"//a/b"]),
     ),
     st.sampled_from([None, b"localhost", b"app:50051"]),
 )

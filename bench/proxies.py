@@ -34,6 +34,7 @@ class Certificates:
     server_key: Path
     client_cert: Path
     client_key: Path
+    crl: Path  # the CA's, revoking 10,000 other certificates
 
 
 class Proxy:
@@ -164,7 +165,8 @@ def start_sidecar_grpc(certs: Certificates, port: int, upstream: int, workdir: P
 
 def start_sidecar_policy(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
     """The sidecar deciding every call by 10 method rules (the bench client matches only the
-    last, the worst case) and sending the caller's identity header to the app."""
+    last, the worst case), checking the caller against a CRL of 10,000 entries, and sending
+    the caller's identity header to the app."""
     others = [
         {"action": "allow" if index % 2 else "deny", "cn": [f"team-{index}"],
          "methods": [f"/svc{index}.Service/*", "/bench.Echo/Other"]}
@@ -175,7 +177,7 @@ def start_sidecar_policy(certs: Certificates, port: int, upstream: int, workdir:
     config.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}", "upstream": f"127.0.0.1:{upstream}",
         "cert": str(certs.server_cert), "key": str(certs.server_key), "ca": str(certs.ca),
-        "rules": rules, "identity_header": True, "log_level": "warning",
+        "rules": rules, "identity_header": True, "crl": str(certs.crl), "log_level": "warning",
     }))  # fmt: skip
     log = workdir / "sidecar+policy.log"
     command = [sys.executable, "-m", "sidecar", "--config", str(config)]

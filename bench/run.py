@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from bench import proxies, toolchain
 from bench.proxies import Certificates, Proxy
 from sidecar import certs
@@ -104,7 +106,14 @@ def make_certificates(directory: Path) -> Certificates:
     server_cert, server_key = server.write(directory, "server")
     client = certs.issue(authority, proxies.ALLOWED_CN, usage="client")
     client_cert, client_key = client.write(directory, "client")
-    return Certificates(directory / "ca.pem", server_cert, server_key, client_cert, client_key)
+    # The CA's CRL, 10,000 certificates revoked (not the client's): sidecar+policy checks it.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    revoked = dict.fromkeys(range(1, 10_001), now)
+    crl = directory / "ca.crl"
+    crl.write_bytes(
+        certs.make_crl(authority, revoked, number=1).public_bytes(serialization.Encoding.PEM)
+    )
+    return Certificates(directory / "ca.pem", server_cert, server_key, client_cert, client_key, crl)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sidecar import certs
+from sidecar.config.pem import PemSource
+from sidecar.pki.revocation import load_revocations
 from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, make_crl
 from tests.probe import Probe
 
@@ -321,13 +323,24 @@ def test_a_ca_whose_extensions_cannot_be_read_is_one_line_when_its_crl_is_checke
     assert_config_error(sidecars, args, "--ca: a CA certificate (serial 5) cannot be read")
 
 
+@pytest.mark.parametrize(
+    "begins",
+    [
+        pytest.param(b"-----BEGIN X509 CRL-----\n" * 170_000, id="one-label"),
+        pytest.param(
+            b"".join(b"-----BEGIN L%d-----\n" % i for i in range(200_000)) + b"-----END X-----",
+            id="distinct-labels",
+        ),
+    ],
+)
 def test_a_crl_file_of_begin_lines_is_refused_as_soon_as_read(
-    sidecars: SidecarFactory, pki: Pki, tmp_path: Path
+    sidecars: SidecarFactory, pki: Pki, tmp_path: Path, begins: bytes
 ) -> None:
-    """4 MiB of BEGIN lines and no END: one pass over the file (a backtracking regular
-    expression took minutes over 0.5 MiB, with the event loop stopped)."""
+    """Megabytes of BEGIN lines and no END of theirs: one pass over the file (backtracking
+    regular expressions, then a search per label, took minutes over 0.5 MiB, with the
+    event loop stopped)."""
     path = tmp_path / "begins.crl"
-    path.write_bytes(b"-----BEGIN X509 CRL-----\n" * (4 * 1024 * 1024 // 25))
+    path.write_bytes(begins)
     args = ["--upstream", "127.0.0.1:1", "--allow-cn", "alice", "--crl", str(path),
             *sidecars.tls_args()]  # fmt: skip
     assert_config_error(sidecars, args, "no CRL in it")
@@ -364,3 +377,54 @@ def test_two_cas_of_one_name_each_have_their_own_crl(
     assert code == grpc.StatusCode.PERMISSION_DENIED and "is revoked (crl new-key.crl)" in details
     assert _call(both, pki, "alice")[0] == grpc.StatusCode.OK
     assert len(probe.calls) == 1
+
+
+def _bare_ca(name: str) -> certs.Issued:
+    """A CA certificate without SubjectKeyIdentifier (its leaves' AKI may be made any way)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return certs.Issued(certificate, key)
+
+
+def test_which_crl_covers_a_certificate_when_cas_share_a_name() -> None:
+    """One CA of the name: its CRL, whatever key id the certificate's AKI gives (a CA without
+    SubjectKeyIdentifier may have derived it otherwise). Several: the AKI decides, and a
+    certificate naming no key is covered only if every CA of the name has its CRL here."""
+    lone = _bare_ca("Lone CA")
+    crl = make_crl(lone, [5]).public_bytes(serialization.Encoding.PEM)
+    source = (PemSource("crl", inline=crl),)
+    loaded = load_revocations(source, (crl,), lone.cert_pem, "ca", "warn")
+    assert loaded.refusal("CN=Lone CA", "ab" * 20, "6") is None
+    assert (
+        loaded.refusal("CN=Lone CA", "ab" * 20, "5")
+        == "certificate serial 5 is revoked (crl inline PEM)"
+    )
+
+    first, second = _bare_ca("Twin CA"), _bare_ca("Twin CA")
+    bundle = first.cert_pem + second.cert_pem
+    first_crl = make_crl(first).public_bytes(serialization.Encoding.PEM)
+    one = load_revocations(
+        (PemSource("crl", inline=first_crl),), (first_crl,), bundle, "ca", "warn"
+    )
+    (first_list,) = one.lists
+    assert one.refusal("CN=Twin CA", first_list.signer_key_id, "6") is None
+    for unknown_key in ("", "ab" * 20):  # no AKI, or another key's: not checked, refused
+        refusal = one.refusal("CN=Twin CA", unknown_key, "6")
+        assert refusal is not None and refusal.startswith("no CRL of its issuer CN=Twin CA")
+    second_crl = make_crl(second).public_bytes(serialization.Encoding.PEM)
+    both = load_revocations(
+        (PemSource("crl", inline=first_crl), PemSource("crl", inline=second_crl)),
+        (first_crl, second_crl), bundle, "ca", "warn",
+    )  # fmt: skip
+    assert both.refusal("CN=Twin CA", "", "6") is None  # every CA of the name has its CRL

@@ -1,4 +1,5 @@
-"""The per-call data plane (`--data-plane grpc`) under a drain, expired deadlines and big calls."""
+"""The per-call data plane (`--data-plane grpc`) under a drain, expired deadlines, big calls
+and a request grpc.aio cannot take."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from sidecar.h2.frames import END_HEADERS, END_STREAM, HEADERS
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.h2_observer import H2Observer
+from tests.hostile.peers import RawPeer, request_block
 from tests.probe import Probe
 
 UNARY = "/probe.Probe/Unary"
@@ -116,3 +119,23 @@ def test_memory_of_a_large_call_goes_back_to_the_system(
         while (grown := resident_mib(process.proc.pid) - baseline) > 50:
             assert time.monotonic() < deadline, f"RSS stayed {grown:.0f} MiB above its baseline"
             threading.Event().wait(0.1)
+
+
+def test_a_path_that_is_not_utf8_does_not_end_the_listener(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """grpc.aio's accept loop decodes every :path as UTF-8 before any handler runs, and one
+    that is not ended its server: a caller not even allowed stopped the route for good.
+    The plane serves again on a new server, and says so."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--data-plane", "grpc")
+    with RawPeer(sidecar.port, pki, "mallory") as peer:
+        peer.settle()
+        peer.send_frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            request_block(b"/probe.Probe/Unary\xff"),  # type: ignore[arg-type]
+        )
+        sidecar.wait_for("grpc.aio's server stopped on its own .*: serving on a new one")
+    with sidecar.channel(pki, "alice") as alice:
+        assert alice.unary_unary("/probe.Probe/Unary")(b"x", timeout=10) == b"x"

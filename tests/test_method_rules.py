@@ -128,7 +128,8 @@ def test_a_path_that_is_not_service_slash_method_is_refused_not_matched_around(
     around. Every :path other than /service/method is a malformed request."""
     sidecar = _start(sidecars, pki, probe, tmp_path, data_plane)
     with sidecar.channel(pki, "alice") as alice:
-        for path in ("probe.Probe/ServerStream", "/probe.Probe/Unary?x=1", "//probe.Probe/Unary"):
+        for path in ("probe.Probe/ServerStream", "/probe.Probe/Unary?x=1", "//probe.Probe/Unary",
+                     "/probe.Probe/Server%53tream"):  # fmt: skip
             code, details = _code(alice.unary_unary(path))
             assert code == grpc.StatusCode.INTERNAL, (path, code, details)
             assert "malformed request: :path" in details and "is not /service/method" in details

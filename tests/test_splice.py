@@ -272,7 +272,7 @@ class NotGrpcUpstream:
                 for event in connection.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
                         stream = event.stream_id
-                        if dict(event.headers)[b":path"] == b"/missing":
+                        if dict(event.headers)[b":path"] == b"/app.Missing/Call":
                             connection.send_headers(
                                 stream, [(":status", "404"), ("content-type", "text/plain")]
                             )
@@ -295,15 +295,15 @@ def test_a_response_without_grpc_status_is_logged_with_the_status_clients_read(
         process = sidecars.serving(upstream.port, "--allow-cn", "alice", "--drain-grace", "30")
         with tls_socket(process.port, pki) as sock:
             caller = H2Caller(sock)
-            for path, status in (("/missing", b"404"), ("/overloaded", b"503")):
+            for path, status in (("/app.Missing/Call", b"404"), ("/app.Busy/Call", b"503")):
                 caller.call(path, b"x")
                 events: list[h2.events.Event] = []
                 while not any(isinstance(event, h2.events.StreamEnded) for event in events):
                     events += caller.events()
                 (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
                 assert dict(response.headers)[b":status"] == status
-            process.wait_for(r"sidecar.access: /missing .* code=UNIMPLEMENTED")
-            process.wait_for(r"sidecar.access: /overloaded .* code=UNAVAILABLE")
+            process.wait_for(r"sidecar.access: /app\.Missing/Call .* code=UNIMPLEMENTED")
+            process.wait_for(r"sidecar.access: /app\.Busy/Call .* code=UNAVAILABLE")
             # No call is left in flight, so the drain's first word is its last: a GOAWAY
             # naming stream 3, then the close.
             process.signal(signal.SIGTERM)

@@ -69,9 +69,10 @@ _VALID_NAME = re.compile(rb"[!-9;-@\[-~]+")
 # RFC 9113 8.2.1: nor a value NUL, CR or LF (one search: three `in` tests cost 5 times more).
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\0\r\n]")
 # A gRPC call's :path: "/" service "/" method (the gRPC HTTP/2 protocol). Servers differ on
-# the rest (grpc-go routes `kv.KV/Delete` as `/kv.KV/Delete`), so a method rule could be
-# written around: any other :path makes the request malformed.
-_GRPC_PATH = re.compile(rb"/[^/?#]+/[^/?#]+")
+# the rest (grpc-go routes `kv.KV/Delete` as `/kv.KV/Delete`; a server that decodes
+# percent-escapes would take `/kv.KV/Dele%74e` for it), so a method rule could be written
+# around: any other :path makes the request malformed. No IDL names a method with `%`.
+_GRPC_PATH = re.compile(rb"/[^/?#%]+/[^/?#%]+")
 
 KEEP: Final = ""  # a verdict: the field crosses
 DROP: Final = "drop"  # a verdict: the field is left out

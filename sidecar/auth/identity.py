@@ -186,6 +186,8 @@ def _der_serial(der: bytes) -> str:
             position = start + _length(der, position)[0]
         start = _content(der, position, 0x02)
         length = _length(der, position)[0]
+        if not 0 < length <= len(der) - start:
+            return ""
         return format(int.from_bytes(der[start : start + length], "big", signed=True), "x")
     except (IndexError, ValueError):
         return ""

@@ -1,10 +1,19 @@
 """The per-call data plane of a route (`data_plane: grpc`): a grpc.aio server whose one
 generic handler relays every call (relay.py) over one channel to the upstream
 (upstream.py). The route's credentials, policy, header rules and observer are the
-same parts the splice uses (dataplane.py)."""
+same parts the splice uses (dataplane.py).
+
+grpc.aio's server can end on its own: its accept loop decodes each request's :path as
+UTF-8, before any handler runs, and a request whose :path is not (any caller can send
+one, allowed or not) ends the loop, and with it the listener (grpcio 1.85). The plane
+watches for that and serves again on a new server within a second; the calls in flight
+on the route are cancelled, as the old server's shutdown cancels them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 
 from grpc import aio
@@ -16,6 +25,8 @@ from sidecar.grpcplane.relay import Relay
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.ports import port_held
 
+logger = logging.getLogger("sidecar.server")
+
 # A drain on the per-call plane first waits for calls to stop arriving for this long
 # (at most _SETTLE_LIMIT_SECONDS): grpc core cancels, at its shutdown, the calls it
 # has accepted but not yet handed to the relay (see Relay.settle). Handing one over
@@ -23,6 +34,8 @@ from sidecar.host.ports import port_held
 # tens of milliseconds with both cores saturated.
 _SETTLE_QUIET_SECONDS = 0.25
 _SETTLE_LIMIT_SECONDS = 1.0
+# How often the plane checks that grpc.aio's server still serves (see _watch_over).
+_WATCH_SECONDS = 0.5
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # A second sidecar can take over the port for a rolling restart (host/ports.py: a
@@ -70,30 +83,72 @@ class GrpcPlane:
         self._server: aio.Server | None = None
         self._upstream: Upstream | None = None
         self._relay: Relay | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> int:
         """Bind and serve (grpc objects are made here, inside the running loop)."""
         parts = self._parts
-        config = parts.config
         self._upstream = Upstream(parts)
         self._relay = Relay(self._upstream, parts)
-        self._server = aio.server(
-            handlers=[self._relay], options=SERVER_OPTIONS + _core_budgets(config.limits)
-        )
-        listen = config.listen
+        listen = parts.config.listen
         held = listen.unix_path is None and _port_held(listen.host, listen.port)
+        port = await self._serve(listen.target)
+        if held:  # said once the port is ours too: a bind that failed shares nothing
+            log_shared_port(parts.config)
+        return port
+
+    async def _serve(self, target: str) -> int:
+        """A new grpc.aio server on target, serving, watched; its port."""
+        parts = self._parts
+        assert self._relay is not None
+        server = aio.server(
+            handlers=[self._relay], options=SERVER_OPTIONS + _core_budgets(parts.config.limits)
+        )
         try:
             if parts.ingress:
                 credentials = parts.credentials.grpc_server_credentials()
-                port = self._server.add_secure_port(listen.target, credentials)
+                port = server.add_secure_port(target, credentials)
             else:
-                port = self._server.add_insecure_port(listen.target)
+                port = server.add_insecure_port(target)
         except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {listen}: {exc} (address in use?)") from None
-        if held:  # said once the port is ours too: a bind that failed shares nothing
-            log_shared_port(config)
-        await self._server.start()
+            where = parts.config.listen
+            raise StartupError(f"cannot listen on {where}: {exc} (address in use?)") from None
+        self._server = server
+        await server.start()
+        self._watch = asyncio.create_task(self._watch_over(server, int(port)))
         return int(port)
+
+    async def _watch_over(self, server: aio.Server, port: int) -> None:
+        """Serve again on a new server should this one stop without being stopped.
+
+        grpc.aio says so nowhere public: its shutdown after the crash itself fails with
+        the crash's error, so wait_for_termination() never returns. Its core server's
+        is_running() turns False (grpcio 1.85, pinned): a flag read twice a second."""
+        running = getattr(getattr(server, "_server", None), "is_running", None)
+        if running is None:  # another grpcio: nothing to watch by
+            return
+        while running():
+            await asyncio.sleep(_WATCH_SECONDS)
+        if self._stopping or self._server is not server:
+            return
+        stopped: aio.Server = server  # (the test above narrows server to Optional)
+        listen = self._parts.config.listen
+        target = listen.target if listen.unix_path else f"{listen.host}:{port}"
+        logger.error(
+            "%s: grpc.aio's server stopped on its own (a request it could not take; grpc's "
+            "log line above says which): serving on a new one; the route's calls in flight "
+            "were cancelled",
+            self._parts.config.title,
+        )
+        try:
+            await self._serve(target)
+        except StartupError as error:
+            logger.error("%s: cannot serve again: %s", self._parts.config.title, error)
+        # The old server's shutdown was started; let it end, so that grpc core frees it.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stopped.stop(None), _WATCH_SECONDS * 10)
+            logger.debug("%s: the stopped grpc.aio server is freed", self._parts.config.title)
 
     def policy_replaced(self, grace: float) -> None:
         """Nothing to do for new calls: each is decided as it arrives, with the current
@@ -108,6 +163,9 @@ class GrpcPlane:
             self._relay.renew_channel()
 
     async def stop(self, grace: float | None) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             if grace is not None and self._relay is not None:
                 started = time.monotonic()

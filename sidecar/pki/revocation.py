@@ -26,11 +26,13 @@ as pki/credentials.py swaps the TLS material.
 from __future__ import annotations
 
 import datetime
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from sidecar.config.model import StaleAction
 from sidecar.config.pem import PemSource
@@ -71,18 +73,26 @@ class Revocations:
 
     by_issuer: Mapping[str, tuple[RevocationList, ...]]
     stale_action: StaleAction = "warn"
+    # How many CAs of the bundle bear each issuer name that has a CRL (several: a CA whose
+    # key was replaced kept its name).
+    namesakes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def lists(self) -> list[RevocationList]:
         return [crl for lists in self.by_issuer.values() for crl in lists]
 
     def covering(self, issuer: str, authority_key_id: str) -> tuple[RevocationList, ...]:
-        """The CRLs that cover a certificate of this issuer: the one signed with the key its
-        AuthorityKeyIdentifier names, or, a certificate naming none, every one of the name."""
+        """The CRLs that cover a certificate of this issuer. One CA of the bundle has that
+        name: its CRL. Several: the CRL signed with the key the certificate's
+        AuthorityKeyIdentifier names; a certificate naming none, every CRL of the name, if
+        each of those CAs has one (else it cannot be told which covers it: none)."""
         lists = self.by_issuer.get(issuer, ()) if issuer else ()
+        namesakes = self.namesakes.get(issuer, 1)
+        if namesakes <= 1:
+            return lists
         if authority_key_id:
             return tuple(crl for crl in lists if crl.signer_key_id == authority_key_id)
-        return lists
+        return lists if len(lists) >= namesakes else ()
 
     def refusal(
         self, issuer: str, authority_key_id: str, serial: str, now: datetime.datetime | None = None
@@ -152,7 +162,9 @@ def load_revocations(
                         f"{escape(earlier.file)}): give only the current one"
                     )
             by_issuer[checked.issuer] = (*lists, checked)
-    return Revocations(by_issuer, stale_action)
+    names = Counter(_subject(ca) for ca in authorities)
+    namesakes = {issuer: names[issuer] for issuer in by_issuer}
+    return Revocations(by_issuer, stale_action, namesakes)
 
 
 @dataclass(frozen=True)
@@ -166,7 +178,9 @@ class _Authority:
     may_sign_crls: bool
 
     @classmethod
-    def of(cls, ca: x509.Certificate, ca_setting: str) -> _Authority:
+    def of(cls, ca: x509.Certificate, ca_setting: str) -> _Authority | None:
+        """None for a CA whose key cryptography cannot use (an odd curve): it cannot have
+        signed a CRL this sidecar can check, and another CA of its name may have."""
         try:
             subject = ca.subject.rfc4514_string()
             try:
@@ -180,6 +194,8 @@ class _Authority:
                 may_sign_crls = usage.crl_sign
             except x509.ExtensionNotFound:
                 may_sign_crls = True
+        except UnsupportedAlgorithm:
+            return None
         except (
             ValueError,
             TypeError,
@@ -232,15 +248,20 @@ def _checked(
         next_update = crl.next_update_utc
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
         raise ConfigError(f"{where}: the CRL cannot be read: {error}") from None
-    signers = [_Authority.of(ca, ca_setting) for ca in authorities if _subject(ca) == issuer]
-    if not signers:
+    namesakes = [ca for ca in authorities if _subject(ca) == issuer]
+    signers = [
+        authority
+        for authority in (_Authority.of(ca, ca_setting) for ca in namesakes)
+        if authority is not None
+    ]
+    if not namesakes:
         held = ", ".join(escape(_subject(ca) or "?") for ca in authorities[:4])
         raise ConfigError(
             f"{where}: its issuer {escape(issuer)} is not a certificate of {ca_setting} "
             f"(which holds {held}{', ...' if len(authorities) > 4 else ''}): its signature "
             "cannot be checked"
         )
-    if not any(signer.may_sign_crls for signer in signers):
+    if signers and not any(signer.may_sign_crls for signer in signers):
         raise ConfigError(
             f"{where}: its issuer {escape(issuer)} may not sign CRLs (its key usage has no cRLSign)"
         )
@@ -283,7 +304,7 @@ def _check_complete(extensions: x509.Extensions, where: str) -> None:
 def _signature_valid(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
     try:
         return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # a key type that cannot sign CRLs
+    except (TypeError, ValueError, UnsupportedAlgorithm):  # a key that cannot sign CRLs
         return False
 
 

@@ -46,27 +46,27 @@ _LONGEST_LABEL = 64
 
 def pem_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
     """Every complete PEM block in data, as (label, block), in order: `-----BEGIN LABEL-----`
-    through its `-----END LABEL-----`. In time linear in len(data), whatever it holds: a
-    file of nothing but BEGIN lines (which a backtracking regular expression takes hours
-    over) is read once, and has no block."""
+    through the next `-----END `, when that END is its label's (else the BEGIN is skipped,
+    as OpenSSL's reader skips it). In time linear in len(data), whatever it holds: the
+    BEGIN and END lines are each searched for once, front to back (a file of nothing but
+    BEGIN lines took a backtracking regular expression hours)."""
     blocks: list[tuple[bytes, bytes]] = []
-    unended: set[bytes] = set()  # labels with no END past some point: none further on either
     position = 0
+    end_at = -1  # the first END line at or after the BEGIN being read, once searched for
     while (start := data.find(_BEGIN, position)) != -1:
-        label_end = data.find(_DASHES, start + len(_BEGIN), start + len(_BEGIN) + _LONGEST_LABEL)
         position = start + len(_BEGIN)
+        label_end = data.find(_DASHES, position, position + _LONGEST_LABEL + len(_DASHES))
         if label_end == -1:
             continue
-        label = data[start + len(_BEGIN) : label_end]
-        if label in unended:
-            continue
+        if end_at < label_end:
+            end_at = data.find(_END, label_end)
+            if end_at == -1:
+                break  # no END after this BEGIN: none after any later one either
+        label = data[position:label_end]
         end = _END + label + _DASHES
-        stop = data.find(end, label_end)
-        if stop == -1:
-            unended.add(label)
-            continue
-        blocks.append((label, data[start : stop + len(end)]))
-        position = stop + len(end)
+        if data.startswith(end, end_at):
+            blocks.append((label, data[start : end_at + len(end)]))
+            position = end_at + len(end)
     return blocks
 
 

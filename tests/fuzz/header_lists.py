@@ -62,7 +62,7 @@ def malformed_request(fields: Sequence[Field], *, trailers: bool = False) -> str
         if name.startswith(b":"):
             if name not in REQUEST_PSEUDO or seen_regular or trailers or name in pseudo:
                 return f"pseudo-header {name!r} misplaced, repeated or unknown"
-            if name == b":path" and not re.fullmatch(rb"/[^/?#]+/[^/?#]+", value):
+            if name == b":path" and not re.fullmatch(rb"/[^/?#%]+/[^/?#%]+", value):
                 return "a :path that is not /service/method (empty included)"
             pseudo.append(name)
             continue

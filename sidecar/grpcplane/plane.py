@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 
 from grpc import aio
 
@@ -134,7 +135,7 @@ class GrpcPlane:
             return
         stopped: aio.Server = server  # (the test above narrows server to Optional)
         listen = self._parts.config.listen
-        target = listen.target if listen.unix_path else f"{listen.host}:{port}"
+        target = listen.target if listen.unix_path else replace(listen, port=port).target
         logger.error(
             "%s: grpc.aio's server stopped on its own (a request it could not take; grpc's "
             "log line above says which): serving on a new one; the route's calls in flight "

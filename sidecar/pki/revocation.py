@@ -10,9 +10,9 @@ intermediate CA that callers present in their chain needs that intermediate in
 must be complete.
 
 What is checked is the caller's own certificate (the leaf, the one certificate both
-data planes are given): its serial against the CRL of its issuer, found by name and,
-when the certificate names it (AuthorityKeyIdentifier), by the issuer's key, so that
-two CAs of one name (a CA whose key was replaced) each have their own CRL.
+data planes are given): its serial against the CRL of its issuer, found by name, or,
+when several CAs of the bundle share that name (a CA whose key was replaced), by the
+key its AuthorityKeyIdentifier names (Revocations.covering).
 A caller whose issuer has no CRL here is refused too, as OpenSSL's CRL check
 refuses it under nginx and Envoy: a route given CRLs promises that every caller
 was checked against one. A CRL past its nextUpdate ("stale") still applies; with

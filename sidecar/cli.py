@@ -57,6 +57,7 @@ _GROUPS = {
     "limits": "limits (budgets per caller connection; the defaults are far above what real "
     "clients use)",
     "process": None,
+    "observability": "observability (the admin listener and its metrics)",
     "logging": "logging",
 }
 

@@ -239,6 +239,10 @@ class Config:
     log_level: str = "info"
     drain_grace: float = 10.0
     reload_interval: float = 0.0  # 0: credentials reload on SIGHUP only
+    # The admin listener (runtime/admin.py): off when None.
+    admin: Address | None = None
+    unsafe_admin: bool = False
+    metrics_methods: int = 100  # per route, then `other` (observe/metrics.py)
 
     def __post_init__(self) -> None:
         if not self.routes:

@@ -312,6 +312,22 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS", default=0.0, shortest=0.1,
     ),
     Setting(
+        "admin", "address", "process", "observability",
+        "serve /metrics (Prometheus), /healthz, /readyz and /status over plain HTTP here "
+        "(loopback or unix:/path unless --unsafe-admin; off when unset)",
+        metavar="HOST:PORT",
+    ),
+    Setting(
+        "unsafe_admin", "switch", "process", "observability",
+        "allow an --admin address that is not on loopback (it has no authentication)",
+        default=False,
+    ),
+    Setting(
+        "metrics_methods", "count", "process", "observability",
+        "distinct methods per route that metrics label by name; later ones count as 'other'",
+        metavar="N", default=100,
+    ),
+    Setting(
         "log_format", "choice", "process", "logging", "", choices=LOG_FORMATS, default="text"
     ),
     Setting(

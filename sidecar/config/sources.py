@@ -117,6 +117,12 @@ def load(
         routes=tuple(_route(layer, location, config_file) for layer, location in route_layers),
         **{key: given.value for key, given in process.items()},  # type: ignore[arg-type]
     )
+    if config.admin is not None and not config.admin.is_loopback and not config.unsafe_admin:
+        raise ConfigError(
+            f"{process['admin'].where} {config.admin} is not on loopback: the admin listener "
+            "has no authentication (its /status names every route); set unsafe_admin to "
+            "allow it"
+        )
     return Loaded(
         config,
         tuple(layer for layer, _ in route_layers),

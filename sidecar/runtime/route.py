@@ -29,11 +29,14 @@ from sidecar.dataplane import DataPlane, RouteParts
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
+from sidecar.observe.calls import NO_OBSERVER, CallObserver
+from sidecar.observe.metrics import Observers
 from sidecar.pki.credentials import CredentialSource, SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
 from sidecar.pki.expiry import ExpiryWatch
 from sidecar.pki.revocation import CrlSource
-from sidecar.pki.x509 import Role, describe_names
+from sidecar.pki.x509 import Role, describe_names, parse_certificates
+from sidecar.runtime.health import UpstreamProbe
 from sidecar.splice.listener import Listener
 
 logger = logging.getLogger("sidecar.server")
@@ -48,8 +51,11 @@ DATA_PLANES: dict[str, Callable[[RouteParts], DataPlane]] = {
 class Route:
     """A listener relaying to one upstream, with an explicit lifecycle."""
 
-    def __init__(self, config: RouteConfig) -> None:
+    def __init__(self, config: RouteConfig, metrics: CallObserver | None = None) -> None:
+        """metrics: the route's call counter (observe/metrics.py), when an admin listener
+        serves metrics."""
         self.config = config
+        self._metrics = metrics
         # Read and validate certificates first: a bad file is a ConfigError before
         # anything is bound.
         role: Role = "server" if config.mode == "ingress" else "client"
@@ -89,7 +95,7 @@ class Route:
             credentials=self.credentials,
             policy=self.policy,
             headers=HeaderRules(),
-            observer=access_log(),
+            observer=Observers([access_log(), self._metrics or NO_OBSERVER]),
             diagnosis=diagnosis,
         )
 
@@ -270,6 +276,60 @@ class Route:
         )
         if self._plane is not None:
             self._plane.credentials_replaced()
+
+    def not_ready(self, upstream: UpstreamProbe | None) -> list[str]:
+        """Why the route is not ready to serve (runtime/health.py), or nothing."""
+        title = self.config.title
+        problems = []
+        if self._plane is None or self.port is None:
+            problems.append(f"{title}: not listening")
+        leaf = self.credentials.current().material.leaf
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            until = f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}"
+            problems.append(f"{title}: its certificate is not valid now (valid until {until} UTC)")
+        problem = upstream.problem() if upstream is not None else None
+        if problem is not None:
+            problems.append(f"{title}: {problem}")
+        return problems
+
+    def status(self) -> dict[str, object]:
+        """What /status says of the route (runtime/admin.py): no key material."""
+        config = self.config
+        material = self.credentials.current().material
+        leaf = material.leaf
+        authorities = parse_certificates(material.ca_pem, config.label("ca"))
+        earliest = min(ca.not_valid_after_utc for ca in authorities)
+        return {
+            "name": config.name,
+            "mode": config.mode,
+            "data_plane": config.data_plane,
+            "listen": config.listen.target if config.listen.unix_path else
+                      f"{config.listen.host}:{self.port}",
+            "upstream": config.upstream.target,
+            "certificate": {
+                "subject": leaf.subject.rfc4514_string(),
+                "serial": format(leaf.serial_number, "x"),
+                "not_after": f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+            },
+            "ca_bundle": {
+                "certificates": len(authorities),
+                "earliest_not_after": f"{earliest:%Y-%m-%dT%H:%M:%SZ}",
+            },
+            "method_rules": len(config.allow.rules),
+            "crls": len(self.crl.current.lists) if self.crl is not None else 0,
+        }  # fmt: skip
+
+    def expiries(self) -> list[tuple[str, float]]:
+        """(own | ca, not-after as Unix time): the certificate in use, and its CA bundle's
+        earliest."""
+        material = self.credentials.current().material
+        authorities = parse_certificates(material.ca_pem, self.config.label("ca"))
+        earliest = min(ca.not_valid_after_utc for ca in authorities)
+        return [
+            ("own", material.leaf.not_valid_after_utc.timestamp()),
+            ("ca", earliest.timestamp()),
+        ]
 
     def _sources(self) -> tuple[PemSource | None, PemSource | None, PemSource | None]:
         return (self.config.cert, self.config.key, self.config.ca)

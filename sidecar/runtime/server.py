@@ -10,6 +10,7 @@ credentials, and the configuration file if there is one (runtime/reload.py).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import signal
@@ -18,16 +19,45 @@ from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
-from sidecar.config.model import Config
+from sidecar.config.model import Config, RouteConfig
 from sidecar.config.pem import read_bytes
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, ConfigError
 from sidecar.host.descriptors import raise_open_file_limit
 from sidecar.observe import logs
 from sidecar.observe.accesslog import access_logger
+from sidecar.observe.metrics import Expiries, Metrics
+from sidecar.runtime.admin import Admin
+from sidecar.runtime.health import UpstreamProbe
 from sidecar.runtime.reload import PROCESS_FIELDS_IN_PLACE, needs_restart, route_key
 from sidecar.runtime.route import Route
 
 logger = logging.getLogger("sidecar.server")  # by name: operators filter on it
+
+
+class _Said(logging.Handler):
+    """Counts what a reload said: it failed when it said an ERROR (each route and the config
+    file report their own faults, and keep what runs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines = self.errors = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += 1
+        self.errors += record.levelno >= logging.ERROR
+
+
+def _utc_now() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%S.%fZ}"
+
+
+def _labels(routes: tuple[RouteConfig, ...]) -> list[str]:
+    """How metrics name each route: its name, or its mode (and place, if two would clash)."""
+    plain = [route.name or route.mode for route in routes]
+    return [
+        label if plain.count(label) == 1 else f"{label}[{index}]"
+        for index, label in enumerate(plain)
+    ]
 
 
 class Sidecar:
@@ -46,7 +76,24 @@ class Sidecar:
     ) -> None:
         self.config = config
         self._access_log_at_start = access_logger.isEnabledFor(logging.INFO)
-        self.routes = [Route(route) for route in config.routes]  # validates every certificate
+        # Metrics are kept when an admin listener serves them.
+        self.metrics = Metrics(config.metrics_methods) if config.admin is not None else None
+        metrics = self.metrics
+        self.routes = [  # each validates its certificates
+            Route(route, metrics.observer(label) if metrics is not None else None)
+            for route, label in zip(config.routes, _labels(config.routes), strict=True)
+        ]
+        self._probes: dict[Route, UpstreamProbe] = {}
+        self._admin: Admin | None = None
+        if config.admin is not None and metrics is not None:
+            self._probes = {
+                route: UpstreamProbe(route.config.upstream)
+                for route in self.routes
+                if route.config.mode == "ingress"
+            }
+            self._admin = Admin(config.admin, metrics, self.not_ready, self.status)
+            metrics.watch(Expiries(self._expiries))
+        self.last_reload: dict[str, str] | None = None
         self._reread = reread
         # The config file's bytes when last read: a periodic check parses it only when they
         # change (parsing a large file on the event loop at every check would stall calls).
@@ -68,7 +115,31 @@ class Sidecar:
         except BaseException:
             await asyncio.gather(*(route.stop(None) for route in started))
             raise
+        for probe in self._probes.values():
+            probe.start()
+        if self._admin is not None:
+            await self._admin.start()
         self._check_every(self.config.reload_interval)
+
+    def not_ready(self) -> list[str]:
+        """Why the sidecar is not ready to serve (every route's reasons), or nothing."""
+        return [
+            problem for route in self.routes for problem in route.not_ready(self._probes.get(route))
+        ]
+
+    def status(self) -> dict[str, object]:
+        return {
+            "routes": [route.status() for route in self.routes],
+            "last_reload": self.last_reload,
+        }
+
+    def _expiries(self) -> list[tuple[str, str, float]]:
+        labels = _labels(self.config.routes)
+        return [
+            (label, which, not_after)
+            for label, route in zip(labels, self.routes, strict=True)
+            for which, not_after in route.expiries()
+        ]
 
     def _reload(self, *, when_changed: bool) -> None:
         config = self._read_config(when_changed)
@@ -173,14 +244,27 @@ class Sidecar:
         place, then every route's certificate, key and CA bundle. when_changed (a periodic
         check): act, and speak, only on what was not read before. A bug must not end the
         periodic checks or reach the signal handler: it is logged, and what runs stays."""
+        said = _Said()
+        logger.addHandler(said)
         try:
             self._reload(when_changed=when_changed)
         except Exception:
             logger.exception("reload failed (a bug: please report it); what runs stays")
+        finally:
+            logger.removeHandler(said)
+        if said.lines or not when_changed:  # a periodic check that found nothing is no reload
+            outcome = "failed" if said.errors else "ok"
+            self.last_reload = {"time": _utc_now(), "outcome": outcome}
+            if self.metrics is not None:
+                self.metrics.reloads.labels(outcome).inc()
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting everywhere; in-flight calls have up to grace seconds to finish."""
         self._check_every(0)
+        if self._admin is not None:
+            await self._admin.stop()
+        for probe in self._probes.values():
+            probe.stop()
         await asyncio.gather(*(route.stop(grace) for route in self.routes))
         logger.info("stopped")
 

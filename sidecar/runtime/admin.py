@@ -1,0 +1,145 @@
+"""The admin listener (`admin`): plain HTTP for operators and orchestrators.
+
+    GET /healthz   200 while the process serves (liveness)
+    GET /readyz    200 when every route is ready (runtime/health.py), else 503 and a JSON
+                   body naming what is not
+    GET /metrics   Prometheus text format (OpenMetrics when the Accept header asks for it)
+    GET /status    JSON: version, uptime, each route (no key material)
+
+It is loopback-only unless unsafe_admin (it has no authentication). Anything may
+connect to it, so each request is bounded like a caller's: its head must arrive
+within _REQUEST_SECONDS and fit in _HEAD_BYTES, at most _CONNECTIONS are served at
+once (more are closed unanswered), one request per connection, GET and HEAD only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+
+from sidecar import __version__
+from sidecar.config.addresses import Address
+from sidecar.errors import StartupError
+from sidecar.observe.metrics import Metrics
+
+logger = logging.getLogger("sidecar.server")
+
+_REQUEST_SECONDS = 5.0
+_HEAD_BYTES = 8192
+_CONNECTIONS = 64
+
+# What a route reports of itself (runtime/route.py): readiness problems, and its status.
+ReadinessProbe = Callable[[], list[str]]
+StatusProbe = Callable[[], dict[str, object]]
+
+
+class Admin:
+    """The admin listener of one process."""
+
+    def __init__(
+        self,
+        address: Address,
+        metrics: Metrics,
+        not_ready: ReadinessProbe,
+        status: StatusProbe,
+    ) -> None:
+        self._address = address
+        self._metrics = metrics
+        self._not_ready = not_ready
+        self._status = status
+        self._server: asyncio.Server | None = None
+        self._serving = 0
+        self._started = time.monotonic()
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        address = self._address
+        try:
+            if address.unix_path is not None:
+                self._server = await asyncio.start_unix_server(
+                    self._serve, address.unix_path, limit=_HEAD_BYTES
+                )
+            else:
+                self._server = await asyncio.start_server(
+                    self._serve, address.host, address.port, limit=_HEAD_BYTES
+                )
+        except OSError as error:
+            raise StartupError(f"admin: cannot listen on {address}: {error.strerror}") from None
+        sockets = self._server.sockets
+        self.port = sockets[0].getsockname()[1] if address.unix_path is None else None
+        where = address.target if address.unix_path else f"{address.host}:{self.port}"
+        logger.info("admin listening on %s: /metrics /healthz /readyz /status", where)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._serving >= _CONNECTIONS:
+            writer.close()
+            return
+        self._serving += 1
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_SECONDS)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                head = b""
+            status, content_type, body = (
+                self._answer(head) if head else (400, "text/plain", b"bad request\n")
+            )
+            writer.write(
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + (b"" if head.startswith(b"HEAD ") else body)
+            )
+            await asyncio.wait_for(writer.drain(), _REQUEST_SECONDS)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass  # the client went away, or does not read: nothing to tell it
+        finally:
+            self._serving -= 1
+            writer.close()
+
+    def _answer(self, head: bytes) -> tuple[int, str, bytes]:
+        request_line, _, rest = head.partition(b"\r\n")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            return 405, "text/plain", b"GET or HEAD only\n"
+        path = parts[1].split(b"?", 1)[0]
+        if path == b"/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == b"/readyz":
+            problems = self._not_ready()
+            body = json.dumps({"ready": not problems, "not_ready": problems}, indent=1)
+            return (503 if problems else 200), "application/json", body.encode() + b"\n"
+        if path == b"/metrics":
+            if b"application/openmetrics-text" in rest.lower():
+                registry = self._metrics.registry
+                text = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+                return 200, openmetrics.CONTENT_TYPE_LATEST, text
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+        if path == b"/status":
+            status = {
+                "version": __version__,
+                "uptime_seconds": round(time.monotonic() - self._started, 3),
+                **self._status(),
+            }
+            return 200, "application/json", json.dumps(status, indent=1).encode() + b"\n"
+        return 404, "text/plain", b"not found: /metrics /healthz /readyz /status\n"
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}

@@ -1,0 +1,189 @@
+"""The admin listener (--admin): /metrics counts what happened, /readyz follows the app and
+the certificate, /healthz and /status answer, and a hostile client of it gets nothing more
+than a caller would."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error
+from tests.probe import Probe
+
+UNARY = "/probe.Probe/Unary"
+
+
+def _admin_port(sidecar: SidecarProcess) -> int:
+    return int(sidecar.wait_for(r"admin listening on 127\.0\.0\.1:(\d+)").group(1))
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one metric, by their labels (sorted), from a scrape of /metrics."""
+    status, text = _get(port, "/metrics")
+    assert status == 200, text
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 15) -> None:
+    """Wait for a condition the sidecar reaches on its own clock (its probes run each
+    second): polled, never slept on blindly."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the condition was never met"
+        time.sleep(0.05)
+
+
+def _code(channel: grpc.Channel) -> grpc.StatusCode:
+    try:
+        channel.unary_unary(UNARY)(b"x", timeout=10)
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_metrics_count_calls_by_method_and_code(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, data_plane: str
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0",
+                               "--data-plane", data_plane)  # fmt: skip
+    admin = _admin_port(sidecar)
+    with sidecar.channel(pki, "alice") as alice:
+        assert _code(alice) == grpc.StatusCode.OK
+        assert _code(alice) == grpc.StatusCode.OK
+    with sidecar.channel(pki, "mallory") as mallory:
+        assert _code(mallory) == grpc.StatusCode.PERMISSION_DENIED
+    probe.stop()
+    with sidecar.channel(pki, "alice") as alice:
+        assert _code(alice) == grpc.StatusCode.UNAVAILABLE
+
+    def route(code: str) -> tuple[tuple[str, str], ...]:
+        return (("code", code), ("method", UNARY), ("route", "ingress"))
+
+    expected = {route("OK"): 2.0, route("PERMISSION_DENIED"): 1.0, route("UNAVAILABLE"): 1.0}
+    _eventually(lambda: _samples(admin, "sidecar_calls_total") == expected)
+    assert _samples(admin, "sidecar_call_duration_seconds_count") == {(("route", "ingress"),): 4}
+    own = x509.load_pem_x509_certificate(pki.cert("server").read_bytes()).not_valid_after_utc
+    expiry = _samples(admin, "sidecar_certificate_expiry_timestamp_seconds")
+    assert expiry[(("route", "ingress"), ("which", "own"))] == own.timestamp()
+
+
+def test_readyz_follows_the_app_and_healthz_the_process(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    admin = _admin_port(sidecar)
+    _eventually(lambda: _get(admin, "/readyz")[0] == 200)
+    port = probe.port
+    probe.stop()
+    _eventually(lambda: _get(admin, "/readyz")[0] == 503)
+    body = json.loads(_get(admin, "/readyz")[1])
+    assert body["ready"] is False
+    assert f"upstream 127.0.0.1:{port} does not answer" in body["not_ready"][0], body
+    assert _get(admin, "/healthz") == (200, "ok\n")
+    probe.start(port)
+    _eventually(lambda: _get(admin, "/readyz")[0] == 200)
+
+
+def _short_lived_server_certificate(pki: Pki, directory: Path, seconds: int) -> list[str]:
+    """The sidecar's --cert/--key/--ca, its certificate valid for `seconds` more."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(seconds=seconds))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(pki.ca.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert, key_file = directory / "short.pem", directory / "short.key"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ["--cert", str(cert), "--key", str(key_file), "--ca", str(pki.dir / "ca.pem")]
+
+
+def test_readyz_says_when_the_certificate_has_expired(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    tls = _short_lived_server_certificate(pki, tmp_path, seconds=4)
+    sidecar = sidecars.serving(probe.port, *tls, "--allow-cn", "alice", "--admin", "127.0.0.1:0",
+                               default_tls=False)  # fmt: skip
+    admin = _admin_port(sidecar)
+    _eventually(lambda: _get(admin, "/readyz")[0] == 200)
+    _eventually(lambda: _get(admin, "/readyz")[0] == 503)
+    assert "its certificate is not valid now" in _get(admin, "/readyz")[1]
+
+
+def test_status_describes_each_route_without_key_material(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    status, body = _get(_admin_port(sidecar), "/status")
+    assert status == 200
+    (route,) = json.loads(body)["routes"]
+    server = x509.load_pem_x509_certificate(pki.cert("server").read_bytes())
+    assert route["certificate"]["serial"] == format(server.serial_number, "x")
+    assert route["listen"] == f"127.0.0.1:{sidecar.port}"
+    assert "PRIVATE" not in body and pki.key("server").read_text() not in body
+
+
+def test_a_hostile_admin_client_gets_an_error_and_the_listener_serves_on(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    admin = _admin_port(sidecar)
+    for request in (
+        b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",  # over 8 KiB
+        b"POST /healthz HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x00\x05hello\r\n\r\n",  # TLS bytes on the plain port
+    ):
+        with socket.create_connection(("127.0.0.1", admin), timeout=10) as client:
+            client.sendall(request)
+            answer = client.recv(4096)
+        assert answer.split(b" ")[1] in (b"400", b"405"), answer
+    assert _get(admin, "/nothing")[0] == 404
+    assert _get(admin, "/healthz") == (200, "ok\n")
+
+
+def test_an_admin_address_off_loopback_needs_unsafe_admin(sidecars: SidecarFactory) -> None:
+    args = ["--upstream", "127.0.0.1:1", "--allow-cn", "a", "--admin", "0.0.0.0:9901",
+            *sidecars.tls_args()]  # fmt: skip
+    assert_config_error(sidecars, args, "--admin 0.0.0.0:9901 is not on loopback")

@@ -44,7 +44,7 @@ class Metrics:
     """The process's metrics and their registry."""
 
     def __init__(self, method_limit: int = DEFAULT_METHOD_LIMIT) -> None:
-        disable_created_metrics()  # no `_created` series beside each counter: noise here
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: noise
         self.registry = CollectorRegistry(auto_describe=True)
         self.method_limit = method_limit
         registry = self.registry

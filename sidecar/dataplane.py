@@ -18,6 +18,7 @@ from sidecar.auth.headers import HeaderRules
 from sidecar.auth.policy import Policy
 from sidecar.config.model import RouteConfig
 from sidecar.observe.calls import CallObserver
+from sidecar.observe.connections import NO_CONNECTION_OBSERVER, ConnectionObserver
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.pki.credentials import SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
@@ -43,6 +44,7 @@ class RouteParts:
     headers: HeaderRules
     observer: CallObserver
     diagnosis: TLSDiagnosis | None = None  # egress: why a TLS handshake to the remote failed
+    connections: ConnectionObserver = NO_CONNECTION_OBSERVER  # the splice's caller connections
 
     @property
     def ingress(self) -> bool:

@@ -28,7 +28,7 @@ UNARY = "/probe.Probe/Unary"
 
 
 def _admin_port(sidecar: SidecarProcess) -> int:
-    return int(sidecar.wait_for(r"admin listening on 127\.0\.0\.1:(\d+)").group(1))
+    return int(sidecar.wait_for(r"admin: .* served at 127\.0\.0\.1:(\d+)").group(1))
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -187,3 +187,29 @@ def test_an_admin_address_off_loopback_needs_unsafe_admin(sidecars: SidecarFacto
     args = ["--upstream", "127.0.0.1:1", "--allow-cn", "a", "--admin", "0.0.0.0:9901",
             *sidecars.tls_args()]  # fmt: skip
     assert_config_error(sidecars, args, "--admin 0.0.0.0:9901 is not on loopback")
+
+
+def test_metrics_count_connections_handshakes_and_refusals(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    admin = _admin_port(sidecar)
+    route = (("route", "ingress"),)
+    with sidecar.channel(pki, "alice") as alice:
+        assert _code(alice) == grpc.StatusCode.OK
+        assert _samples(admin, "sidecar_connections_open") == {route: 1.0}
+    with sidecar.channel(pki, "mallory") as mallory:
+        assert _code(mallory) == grpc.StatusCode.PERMISSION_DENIED
+    with sidecar.channel(pki, "stranger") as stranger:  # another CA: its handshake fails
+        assert _code(stranger) == grpc.StatusCode.UNAVAILABLE
+    sidecar.wait_for("TLS handshake with .* failed")
+
+    def refused(reason: str) -> tuple[tuple[str, str], ...]:
+        return (("reason", reason), ("route", "ingress"))
+
+    _eventually(lambda: _samples(admin, "sidecar_connections_open") == {route: 0.0})
+    assert _samples(admin, "sidecar_connections_accepted_total")[route] >= 3
+    refusals = _samples(admin, "sidecar_connections_refused_total")
+    assert refusals[refused("denied")] == 1 and refusals[refused("handshake")] >= 1, refusals
+    assert refusals[refused("limit")] == 0
+    assert _samples(admin, "sidecar_tls_handshake_duration_seconds_count")[route] == 2

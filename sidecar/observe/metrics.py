@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.observe.calls import CallObserver, CallRecord
+from sidecar.observe.connections import ConnectionObserver, RefusalReason
 
 # Call durations, seconds: from a cached unary call on loopback to a long stream.
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
@@ -94,6 +95,9 @@ class Metrics:
     def observer(self, route: str) -> CallsCounted:
         return CallsCounted(self, route)
 
+    def connection_observer(self, route: str) -> ConnectionsCounted:
+        return ConnectionsCounted(self, route)
+
     def watch(self, collector: Collector) -> None:
         """Add a collector read at each scrape (certificate expiry: always the current)."""
         self.registry.register(collector)
@@ -137,6 +141,34 @@ class CallsCounted(CallObserver):
         if len(self._calls) < _CACHED_CHILDREN:
             self._calls[(record.method, record.code)] = count
         return count
+
+
+class ConnectionsCounted(ConnectionObserver):
+    """A route's caller connections, counted (the splice reports them)."""
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._accepted = metrics.connections.labels(route).inc
+        self._handshake = metrics.handshake_seconds.labels(route).observe
+        self._open = metrics.connections_open.labels(route)
+        self._refused = {
+            reason: metrics.refusals.labels(route, reason).inc
+            for reason in ("handshake", "denied", "limit")
+        }
+
+    def accepted(self) -> None:
+        self._accepted()
+
+    def handshake_done(self, seconds: float) -> None:
+        self._handshake(seconds)
+
+    def refused(self, reason: RefusalReason) -> None:
+        self._refused[reason]()
+
+    def opened(self) -> None:
+        self._open.inc()
+
+    def closed(self) -> None:
+        self._open.dec()
 
 
 class Observers(CallObserver):

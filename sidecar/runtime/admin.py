@@ -75,7 +75,8 @@ class Admin:
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if address.unix_path is None else None
         where = address.target if address.unix_path else f"{address.host}:{self.port}"
-        logger.info("admin listening on %s: /metrics /healthz /readyz /status", where)
+        # Not "listening on": that says where callers connect (and scripts look for it).
+        logger.info("admin: /metrics /healthz /readyz /status served at %s", where)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -29,8 +29,9 @@ from sidecar.dataplane import DataPlane, RouteParts
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
-from sidecar.observe.calls import NO_OBSERVER, CallObserver
-from sidecar.observe.metrics import Observers
+from sidecar.observe.calls import NO_OBSERVER
+from sidecar.observe.connections import NO_CONNECTION_OBSERVER
+from sidecar.observe.metrics import Metrics, Observers
 from sidecar.pki.credentials import CredentialSource, SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
 from sidecar.pki.expiry import ExpiryWatch
@@ -51,11 +52,14 @@ DATA_PLANES: dict[str, Callable[[RouteParts], DataPlane]] = {
 class Route:
     """A listener relaying to one upstream, with an explicit lifecycle."""
 
-    def __init__(self, config: RouteConfig, metrics: CallObserver | None = None) -> None:
-        """metrics: the route's call counter (observe/metrics.py), when an admin listener
-        serves metrics."""
+    def __init__(
+        self, config: RouteConfig, metrics: Metrics | None = None, label: str = ""
+    ) -> None:
+        """metrics: the process's, when an admin listener serves them; label: how they name
+        this route."""
         self.config = config
         self._metrics = metrics
+        self._label = label
         # Read and validate certificates first: a bad file is a ConfigError before
         # anything is bound.
         role: Role = "server" if config.mode == "ingress" else "client"
@@ -80,6 +84,7 @@ class Route:
 
     def _parts(self) -> RouteParts:
         config = self.config
+        metrics = self._metrics
         diagnosis = None
         if config.mode == "egress":
             diagnosis = TLSDiagnosis(
@@ -95,7 +100,12 @@ class Route:
             credentials=self.credentials,
             policy=self.policy,
             headers=HeaderRules(),
-            observer=Observers([access_log(), self._metrics or NO_OBSERVER]),
+            observer=Observers(
+                [access_log(), metrics.observer(self._label) if metrics else NO_OBSERVER]
+            ),
+            connections=(
+                metrics.connection_observer(self._label) if metrics else NO_CONNECTION_OBSERVER
+            ),
             diagnosis=diagnosis,
         )
 

@@ -80,7 +80,7 @@ class Sidecar:
         self.metrics = Metrics(config.metrics_methods) if config.admin is not None else None
         metrics = self.metrics
         self.routes = [  # each validates its certificates
-            Route(route, metrics.observer(label) if metrics is not None else None)
+            Route(route, metrics, label)
             for route, label in zip(config.routes, _labels(config.routes), strict=True)
         ]
         self._probes: dict[Route, UpstreamProbe] = {}

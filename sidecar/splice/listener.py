@@ -28,6 +28,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -128,6 +129,7 @@ class _CallerProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         listener = self._listener
         listener.connections.add(self)
+        listener.parts.connections.opened()
         handshake = current_handshake()
         if handshake is not None:
             # Done: no longer one the listener may close as the oldest pending handshake.
@@ -151,6 +153,7 @@ class _CallerProtocol(asyncio.Protocol):
                 splice.authorize(functools.partial(policy.decide, identity))
             return
         listener.denied[self] = None  # the first to go when the listener is full
+        listener.parts.connections.refused("denied")
         self.handler = Refusal(
             self._transport,
             grpc.StatusCode.PERMISSION_DENIED,
@@ -289,9 +292,12 @@ class Listener:
                 self.admission.accept_failed(listening, error, len(self.connections))
                 await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
                 continue
+            self.parts.connections.accepted()
             verdict = self.admission.admit(
                 len(self.connections), self.parts.ingress, self._evict_denied
             )
+            if verdict != "serve":  # closed at once, or answered UNAVAILABLE then closed
+                self.parts.connections.refused("limit")
             if verdict == "close":
                 sock.close()
                 continue
@@ -329,6 +335,7 @@ class Listener:
     ) -> bool:
         """The TLS handshake, counted among the pending ones while it runs; whether it
         succeeded (a failure is logged)."""
+        started = time.monotonic()
         handshake = Handshake(sock, remote)
         handshake.watch()  # in this task's context, which the loop copies for the connection
         task = asyncio.current_task()
@@ -343,10 +350,12 @@ class Listener:
             )
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
             report_failure(handshake, error, self.limits)
+            self.parts.connections.refused("handshake")
             return False
         finally:
             self.admission.handshake_ended(handshake)
             handshake.done()
+        self.parts.connections.handshake_done(time.monotonic() - started)
         return True
 
     async def connect(
@@ -431,10 +440,13 @@ class Listener:
         oldest = next(iter(self.denied))
         del self.denied[oldest]
         self.connections.discard(oldest)
+        self.parts.connections.closed()
         oldest.abort()
         return oldest.remote
 
     def forget(self, connection: _CallerProtocol) -> None:
+        if connection in self.connections:
+            self.parts.connections.closed()
         self.denied.pop(connection, None)
         if connection in self.connections and connection.over_limit and not connection.released:
             connection.released = True

@@ -73,12 +73,15 @@ COPY config/docker.sh /usr/local/lib/sidecar/docker.sh
 # UPSTREAM; ROLE=client: egress on 127.0.0.1:PORT). Settings from SIDECAR_* variables
 # at run time win over it (SIDECAR_UPSTREAM for an egress's remote, SIDECAR_ALLOW_CN).
 RUN sh /usr/local/lib/sidecar/docker.sh "$ROLE" "$PORT" "$UPSTREAM" > /etc/sidecar/sidecar.yaml
+# The admin listener on loopback: /healthz, /readyz, /metrics and /status, for the
+# health check below and for whoever shares the network namespace (a metrics agent).
 ENV PATH=/opt/sidecar/bin:$PATH \
     SIDECAR_CONFIG=/etc/sidecar/sidecar.yaml \
-    HEALTHCHECK_PORT=${PORT}
+    SIDECAR_ADMIN=127.0.0.1:9901
 USER 10001:10001
 EXPOSE ${PORT}
+# Healthy when ready: listening, its certificate valid, and (ingress) its app answering.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, socket; socket.create_connection(('127.0.0.1', int(os.environ['HEALTHCHECK_PORT'])), 2).close()"]
+    CMD ["sidecar", "probe", "/readyz"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["sidecar"]

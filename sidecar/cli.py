@@ -36,6 +36,7 @@ types, metadata, headers, trailers, status details, deadlines and cancellation.
   sidecar --config sidecar.yaml
   sidecar certs --help
   sidecar explain --config sidecar.yaml --cert caller.pem --method /kv.KV/Put
+  sidecar probe /readyz     (a health check: asks the admin listener, exit 0 when ready)
 """
 
 _EPILOG = """\
@@ -171,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.runtime.explain import main as explain_main
 
         return explain_main(argv[1:])
+    if argv[:1] == ["probe"]:
+        from sidecar.runtime.probe import main as probe_main
+
+        return probe_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         loaded = load_from_args(args, os.environ)

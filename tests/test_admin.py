@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -213,3 +216,24 @@ def test_metrics_count_connections_handshakes_and_refusals(
     assert refusals[refused("denied")] == 1 and refusals[refused("handshake")] >= 1, refusals
     assert refusals[refused("limit")] == 0
     assert _samples(admin, "sidecar_tls_handshake_duration_seconds_count")[route] == 2
+
+
+def test_sidecar_probe_says_why_in_one_line(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "SIDECAR_ADMIN"}
+    missing = subprocess.run([sys.executable, "-m", "sidecar", "probe", "/readyz"],
+                             env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert missing.returncode == 2 and "give the admin listener's address" in missing.stderr
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{unused.getsockname()[1]}"
+    result = sidecars.run("probe", "--admin", nobody, "/healthz")
+    assert result.returncode == 1 and "no answer" in result.stderr, result.stderr
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    admin = f"127.0.0.1:{_admin_port(sidecar)}"
+    assert sidecars.run("probe", "--admin", admin, "/healthz").returncode == 0
+    probe.stop()
+    _eventually(lambda: sidecars.run("probe", "--admin", admin, "/readyz").returncode == 1)
+    answer = sidecars.run("probe", "--admin", admin, "/readyz").stderr
+    assert answer.startswith("sidecar probe: /readyz: 503:") and len(answer.splitlines()) == 1

@@ -3,10 +3,13 @@ they run executed here (Docker itself cannot run on these machines)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import tomllib
@@ -14,7 +17,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from sidecar.config.settings import BY_KEY
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SidecarProcess
+from tests.probe import Probe
 
 SETTING_VARIABLES = {setting.env_name for setting in BY_KEY.values() if setting.flag}
 
@@ -210,3 +214,62 @@ def test_kubernetes_runs_the_sidecar_as_a_native_sidecar_with_read_only_certific
     app = next(c for c in pod["containers"] if c["name"] == "app")
     assert app["command"][app["command"].index("--listen") + 1].startswith("127.0.0.1:")
     assert re.fullmatch(r"127\.0\.0\.1:\d+", env["SIDECAR_UPSTREAM"])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _run_probe(command: list[str], admin: str) -> int:
+    """A health-check command as the image or the kubelet runs it (`sidecar` on PATH)."""
+    assert command[0] == "sidecar", command
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *command[1:]],
+        cwd=ROOT, env={**os.environ, "SIDECAR_ADMIN": admin},
+        capture_output=True, text=True, timeout=30,
+    ).returncode  # fmt: skip
+
+
+def _eventually_exits(command: list[str], admin: str, code: int) -> None:
+    """Run the probe until it exits with code (the sidecar probes its app each second)."""
+    deadline = time.monotonic() + 20
+    while _run_probe(command, admin) != code:
+        assert time.monotonic() < deadline, f"{command} never exited {code}"
+
+
+def test_the_images_health_check_and_the_pods_probes_ask_the_admin_listener(
+    tmp_path: Path, probe: Probe
+) -> None:
+    """The image's HEALTHCHECK and the manifest's probes, run against the image's own
+    configuration: healthy while the app answers, unhealthy when it does not."""
+    stage = {item["instruction"]: item["value"] for item in final_stage()}
+    healthcheck = json.loads(stage["HEALTHCHECK"].split("CMD", 1)[1])
+    env_line = next(item["value"] for item in final_stage() if item["instruction"] == "ENV")
+    assert "SIDECAR_ADMIN=127.0.0.1:9901" in env_line  # the check's address, on loopback
+    documents = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "app.yaml").read_text()))
+    pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    sidecar_container = next(c for c in pod["initContainers"] if c["name"] == "sidecar")
+    probes = {kind: sidecar_container[kind]["exec"]["command"]
+              for kind in ("startupProbe", "readinessProbe", "livenessProbe")}  # fmt: skip
+
+    ca = make_ca(tmp_path)
+    assert provision(tmp_path / "tls", ca, "server").returncode == 0
+    (tmp_path / "tls" / "ca.pem").write_bytes((ca / "ca.pem").read_bytes())
+    config = image_config(tmp_path, "server", "8443", f"127.0.0.1:{probe.port}")
+    admin = f"127.0.0.1:{_free_port()}"
+    env = {"SIDECAR_CONFIG": str(config), "SIDECAR_ALLOW_CN": "web",
+           "SIDECAR_LISTEN": "127.0.0.1:0", "SIDECAR_ADMIN": admin}  # fmt: skip
+    sidecar = SidecarProcess([], env={**os.environ, **env})
+    try:
+        sidecar.wait_ready()
+        _eventually_exits(healthcheck, admin, 0)
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert _run_probe(probes[kind], admin) == 0, kind
+        probe.stop()  # the app goes away: not ready, still alive
+        _eventually_exits(healthcheck, admin, 1)
+        assert _run_probe(probes["readinessProbe"], admin) == 1
+        assert _run_probe(probes["livenessProbe"], admin) == 0
+    finally:
+        sidecar.stop()

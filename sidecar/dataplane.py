@@ -29,6 +29,19 @@ _failures = LogLimiter(logging.getLogger("sidecar.upstream"), burst=1)
 _audits = LogLimiter(logging.getLogger("sidecar.server"))
 
 
+# A line per denied call would let a denied caller write the log at its call rate.
+_denials = LogLimiter(logging.getLogger("sidecar.server"))
+
+
+def log_denial(peer: str, remote: str, method: str, reason: str) -> None:
+    """A denied call, in the log (both planes): WARNING, rate limited per caller, with the
+    caller's address; in the JSON format, each as a field of its own (event "denied")."""
+    fields = {"event": "denied", "peer": peer, "remote": remote, "method": method,
+              "reason": reason}  # fmt: skip
+    _denials.log(logging.WARNING, peer, "denied: %s (from %s)", reason, remote,
+                 extra={"fields": fields})  # fmt: skip
+
+
 def log_audit(peer: str, denial: str) -> None:
     """A call let through because the rule that denies it is in audit mode (both planes)."""
     _audits.log(logging.WARNING, peer, "audit: would deny: %s", denial)

@@ -85,6 +85,12 @@ def test_method_in_the_access_line_is_escaped(
     assert any(f"sidecar.access: {shown} peer='CN=alice' " in line for line in lines), lines
 
 
+def _ends_with_denial(line: str, denial: str) -> bool:
+    """The line ends with the denial and then only the caller's address: nothing a caller
+    sent runs on past its place."""
+    return re.search(re.escape(denial) + r" \(from [a-z0-9.:\[\]]+\)$", line) is not None
+
+
 @pytest.mark.parametrize("plane", PLANES)
 def test_method_in_the_denial_line_is_escaped(
     sidecars: SidecarFactory, probe: Probe, pki: Pki, plane: str
@@ -94,7 +100,7 @@ def test_method_in_the_denial_line_is_escaped(
     lines = _logged_so_far(sidecar, pki)
     _assert_one_line_each(lines)
     denial = f"denied: peer CN=mallory is not allowed to call {UNARY}{CONTROLS_SHOWN}"
-    assert any(line.endswith(denial) for line in lines), lines
+    assert any(_ends_with_denial(line, denial) for line in lines), lines
     shown = f"sidecar.access: {UNARY}{CONTROLS_SHOWN} peer='CN=mallory' "
     assert any(shown in line for line in lines), lines
 
@@ -114,8 +120,8 @@ def test_certificate_names_in_the_denial_and_access_lines_are_escaped(
     assert denied.value.details() == f"peer {INJECTOR_SHOWN} is not allowed to call {UNARY}"
     lines = _logged_so_far(sidecar, injector)
     _assert_one_line_each(lines)
-    assert any(line.endswith(f"denied: peer {INJECTOR_SHOWN} is not allowed to call {UNARY}")
-               for line in lines), lines  # fmt: skip
+    denial = f"denied: peer {INJECTOR_SHOWN} is not allowed to call {UNARY}"
+    assert any(_ends_with_denial(line, denial) for line in lines), lines
     assert any(f"{UNARY} peer='{INJECTOR_SHOWN}' " in line for line in lines), lines
 
 
@@ -137,3 +143,7 @@ def test_json_lines_carry_caller_text_intact_one_object_per_line(
     assert all(line.isascii() and line.isprintable() for line in sidecar.lines)
     assert any(entry.get("method") == method for entry in entries)
     assert any(entry.get("peer") == INJECTOR_SHOWN for entry in entries)  # its description
+    # The denial as fields of its own: what was called, by whom, from where, and why.
+    denial = next(e for e in entries if e.get("event") == "denied" and e["method"] == method)
+    assert denial["peer"] == "CN=mallory" and denial["remote"].startswith("ipv4:127.0.0.1:")
+    assert denial["reason"].startswith("peer CN=mallory is not allowed to call"), denial

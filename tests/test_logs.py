@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -143,3 +145,11 @@ def test_json_format_is_ascii_so_no_reader_sees_a_line_break_inside_a_line() -> 
     assert text.isascii()
     entry = json.loads(text)
     assert entry["method"] == method and entry["message"] == method
+
+
+def test_json_time_is_rfc_3339_in_utc_with_milliseconds() -> None:
+    entry = json.loads(_formatted(JsonFormatter(), lambda logger: logger.info("x")))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry
+    parsed = datetime.datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert abs((now - parsed).total_seconds()) < 60

@@ -40,15 +40,12 @@ from grpc._cython.cygrpc import ExecuteBatchError
 from sidecar.auth.forwarded import xfcc
 from sidecar.auth.headers import IDENTITY_FIELD, HeaderRules, path_problem
 from sidecar.auth.identity import IdentityReader, PeerIdentity
-from sidecar.dataplane import RouteParts, log_audit
+from sidecar.dataplane import RouteParts, log_audit, log_denial
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.allocator import release_free_memory
 from sidecar.observe.calls import CallRecord
-from sidecar.observe.loglimit import LogLimiter
 
 logger = logging.getLogger("sidecar.relay")  # by name: operators filter on it
-# A line per denied call would let a denied caller write the log at its call rate.
-_denials = LogLimiter(logger)
 
 # Clients may invent any :path; keep the per-method cache bounded.
 _MAX_CACHED_METHODS = 1024
@@ -194,7 +191,7 @@ class _MethodRelay:
         if decision.audit is not None:
             log_audit(record.peer, decision.audit)
         if not decision.allowed:
-            _denials.log(logging.WARNING, record.peer, "denied: %s", decision.reason)
+            log_denial(record.peer, record.remote, self.method, decision.reason)
             record.code = grpc.StatusCode.PERMISSION_DENIED
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
         return identity

@@ -31,7 +31,7 @@ import grpc
 
 from sidecar.auth.policy import Decision
 from sidecar.config.limits import Limits
-from sidecar.dataplane import log_audit
+from sidecar.dataplane import log_audit, log_denial
 from sidecar.h2.calls import Call, message_bytes, reset_status, status_code
 from sidecar.h2.frames import (
     DROP,
@@ -65,7 +65,7 @@ from sidecar.splice.own_frames import (
     HANG_UP_SECONDS,
     OwnFrames,
 )
-from sidecar.splice.refusal import Refusal, log_denial
+from sidecar.splice.refusal import Refusal
 
 logger = logging.getLogger("sidecar.server")
 
@@ -744,7 +744,8 @@ class Splice:
         never reach the upstream, and DATA the caller still sends on it is dropped with its
         flow-control credit returned (the walker's DROP), so a denied upload cannot stall
         the connection."""
-        log_denial(self._peer, reason)
+        method = (path or b"").decode("utf-8", "replace")
+        log_denial(self._peer, self._remote, method, reason)
         denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, reason)
         self._answer_here(stream_id, Call(path, bool(flags & END_STREAM)), denied, logged=True)
 

@@ -50,6 +50,7 @@ import h2.exceptions
 import h2.settings
 
 from sidecar.config.limits import Limits
+from sidecar.dataplane import log_denial
 from sidecar.h2.frames import GOAWAY_GRACEFUL
 from sidecar.h2.headerblock import grpc_message
 from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
@@ -59,14 +60,6 @@ from sidecar.splice.own_frames import HANG_UP_SECONDS
 from sidecar.splice.refusal_intake import FRAMES_PER_TURN, MAX_FRAME, Intake, Overrun
 
 logger = logging.getLogger("sidecar.server")
-# A line per denied call would let a denied caller write the log at its call rate.
-_denials = LogLimiter(logger)
-
-
-def log_denial(peer: str, details: str) -> None:
-    """A denied call, in the log: WARNING, rate limited per caller (here, and for calls a
-    splice denies by the method rules)."""
-    _denials.log(logging.WARNING, peer, "denied: %s", details)
 
 
 # Likewise a line per connection cut, for a caller that reconnects as fast as it is cut.
@@ -300,7 +293,7 @@ class Refusal:
         )
         details = self._details(method)
         if self._code == grpc.StatusCode.PERMISSION_DENIED:
-            log_denial(self._peer, details)
+            log_denial(self._peer, self._remote, method, details)
         code = self._code
         try:
             self._connection.send_headers(

@@ -9,6 +9,7 @@ Each proxy is a running process tree whose CPU time and memory can be read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -155,6 +156,17 @@ def start_sidecar_logging(certs: Certificates, port: int, upstream: int, workdir
     return start_sidecar(certs, port, upstream, workdir, name="sidecar+log", extra=())
 
 
+def start_sidecar_logging_metrics(
+    certs: Certificates, port: int, upstream: int, workdir: Path
+) -> Proxy:
+    """The sidecar with its access log and its metrics (an admin listener) on: what an
+    operator runs in production; compare with haproxy+log."""
+    return start_sidecar(
+        certs, port, upstream, workdir, name="sidecar+log+metrics",
+        extra=("--admin", "127.0.0.1:0"),
+    )  # fmt: skip
+
+
 def start_sidecar_grpc(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
     """The per-call data plane (grpc.aio), still used by `data_plane: grpc`."""
     return start_sidecar(
@@ -186,20 +198,27 @@ def start_sidecar_policy(certs: Certificates, port: int, upstream: int, workdir:
     return proxy
 
 
-def start_haproxy(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+def start_haproxy(
+    certs: Certificates, port: int, upstream: int, workdir: Path, *, logged: bool = False
+) -> Proxy:
+    """haproxy for the same job; logged: one line per request (its HTTP log format) to
+    its standard output, a file here, as the sidecar's access log goes to one."""
     toolchain.ensure_debian_packages(["haproxy"], ["haproxy"])
+    name = "haproxy+log" if logged else "haproxy"
+    logging_lines = "    log stdout format raw local0\n" if logged else ""
+    option_lines = "    log global\n    option httplog\n" if logged else ""
     bundle = workdir / "haproxy.pem"
     bundle.write_bytes(certs.server_cert.read_bytes() + certs.server_key.read_bytes())
     bundle.chmod(0o600)
-    config = workdir / "haproxy.cfg"
+    config = workdir / f"{name}.cfg"
     config.write_text(f"""\
 global
     maxconn 9000
     ssl-default-bind-options ssl-min-ver TLSv1.2
-
+{logging_lines}
 defaults
     mode http
-    timeout connect 5s
+{option_lines}    timeout connect 5s
     timeout client 300s
     timeout server 300s
 
@@ -211,8 +230,8 @@ frontend mtls
 backend app
     server app 127.0.0.1:{upstream} proto h2
 """)
-    log = workdir / "haproxy.log"
-    proxy = Proxy("haproxy", ["haproxy", "-db", "-f", str(config)], port, log)
+    log = workdir / f"{name}.log"
+    proxy = Proxy(name, ["haproxy", "-db", "-f", str(config)], port, log)
     wait_listening(port, proxy, log)
     return proxy
 
@@ -277,6 +296,8 @@ PROXIES: dict[str, ProxyStarter] = {
     "sidecar+log": start_sidecar_logging,
     "sidecar-grpc": start_sidecar_grpc,
     "sidecar+policy": start_sidecar_policy,
+    "sidecar+log+metrics": start_sidecar_logging_metrics,
     "haproxy": start_haproxy,
+    "haproxy+log": functools.partial(start_haproxy, logged=True),
     "nginx": start_nginx,
 }

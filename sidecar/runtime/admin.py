@@ -94,9 +94,7 @@ class Admin:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_SECONDS)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 head = b""
-            status, content_type, body = (
-                self._answer(head) if head else (400, "text/plain", b"bad request\n")
-            )
+            status, content_type, body = self._answered(head)
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -108,6 +106,15 @@ class Admin:
         finally:
             self._serving -= 1
             writer.close()
+
+    def _answered(self, head: bytes) -> tuple[int, str, bytes]:
+        if not head:
+            return 400, "text/plain", b"bad request\n"
+        try:
+            return self._answer(head)
+        except Exception:  # a bug: the caller of the admin listener learns that much
+            logger.exception("admin: internal error answering %r", head.split(b"\r\n", 1)[0])
+            return 500, "text/plain", b"internal error: see the sidecar's log\n"
 
     def _answer(self, head: bytes) -> tuple[int, str, bytes]:
         request_line, _, rest = head.partition(b"\r\n")
@@ -142,5 +149,6 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }

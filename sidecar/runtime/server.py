@@ -128,6 +128,7 @@ class Sidecar:
         ]
 
     def status(self) -> dict[str, object]:
+        """What /status says of the process's routes and its last reload."""
         return {
             "routes": [route.status() for route in self.routes],
             "last_reload": self.last_reload,

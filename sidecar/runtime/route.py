@@ -84,7 +84,7 @@ class Route:
 
     def _parts(self) -> RouteParts:
         config = self.config
-        metrics = self._metrics
+        counted = self._metrics.route(self._label) if self._metrics is not None else None
         diagnosis = None
         if config.mode == "egress":
             diagnosis = TLSDiagnosis(
@@ -100,12 +100,8 @@ class Route:
             credentials=self.credentials,
             policy=self.policy,
             headers=HeaderRules(),
-            observer=Observers(
-                [access_log(), metrics.observer(self._label) if metrics else NO_OBSERVER]
-            ),
-            connections=(
-                metrics.connection_observer(self._label) if metrics else NO_CONNECTION_OBSERVER
-            ),
+            observer=Observers([access_log(), counted[0] if counted else NO_OBSERVER]),
+            connections=counted[1] if counted else NO_CONNECTION_OBSERVER,
             diagnosis=diagnosis,
         )
 

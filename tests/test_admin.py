@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -237,3 +238,21 @@ def test_sidecar_probe_says_why_in_one_line(
     _eventually(lambda: sidecars.run("probe", "--admin", admin, "/readyz").returncode == 1)
     answer = sidecars.run("probe", "--admin", admin, "/readyz").stderr
     assert answer.startswith("sidecar probe: /readyz: 503:") and len(answer.splitlines()) == 1
+
+
+def test_an_admin_unix_socket_replaces_a_stale_one_and_is_removed_at_exit(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    path = tmp_path / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # a previous run's, left behind
+        stale.bind(str(path))
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", f"unix:{path}")
+    sidecar.wait_for(f"admin: .* served at unix:{path}")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(path))
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    sidecar.signal(signal.SIGTERM)
+    assert sidecar.wait_exit() == 0
+    assert not path.exists()

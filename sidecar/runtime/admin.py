@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 
@@ -63,6 +65,9 @@ class Admin:
         address = self._address
         try:
             if address.unix_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.stat(address.unix_path).st_mode):
+                        os.unlink(address.unix_path)  # a previous run's: bind would fail on it
                 self._server = await asyncio.start_unix_server(
                     self._serve, address.unix_path, limit=_HEAD_BYTES
                 )
@@ -83,6 +88,9 @@ class Admin:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            if self._address.unix_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._address.unix_path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._serving >= _CONNECTIONS:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+
+from cryptography import x509
 
 from sidecar.auth.headers import HeaderRules
 from sidecar.auth.policy import Policy
@@ -304,7 +307,7 @@ class Route:
         config = self.config
         material = self.credentials.current().material
         leaf = material.leaf
-        authorities = parse_certificates(material.ca_pem, config.label("ca"))
+        authorities = _authorities(material.ca_pem)
         earliest = min(ca.not_valid_after_utc for ca in authorities)
         return {
             "name": config.name,
@@ -330,8 +333,7 @@ class Route:
         """(own | ca, not-after as Unix time): the certificate in use, and its CA bundle's
         earliest."""
         material = self.credentials.current().material
-        authorities = parse_certificates(material.ca_pem, self.config.label("ca"))
-        earliest = min(ca.not_valid_after_utc for ca in authorities)
+        earliest = min(ca.not_valid_after_utc for ca in _authorities(material.ca_pem))
         return [
             ("own", material.leaf.not_valid_after_utc.timestamp()),
             ("ca", earliest.timestamp()),
@@ -348,6 +350,13 @@ class Route:
         self.credentials.close()
         if self._plane is not None:
             await self._plane.stop(grace)
+
+
+@functools.lru_cache(maxsize=8)
+def _authorities(ca_pem: bytes) -> tuple[x509.Certificate, ...]:
+    """The certificates of a CA bundle in use (checked when it was loaded), parsed once per
+    bundle: /metrics and /status read them at every scrape."""
+    return tuple(parse_certificates(ca_pem, "ca"))
 
 
 def _describe_rules(rules: AllowRules) -> str:

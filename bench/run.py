@@ -360,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only", help=f"comma-separated targets ({', '.join(['direct', *proxies.PROXIES])})"
     )
+    parser.add_argument(
+        "--workload", help="run only the workloads whose name holds this text (e.g. '32 in flight')"
+    )
     parser.add_argument("--idle", type=int, default=1000, help="idle connections (0: skip)")
     parser.add_argument(
         "--churn", type=int, default=20_000, help="connections for the churn test (0: skip)"
@@ -368,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     args = parser.parse_args(argv)
     targets = ["direct", *proxies.PROXIES]
+    workloads = [w for w in WORKLOADS if args.workload is None or args.workload in w.name]
+    if not workloads:
+        parser.error(f"no workload's name holds {args.workload!r}")
     if args.only:
         targets = [name for name in args.only.split(",") if name]
         unknown = set(targets) - {"direct", *proxies.PROXIES}
@@ -401,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 running.callback(proxy.stop)
                 target = ["-target", f"127.0.0.1:{port}", *tls_arguments(certificates)]
                 started[name] = (target, proxy)
-            for workload in WORKLOADS:
+            for workload in workloads:
                 rows += measure(benchtool, workload, started, args.duration, args.rounds)
             if args.idle:
                 for target, maybe_proxy in started.values():

@@ -1,4 +1,4 @@
-"""Logging: the batching handler (lines written once per loop turn, a broken stream survived),
+"""Logging: the batching handler (lines written together a moment later, a broken stream survived),
 escaping caller text, and each record on one line in both formats."""
 
 from __future__ import annotations
@@ -16,18 +16,63 @@ from typing import Any
 
 import pytest
 
+from sidecar.observe import logs
 from sidecar.observe.logs import BatchingHandler, JsonFormatter, TextFormatter, escape
 
 
-async def after_the_writes_scheduled() -> None:
-    """Resume after the callbacks scheduled so far (the handler's write among them) ran."""
-    loop = asyncio.get_running_loop()
-    turn = loop.create_future()
-    loop.call_soon(turn.set_result, None)
-    await turn
+async def after_the_flush() -> None:
+    """Resume once the handler's delayed write has run: a timer of the event loop's that
+    falls due later than the handler's (timers run in the order of their times)."""
+    await asyncio.sleep(logs._FLUSH_SECONDS * 2)
 
 
-def test_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+def _unread(reader: io.BufferedReader) -> bytes:
+    """What the pipe holds now, without waiting."""
+    os.set_blocking(reader.fileno(), False)
+    return reader.read() or b""
+
+
+def test_lines_logged_on_the_loop_are_written_together_in_order_a_moment_later() -> None:
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as reader, open(write_end, "w") as stream:
+        handler = BatchingHandler(stream)
+        logger = logging.Logger("batch-test")
+        logger.addHandler(handler)
+        before_the_flush: list[bytes] = []
+
+        async def main() -> None:
+            for index in range(3):
+                logger.warning("line %d", index)
+            await asyncio.sleep(0)  # a turn of the loop: nothing written yet
+            before_the_flush.append(_unread(reader))
+            await after_the_flush()
+
+        asyncio.run(main())
+        assert before_the_flush == [b""]
+        assert _unread(reader) == b"line 0\nline 1\nline 2\n"
+
+
+def test_many_lines_in_waiting_are_written_at_once() -> None:
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as reader, open(write_end, "w") as stream:
+        handler = BatchingHandler(stream)
+        logger = logging.Logger("batch-test")
+        logger.addHandler(handler)
+        written: list[bytes] = []
+
+        async def main() -> None:
+            for index in range(logs._FLUSH_LINES):
+                logger.warning("%d", index)
+            written.append(_unread(reader))  # before any timer could run
+            await after_the_flush()
+
+        asyncio.run(main())
+        assert written[0].splitlines() == [
+            str(index).encode() for index in range(logs._FLUSH_LINES)
+        ]
+
+
+def test_lines_logged_off_the_loop_are_written_at_once_after_those_waiting() -> None:
     read_end, write_end = os.pipe()
     with open(read_end, "rb") as reader, open(write_end, "w") as stream:
         handler = BatchingHandler(stream)
@@ -35,13 +80,11 @@ def test_lines_of_one_loop_turn_are_written_together_in_order() -> None:
         logger.addHandler(handler)
 
         async def main() -> None:
-            for index in range(3):
-                logger.warning("line %d", index)
-            await after_the_writes_scheduled()
+            logger.warning("on the loop")
 
-        asyncio.run(main())
-        stream.close()
-        assert reader.read() == b"line 0\nline 1\nline 2\n"
+        asyncio.run(main())  # the loop ends before its write was due
+        logger.warning("off the loop")
+        assert _unread(reader) == b"on the loop\noff the loop\n"
 
 
 def test_a_broken_stream_loses_the_lines_but_never_raises_into_the_loop() -> None:
@@ -60,7 +103,7 @@ def test_a_broken_stream_loses_the_lines_but_never_raises_into_the_loop() -> Non
             )
             logger.warning("lost")
             for _ in range(3):  # a spin would fail the write again on each turn
-                await after_the_writes_scheduled()
+                await after_the_flush()
 
         previous, logging.raiseExceptions = logging.raiseExceptions, False  # no report on stderr
         try:
@@ -153,3 +196,57 @@ def test_json_time_is_rfc_3339_in_utc_with_milliseconds() -> None:
     parsed = datetime.datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
     now = datetime.datetime.now(datetime.timezone.utc)
     assert abs((now - parsed).total_seconds()) < 60
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_the_access_logs_quick_lines_read_as_the_formatter_writes_records(
+    formatter: logging.Formatter,
+) -> None:
+    stream = io.StringIO()
+    handler = BatchingHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]  # as logs.configure leaves it (pytest adds its own)
+    root.setLevel(logging.INFO)
+    try:
+        writer = logs.info_writer(logging.getLogger("sidecar.access"))
+        assert writer is not None
+        assert writer.structured == isinstance(formatter, JsonFormatter)
+        writer.write("/a.B/C code=OK", {"code": "OK", "bytes_in": 3})
+        logging.getLogger("sidecar.access").info(
+            "/a.B/C code=OK", extra={"fields": {"code": "OK", "bytes_in": 3}}
+        )
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    quick, usual = stream.getvalue().splitlines()
+    if isinstance(formatter, JsonFormatter):
+        quick_entry, usual_entry = json.loads(quick), json.loads(usual)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", quick_entry.pop("time"))
+        usual_entry.pop("time")
+        assert quick_entry == usual_entry
+    else:
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+        assert re.fullmatch(stamp + "INFO sidecar.access: /a.B/C code=OK", quick)
+        assert re.sub(stamp, "", quick) == re.sub(stamp, "", usual)
+
+
+def test_a_logger_with_a_handler_of_its_own_gets_no_quick_writer() -> None:
+    handler = BatchingHandler(io.StringIO())
+    handler.setFormatter(TextFormatter())
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [handler]
+    own = logging.getLogger("sidecar.access.test-own")
+    own.addHandler(logging.NullHandler())
+    try:
+        assert logs.info_writer(logging.getLogger("sidecar.access")) is not None
+        assert logs.info_writer(own) is None  # its records go elsewhere too
+        handler.setFormatter(TextFormatter("%(message)s"))
+        assert (
+            logs.info_writer(logging.getLogger("sidecar.access")) is None
+        )  # not the standard format
+    finally:
+        root.handlers[:] = saved
+        own.handlers.clear()

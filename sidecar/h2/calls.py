@@ -16,6 +16,10 @@ import time
 import grpc
 
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+_STATUS_BY_TEXT = {str(number).encode(): code for number, code in _STATUS_BY_CODE.items()}
+# Methods as text, by their `:path` bytes (decoded once, not per call).
+_methods: dict[bytes, str] = {}
+_METHODS_KEPT = 4096
 # How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
 _STATUS_BY_RESET = {
     0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before trailers
@@ -70,7 +74,15 @@ class Call:
 
     @property
     def method(self) -> str:
-        return self.path.decode("utf-8", "replace") if self.path else "-"
+        path = self.path
+        if not path:
+            return "-"
+        method = _methods.get(path)
+        if method is None:
+            if len(_methods) >= _METHODS_KEPT:
+                _methods.clear()  # a caller trying many paths: decode afresh
+            method = _methods[path] = path.decode("utf-8", "replace")
+        return method
 
 
 def message_bytes(
@@ -101,6 +113,9 @@ def message_bytes(
 
 def status_code(grpc_status: bytes | None, http_status: bytes | None) -> grpc.StatusCode:
     """The status a gRPC client reads from a response's grpc-status, or else its :status."""
+    known = _STATUS_BY_TEXT.get(grpc_status)  # type: ignore[arg-type]
+    if known is not None:
+        return known
     if grpc_status is not None:
         if grpc_status.isdigit():
             return _STATUS_BY_CODE.get(int(grpc_status), grpc.StatusCode.UNKNOWN)

@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
-
 from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
-from sidecar.observe.logs import escape
+from sidecar.observe.logs import escape, info_writer
 
 access_logger = logging.getLogger("sidecar.access")
 # A denied caller's calls cost the sidecar next to nothing, so it can make thousands a
 # second: their lines are rate limited per caller (the rest counted in a summary line).
 _denied_calls = LogLimiter(access_logger)
 
-_LINE = "%s%s peer='%s' remote=%s code=%s duration_ms=%.3f bytes_in=%d bytes_out=%d"
+# The part of a line that comes before the code: the same for every call of one method
+# on one connection, so it is escaped and formatted once (by caller, method and route).
+_PREFIXES_KEPT = 4096
 
 
 class AccessLog(CallObserver):
@@ -30,8 +30,46 @@ class AccessLog(CallObserver):
 
     observes = True
 
+    def __init__(self) -> None:
+        # Chosen once per route: the logging set-up is done before routes are built.
+        self._write = info_writer(access_logger)
+        self._prefixes: dict[tuple[str, str, str, str | None], str] = {}
+
     def call_ended(self, record: CallRecord) -> None:
-        log_call(record)
+        if not access_logger.isEnabledFor(logging.INFO):
+            return  # a reload raised the log level
+        duration_ms = (time.monotonic() - record.started) * 1000
+        code = record.code._name_  # (the `name` property costs ~0.3 us)
+        key = (record.method, record.peer, record.remote, record.route)
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = self._prefix(key)
+        message = (
+            f"{prefix}{code} duration_ms={duration_ms:.3f} "
+            f"bytes_in={record.bytes_in} bytes_out={record.bytes_out}"
+        )
+        if record.details:
+            message += f" details='{_quoted_text(record.details)}'"
+        write = self._write
+        if write is not None and code != "PERMISSION_DENIED":
+            write.write(message, _fields(record, code, duration_ms) if write.structured else None)
+        elif code == "PERMISSION_DENIED":
+            # Rate limited per caller (see _denied_calls), the usual way: rare by design.
+            fields = _fields(record, code, duration_ms)
+            _denied_calls.log(logging.INFO, record.peer, "%s", message, extra={"fields": fields})
+        else:
+            access_logger.info("%s", message, extra={"fields": _fields(record, code, duration_ms)})
+
+    def _prefix(self, key: tuple[str, str, str, str | None]) -> str:
+        method, peer, remote, route = key
+        prefix = (
+            f"{_token(method)}{'' if route is None else f' route={route}'} "
+            f"peer='{_quoted(peer)}' remote={_token(remote)} code="
+        )
+        if len(self._prefixes) >= _PREFIXES_KEPT:
+            self._prefixes.clear()  # many callers or methods: format afresh
+        self._prefixes[key] = prefix
+        return prefix
 
 
 def access_log() -> CallObserver:
@@ -41,43 +79,22 @@ def access_log() -> CallObserver:
     return AccessLog() if access_logger.isEnabledFor(logging.INFO) else NO_OBSERVER
 
 
-def log_call(record: CallRecord) -> None:
-    """Write the access-log line for a finished call (fields also go to the JSON format)."""
-    if not access_logger.isEnabledFor(logging.INFO):
-        return
-    duration_ms = (time.monotonic() - record.started) * 1000
+def _fields(record: CallRecord, code: str, duration_ms: float) -> dict[str, object]:
+    """The line's fields for the JSON format."""
     fields: dict[str, object] = {
         "method": record.method,
         "peer": record.peer,
         "remote": record.remote,
-        "code": record.code.name,
+        "code": code,
         "duration_ms": round(duration_ms, 3),
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
     }
-    route = ""
     if record.route is not None:
         fields["route"] = record.route
-        route = f" route={record.route}"
-    args: tuple[object, ...] = (
-        _token(record.method),
-        route,
-        _quoted(record.peer),
-        _token(record.remote),
-        record.code.name,
-        duration_ms,
-        record.bytes_in,
-        record.bytes_out,
-    )
-    line = _LINE
     if record.details:
         fields["details"] = record.details
-        line += " details='%s'"
-        args += (_quoted_text(record.details),)
-    if record.code is grpc.StatusCode.PERMISSION_DENIED:
-        _denied_calls.log(logging.INFO, record.peer, line, *args, extra={"fields": fields})
-    else:
-        access_logger.info(line, *args, extra={"fields": fields})
+    return fields
 
 
 def _token(text: str) -> str:

@@ -39,7 +39,9 @@ class CallObserver:
     observes = False  # whether call_ended does anything (see the module doc)
 
     def call_ended(self, record: CallRecord) -> None:
-        """One call is over, with the status its caller was given."""
+        """One call is over, with the status its caller was given. The record is the
+        reporter's to refill once this returns (the splice keeps one per connection):
+        read it now, keep nothing of it but its values."""
 
 
 NO_OBSERVER = CallObserver()

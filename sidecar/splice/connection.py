@@ -25,6 +25,7 @@ import asyncio
 import enum
 import logging
 import os
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -67,6 +68,8 @@ from sidecar.splice.own_frames import (
 )
 from sidecar.splice.refusal import Refusal
 
+# A gRPC message prefix's length (after its flag byte), for counting message bytes.
+_unpack_u32 = struct.Struct(">I").unpack_from
 logger = logging.getLogger("sidecar.server")
 
 # Caller bytes kept for a replay until the upstream speaks; past this, the caller
@@ -254,6 +257,9 @@ class Splice:
         self._observer = observer
         # Message sizes and statuses are read for an observer only (see observe/calls.py).
         self._observed = observer.observes
+        # One record per connection, refilled for each call that ends (observers read it
+        # at once and keep nothing): what does not change is set once.
+        self._record = CallRecord("-", 0.0, remote, peer, route=route)
         self._control = TokenBucket(limits.control_frame_rate, limits.control_frame_burst)
         self._resets = TokenBucket(limits.reset_rate, limits.reset_burst)
         self._control_seen = 0  # the caller's control frames already paid for
@@ -864,6 +870,12 @@ class Splice:
     def _request_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None:
+            if not call.need_in and not call.prefix_in and end - start >= 5:
+                # The usual frame: whole messages from its start. One of them, exactly?
+                length = _unpack_u32(data, start + 1)[0]
+                if start + 5 + length == end:
+                    call.bytes_in += length
+                    return
             added, call.need_in, call.prefix_in = message_bytes(
                 call.need_in, call.prefix_in, data, start, end
             )
@@ -872,6 +884,11 @@ class Splice:
     def _response_data(self, stream_id: int, data: bytes, start: int, end: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None:
+            if not call.need_out and not call.prefix_out and end - start >= 5:
+                length = _unpack_u32(data, start + 1)[0]  # (as _request_data)
+                if start + 5 + length == end:
+                    call.bytes_out += length
+                    return
             added, call.need_out, call.prefix_out = message_bytes(
                 call.need_out, call.prefix_out, data, start, end
             )
@@ -1008,19 +1025,14 @@ class Splice:
         """Tell the route's observer how a call ended (nothing to do when none observes)."""
         if not self._observed:
             return
-        self._observer.call_ended(
-            CallRecord(
-                method=call.method,
-                started=call.started,
-                remote=self._remote,
-                peer=self._peer,
-                code=code,
-                bytes_in=call.bytes_in,
-                bytes_out=call.bytes_out,
-                route=self._route,
-                details=details,
-            )
-        )
+        record = self._record
+        record.method = call.method
+        record.started = call.started
+        record.code = code
+        record.bytes_in = call.bytes_in
+        record.bytes_out = call.bytes_out
+        record.details = details
+        self._observer.call_ended(record)
 
     def _end_calls(self, code: grpc.StatusCode, details: str = "") -> None:
         calls, self._calls = self._calls, {}

@@ -51,7 +51,6 @@ RUN --mount=type=secret,id=ca_cert,required=false \
 
 # ---- the demo app and client (compose.yaml), the seeds' services -------------------------------
 FROM build AS demo
-RUN /opt/sidecar/bin/pip install protobuf==7.36.2 grpcio-health-checking==1.85.1
 COPY demo ./demo
 RUN useradd --system --uid 10002 --home-dir /nonexistent --shell /usr/sbin/nologin demo \
     && mkdir /data && chown 10002:10002 /data

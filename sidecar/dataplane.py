@@ -11,6 +11,7 @@ route is a name in runtime/route.py's table.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +48,52 @@ def log_audit(peer: str, denial: str) -> None:
     _audits.log(logging.WARNING, peer, "audit: would deny: %s", denial)
 
 
+# grpc_health: sidecar: the methods of grpc.health.v1.Health the sidecar answers, and its
+# answer, written from health.proto (a HealthCheckResponse is field 1, `status`, a
+# varint: SERVING = 1, NOT_SERVING = 2): the only protobuf messages the sidecar writes.
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+_HEALTH_RESPONSES = {True: b"\x08\x01", False: b"\x08\x02"}
+
+
+def health_response(serving: bool) -> bytes:
+    """The HealthCheckResponse message (without gRPC's 5-byte prefix) for this status.
+    The same for every service a caller names: the sidecar knows its app as a whole."""
+    return _HEALTH_RESPONSES[serving]
+
+
+class Serving:
+    """Whether a route is ready to serve (its readiness, runtime/route.py), for the health
+    answers of `grpc_health: sidecar`: read by a Check, followed by a Watch. The route
+    sets it after each check of its app; watchers hear of each change, on the loop."""
+
+    def __init__(self, serving: bool = False) -> None:
+        self.serving = serving
+        self.closed = False  # the route is stopping: NOT_SERVING for good, Watch calls end
+        self._watchers: set[Callable[[bool], None]] = set()
+
+    def set(self, serving: bool) -> None:
+        if serving == self.serving or self.closed:
+            return
+        self.serving = serving
+        for watcher in list(self._watchers):
+            watcher(serving)
+
+    def close(self) -> None:
+        """The route stops: NOT_SERVING from now on, and watchers hear it one last time."""
+        self.set(False)
+        self.closed = True
+        for watcher in list(self._watchers):
+            watcher(False)
+
+    def watch(self, watcher: Callable[[bool], None]) -> None:
+        """Call watcher(serving) at each change, until unwatch."""
+        self._watchers.add(watcher)
+
+    def unwatch(self, watcher: Callable[[bool], None]) -> None:
+        self._watchers.discard(watcher)
+
+
 @dataclass(frozen=True)
 class RouteParts:
     """One route's shared parts, as its data plane gets them."""
@@ -58,6 +105,8 @@ class RouteParts:
     observer: CallObserver
     diagnosis: TLSDiagnosis | None = None  # egress: why a TLS handshake to the remote failed
     connections: ConnectionObserver = NO_CONNECTION_OBSERVER  # the splice's caller connections
+    # Ingress with `grpc_health: sidecar`: grpc.health.v1 calls are answered from this.
+    health: Serving | None = None
 
     @property
     def ingress(self) -> bool:

@@ -307,6 +307,61 @@ def test_a_reset_of_a_dropped_stream_is_left_out_and_ends_it() -> None:
     assert resets == [] and not walker.dropped
 
 
+def test_a_held_stream_stays_left_out_after_its_sender_ends_it_until_it_resets_it() -> None:
+    """A health Watch: answered here, open after the caller's END_STREAM; its caller's
+    later WINDOW_UPDATEs are left out, and its reset is reported (the answers stop)."""
+    resets: list[tuple[int, int]] = []
+    walker = FrameWalker(
+        lambda *_: DROP,  # type: ignore[arg-type,return-value]
+        preface=False,
+        reset=lambda stream_id, code: resets.append((stream_id, code)),
+    )
+    walker.feed(frame(SETTINGS, 0, 0, b""))
+    walker.drop(1, held=True)  # as the splice does before its DROP is acted on
+    out = walker.feed(
+        frame(HEADERS, END_HEADERS, 1, b"x")
+        + frame(DATA, END_STREAM, 1, b"request")
+        + frame(WINDOW_UPDATE, 0, 1, (7).to_bytes(4, "big"))
+    )
+    assert b"".join(bytes(chunk) for chunk in out) == b""
+    assert 1 in walker.dropped and walker.sender_ended(1)
+    out = walker.feed(frame(RST_STREAM, 0, 1, (8).to_bytes(4, "big")))
+    assert b"".join(bytes(chunk) for chunk in out) == b""
+    assert resets == [(1, 8)] and not walker.dropped
+
+
+def test_a_released_held_stream_is_forgotten_when_its_sender_ends_it() -> None:
+    walker = FrameWalker(lambda *_: DROP, preface=False)  # type: ignore[arg-type,return-value]
+    walker.feed(frame(SETTINGS, 0, 0, b""))
+    walker.drop(1, held=True)
+    walker.feed(frame(HEADERS, END_HEADERS, 1, b"x"))
+    assert not walker.sender_ended(1)
+    walker.release(1)  # answered to its end here
+    walker.feed(frame(DATA, END_STREAM, 1, b"late"))
+    assert not walker.dropped
+
+
+def test_the_connection_window_the_splice_used_is_taken_from_the_senders_updates() -> None:
+    """DATA of the splice's own took 10 bytes of the caller's window: its next connection
+    WINDOW_UPDATEs are relayed less those 10, so the app is never given window it did not
+    use; stream updates and later ones pass unchanged."""
+    walker = FrameWalker(lambda *_: None, preface=False)  # type: ignore[arg-type,return-value]
+    walker.feed(frame(SETTINGS, 0, 0, b""))
+    walker.window_debt = 10
+
+    def update(stream_id: int, increment: int) -> bytes:
+        return frame(WINDOW_UPDATE, 0, stream_id, increment.to_bytes(4, "big"))
+
+    def relayed(data: bytes) -> bytes:
+        return b"".join(bytes(chunk) for chunk in walker.feed(data))
+
+    assert relayed(update(3, 5)) == update(3, 5)  # a stream's: not the connection's window
+    assert relayed(update(0, 4)) == b""  # all of it repays
+    assert relayed(update(0, 100) + update(3, 1)) == update(0, 94) + update(3, 1)
+    assert walker.window_debt == 0
+    assert relayed(update(0, 100)) == update(0, 100)
+
+
 def test_control_frames_and_data_frames_are_counted() -> None:
     walker = Recorder().walker(preface=False)
     walker.feed(

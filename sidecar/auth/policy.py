@@ -198,6 +198,10 @@ class Policy:
             for rule in compiled.method_rules
         )
 
+    def revoked(self, identity: PeerIdentity) -> str | None:
+        """Why this caller's certificate is revoked (a CRL, deny_serials...), or None."""
+        return _revoked(identity, self._compiled)
+
     def per_call(self, identity: PeerIdentity | None) -> bool:
         """Whether this admitted caller's calls must be decided one by one (some method
         rule may deny some of them, or in audit mode say so); False when it may call every

@@ -26,6 +26,8 @@ Mode = Literal["ingress", "egress"]
 DataPlaneName = Literal["splice", "grpc"]
 # A CRL past its nextUpdate: warn, or deny its issuer's callers (pki/revocation.py).
 StaleAction = Literal["warn", "deny"]
+GrpcHealth = Literal["app", "sidecar"]
+UpstreamHealthCheck = Literal["tcp", "grpc"]
 
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
 
@@ -101,6 +103,9 @@ class RouteConfig:
     # Ingress: the caller's identity for the app (auth/forwarded.py), and which elements.
     identity_header: bool = False
     identity_header_fields: tuple[str, ...] = IDENTITY_ELEMENTS
+    # Ingress: who answers grpc.health.v1 calls, and how readiness checks the app.
+    grpc_health: GrpcHealth = "app"
+    upstream_health_check: UpstreamHealthCheck = "tcp"
     name: str | None = None
     limits: Limits = field(default_factory=Limits)
     # Where each setting given came from, for error messages: key -> `--upstream`,
@@ -220,6 +225,8 @@ class RouteConfig:
             ("crl", bool(self.crl)),
             ("identity_header", self.identity_header),
             ("rules_mode", self.allow.rules_mode != "enforce"),
+            ("grpc_health", self.grpc_health != "app"),
+            ("upstream_health_check", self.upstream_health_check != "tcp"),
             ("allow_all", self.allow.allow_all),
             ("unsafe_upstream", self.unsafe_upstream),
         ):

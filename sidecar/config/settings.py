@@ -47,6 +47,8 @@ Scope = Literal["route", "process"]
 MODES = ("ingress", "egress")
 DATA_PLANES = ("splice", "grpc")
 LOG_FORMATS = ("text", "json")
+GRPC_HEALTH = ("app", "sidecar")
+UPSTREAM_HEALTH_CHECKS = ("tcp", "grpc")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -321,6 +323,19 @@ SETTINGS: tuple[Setting, ...] = (
         "unsafe_admin", "switch", "process", "observability",
         "allow an --admin address that is not on loopback (it has no authentication)",
         default=False,
+    ),
+    Setting(
+        "grpc_health", "choice", "route", "observability",
+        "ingress: who answers grpc.health.v1.Health calls: app (relayed, the default) or "
+        "sidecar (answered from the route's readiness, SERVING or NOT_SERVING, for any "
+        "caller whose certificate the CA signed)",
+        choices=GRPC_HEALTH, default="app",
+    ),
+    Setting(
+        "upstream_health_check", "choice", "route", "observability",
+        "ingress: how readiness checks the app every second: tcp (it accepts a connection) "
+        "or grpc (its grpc.health.v1 Check answers SERVING)",
+        choices=UPSTREAM_HEALTH_CHECKS, default="tcp",
     ),
     Setting(
         "metrics_methods", "count", "process", "observability",

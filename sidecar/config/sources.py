@@ -195,6 +195,8 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         data_plane=get("data_plane"),
         identity_header=get("identity_header"),
         identity_header_fields=get("identity_header_fields"),
+        grpc_health=get("grpc_health"),
+        upstream_health_check=get("upstream_health_check"),
         name=get("name"),
         limits=Limits(**{key: get(key) for key in LIMIT_KEYS}),
         where={key: given.where for key, given in layer.items()},

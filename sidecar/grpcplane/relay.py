@@ -40,7 +40,15 @@ from grpc._cython.cygrpc import ExecuteBatchError
 from sidecar.auth.forwarded import xfcc
 from sidecar.auth.headers import IDENTITY_FIELD, HeaderRules, path_problem
 from sidecar.auth.identity import IdentityReader, PeerIdentity
-from sidecar.dataplane import RouteParts, log_audit, log_denial
+from sidecar.dataplane import (
+    HEALTH_CHECK,
+    HEALTH_WATCH,
+    RouteParts,
+    Serving,
+    health_response,
+    log_audit,
+    log_denial,
+)
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.allocator import release_free_memory
 from sidecar.observe.calls import CallRecord
@@ -73,6 +81,10 @@ _TRIM_DELAY_SECONDS = 1.0
 # (measured up to 30 ms with both cores busy). A call cancelled that close to its
 # deadline is logged as expired: its client almost always saw DEADLINE_EXCEEDED.
 _DEADLINE_SLACK_SECONDS = 0.1
+
+
+_HEALTH_METHODS = (HEALTH_CHECK, HEALTH_WATCH)
+_WATCH_OVER = "the sidecar is shutting down: watch again"
 
 
 class _CallEnded(Exception):
@@ -158,6 +170,9 @@ class _MethodRelay:
             if malformed is not None:  # as the splice answers it
                 record.code = grpc.StatusCode.INTERNAL
                 await context.abort(grpc.StatusCode.INTERNAL, f"malformed request: {malformed}")
+            if self._relay.parts.health is not None and self.method in _HEALTH_METHODS:
+                await self._answer_health(context, record, self._relay.parts.health)
+                return
             identity = await self._authorize(context, record)
             await self._forward(context, record, identity)
         except (asyncio.CancelledError, _CallEnded):
@@ -177,6 +192,49 @@ class _MethodRelay:
             self._relay.parts.observer.call_ended(record)
             if record.bytes_in + record.bytes_out >= _LARGE_CALL_BYTES:
                 self._relay.large_call_ended()
+
+    async def _answer_health(self, context: Any, record: CallRecord, health: Serving) -> None:
+        """Answer a grpc.health.v1 call here, from the route's readiness (grpc_health:
+        sidecar), for any caller whose certificate is not revoked: the rules are not
+        asked. A Watch writes the status now and at each change, until the client ends it."""
+        identity = self._relay.identities.read(context.auth_context())
+        if identity is not None:
+            record.peer = identity.description
+            revoked = self._relay.parts.policy.revoked(identity)
+            if revoked is not None:
+                log_denial(record.peer, record.remote, self.method, revoked)
+                record.code = grpc.StatusCode.PERMISSION_DENIED
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
+        if self.method == HEALTH_CHECK:
+            await self._write_health(context, record, health.serving)
+            record.code = grpc.StatusCode.OK
+            return
+        changed = asyncio.Event()
+
+        def heard(serving: bool) -> None:
+            changed.set()
+
+        health.watch(heard)
+        try:
+            sent = None
+            while True:
+                changed.clear()
+                serving = health.serving
+                if serving != sent:
+                    await self._write_health(context, record, serving)
+                    sent = serving
+                if health.closed:  # the route is stopping: the drain waits for no Watch
+                    record.code = grpc.StatusCode.UNAVAILABLE
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, _WATCH_OVER)
+                await changed.wait()
+        finally:
+            health.unwatch(heard)
+
+    @staticmethod
+    async def _write_health(context: Any, record: CallRecord, serving: bool) -> None:
+        message = health_response(serving)
+        record.bytes_out += len(message)
+        await context.write(message)
 
     async def _authorize(self, context: Any, record: CallRecord) -> PeerIdentity | None:
         """The caller's identity, if the call is allowed; else the call ends here."""

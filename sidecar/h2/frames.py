@@ -65,6 +65,7 @@ _MAX_FRAGMENTS = 1024  # CONTINUATION frames in one header block
 # 16 KiB SETTINGS frame cost 2.5 ms at one control frame's price); nghttp2's default.
 MAX_SETTINGS_ENTRIES = 32
 _MAX_DROPPED = 1024  # dropped streams remembered (their late frames are left out)
+_NOT_HELD, _HELD, _HELD_ENDED = 0, 1, 2  # a dropped stream's state (see FrameWalker.drop)
 _TABLE_SIZE_ZERO = SETTINGS_HEADER_TABLE_SIZE.to_bytes(2, "big") + bytes(4)
 
 SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
@@ -251,8 +252,13 @@ class FrameWalker:
         self._block_size = 0
         self._first_frame_done = False
         self._settings_relayed = 0
-        # Streams the headers callback dropped (insertion-ordered, bounded).
-        self.dropped: dict[int, None] = {}
+        # Streams the headers callback dropped (insertion-ordered, bounded): _NOT_HELD,
+        # _HELD, or _HELD_ENDED (held, and its sender has ended it).
+        self.dropped: dict[int, int] = {}
+        # Flow-controlled bytes the other side's peer got from the splice itself (DATA of
+        # its own, not the peer's it relays): that peer's connection WINDOW_UPDATEs give
+        # them back, and the one this side's sender never sent must not get them.
+        self.window_debt = 0
         self.control_frames = 0  # see the module doc; counted for the connection's budget
         self.data_frames = 0  # DATA with a payload, and HEADERS
         self.backlog = False  # input is waiting for the next pass (the budget ran out)
@@ -280,11 +286,48 @@ class FrameWalker:
         and not finished it: held here until it does (bounded by max_block)."""
         return (bool(self._pending) and not self.backlog) or self._block is not None
 
-    def drop(self, stream_id: int) -> None:
-        """Leave out the stream's further frames (it was answered and ended here)."""
-        self.dropped[stream_id] = None
+    def drop(self, stream_id: int, *, held: bool = False) -> None:
+        """Leave out the stream's further frames (it was answered and ended here). A stream
+        `held` stays left out after its sender ends it, until it resets it or is
+        released: the splice is still answering it (a health Watch). A stream held
+        already stays held (the splice holds it before its DROP is acted on)."""
+        if self.dropped.get(stream_id):
+            return
+        self.dropped[stream_id] = _HELD if held else _NOT_HELD
         if len(self.dropped) > _MAX_DROPPED:
-            del self.dropped[next(iter(self.dropped))]
+            # The oldest that is not held (the splice holds a few at most).
+            oldest = next((stream for stream, kept in self.dropped.items() if not kept), None)
+            if oldest is not None:
+                del self.dropped[oldest]
+
+    def _sender_ended(self, stream_id: int) -> None:
+        if self.dropped.get(stream_id) == _HELD:
+            self.dropped[stream_id] = _HELD_ENDED
+        else:
+            self.dropped.pop(stream_id, None)  # over on both sides now
+
+    def sender_ended(self, stream_id: int) -> bool:
+        """Whether the sender has ended (or reset) a held stream."""
+        return self.dropped.get(stream_id, _HELD_ENDED) == _HELD_ENDED
+
+    def release(self, stream_id: int) -> None:
+        """A held stream (see drop) is over on this side: forgotten at once if its sender
+        has ended it, else when it does, as a stream that is not held."""
+        state = self.dropped.get(stream_id)
+        if state == _HELD_ENDED:
+            del self.dropped[stream_id]
+        elif state == _HELD:
+            self.dropped[stream_id] = _NOT_HELD
+
+    def _repaid(self, increment: int) -> bytes | None:
+        """The connection's WINDOW_UPDATE to send on for one of `increment` from this
+        side's sender, less the window_debt (None: all of it repays the debt)."""
+        debt = self.window_debt
+        if increment <= debt:
+            self.window_debt = debt - increment
+            return None
+        self.window_debt = 0
+        return frame(WINDOW_UPDATE, 0, 0, (increment - debt).to_bytes(4, "big"))
 
     def detach(self) -> None:
         """Forget every callback, so that the owner and the walker do not keep each other
@@ -333,7 +376,7 @@ class FrameWalker:
             if self._passing_ends and not self._passing:
                 self._passing_ends = False
                 if self._passing_dropped:
-                    self.dropped.pop(self._passing_stream, None)
+                    self._sender_ended(self._passing_stream)
                 elif self._ended:
                     self._ended(self._passing_stream)
             if not self._passing:
@@ -389,7 +432,7 @@ class FrameWalker:
                             run_start = position = size
                             break
                         if flags & END_STREAM:
-                            del dropped[stream_id]
+                            self._sender_ended(stream_id)
                         run_start = position = end
                         continue
                     if on_data is not None:
@@ -451,6 +494,14 @@ class FrameWalker:
                             view = memoryview(data)
                         out.append(view[run_start:position])
                         run_start = end
+                    elif not stream_id and self.window_debt:
+                        if view is None:
+                            view = memoryview(data)
+                        out.append(view[run_start:position])
+                        run_start = end
+                        repaid = self._repaid(_unpack_u32(data, position + _HEADER)[0])
+                        if repaid is not None:
+                            out.append(repaid)
                     position = end
                     continue
                 if kind == PING and self._ping is not None:
@@ -484,7 +535,10 @@ class FrameWalker:
                     if not stream_id:
                         raise FrameError("RST_STREAM frame on stream 0")  # RFC 9113 6.4
                     if dropped and stream_id in dropped:
-                        del dropped[stream_id]  # the stream is over on both sides now
+                        # The stream is over on both sides now; one still answered on this
+                        # side (held) is reported, for its answers to stop.
+                        if dropped.pop(stream_id) and self._reset:
+                            self._reset(stream_id, _unpack_u32(data, position + _HEADER)[0])
                         if view is None:
                             view = memoryview(data)
                         out.append(view[run_start:position])

@@ -285,6 +285,9 @@ def _length(value: int) -> bytes:
 
 _STATUS_200 = b"\x88"  # the static table's :status 200
 _GRPC_CONTENT_TYPE = _literal(b"content-type", b"application/grpc")
+# A gRPC response's headers, when the sidecar answers a call with messages of its own
+# (splice/health.py). Touches no table.
+RESPONSE_HEADERS = _STATUS_200 + _GRPC_CONTENT_TYPE
 
 
 def grpc_message(details: str) -> bytes:

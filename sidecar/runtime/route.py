@@ -28,7 +28,7 @@ from sidecar.auth.policy import Policy
 from sidecar.config.model import AllowRules, RouteConfig
 from sidecar.config.pem import PemSource
 from sidecar.config.rules import shadowed
-from sidecar.dataplane import DataPlane, RouteParts
+from sidecar.dataplane import DataPlane, RouteParts, Serving
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
@@ -84,6 +84,14 @@ class Route:
         self._plane: DataPlane | None = None
         self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
+        # Ingress: whether the app answers, checked in the background when readiness is
+        # served (an admin listener) or answers health calls (grpc_health: sidecar).
+        self.health = Serving() if config.grpc_health == "sidecar" else None
+        self._probe: UpstreamProbe | None = None
+        if config.mode == "ingress" and (metrics is not None or self.health is not None):
+            self._probe = UpstreamProbe(
+                config.upstream, config.upstream_health_check, tried=self._readiness_changed
+            )
 
     def _parts(self) -> RouteParts:
         config = self.config
@@ -106,12 +114,15 @@ class Route:
             observer=Observers([access_log(), counted[0] if counted else NO_OBSERVER]),
             connections=counted[1] if counted else NO_CONNECTION_OBSERVER,
             diagnosis=diagnosis,
+            health=self.health,
         )
 
     async def start(self) -> None:
         """Bind the listener and start serving (inside the running loop)."""
         self._plane = DATA_PLANES[self.config.data_plane](self._parts())
         self.port = await self._plane.start()
+        if self._probe is not None:
+            self._probe.start()
         self._log_listening()
         _warn_shadowed(self.config.title, self.config.allow)
         self._crls_loaded("loaded")
@@ -286,7 +297,12 @@ class Route:
         if self._plane is not None:
             self._plane.credentials_replaced()
 
-    def not_ready(self, upstream: UpstreamProbe | None) -> list[str]:
+    def _readiness_changed(self) -> None:
+        """The app was checked again: what health calls are answered follows readiness."""
+        if self.health is not None:
+            self.health.set(not self.not_ready())
+
+    def not_ready(self) -> list[str]:
         """Why the route is not ready to serve (runtime/health.py), or nothing."""
         title = self.config.title
         problems = []
@@ -297,7 +313,7 @@ class Route:
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             until = f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}"
             problems.append(f"{title}: its certificate is not valid now (valid until {until} UTC)")
-        problem = upstream.problem() if upstream is not None else None
+        problem = self._probe.problem() if self._probe is not None else None
         if problem is not None:
             problems.append(f"{title}: {problem}")
         return problems
@@ -345,6 +361,10 @@ class Route:
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, let in-flight calls finish for up to grace seconds, then cancel them."""
         self._expiry.stop()
+        if self._probe is not None:
+            self._probe.stop()
+        if self.health is not None:
+            self.health.close()  # NOT_SERVING while the drain lasts, and Watch calls end
         if self._stale_timer is not None:
             self._stale_timer.cancel()
         self.credentials.close()

@@ -27,7 +27,6 @@ from sidecar.observe import logs
 from sidecar.observe.accesslog import access_logger
 from sidecar.observe.metrics import Expiries, Metrics
 from sidecar.runtime.admin import Admin
-from sidecar.runtime.health import UpstreamProbe
 from sidecar.runtime.reload import PROCESS_FIELDS_IN_PLACE, needs_restart, route_key
 from sidecar.runtime.route import Route
 
@@ -83,14 +82,8 @@ class Sidecar:
             Route(route, metrics, label)
             for route, label in zip(config.routes, _labels(config.routes), strict=True)
         ]
-        self._probes: dict[Route, UpstreamProbe] = {}
         self._admin: Admin | None = None
         if config.admin is not None and metrics is not None:
-            self._probes = {
-                route: UpstreamProbe(route.config.upstream)
-                for route in self.routes
-                if route.config.mode == "ingress"
-            }
             self._admin = Admin(config.admin, metrics, self.not_ready, self.status)
             metrics.watch(Expiries(self._expiries))
         self.last_reload: dict[str, str] | None = None
@@ -115,17 +108,13 @@ class Sidecar:
         except BaseException:
             await asyncio.gather(*(route.stop(None) for route in started))
             raise
-        for probe in self._probes.values():
-            probe.start()
         if self._admin is not None:
             await self._admin.start()
         self._check_every(self.config.reload_interval)
 
     def not_ready(self) -> list[str]:
         """Why the sidecar is not ready to serve (every route's reasons), or nothing."""
-        return [
-            problem for route in self.routes for problem in route.not_ready(self._probes.get(route))
-        ]
+        return [problem for route in self.routes for problem in route.not_ready()]
 
     def status(self) -> dict[str, object]:
         """What /status says of the process's routes and its last reload."""
@@ -264,8 +253,6 @@ class Sidecar:
         self._check_every(0)
         if self._admin is not None:
             await self._admin.stop()
-        for probe in self._probes.values():
-            probe.stop()
         await asyncio.gather(*(route.stop(grace) for route in self.routes))
         logger.info("stopped")
 

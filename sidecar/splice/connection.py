@@ -32,7 +32,7 @@ import grpc
 
 from sidecar.auth.policy import Decision
 from sidecar.config.limits import Limits
-from sidecar.dataplane import log_audit, log_denial
+from sidecar.dataplane import Serving, log_audit, log_denial
 from sidecar.h2.calls import Call, message_bytes, reset_status, status_code
 from sidecar.h2.frames import (
     DROP,
@@ -58,6 +58,7 @@ from sidecar.h2.headerblock import (
 )
 from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
+from sidecar.splice import health
 from sidecar.splice.budget import BudgetExceeded, TokenBucket
 from sidecar.splice.own_frames import (
     DRAIN_OPAQUE,
@@ -68,6 +69,11 @@ from sidecar.splice.own_frames import (
 )
 from sidecar.splice.refusal import Refusal
 
+# Health Watch calls one connection may hold open, and the status messages one may be
+# sent before it is ended for the caller to watch anew (see _health_changed).
+_MAX_WATCHES = 16
+_WATCH_MESSAGES = 4096
+_WATCH_OVER = "the sidecar is closing this connection: watch again"
 # A gRPC message prefix's length (after its flag byte), for counting message bytes.
 _unpack_u32 = struct.Struct(">I").unpack_from
 logger = logging.getLogger("sidecar.server")
@@ -220,6 +226,7 @@ class Splice:
         authorize: Callable[[str], Decision] | None = None,
         injected: tuple[bytes, bytes] | None = None,
         ack_delay: float = _ACK_DELAY_SECONDS,
+        health: Serving | None = None,
     ) -> None:
         self._caller = caller
         self._upstream: asyncio.Transport | None = None
@@ -253,6 +260,10 @@ class Splice:
         self._decisions: dict[bytes | None, Decision] = {}
         self._own_to_caller = OwnFrames()
         self._own_to_upstream = OwnFrames()
+        # grpc_health: sidecar: health calls are answered here (splice/health.py), and the
+        # Watch calls open on this connection are kept with the messages each was sent.
+        self._health = health
+        self._watches: dict[int, tuple[Call, int]] = {}
         self._ack_delay = ack_delay
         self._observer = observer
         # Message sizes and statuses are read for an observer only (see observe/calls.py).
@@ -429,8 +440,12 @@ class Splice:
             # schedules this again), or calls may still be on their way (DRAIN_PING_SECONDS).
             return
         self._enter(_DRAINED)
+        watches_ended = self._end_watches(grpc.StatusCode.UNAVAILABLE, _WATCH_OVER)
         if self._inbound.at_frame_boundary and not self._caller.is_closing():
-            _write(self._caller, [*self._own_to_caller.take(), self._goaway(_NO_ERROR)])
+            _write(
+                self._caller,
+                [*self._own_to_caller.take(), *watches_ended, self._goaway(_NO_ERROR)],
+            )
         self._close_both()
 
     def abort(self) -> None:
@@ -576,6 +591,8 @@ class Splice:
             goaway=True,
             limits=self._limits,
             observer=self._observer,
+            # The app cannot be reached: health calls hear so.
+            serving=None if self._health is None else _not_serving,
         )
         replay, self._replay = self._replay or [], None
         self._calls.clear()
@@ -728,6 +745,9 @@ class Splice:
             if self._revoked_answers == self._limits.denied_calls:  # as a denied caller's
                 self._loop.call_soon(self._revocation_over)
             return DROP
+        if self._health is not None and (path == health.CHECK or path == health.WATCH):
+            self._answer_health(stream_id, flags, path)
+            return DROP
         if self._authorize is not None:
             decision = self._decisions.get(path)
             if decision is None:
@@ -781,6 +801,80 @@ class Splice:
         self._send_own_to_caller()
         self._report_call(call, refused.code, refused.details)
         self._count_answer()
+
+    def _answer_health(self, stream_id: int, flags: int, path: bytes) -> None:
+        """Answer a grpc.health.v1 call here, from the route's readiness, whoever the caller
+        is (its certificate was verified; the rules are not asked). A Watch stays open:
+        each change of readiness is sent on it (_health_changed) until it ends."""
+        assert self._health is not None
+        self._spend_control(1)  # answered here, at a control frame's price (see _answer_here)
+        ended = bool(flags & END_STREAM)
+        call = Call(path, ended)
+        serving = self._health.serving
+        if path == health.CHECK:
+            answer = health.check_answer(stream_id, serving, ended)
+            self._report_call(call, grpc.StatusCode.OK)
+        elif len(self._watches) >= _MAX_WATCHES:
+            refused = RequestRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {_MAX_WATCHES} health Watch calls open on one connection",
+            )
+            self._answer_here(stream_id, call, refused)
+            return
+        else:
+            if not self._watches:
+                self._health.watch(self._health_changed)
+            self._watches[stream_id] = (call, 1)
+            self._outbound.drop(stream_id, held=True)  # its later frames: left out still
+            answer = health.watch_opening(stream_id, serving)
+        # The caller gives the window of what it receives back to the connection, and the
+        # upstream sent none of it (see FrameWalker.window_debt).
+        self._outbound.window_debt += health.MESSAGE_BYTES
+        self._own_to_caller.frames.append(answer)
+        self._send_own_to_caller()
+        self._count_answer()
+
+    def _health_changed(self, serving: bool) -> None:
+        """The route's readiness changed: each Watch on this connection is told."""
+        if self._phase >= _DRAINED:
+            return
+        for stream_id, (call, sent) in list(self._watches.items()):
+            if stream_id not in self._outbound.dropped:  # the caller reset it
+                del self._watches[stream_id]
+                self._report_call(call, grpc.StatusCode.CANCELLED)
+                continue
+            if sent >= _WATCH_MESSAGES:
+                # Its stream's flow-control window is the caller's to give, and it is not
+                # read here: a Watch this long is ended, for the caller to watch anew.
+                self._own_to_caller.frames.append(
+                    self._end_watch(stream_id, grpc.StatusCode.UNAVAILABLE, "watch again")
+                )
+                continue
+            self._watches[stream_id] = (call, sent + 1)
+            self._own_to_caller.frames.append(health.status_message(stream_id, serving))
+            self._outbound.window_debt += health.MESSAGE_BYTES
+        if not self._watches:
+            self._health.unwatch(self._health_changed)  # type: ignore[union-attr]
+        self._send_own_to_caller()
+
+    def _end_watch(self, stream_id: int, code: grpc.StatusCode, details: str) -> bytes:
+        """The frames that end one Watch here, reported to the observer."""
+        call, _ = self._watches.pop(stream_id)
+        self._report_call(call, code, details)
+        ended = self._outbound.sender_ended(stream_id)
+        self._outbound.release(stream_id)
+        return health.watch_end(stream_id, code, details, ended)
+
+    def _end_watches(self, code: grpc.StatusCode, details: str) -> list[bytes]:
+        """End every Watch open on this connection (it is ending): their last frames."""
+        if not self._watches:
+            return []
+        assert self._health is not None
+        self._health.unwatch(self._health_changed)
+        return [
+            health.status_message(stream_id, False) + self._end_watch(stream_id, code, details)
+            for stream_id in list(self._watches)
+        ]
 
     def _count_answer(self) -> None:
         """One more answer of the splice's own for the caller (see _MAX_UNREAD_ANSWERS)."""
@@ -900,6 +994,11 @@ class Splice:
             self._spend_reset()
             self._report_call(call, grpc.StatusCode.CANCELLED)
             self._call_ended()  # (a reset of a stream that is no call is no activity)
+        elif stream_id in self._watches:  # a health Watch answered here, cancelled
+            watch, _ = self._watches.pop(stream_id)
+            self._report_call(watch, grpc.StatusCode.CANCELLED)
+            if not self._watches:
+                self._health.unwatch(self._health_changed)  # type: ignore[union-attr]
 
     def _spend_reset(self) -> None:
         """A call in flight ends before its answer, by the caller's doing. Streams opened
@@ -990,8 +1089,9 @@ class Splice:
         if self._phase is not _RELAYING:
             return
         idle = self._loop.time() - self._idle_since
-        if self._calls or idle < self._limits.idle_timeout:
-            remaining = self._limits.idle_timeout - (0 if self._calls else idle)
+        busy = self._calls or self._watches  # a Watch is a call in flight too
+        if busy or idle < self._limits.idle_timeout:
+            remaining = self._limits.idle_timeout - (0 if busy else idle)
             self._idle_timer = self._loop.call_later(remaining, self._idle_check)
             return
         logger.debug("closing the idle connection of %s", self._remote)
@@ -1038,6 +1138,7 @@ class Splice:
         calls, self._calls = self._calls, {}
         for call in calls.values():
             self._report_call(call, code, details)
+        self._end_watches(code, details)  # (their frames can no longer be sent)
 
     def _goaway(self, error_code: int, debug: bytes = b"") -> bytes:
         """A GOAWAY naming the last stream relayed (never above the upstream's own)."""
@@ -1063,6 +1164,7 @@ class Splice:
             chunks = self._own_to_caller.take()
             for stream_id, call in calls.items():
                 chunks.append(self._local_end(stream_id, call, code, details))
+            chunks += self._end_watches(code, details)
             chunks.append(self._goaway(_NO_ERROR))
             _write(self._caller, chunks)
             for call in calls.values():
@@ -1074,6 +1176,7 @@ class Splice:
         # connection; a reset tells its client at once.
         for call in calls.values():
             self._report_call(call, code, details)
+        self._end_watches(code, details)
         self._cancel_timers()
         self._caller.abort()
 
@@ -1124,9 +1227,15 @@ class Splice:
         """The caller's connection is gone: let go of everything that points back here, so
         that reference counting frees this splice (and its transports' buffers) at once."""
         self._cancel_timers()
+        if self._watches:
+            self._end_watches(grpc.StatusCode.CANCELLED, "")
         self._outbound.detach()
         self._inbound.detach()
         self._requests = self._responses = None  # type: ignore[assignment]
+
+
+def _not_serving() -> bool:
+    return False
 
 
 def _failure_text(error: BaseException) -> str:

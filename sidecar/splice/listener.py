@@ -39,7 +39,7 @@ from sidecar.auth.headers import IDENTITY_FIELD
 from sidecar.auth.identity import IdentityReader, PeerIdentity
 from sidecar.auth.policy import Policy
 from sidecar.config.addresses import Address
-from sidecar.dataplane import RouteParts, log_shared_port
+from sidecar.dataplane import RouteParts, Serving, log_shared_port
 from sidecar.errors import StartupError
 from sidecar.h2.headerblock import RequestFilter
 from sidecar.host.allocator import release_free_memory
@@ -164,6 +164,8 @@ class _CallerProtocol(asyncio.Protocol):
             goaway=False,
             limits=listener.config.limits,
             observer=listener.parts.observer,
+            # Health calls are any verified caller's, unless its certificate is revoked.
+            serving=_serving(listener.parts.health) if policy.revoked(identity) is None else None,
         )
 
     def _splice(self, peer: str, injected: tuple[bytes, bytes] | None = None) -> Splice:
@@ -180,6 +182,7 @@ class _CallerProtocol(asyncio.Protocol):
             upstream_name=str(self._listener.config.upstream),
             limits=self._listener.config.limits,
             injected=injected,
+            health=self._listener.parts.health,
         )
         return splice
 
@@ -511,6 +514,11 @@ class Listener:
 def _track(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+
+
+def _serving(health: Serving | None) -> Callable[[], bool] | None:
+    """What a refused connection answers health calls with: the route's readiness."""
+    return None if health is None else lambda: health.serving
 
 
 def _denial(policy: Policy, identity: PeerIdentity, method: str) -> str:

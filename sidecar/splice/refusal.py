@@ -56,6 +56,7 @@ from sidecar.h2.headerblock import grpc_message
 from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.observe.logs import escape
+from sidecar.splice import health
 from sidecar.splice.own_frames import HANG_UP_SECONDS
 from sidecar.splice.refusal_intake import FRAMES_PER_TURN, MAX_FRAME, Intake, Overrun
 
@@ -95,6 +96,9 @@ _DRAIN_PING = b"goodbye!"
 # answered with the reason (see refuse_later_calls): the calls a gRPC client held back until
 # it had our SETTINGS come at once.
 _FRESH_SECONDS = 0.1
+_HEALTH_WATCH = health.WATCH.decode()
+_HEALTH_METHODS = (health.CHECK.decode(), _HEALTH_WATCH)
+_WATCH_ELSEWHERE = "this connection is closing: watch again on a new one"
 
 
 def _read_little(transport: asyncio.Transport) -> None:
@@ -125,6 +129,7 @@ class Refusal:
         goaway: bool,
         limits: Limits = Limits(),  # noqa: B008  (frozen: one shared default is safe)
         observer: CallObserver = NO_OBSERVER,
+        serving: Callable[[], bool] | None = None,
     ) -> None:
         self._transport = transport
         self._code = code
@@ -133,6 +138,8 @@ class Refusal:
         self._goaway = goaway
         self._limits = limits
         self._observer = observer
+        # grpc_health: sidecar: health calls get the route's readiness (see _answer_health).
+        self._serving = serving
         self._loop = asyncio.get_running_loop()
         self._connection = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -291,6 +298,9 @@ class Refusal:
         method = next((value for name, value in headers if name == b":path"), b"").decode(
             "utf-8", "replace"
         )
+        if self._serving is not None and method in _HEALTH_METHODS:
+            self._answer_health(stream_id, method, ended, started)
+            return
         details = self._details(method)
         if self._code == grpc.StatusCode.PERMISSION_DENIED:
             log_denial(self._peer, self._remote, method, details)
@@ -326,6 +336,47 @@ class Refusal:
                 route=self._route,
             )
         )
+        self._answered(stream_id)
+
+    def _answer_health(self, stream_id: int, method: str, ended: bool, started: float) -> None:
+        """A grpc.health.v1 call, answered with the route's readiness (splice/health.py has
+        the whole story). A Watch gets the status now, then UNAVAILABLE: this connection
+        is not kept (its caller may call nothing else, or the app is down), and the
+        client watches again on a new one."""
+        assert self._serving is not None
+        watch = method == _HEALTH_WATCH
+        code, details = grpc.StatusCode.OK, ""
+        if watch:
+            code, details = grpc.StatusCode.UNAVAILABLE, _WATCH_ELSEWHERE
+        try:
+            self._connection.send_headers(
+                stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+            )
+            self._connection.send_data(stream_id, health.message(self._serving()))
+            self._connection.send_headers(
+                stream_id,
+                [
+                    (b"grpc-status", str(code.value[0]).encode()),
+                    (b"grpc-message", grpc_message(details)),
+                ],
+                end_stream=True,
+            )
+        except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
+            # Reset or closed in this read (see _answer), or a caller that gave the
+            # stream no window: it gets no answer.
+            code, ended = grpc.StatusCode.CANCELLED, True
+        if not ended:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        self._observer.call_ended(
+            CallRecord(
+                method, started, self._remote, self._peer, code, route=self._route, details=details
+            )
+        )
+        self._answered(stream_id)
+
+    def _answered(self, stream_id: int) -> None:
+        """One more call answered: within the connection's budget of calls?"""
         self._last_answered = stream_id
         self._calls += 1
         self._last_call = self._loop.time()

@@ -10,7 +10,15 @@
 //	    certificate signed by CA, prints "listening on HOST:PORT" once it accepts, and
 //	    adds the caller's verified common name to every metric as the label "caller".
 //
-// It is built by tests/test_go.py with grpc-go from Debian's packages.
+//	crosslang health -target HOST:PORT -ca CA -cert CERT -key KEY [-server-name NAME]
+//	        [-service NAME] [-watch N]
+//	    Calls grpc.health.v1.Health/Check and prints "check STATUS" (or "check error
+//	    CODE MESSAGE"); with -watch N, then calls Watch and prints "watch STATUS" for
+//	    each status it receives, until N have come or the stream ends ("watch end CODE
+//	    MESSAGE"). Each line is printed as it happens.
+//
+// It is built by tests/test_go.py and tests/test_grpc_health.py with grpc-go from
+// Debian's packages.
 package main
 
 import (
@@ -29,6 +37,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -47,6 +56,8 @@ func main() {
 		runClient(os.Args[2:])
 	case "server":
 		runServer(os.Args[2:])
+	case "health":
+		runHealth(os.Args[2:])
 	default:
 		fail("unknown command " + os.Args[1])
 	}
@@ -294,5 +305,54 @@ func runServer(arguments []string) {
 	os.Stdout.Sync()
 	if err := server.Serve(listener); err != nil {
 		fail(err.Error())
+	}
+}
+
+func runHealth(arguments []string) {
+	flags := flag.NewFlagSet("health", flag.ExitOnError)
+	target := flags.String("target", "", "the sidecar's ingress, HOST:PORT")
+	serverName := flags.String("server-name", "", "name the ingress certificate must carry")
+	service := flags.String("service", "", "the service asked about")
+	watch := flags.Int("watch", 0, "statuses to read from a Watch after the Check")
+	material := addTLSFlags(flags)
+	flags.Parse(arguments)
+	own, pool := material.load()
+	creds := credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{own},
+		RootCAs:      pool,
+		ServerName:   *serverName,
+		MinVersion:   tls.VersionTLS12,
+	})
+	conn, err := grpc.Dial(*target, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		fail(err.Error())
+	}
+	defer conn.Close()
+	health := healthpb.NewHealthClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	request := &healthpb.HealthCheckRequest{Service: *service}
+	reply, err := health.Check(ctx, request)
+	if err != nil {
+		s := status.Convert(err)
+		fmt.Printf("check error %s %s\n", s.Code(), s.Message())
+	} else {
+		fmt.Printf("check %s\n", reply.Status)
+	}
+	if *watch == 0 {
+		return
+	}
+	stream, err := health.Watch(ctx, request)
+	if err != nil {
+		fail(err.Error())
+	}
+	for received := 0; received < *watch; received++ {
+		reply, err := stream.Recv()
+		if err != nil {
+			s := status.Convert(err)
+			fmt.Printf("watch end %s %s\n", s.Code(), s.Message())
+			return
+		}
+		fmt.Printf("watch %s\n", reply.Status)
 	}
 }

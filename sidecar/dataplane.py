@@ -124,7 +124,10 @@ class RouteParts:
         reason = await diagnosis.explain(details) if diagnosis is not None else None
         if reason is None:
             message = f"upstream {upstream} unavailable: {details}"
-            _failures.log(logging.WARNING, (str(upstream), details), "%s", message)
+            fields = {"event": "upstream_unavailable", "upstream": str(upstream), "reason": details}
+            _failures.log(
+                logging.WARNING, (str(upstream), details), "%s", message, extra={"fields": fields}
+            )
             return message
         return f"upstream {upstream} unavailable: {reason} ({details})"
 

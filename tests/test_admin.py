@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -256,3 +257,83 @@ def test_an_admin_unix_socket_replaces_a_stale_one_and_is_removed_at_exit(
     sidecar.signal(signal.SIGTERM)
     assert sidecar.wait_exit() == 0
     assert not path.exists()
+
+
+@pytest.mark.parametrize("data_plane", ["splice", "grpc"])
+def test_metrics_count_denials_by_rule_and_upstream_failures_by_kind(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path, data_plane: str
+) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": "127.0.0.1:0", "upstream": f"127.0.0.1:{probe.port}",
+        "cert": str(pki.cert("server")), "key": str(pki.key("server")),
+        "ca": str(pki.dir / "ca.pem"), "data_plane": data_plane, "admin": "127.0.0.1:0",
+        "rules": [
+            {"name": "no-streams", "action": "deny", "cn": ["alice"],
+             "methods": ["/probe.Probe/ServerStream"]},
+            {"action": "allow", "cn": ["alice"], "methods": ["*"]},
+        ],
+    }))  # fmt: skip
+    sidecar = sidecars.start("--config", str(config), default_tls=False, listen=None)
+    sidecar.wait_ready()
+    admin = _admin_port(sidecar)
+    with sidecar.channel(pki, "alice") as alice:
+        assert _code(alice) == grpc.StatusCode.OK
+        with pytest.raises(grpc.RpcError) as denied:
+            list(alice.unary_stream("/probe.Probe/ServerStream")(b"x", timeout=10))
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with sidecar.channel(pki, "mallory") as mallory:
+        assert _code(mallory) == grpc.StatusCode.PERMISSION_DENIED
+        assert _code(mallory) == grpc.StatusCode.PERMISSION_DENIED
+    probe.stop()
+    with sidecar.channel(pki, "alice") as alice:
+        assert _code(alice) == grpc.StatusCode.UNAVAILABLE
+
+    def rule(name: str) -> tuple[tuple[str, str], ...]:
+        return (("route", "ingress"), ("rule", name))
+
+    expected = {rule("rule 'no-streams'"): 1.0, rule("no rule matched"): 2.0}
+    _eventually(lambda: _samples(admin, "sidecar_denials_total") == expected)
+    failures = _samples(admin, "sidecar_upstream_failures_total")
+    assert failures.get((("kind", "refused"), ("route", "ingress")), 0) >= 1, failures
+
+
+def test_metrics_and_json_logs_tell_handshake_failures_by_kind(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0",
+                               "--log-format", "json")  # fmt: skip
+    admin = int(sidecar.wait_for(r"admin: .* served at 127\.0\.0\.1:(\d+)").group(1))
+    for client, kind in (("stranger", "unknown_ca"), (None, "no_certificate"),
+                         ("expired", "expired")):  # fmt: skip
+        with sidecar.channel(pki, client) as channel:
+            assert _code(channel) == grpc.StatusCode.UNAVAILABLE
+        sidecar.wait_for(rf'"event": "handshake_failed", "remote": "ipv4:127\.0\.0\.1:\d+", '
+                         rf'"kind": "{kind}", "reason": "[^"]+"')  # fmt: skip
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as plain:  # not TLS at all
+        plain.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        plain.recv(1024)
+    expected = {kind: 1.0 for kind in ("unknown_ca", "no_certificate", "expired", "protocol")}
+
+    def failures() -> dict[str, float]:
+        found = _samples(admin, "sidecar_tls_handshake_failures_total")
+        return {dict(labels)["kind"]: value for labels, value in found.items()}
+
+    _eventually(lambda: failures() == expected)
+
+
+def test_debug_logs_say_when_each_connection_opens_and_closes(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--log-level", "debug")
+    with sidecar.channel(pki, "alice") as alice:
+        assert _code(alice) == grpc.StatusCode.OK
+        assert _code(alice) == grpc.StatusCode.OK
+    with sidecar.channel(pki, "mallory") as mallory:
+        assert _code(mallory) == grpc.StatusCode.PERMISSION_DENIED
+    sidecar.wait_for(r"connection from ipv4:127\.0\.0\.1:\d+ opened: peer CN=alice, spliced")
+    sidecar.wait_for(r"connection from ipv4:127\.0\.0\.1:\d+ closed after [\d.e-]+s, 2 calls")
+    sidecar.wait_for(
+        r"connection from ipv4:127\.0\.0\.1:\d+ opened: peer CN=mallory, refused \(denied\)"
+    )
+    sidecar.wait_for(r"connection from ipv4:127\.0\.0\.1:\d+ closed after [\d.e-]+s, 1 calls")

@@ -147,7 +147,7 @@ def test_a_caller_the_rules_allow_nothing_is_refused_without_an_app_connection(
             code, details = _code(carol.unary_unary(method))
             assert code == grpc.StatusCode.PERMISSION_DENIED, (method, code, details)
     assert probe.calls == []
-    assert any("denied: peer CN=carol" in line for line in sidecar.lines), sidecar.output
+    sidecar.wait_for("denied: peer CN=carol")
 
 
 @pytest.mark.parametrize("data_plane", ["splice", "grpc"])

@@ -305,6 +305,7 @@ def test_over_a_hundred_concurrent_calls_share_one_connection(
         ]
         replies = [call.result() for call in calls]
     assert replies == [str(i).encode() for i in range(parties)]
+    sidecar.wait_for_count("remote=", parties)  # each call's access line is out
     remotes = {line.split("remote=")[1].split()[0] for line in sidecar.lines if "remote=" in line}
     assert len(remotes) == 1, f"expected one client connection, saw {remotes}"
 

@@ -51,6 +51,9 @@ def matchable(name: str) -> bool:
     return name.isascii() and name.isprintable()
 
 
+REVOKED = "revoked"  # what denies a revoked caller (Decision.rule)
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
@@ -59,6 +62,10 @@ class Decision:
     reason: str
     # An allow that a rule in audit mode would have denied: the denial, for the log.
     audit: str | None = None
+    # For a denial, what denied it, as a bounded label (the metrics count denials by it):
+    # a deny rule's title, "no rule matched", "not allowed" (no allow_* rule and no method
+    # rule for it), "revoked", "no certificate".
+    rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,17 +233,19 @@ class Policy:
         compiled = self._compiled
         revoked = _revoked(identity, compiled) if identity is not None else None
         if revoked is not None:
-            return Decision(False, revoked)
+            return Decision(False, revoked, rule=REVOKED)
         rule = self._caller_rule(identity, compiled)
         if rule is not None:
             return Decision(True, rule)
         if identity is None:
             return Decision(
-                False, f"peer without a client certificate may not call {escape(method)}"
+                False,
+                f"peer without a client certificate may not call {escape(method)}",
+                rule="no certificate",
             )
         denial = f"peer {identity.description} is not allowed to call {escape(method)}"
         if identity.unreadable is not None or not compiled.method_rules:
-            return Decision(False, denial)
+            return Decision(False, denial, rule="not allowed")
         for method_rule in compiled.method_rules:
             if method_rule.matches_method(method) and method_rule.matches_caller(identity):
                 matched = method_rule.rule
@@ -245,8 +254,8 @@ class Policy:
                 denied = f"{denial} ({escape(matched.title)})"
                 if matched.mode == "audit":  # a rule being tried out: said, not enforced
                     return Decision(True, f"{matched.title}, audit mode", audit=denied)
-                return Decision(False, denied)
-        return Decision(False, f"{denial} (no rule matched)")
+                return Decision(False, denied, rule=matched.title)
+        return Decision(False, f"{denial} (no rule matched)", rule="no rule matched")
 
     def explain(self, identity: PeerIdentity, method: str) -> tuple[Decision, list[str]]:
         """The decision, and one line per step that led to it (`sidecar explain`): the

@@ -40,6 +40,7 @@ from grpc._cython.cygrpc import ExecuteBatchError
 from sidecar.auth.forwarded import xfcc
 from sidecar.auth.headers import IDENTITY_FIELD, HeaderRules, path_problem
 from sidecar.auth.identity import IdentityReader, PeerIdentity
+from sidecar.auth.policy import REVOKED
 from sidecar.dataplane import (
     HEALTH_CHECK,
     HEALTH_WATCH,
@@ -52,6 +53,7 @@ from sidecar.dataplane import (
 from sidecar.grpcplane.upstream import Upstream
 from sidecar.host.allocator import release_free_memory
 from sidecar.observe.calls import CallRecord
+from sidecar.observe.connections import UpstreamFailure
 
 logger = logging.getLogger("sidecar.relay")  # by name: operators filter on it
 
@@ -204,6 +206,7 @@ class _MethodRelay:
             if revoked is not None:
                 log_denial(record.peer, record.remote, self.method, revoked)
                 record.code = grpc.StatusCode.PERMISSION_DENIED
+                record.rule = REVOKED
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
         if self.method == HEALTH_CHECK:
             await self._write_health(context, record, health.serving)
@@ -251,6 +254,7 @@ class _MethodRelay:
         if not decision.allowed:
             log_denial(record.peer, record.remote, self.method, decision.reason)
             record.code = grpc.StatusCode.PERMISSION_DENIED
+            record.rule = decision.rule
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
         return identity
 
@@ -479,5 +483,21 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         the upstream, a message naming the upstream and why it cannot be reached."""
         details: str = error.details() or ""
         if error.code() == grpc.StatusCode.UNAVAILABLE and not self.upstream.connected():
+            self.parts.connections.upstream_failed(_failure_kind(details))
             return await self.upstream.describe_failure(details)
         return details
+
+
+def _failure_kind(details: str) -> UpstreamFailure:
+    """What kind of failure to reach the upstream grpc core's details describe (its words,
+    not an error type: best effort, for the metrics' label)."""
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        return "refused"
+    if "timeout" in lowered or "deadline" in lowered or "timed out" in lowered:
+        return "timeout"
+    if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
+        return "tls"
+    if "failed to connect" in lowered or "unreachable" in lowered or "dns" in lowered:
+        return "unreachable"
+    return "other"

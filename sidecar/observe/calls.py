@@ -31,6 +31,8 @@ class CallRecord:
     # Why the call ended as it did, when the sidecar ended it (an upstream that is down,
     # a request refused): what the caller was told.
     details: str = ""
+    # A denied call (PERMISSION_DENIED): what denied it, a bounded label (Decision.rule).
+    rule: str = ""
 
 
 class CallObserver:

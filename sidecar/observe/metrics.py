@@ -31,7 +31,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sidecar.observe.calls import CallObserver, CallRecord
-from sidecar.observe.connections import ConnectionObserver, RefusalReason
+from sidecar.observe.connections import (
+    ConnectionObserver,
+    HandshakeFailure,
+    RefusalReason,
+    UpstreamFailure,
+)
 
 # Call durations, seconds: from a cached unary call on loopback to a long stream.
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
@@ -116,6 +121,7 @@ class CallsCounted(CallObserver):
         self.durations = _Histogram(_DURATION_BUCKETS)
         self.request_bytes = 0
         self.response_bytes = 0
+        self.denials: dict[str, int] = {}  # by what denied them (a rule; bounded by config)
 
     def call_ended(self, record: CallRecord) -> None:
         # (The code's _name_, not the code: an Enum's hash is Python code, ~0.3 us.)
@@ -127,6 +133,8 @@ class CallsCounted(CallObserver):
         self.durations.observe(time.monotonic() - record.started)
         self.request_bytes += record.bytes_in
         self.response_bytes += record.bytes_out
+        if record.rule:
+            self.denials[record.rule] = self.denials.get(record.rule, 0) + 1
 
     def _label(self, record: CallRecord) -> tuple[str, str]:
         method = record.method
@@ -150,6 +158,8 @@ class ConnectionsCounted(ConnectionObserver):
         self.open_count = 0
         self.refusals = dict.fromkeys(_REFUSAL_REASONS, 0)
         self.handshakes = _Histogram(_HANDSHAKE_BUCKETS)
+        self.handshake_failures: dict[str, int] = {}  # by kind (a bounded set)
+        self.upstream_failures: dict[str, int] = {}  # by kind (a bounded set)
 
     def accepted(self) -> None:
         self.accepted_count += 1
@@ -159,6 +169,12 @@ class ConnectionsCounted(ConnectionObserver):
 
     def refused(self, reason: RefusalReason) -> None:
         self.refusals[reason] += 1
+
+    def handshake_failed(self, kind: HandshakeFailure) -> None:
+        self.handshake_failures[kind] = self.handshake_failures.get(kind, 0) + 1
+
+    def upstream_failed(self, kind: UpstreamFailure) -> None:
+        self.upstream_failures[kind] = self.upstream_failures.get(kind, 0) + 1
 
     def opened(self) -> None:
         self.open_count += 1
@@ -207,10 +223,29 @@ class _Counted(Collector):
             "sidecar_tls_handshake_duration_seconds", "TLS handshakes that completed",
             labels=["route"],
         )  # fmt: skip
+        handshake_failures = CounterMetricFamily(
+            "sidecar_tls_handshake_failures", "Caller TLS handshakes that failed, by kind: "
+            "silent (no ClientHello), timeout, closed, no_certificate, unknown_ca, expired, "
+            "bad_certificate, chain_too_long, protocol, other",
+            labels=["route", "kind"],
+        )  # fmt: skip
+        upstream_failures = CounterMetricFamily(
+            "sidecar_upstream_failures", "Failures to reach the upstream, or losses of it, by "
+            "kind: refused, timeout, unreachable, tls (egress), not_http2, silent, closed (before "
+            "it spoke), lost (with calls in flight), other",
+            labels=["route", "kind"],
+        )  # fmt: skip
+        denials = CounterMetricFamily(
+            "sidecar_denials", "Calls denied, by what denied them: a deny rule's title, 'no "
+            "rule matched', 'not allowed' (no allow_* rule), 'revoked', 'no certificate'",
+            labels=["route", "rule"],
+        )  # fmt: skip
         for counted, connections in routes:
             route = counted.route
             for (method, code), count in counted.calls.items():
                 calls.add_metric([route, method, code], count)
+            for rule, count in counted.denials.items():
+                denials.add_metric([route, rule], count)
             histogram = counted.durations
             durations.add_metric([route], histogram.buckets(), histogram.total)
             requests.add_metric([route], counted.request_bytes)
@@ -221,7 +256,12 @@ class _Counted(Collector):
                 refused.add_metric([route, reason], count)
             histogram = connections.handshakes
             handshakes.add_metric([route], histogram.buckets(), histogram.total)
-        yield from (calls, durations, requests, responses, accepted, opened, refused, handshakes)
+            for kind, count in connections.handshake_failures.items():
+                handshake_failures.add_metric([route, kind], count)
+            for kind, count in connections.upstream_failures.items():
+                upstream_failures.add_metric([route, kind], count)
+        yield from (calls, durations, requests, responses, accepted, opened, refused, handshakes,
+                    handshake_failures, upstream_failures, denials)  # fmt: skip
 
     def describe(self) -> Iterable[Metric]:
         return []

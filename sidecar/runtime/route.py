@@ -87,6 +87,7 @@ class Route:
         # Ingress: whether the app answers, checked in the background when readiness is
         # served (an admin listener) or answers health calls (grpc_health: sidecar).
         self.health = Serving() if config.grpc_health == "sidecar" else None
+        self._ready: bool | None = None  # as last said in the log
         self._probe: UpstreamProbe | None = None
         if config.mode == "ingress" and (metrics is not None or self.health is not None):
             self._probe = UpstreamProbe(
@@ -298,9 +299,21 @@ class Route:
             self._plane.credentials_replaced()
 
     def _readiness_changed(self) -> None:
-        """The app was checked again: what health calls are answered follows readiness."""
+        """The app was checked again: readiness is said in the log when it changes, and
+        what health calls are answered follows it."""
+        problems = self.not_ready()
+        ready = not problems
+        if ready != self._ready:
+            self._ready = ready
+            fields = {"event": "readiness", "route": self._label, "ready": ready,
+                      "not_ready": problems}  # fmt: skip
+            if ready:
+                logger.info("%s: ready", self.config.title, extra={"fields": fields})
+            else:
+                # (Each problem names the route already.)
+                logger.warning("not ready: %s", "; ".join(problems), extra={"fields": fields})
         if self.health is not None:
-            self.health.set(not self.not_ready())
+            self.health.set(ready)
 
     def not_ready(self) -> list[str]:
         """Why the route is not ready to serve (runtime/health.py), or nothing."""

@@ -35,7 +35,7 @@ from sidecar.host.descriptors import OUT_OF_DESCRIPTORS, ReserveDescriptor, open
 from sidecar.observe.calls import NO_OBSERVER, CallObserver
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.splice.handshake import Handshake
-from sidecar.splice.refusal import Refusal
+from sidecar.splice.refusal import Refusal, told
 
 logger = logging.getLogger("sidecar.server")
 # What a flood repeats (out of descriptors, at a limit): one line per period.
@@ -158,7 +158,7 @@ class Admission:
         return Refusal(
             transport,
             grpc.StatusCode.UNAVAILABLE,
-            lambda method: details,
+            told(details),
             peer="-",
             remote=remote,
             route=self._route,

@@ -67,7 +67,7 @@ from sidecar.splice.own_frames import (
     HANG_UP_SECONDS,
     OwnFrames,
 )
-from sidecar.splice.refusal import Refusal
+from sidecar.splice.refusal import Refusal, told
 
 # Health Watch calls one connection may hold open, and the status messages one may be
 # sent before it is ended for the caller to watch anew (see _health_changed).
@@ -104,9 +104,22 @@ _ACK_DELAY_SECONDS = 0.005
 # they leave in one TLS record (a record holds up to 16 KiB).
 _JOIN_LIMIT = 16 * 1024
 
+
+class UpstreamSilent(ConnectionError):
+    """The upstream accepted the connection but sent nothing in time."""
+
+
+class UpstreamNotHttp2(ConnectionError):
+    """The upstream answered, but not in HTTP/2 (or broke it before its first frame)."""
+
+
+class UpstreamClosedEarly(ConnectionError):
+    """The upstream closed the connection before it spoke."""
+
+
 # An upstream that accepted the connection (and, for TLS, finished the handshake)
 # and closed it without a byte: for TLS 1.3, typically a refused client certificate.
-_CLOSED_BEFORE_SPEAKING = ConnectionError(
+_CLOSED_BEFORE_SPEAKING = UpstreamClosedEarly(
     "the connection was closed before the upstream spoke (after any TLS handshake)"
 )
 _NO_ERROR, _PROTOCOL_ERROR, _CANCEL, _ENHANCE_YOUR_CALM = 0x0, 0x1, 0x8, 0xB
@@ -227,10 +240,12 @@ class Splice:
         injected: tuple[bytes, bytes] | None = None,
         ack_delay: float = _ACK_DELAY_SECONDS,
         health: Serving | None = None,
+        lost: Callable[[], None] | None = None,
     ) -> None:
         self._caller = caller
         self._upstream: asyncio.Transport | None = None
         self._describe_failure = describe_failure
+        self._lost = lost  # told when the upstream is lost abruptly (for the metrics)
         self._peer, self._remote, self._route = peer, remote, route
         self._upstream_name = upstream_name
         self._limits = limits = limits if limits is not None else Limits()
@@ -244,6 +259,7 @@ class Splice:
         self._pauses: set[str] = set()
         self._calls: dict[int, Call] = {}  # calls in flight, by stream
         self._last_stream = 0
+        self._streams_opened = 0  # calls the caller started (see calls_seen)
         # The lowest last-stream id of the upstream's GOAWAYs (relayed to the caller): the
         # sidecar's own GOAWAYs must not name a higher one (RFC 9113 6.8), and streams
         # above it are ignored by the upstream, so they are not tracked as calls.
@@ -251,7 +267,7 @@ class Splice:
         self._drain_ping: asyncio.TimerHandle | None = None  # until the caller's ACK
         # Set when the allowlist no longer admits the caller: the reason for each new call,
         # how many were answered so, and when its calls in flight are cut.
-        self._revoked: Callable[[str], str] | None = None
+        self._revoked: Callable[[str], Decision] | None = None
         self._revoked_answers = 0
         self._revocation_timer: asyncio.TimerHandle | None = None
         # The method rules, for a caller some of whose calls they may deny: decided once
@@ -341,6 +357,13 @@ class Splice:
             return  # the upstream is gone and the caller's connection is closing
         self._to_upstream(data)
 
+    @property
+    def calls_seen(self) -> int:
+        """Calls the caller started here (relayed, or answered here), and before, on the
+        refusal that answers it when the upstream cannot be reached."""
+        refused = self._refusal.calls_seen if self._refusal is not None else 0
+        return self._streams_opened + refused
+
     def connection_lost(self) -> None:
         """The caller's connection is gone."""
         self._connecting.cancel()
@@ -396,7 +419,7 @@ class Splice:
         elif not self._calls:
             self._close_drained()
 
-    def revoke(self, reason: Callable[[str], str], grace: float) -> None:
+    def revoke(self, reason: Callable[[str], Decision], grace: float) -> None:
         """The caller is no longer allowed (the allowlist was reloaded): each call it starts
         from now on is answered PERMISSION_DENIED here, with reason(method) as the details
         (denied_calls of them at most); its calls in flight have up to grace seconds to
@@ -494,7 +517,7 @@ class Splice:
         upstream.abort()
         # Not a TimeoutError: the describer reads that as a connection never made.
         self._start_failure(
-            ConnectionError(
+            UpstreamSilent(
                 f"the upstream accepted the connection but sent nothing within "
                 f"{self._limits.connect_timeout:g}s"
             )
@@ -542,7 +565,7 @@ class Splice:
             upstream.abort()
         shown = repr(bytes(data[:24]))[1:] + ("..." if len(data) > 24 else "")
         self._start_failure(
-            ConnectionError(f"the upstream does not speak HTTP/2 (it sent {shown})")
+            UpstreamNotHttp2(f"the upstream does not speak HTTP/2 (it sent {shown})")
         )
 
     def upstream_lost(self, exc: BaseException | None) -> None:
@@ -556,6 +579,8 @@ class Splice:
             return
         reason = f": {_failure_text(exc)}" if exc is not None else ""
         if self._calls or self._upstream_last is None:
+            if self._lost is not None:
+                self._lost()
             _limited_log.log(
                 logging.WARNING,
                 ("upstream lost", self._upstream_name),
@@ -584,7 +609,7 @@ class Splice:
         self._refusal = Refusal(
             self._caller,
             grpc.StatusCode.UNAVAILABLE,
-            lambda method: details,
+            told(details),
             peer=self._peer,
             remote=self._remote,
             route=self._route,
@@ -707,7 +732,7 @@ class Splice:
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.abort()
-        self._start_failure(ConnectionError(f"the upstream does not speak HTTP/2 ({detail})"))
+        self._start_failure(UpstreamNotHttp2(f"the upstream does not speak HTTP/2 ({detail})"))
 
     def _request_headers(
         self, stream_id: int, flags: int, buffer: bytes, start: int, end: int
@@ -733,6 +758,7 @@ class Splice:
                 self._call_ended()
                 return DROP
         self._last_stream = stream_id
+        self._streams_opened += 1
         try:
             rewritten, path = self._requests.rewrite(buffer[start:end])
         except RequestRefused as refused:
@@ -756,7 +782,7 @@ class Splice:
                     self._decisions.clear()  # a caller trying many methods: decide afresh
                 self._decisions[path] = decision
             if not decision.allowed:
-                self._deny_here(stream_id, flags, path, decision.reason)
+                self._deny_here(stream_id, flags, path, decision)
                 return DROP
             if decision.audit is not None:
                 log_audit(self._peer, decision.audit)
@@ -765,15 +791,18 @@ class Splice:
         self._calls[stream_id] = Call(path, bool(flags & END_STREAM))
         return rewritten
 
-    def _deny_here(self, stream_id: int, flags: int, path: bytes | None, reason: str) -> None:
+    def _deny_here(
+        self, stream_id: int, flags: int, path: bytes | None, decision: Decision
+    ) -> None:
         """Answer a call the rules deny here, PERMISSION_DENIED with the reason: its HEADERS
         never reach the upstream, and DATA the caller still sends on it is dropped with its
         flow-control credit returned (the walker's DROP), so a denied upload cannot stall
         the connection."""
         method = (path or b"").decode("utf-8", "replace")
-        log_denial(self._peer, self._remote, method, reason)
-        denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, reason)
-        self._answer_here(stream_id, Call(path, bool(flags & END_STREAM)), denied, logged=True)
+        log_denial(self._peer, self._remote, method, decision.reason)
+        denied = RequestRefused(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+        call = Call(path, bool(flags & END_STREAM))
+        self._answer_here(stream_id, call, denied, logged=True, rule=decision.rule)
 
     def authorize(self, decide: Callable[[str], Decision] | None) -> None:
         """Decide each call by decide(method) from now on (None: every call is allowed):
@@ -782,7 +811,13 @@ class Splice:
         self._decisions = {}
 
     def _answer_here(
-        self, stream_id: int, call: Call, refused: RequestRefused, *, logged: bool = False
+        self,
+        stream_id: int,
+        call: Call,
+        refused: RequestRefused,
+        *,
+        logged: bool = False,
+        rule: str = "",
     ) -> None:
         """Answer a request here (it never reaches the upstream), at a control frame's price:
         the upstream does no work for it (so not at a reset's), but answering costs some."""
@@ -799,7 +834,7 @@ class Splice:
             self._local_end(stream_id, call, refused.code, refused.details)
         )
         self._send_own_to_caller()
-        self._report_call(call, refused.code, refused.details)
+        self._report_call(call, refused.code, refused.details, rule)
         self._count_answer()
 
     def _answer_health(self, stream_id: int, flags: int, path: bytes) -> None:
@@ -1121,7 +1156,9 @@ class Splice:
         if phase > self._phase:
             self._phase = phase
 
-    def _report_call(self, call: Call, code: grpc.StatusCode, details: str = "") -> None:
+    def _report_call(
+        self, call: Call, code: grpc.StatusCode, details: str = "", rule: str = ""
+    ) -> None:
         """Tell the route's observer how a call ended (nothing to do when none observes)."""
         if not self._observed:
             return
@@ -1132,6 +1169,7 @@ class Splice:
         record.bytes_in = call.bytes_in
         record.bytes_out = call.bytes_out
         record.details = details
+        record.rule = rule
         self._observer.call_ended(record)
 
     def _end_calls(self, code: grpc.StatusCode, details: str = "") -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from sidecar.auth.identity import PeerCertificateTolerantSSLObject
 from sidecar.config.limits import Limits
+from sidecar.observe.connections import HandshakeFailure
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.pki.tls import max_chain_bytes
 
@@ -130,22 +131,26 @@ def watch_handshakes(context: ssl.SSLContext) -> None:
     context.sslobject_class = WatchedSSLObject
 
 
-def report_failure(handshake: Handshake, error: BaseException, limits: Limits) -> None:
+def report_failure(handshake: Handshake, error: BaseException, limits: Limits) -> HandshakeFailure:
     """Log a failed handshake: a WARNING (rate-limited per caller address and reason), or
-    a DEBUG line for a caller that never sent a byte (a TCP probe)."""
+    a DEBUG line for a caller that never sent a byte (a TCP probe); its kind (for the
+    metrics). In JSON the line carries event, remote, kind and reason as fields."""
     host = handshake.remote.rsplit(":", 1)[0]
+    kind = failure_kind(error, handshake)
     if not handshake.spoke:
         if isinstance(error, ConnectionAbortedError):  # the loop's handshake timeout
+            reason = f"no TLS ClientHello within {limits.handshake_timeout:g}s (handshake_timeout)"
             _failures.log(
                 logging.INFO,
                 ("silent", host),
-                "connection from %s closed: no TLS ClientHello within %gs (handshake_timeout)",
+                "connection from %s closed: %s",
                 handshake.remote,
-                limits.handshake_timeout,
+                reason,
+                extra=_fields(handshake, kind, reason),
             )
         else:
             logger.debug("connection from %s closed before any TLS ClientHello", handshake.remote)
-        return
+        return kind
     reason = explain(error, handshake, limits)
     _failures.log(
         logging.WARNING,
@@ -153,7 +158,57 @@ def report_failure(handshake: Handshake, error: BaseException, limits: Limits) -
         "TLS handshake with %s failed: %s",
         handshake.remote,
         reason,
+        extra=_fields(handshake, kind, reason),
     )
+    return kind
+
+
+def _fields(handshake: Handshake, kind: str, reason: str) -> dict[str, object]:
+    return {
+        "fields": {
+            "event": "handshake_failed",
+            "remote": handshake.remote,
+            "kind": kind,
+            "reason": reason,
+        }
+    }
+
+
+# OpenSSL's reasons for a handshake that was not TLS as gRPC speaks it.
+_PROTOCOL_REASONS = frozenset({
+    "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL",
+    "NO_SHARED_CIPHER", "VERSION_TOO_LOW", "NO_APPLICATION_PROTOCOL", "UNEXPECTED_MESSAGE",
+    "UNEXPECTED_RECORD", "NO_PROTOCOLS_AVAILABLE", "TLSV1_ALERT_PROTOCOL_VERSION",
+})  # fmt: skip
+
+
+def failure_kind(error: BaseException, handshake: Handshake) -> HandshakeFailure:
+    """What kind of failure, from a bounded set (the metrics' label)."""
+    if not handshake.spoke:
+        return "silent"
+    if isinstance(error, ConnectionAbortedError):
+        return "timeout"
+    if isinstance(error, ConnectionResetError):
+        return "closed"
+    if not isinstance(error, ssl.SSLError):
+        return "other"
+    reason = error.reason or ""
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no_certificate"
+    if reason == "EXCESSIVE_MESSAGE_SIZE" and handshake.answered:
+        return "chain_too_long"
+    if reason in _PROTOCOL_REASONS:
+        return "protocol"
+    verify = getattr(error, "verify_message", None) or ""
+    if verify == "certificate chain too long":
+        return "chain_too_long"
+    if "expired" in verify or "not yet valid" in verify:
+        return "expired"
+    if "issuer" in verify or "self-signed" in verify or "self signed" in verify:
+        return "unknown_ca"
+    if reason == "CERTIFICATE_VERIFY_FAILED" or "CERTIFICATE" in reason:
+        return "bad_certificate"
+    return "other"
 
 
 def explain(error: BaseException, handshake: Handshake, limits: Limits) -> str:

@@ -37,17 +37,24 @@ import grpc
 from sidecar.auth.forwarded import xfcc
 from sidecar.auth.headers import IDENTITY_FIELD
 from sidecar.auth.identity import IdentityReader, PeerIdentity
-from sidecar.auth.policy import Policy
+from sidecar.auth.policy import Decision, Policy
 from sidecar.config.addresses import Address
 from sidecar.dataplane import RouteParts, Serving, log_shared_port
 from sidecar.errors import StartupError
 from sidecar.h2.headerblock import RequestFilter
 from sidecar.host.allocator import release_free_memory
 from sidecar.host.ports import bind_tcp
+from sidecar.observe.connections import UpstreamFailure
 from sidecar.observe.logs import escape
 from sidecar.pki.tls import cap_peer_chain
 from sidecar.splice.admission import Admission
-from sidecar.splice.connection import WRITE_BUFFER_HIGH, Splice
+from sidecar.splice.connection import (
+    WRITE_BUFFER_HIGH,
+    Splice,
+    UpstreamClosedEarly,
+    UpstreamNotHttp2,
+    UpstreamSilent,
+)
 from sidecar.splice.handshake import Handshake, current_handshake, report_failure, watch_handshakes
 from sidecar.splice.refusal import Refusal
 
@@ -86,6 +93,25 @@ def _failure_details(error: BaseException | None, connect_timeout: float) -> str
     return str(error) or type(error).__name__
 
 
+def upstream_failure(error: BaseException | None) -> UpstreamFailure:
+    """What kind of failure to reach the upstream, from a bounded set (the metrics' label)."""
+    if isinstance(error, UpstreamNotHttp2):
+        return "not_http2"
+    if isinstance(error, UpstreamSilent):
+        return "silent"
+    if isinstance(error, UpstreamClosedEarly):
+        return "closed"
+    if isinstance(error, ssl.SSLError):
+        return "tls"
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, TimeoutError | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(error, OSError):
+        return "unreachable"
+    return "other"
+
+
 class ConnectionHandler(Protocol):
     """What a caller's connection is handed to once set up: a Splice (the caller's calls
     reach the upstream) or a Refusal (each call is answered here, then the close)."""
@@ -93,6 +119,11 @@ class ConnectionHandler(Protocol):
     def feed(self, data: bytes) -> None: ...
 
     def connection_lost(self) -> None: ...
+
+    @property
+    def calls_seen(self) -> int:
+        """Calls the caller started on this connection (relayed or answered here)."""
+        ...
 
     def caller_busy(self) -> None:
         """The caller's write buffer is full (it does not read)."""
@@ -117,9 +148,38 @@ class _CallerProtocol(asyncio.Protocol):
         self.remote = remote
         self.over_limit = over_limit  # admitted beyond max_connections: answered, then closed
         self.released = False  # its place among the over-limit connections given back
+        self._opened_at: float | None = None  # with --log-level debug: when it opened
+
+    def _closed_debug(self, calls: int) -> None:
+        assert self._opened_at is not None
+        seconds = round(time.monotonic() - self._opened_at, 3)
+        logger.debug(
+            "connection from %s closed after %gs, %d calls",
+            self.remote,
+            seconds,
+            calls,
+            extra={"fields": {"event": "connection_closed", "remote": self.remote,
+                              "seconds": seconds, "calls": calls}},
+        )  # fmt: skip
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._set_up(transport)
+        if logger.isEnabledFor(logging.DEBUG):
+            self._opened_at = time.monotonic()
+            what = "spliced" if isinstance(self.handler, Splice) else "refused"
+            if self.over_limit:
+                what += " (over max_connections)"
+            elif self.identity is not None and what == "refused":
+                what += " (denied)"
+            peer = self.identity.description if self.identity is not None else "-"
+            logger.debug(
+                "connection from %s opened: peer %s, %s",
+                self.remote,
+                peer,
+                what,
+                extra={"fields": {"event": "connection_opened", "remote": self.remote,
+                                  "peer": peer, "handling": what}},
+            )  # fmt: skip
         if self._listener.draining:  # its handshake was under way when the listener stopped
             self.drain()
 
@@ -183,6 +243,7 @@ class _CallerProtocol(asyncio.Protocol):
             limits=self._listener.config.limits,
             injected=injected,
             health=self._listener.parts.health,
+            lost=self._listener.upstream_lost,
         )
         return splice
 
@@ -197,6 +258,8 @@ class _CallerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._listener.forget(self)
         if self.handler is not None:
+            if self._opened_at is not None:
+                self._closed_debug(self.handler.calls_seen)
             self.handler.connection_lost()
         self.handler = None  # the handler points back at the transport, which points here
 
@@ -352,7 +415,8 @@ class Listener:
                 ssl_handshake_timeout=self.limits.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
-            report_failure(handshake, error, self.limits)
+            kind = report_failure(handshake, error, self.limits)
+            self.parts.connections.handshake_failed(kind)
             self.parts.connections.refused("handshake")
             return False
         finally:
@@ -391,8 +455,13 @@ class Listener:
         return transport, protocol
 
     async def describe_failure(self, error: BaseException | None) -> str:
+        self.parts.connections.upstream_failed(upstream_failure(error))
         details = _failure_details(error, self.limits.connect_timeout)
         return await self.parts.upstream_unavailable(details)
+
+    def upstream_lost(self) -> None:
+        """A connection to the upstream was lost with calls in flight (or before it spoke)."""
+        self.parts.connections.upstream_failed("lost")
 
     def credentials_replaced(self) -> None:
         """Ingress: nothing to do (each handshake takes the current credentials; established
@@ -521,17 +590,19 @@ def _serving(health: Serving | None) -> Callable[[], bool] | None:
     return None if health is None else lambda: health.serving
 
 
-def _denial(policy: Policy, identity: PeerIdentity, method: str) -> str:
+def _denial(policy: Policy, identity: PeerIdentity, method: str) -> Decision:
     """Why this caller may not call this method on this connection: what a refused or
     revoked caller's calls are told (the rules of the moment; a caller allowed again since
     the connection was refused or revoked must open a new one)."""
     decision = policy.decide(identity, method)
     if decision.allowed:
-        return (
+        return Decision(
+            False,
             f"peer {identity.description} may call {escape(method)} now (the allowlist was "
-            "reloaded), but not on this connection, refused before: open a new one"
+            "reloaded), but not on this connection, refused before: open a new one",
+            rule="refused before a reload",
         )
-    return decision.reason
+    return decision
 
 
 def _keep_alive(sock: socket.socket) -> None:

@@ -49,6 +49,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from sidecar.auth.policy import Decision
 from sidecar.config.limits import Limits
 from sidecar.dataplane import log_denial
 from sidecar.h2.frames import GOAWAY_GRACEFUL
@@ -101,6 +102,13 @@ _HEALTH_METHODS = (health.CHECK.decode(), _HEALTH_WATCH)
 _WATCH_ELSEWHERE = "this connection is closing: watch again on a new one"
 
 
+def told(details: str) -> Callable[[str], Decision]:
+    """A refusal's `decide` when every call is told the same (an upstream that cannot be
+    reached, a listener full)."""
+    decision = Decision(False, details)
+    return lambda method: decision
+
+
 def _read_little(transport: asyncio.Transport) -> None:
     """Keep what waits unread on a refused connection small (see _KERNEL_RECEIVE_BUFFER)."""
     limit_tls_reads = getattr(transport, "set_read_buffer_limits", None)
@@ -113,7 +121,8 @@ def _read_little(transport: asyncio.Transport) -> None:
 
 
 class Refusal:
-    """One caller connection on which every call gets `code` and `details(method)`, within
+    """One caller connection on which every call gets `code` and `decide(method).reason`
+    (a denial's `.rule` is counted by the observer), within
     the budgets of `limits` (denied_calls, denied_lifetime, denied_frames, denied_bytes,
     denied_idle_timeout, max_header_block, max_header_list_size)."""
 
@@ -121,7 +130,7 @@ class Refusal:
         self,
         transport: asyncio.Transport,
         code: grpc.StatusCode,
-        details: Callable[[str], str],
+        decide: Callable[[str], Decision],
         *,
         peer: str,
         remote: str,
@@ -133,7 +142,7 @@ class Refusal:
     ) -> None:
         self._transport = transport
         self._code = code
-        self._details = details
+        self._decide = decide
         self._peer, self._remote, self._route = peer, remote, route
         self._goaway = goaway
         self._limits = limits
@@ -167,6 +176,7 @@ class Refusal:
         self._refuse_later = False
         self._settings_acked: float | None = None  # when the caller acknowledged them
         self._refused_new_call = False
+        self._refused_new_calls = 0  # calls refused unprocessed (see calls_seen)
         self._turn: asyncio.Handle | None = None  # the next turn's work, when scheduled
         self._paused = False
         self._draining: str | None = None  # why, once the first GOAWAY of two is out
@@ -197,6 +207,11 @@ class Refusal:
             self._pause()
             return
         self._work()
+
+    @property
+    def calls_seen(self) -> int:
+        """Calls answered here (and refused unprocessed)."""
+        return self._calls + self._refused_new_calls
 
     def refuse_later_calls(self) -> None:
         """Answer with the reason only the calls that come before, or just after, the caller's
@@ -301,7 +316,8 @@ class Refusal:
         if self._serving is not None and method in _HEALTH_METHODS:
             self._answer_health(stream_id, method, ended, started)
             return
-        details = self._details(method)
+        decision = self._decide(method)
+        details = decision.reason
         if self._code == grpc.StatusCode.PERMISSION_DENIED:
             log_denial(self._peer, self._remote, method, details)
         code = self._code
@@ -334,6 +350,8 @@ class Refusal:
                 peer=self._peer,
                 code=code,
                 route=self._route,
+                details=details,
+                rule=decision.rule if code is grpc.StatusCode.PERMISSION_DENIED else "",
             )
         )
         self._answered(stream_id)
@@ -394,6 +412,7 @@ class Refusal:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self._refused_new_call = True
+        self._refused_new_calls += 1
         self._observer.call_ended(
             CallRecord(
                 method=method.decode("utf-8", "replace"),

@@ -337,3 +337,25 @@ def test_debug_logs_say_when_each_connection_opens_and_closes(
         r"connection from ipv4:127\.0\.0\.1:\d+ opened: peer CN=mallory, refused \(denied\)"
     )
     sidecar.wait_for(r"connection from ipv4:127\.0\.0\.1:\d+ closed after [\d.e-]+s, 1 calls")
+
+
+def test_calls_by_caller_are_counted_when_asked_and_bounded(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--allow-cn", "carol",
+                               "--admin", "127.0.0.1:0", "--metrics-callers", "1")  # fmt: skip
+    admin = _admin_port(sidecar)
+    for client in ("alice", "carol", "mallory"):
+        with sidecar.channel(pki, client) as channel:
+            _code(channel)
+
+    def key(caller: str, code: str) -> tuple[tuple[str, str], ...]:
+        return (("caller", caller), ("code", code), ("route", "ingress"))
+
+    expected = {key("CN=alice", "OK"): 1.0, key("other", "OK"): 1.0,
+                key("other", "PERMISSION_DENIED"): 1.0}  # fmt: skip
+    _eventually(lambda: _samples(admin, "sidecar_calls_by_caller_total") == expected)
+    _eventually(lambda: _samples(admin, "sidecar_connections_closed_total") == {
+        (("route", "ingress"),): 3.0})  # fmt: skip
+    without = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    assert _samples(_admin_port(without), "sidecar_calls_by_caller_total") == {}  # off

@@ -250,6 +250,7 @@ class Config:
     admin: Address | None = None
     unsafe_admin: bool = False
     metrics_methods: int = 100  # per route, then `other` (observe/metrics.py)
+    metrics_callers: int | None = None  # calls by caller too: per route, then `other`
 
     def __post_init__(self) -> None:
         if not self.routes:

@@ -343,6 +343,12 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N", default=100,
     ),
     Setting(
+        "metrics_callers", "count", "process", "observability",
+        "count calls by caller identity too (sidecar_calls_by_caller_total): the first N "
+        "distinct callers per route by name, later ones as 'other' (off when unset)",
+        metavar="N",
+    ),
+    Setting(
         "log_format", "choice", "process", "logging", "", choices=LOG_FORMATS, default="text"
     ),
     Setting(

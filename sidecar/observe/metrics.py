@@ -43,7 +43,7 @@ _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                      5, 10, 30, 60, 300)  # fmt: skip
 _HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                       5, 10)  # fmt: skip
-OTHER_METHOD = "other"
+OTHER = "other"
 DEFAULT_METHOD_LIMIT = 100
 # Counts kept by (method as sent, code) for a lookup per call: beyond, a call finds its
 # label first (the same count, a little slower).
@@ -78,10 +78,13 @@ class _Histogram:
 class Metrics:
     """The process's metrics and their registry."""
 
-    def __init__(self, method_limit: int = DEFAULT_METHOD_LIMIT) -> None:
+    def __init__(self, method_limit: int = DEFAULT_METHOD_LIMIT, caller_limit: int = 0) -> None:
+        """caller_limit: callers labelled by name per route (0: calls are not counted by
+        caller)."""
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: noise
         self.registry = CollectorRegistry(auto_describe=True)
         self.method_limit = method_limit
+        self.caller_limit = caller_limit
         self.routes: list[tuple[CallsCounted, ConnectionsCounted]] = []
         registry = self.registry
         # Rare events, counted with prometheus_client's own (their cost does not matter).
@@ -98,7 +101,10 @@ class Metrics:
 
     def route(self, label: str) -> tuple[CallsCounted, ConnectionsCounted]:
         """A route's observers, counting under its label."""
-        counted = (CallsCounted(label, self.method_limit), ConnectionsCounted(label))
+        counted = (
+            CallsCounted(label, self.method_limit, self.caller_limit),
+            ConnectionsCounted(label),
+        )
         self.routes.append(counted)
         return counted
 
@@ -112,9 +118,12 @@ class CallsCounted(CallObserver):
 
     observes = True
 
-    def __init__(self, route: str, method_limit: int) -> None:
+    def __init__(self, route: str, method_limit: int, caller_limit: int = 0) -> None:
         self.route = route
         self._method_limit = method_limit
+        self._caller_limit = caller_limit
+        self._callers: set[str] = set()  # the labelled ones; the rest are `other`
+        self.by_caller: dict[tuple[str, str], int] = {}  # (caller label, code name) -> calls
         self._methods: set[str] = set()  # the labelled ones; the rest are `other`
         self.calls: dict[tuple[str, str], int] = {}  # (method label, code name) -> calls
         self._labels: dict[tuple[str, str], tuple[str, str]] = {}  # (method, code) -> key
@@ -135,6 +144,18 @@ class CallsCounted(CallObserver):
         self.response_bytes += record.bytes_out
         if record.rule:
             self.denials[record.rule] = self.denials.get(record.rule, 0) + 1
+        if self._caller_limit:
+            self._count_caller(record)
+
+    def _count_caller(self, record: CallRecord) -> None:
+        caller = record.peer
+        if caller not in self._callers:
+            if len(self._callers) < self._caller_limit:
+                self._callers.add(caller)
+            else:
+                caller = OTHER
+        key = (caller, record.code._name_)
+        self.by_caller[key] = self.by_caller.get(key, 0) + 1
 
     def _label(self, record: CallRecord) -> tuple[str, str]:
         method = record.method
@@ -142,7 +163,7 @@ class CallsCounted(CallObserver):
             if len(self._methods) < self._method_limit:
                 self._methods.add(method)
             else:
-                method = OTHER_METHOD
+                method = OTHER
         key = (method, record.code._name_)
         if len(self._labels) < _CACHED_KEYS:
             self._labels[(record.method, record.code._name_)] = key
@@ -156,6 +177,7 @@ class ConnectionsCounted(ConnectionObserver):
         self.route = route
         self.accepted_count = 0
         self.open_count = 0
+        self.closed_count = 0
         self.refusals = dict.fromkeys(_REFUSAL_REASONS, 0)
         self.handshakes = _Histogram(_HANDSHAKE_BUCKETS)
         self.handshake_failures: dict[str, int] = {}  # by kind (a bounded set)
@@ -181,6 +203,7 @@ class ConnectionsCounted(ConnectionObserver):
 
     def closed(self) -> None:
         self.open_count -= 1
+        self.closed_count += 1
 
 
 class _Counted(Collector):
@@ -214,6 +237,15 @@ class _Counted(Collector):
         opened = GaugeMetricFamily(
             "sidecar_connections_open", "Caller connections open now", labels=["route"]
         )
+        closed = CounterMetricFamily(
+            "sidecar_connections_closed", "Caller connections closed (after TLS)",
+            labels=["route"],
+        )  # fmt: skip
+        by_caller = CounterMetricFamily(
+            "sidecar_calls_by_caller", "Calls ended, by route, caller (the certificate's "
+            "names; the first metrics_callers, later ones as 'other') and gRPC status",
+            labels=["route", "caller", "code"],
+        )  # fmt: skip
         refused = CounterMetricFamily(
             "sidecar_connections_refused", "Caller connections refused, by reason: handshake "
             "(the TLS handshake failed), denied (no rule admits the caller), limit (a budget)",
@@ -246,12 +278,15 @@ class _Counted(Collector):
                 calls.add_metric([route, method, code], count)
             for rule, count in counted.denials.items():
                 denials.add_metric([route, rule], count)
+            for (caller, code), count in counted.by_caller.items():
+                by_caller.add_metric([route, caller, code], count)
             histogram = counted.durations
             durations.add_metric([route], histogram.buckets(), histogram.total)
             requests.add_metric([route], counted.request_bytes)
             responses.add_metric([route], counted.response_bytes)
             accepted.add_metric([route], connections.accepted_count)
             opened.add_metric([route], connections.open_count)
+            closed.add_metric([route], connections.closed_count)
             for reason, count in connections.refusals.items():
                 refused.add_metric([route, reason], count)
             histogram = connections.handshakes
@@ -260,8 +295,10 @@ class _Counted(Collector):
                 handshake_failures.add_metric([route, kind], count)
             for kind, count in connections.upstream_failures.items():
                 upstream_failures.add_metric([route, kind], count)
-        yield from (calls, durations, requests, responses, accepted, opened, refused, handshakes,
-                    handshake_failures, upstream_failures, denials)  # fmt: skip
+        yield from (calls, durations, requests, responses, accepted, opened, closed, refused,
+                    handshakes, handshake_failures, upstream_failures, denials)  # fmt: skip
+        if self._metrics.caller_limit:
+            yield by_caller
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -76,7 +76,9 @@ class Sidecar:
         self.config = config
         self._access_log_at_start = access_logger.isEnabledFor(logging.INFO)
         # Metrics are kept when an admin listener serves them.
-        self.metrics = Metrics(config.metrics_methods) if config.admin is not None else None
+        self.metrics = None
+        if config.admin is not None:
+            self.metrics = Metrics(config.metrics_methods, config.metrics_callers or 0)
         metrics = self.metrics
         self.routes = [  # each validates its certificates
             Route(route, metrics, label)

@@ -271,10 +271,30 @@ def test_grpc_go_checks_and_watches_through_the_splice(
         client.stop()
 
 
+def test_grpc_go_health_calls_reach_the_apps_own_service_by_default(
+    crosslang: Path,  # noqa: F811
+    sidecars: SidecarFactory,
+    pki: Pki,
+    health_app: HealthApp,
+) -> None:
+    sidecar = sidecars.serving(health_app.port, "--allow-cn", "alice")
+    health_app.set(NOT_SERVING)  # what only the app can say
+    client = _go_health(crosslang, pki, sidecar, "alice", "-watch", "2", ready=False)
+    try:
+        client.wait_for(r"check NOT_SERVING")
+        client.wait_for(r"watch NOT_SERVING")
+        health_app.set(SERVING)
+        client.wait_for(r"watch SERVING")
+    finally:
+        client.stop()
+
+
 def _go_health(
-    program: Path, pki: Pki, sidecar: SidecarProcess, client: str, *extra: str
+    program: Path, pki: Pki, sidecar: SidecarProcess, client: str, *extra: str, ready: bool = True
 ) -> ChildProcess:
-    _eventually(lambda: _ready_for(pki, sidecar))
+    """The Go health client, once the sidecar says SERVING (unless `ready` is False)."""
+    if ready:
+        _eventually(lambda: _ready_for(pki, sidecar))
     return ChildProcess(
         [str(program), "health", "-target", f"127.0.0.1:{sidecar.port}", "-server-name",
          "localhost", "-ca", str(pki.dir / "ca.pem"), "-cert", str(pki.cert(client)),

@@ -285,6 +285,9 @@ class Chain:
     def lines(self) -> list[str]:
         return self.ingress.lines
 
+    def wait_for_count(self, text: str, count: int, timeout: float = 20) -> None:
+        self.ingress.wait_for_count(text, count, timeout)
+
     def channel(self, pki: Pki, client: str | None = "alice", **_: object) -> grpc.Channel:
         return grpc.insecure_channel(f"127.0.0.1:{self.egress.port}", options=UNLIMITED)
 

@@ -314,6 +314,7 @@ def render(
             f"| {ratio(sidecar and sidecar.calls_per_s, direct and direct.calls_per_s)} "
             f"| {added} |"
         )
+    lines += _logging_cost(rows)
     if idle:
         lines += ["", "| idle mTLS connections | target | RSS before MiB | RSS after MiB "
                   "| KiB per connection |", "|---:|---|---:|---:|---:|"]  # fmt: skip
@@ -337,6 +338,34 @@ def render(
          "warm-up), the targets alternating round by round.", "",
          *lines]
     )  # fmt: skip
+
+
+def _logging_cost(rows: list[Row]) -> list[str]:
+    """What logging (and, for the sidecar, its metrics) costs each proxy: calls/s with it on
+    over calls/s with it off, and the CPU it adds per call, in the same run."""
+    by_key = {(row.workload, row.target): row for row in rows}
+    pairs = (("sidecar+log", "sidecar"), ("sidecar+log+metrics", "sidecar"),
+             ("haproxy+log", "haproxy"))  # fmt: skip
+    lines: list[str] = []
+    for workload in dict.fromkeys(row.workload for row in rows):
+        cells = []
+        for on, off in pairs:
+            with_it, without = by_key.get((workload, on)), by_key.get((workload, off))
+            if with_it is None or without is None:
+                cells.append("-")
+                continue
+            added = "-"
+            if with_it.cpu_ms_per_1k is not None and without.cpu_ms_per_1k is not None:
+                added = f"{with_it.cpu_ms_per_1k - without.cpu_ms_per_1k:+.1f} us"
+            cells.append(f"{ratio(with_it.calls_per_s, without.calls_per_s)} ({added})")
+        if any(cell != "-" for cell in cells):
+            lines.append(f"| {workload} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["", "What logging costs (same run): calls/s with it over calls/s without, and the "
+            "CPU it adds per call:", "",
+            "| workload | sidecar+log / sidecar | sidecar+log+metrics / sidecar "
+            "| haproxy+log / haproxy |", "|---|---:|---:|---:|", *lines]  # fmt: skip
 
 
 MARKDOWN_HEAD = """# Benchmarks

@@ -80,8 +80,9 @@ class Serving:
             watcher(serving)
 
     def close(self) -> None:
-        """The route stops: NOT_SERVING from now on, and watchers hear it one last time."""
-        self.set(False)
+        """The route stops: NOT_SERVING from now on, and watchers hear it (once more, if it
+        was so already: the grpc plane's Watch calls then end)."""
+        self.serving = False
         self.closed = True
         for watcher in list(self._watchers):
             watcher(False)

@@ -291,7 +291,10 @@ def test_a_dropped_stream_is_left_out_and_its_data_reported_for_flow_control() -
         walker.feed(frame(SETTINGS, 0, 0, b""))
         assert feed_in_pieces(walker, kept + left_out + after, piece) == kept + after
         assert sum(credited) == 1000 + 21  # padding and its length byte are flow-controlled
-        assert not walker.dropped  # its END_STREAM ended it on both sides
+        # Its END_STREAM ended it on both sides; it is kept, so that what the caller may
+        # still send on it (a WINDOW_UPDATE, an RST_STREAM) never reaches the other side.
+        assert walker.feed(frame(WINDOW_UPDATE, 0, 3, (1).to_bytes(4, "big"))) == []
+        assert walker.dropped == {3: 0}
 
 
 def test_a_reset_of_a_dropped_stream_is_left_out_and_ends_it() -> None:
@@ -304,7 +307,9 @@ def test_a_reset_of_a_dropped_stream_is_left_out_and_ends_it() -> None:
     walker.feed(frame(SETTINGS, 0, 0, b""))
     out = walker.feed(frame(HEADERS, END_HEADERS, 1, b"x") + frame(RST_STREAM, 0, 1, bytes(4)))
     assert b"".join(bytes(chunk) for chunk in out) == b""
-    assert resets == [] and not walker.dropped
+    assert resets == []
+    late = frame(WINDOW_UPDATE, 0, 1, (1).to_bytes(4, "big")) + frame(PRIORITY, 0, 1, bytes(5))
+    assert b"".join(bytes(chunk) for chunk in walker.feed(late)) == b""  # still left out
 
 
 def test_a_held_stream_stays_left_out_after_its_sender_ends_it_until_it_resets_it() -> None:
@@ -327,18 +332,18 @@ def test_a_held_stream_stays_left_out_after_its_sender_ends_it_until_it_resets_i
     assert 1 in walker.dropped and walker.sender_ended(1)
     out = walker.feed(frame(RST_STREAM, 0, 1, (8).to_bytes(4, "big")))
     assert b"".join(bytes(chunk) for chunk in out) == b""
-    assert resets == [(1, 8)] and not walker.dropped
+    assert resets == [(1, 8)] and walker.dropped == {1: 0}  # over, and still left out
 
 
-def test_a_released_held_stream_is_forgotten_when_its_sender_ends_it() -> None:
+def test_a_released_held_stream_is_no_longer_held_and_its_frames_still_left_out() -> None:
     walker = FrameWalker(lambda *_: DROP, preface=False)  # type: ignore[arg-type,return-value]
     walker.feed(frame(SETTINGS, 0, 0, b""))
     walker.drop(1, held=True)
     walker.feed(frame(HEADERS, END_HEADERS, 1, b"x"))
     assert not walker.sender_ended(1)
     walker.release(1)  # answered to its end here
-    walker.feed(frame(DATA, END_STREAM, 1, b"late"))
-    assert not walker.dropped
+    assert b"".join(bytes(c) for c in walker.feed(frame(DATA, END_STREAM, 1, b"late"))) == b""
+    assert walker.dropped == {1: 0}
 
 
 def test_the_connection_window_the_splice_used_is_taken_from_the_senders_updates() -> None:
@@ -415,3 +420,27 @@ def test_grpc_cores_true_binary_metadata_is_not_negotiated_through_the_splice() 
         bytes(chunk) for chunk in walker.feed(frame(SETTINGS, 0, 0, true_binary + window))
     )
     assert out == frame(SETTINGS, 0, 0, window + bytes.fromhex("000100000000"))
+
+
+def test_the_senders_initial_window_and_its_updates_on_held_streams_are_read() -> None:
+    """What the splice's own answers on a held stream may send: the caller's
+    SETTINGS_INITIAL_WINDOW_SIZE, and its WINDOW_UPDATEs on the stream (left out)."""
+    given: list[tuple[int, int]] = []
+    walker = FrameWalker(
+        lambda *_: DROP,  # type: ignore[arg-type,return-value]
+        preface=False,
+        held_window=lambda stream_id, increment: given.append((stream_id, increment)),
+    )
+    assert walker.initial_window == 65_535  # RFC 9113's default
+    walker.feed(frame(SETTINGS, 0, 0, (0x4).to_bytes(2, "big") + (7).to_bytes(4, "big")))
+    assert walker.initial_window == 7
+    walker.drop(1, held=True)
+    walker.drop(3)
+    out = walker.feed(
+        frame(HEADERS, END_HEADERS, 1, b"x")
+        + frame(HEADERS, END_HEADERS, 3, b"x")
+        + frame(WINDOW_UPDATE, 0, 1, (70).to_bytes(4, "big"))
+        + frame(WINDOW_UPDATE, 0, 3, (5).to_bytes(4, "big"))
+    )
+    assert b"".join(bytes(chunk) for chunk in out) == b""
+    assert given == [(1, 70)]  # a held stream's only

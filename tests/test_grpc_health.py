@@ -178,7 +178,7 @@ def test_a_watch_on_the_splice_ends_with_the_apps_connection_and_a_new_one_hears
 ) -> None:
     """A Watch lives on a connection spliced to the app: when the app goes, the Watch
     ends (UNAVAILABLE: the app's GOAWAY, or the sidecar's when the connection is lost,
-    after NOT_SERVING), and a Watch made anew hears NOT_SERVING, then SERVING once the
+    after NOT_SERVING); a Check made anew hears NOT_SERVING, and a Watch SERVING once the
     app is back. (An app's GOAWAY may be a routine one, its connection's age: the
     sidecar does not take it for NOT_SERVING.)"""
     sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar")
@@ -193,7 +193,10 @@ def test_a_watch_on_the_splice_ends_with_the_apps_connection_and_a_new_one_hears
             heard += [reply.status for reply in watch]
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert set(heard) <= {NOT_SERVING}, heard
-        _eventually(lambda: _first_status(stub) == NOT_SERVING)
+        _eventually(lambda: _check(channel) == NOT_SERVING)
+        # A Watch made while the app is away ends with the reason, and no status (a
+        # client backs off before it watches again: see the Go test of refused connections).
+        assert _first_status(stub) == grpc.StatusCode.UNAVAILABLE
         probe.start(port)
         _eventually(lambda: _first_status(stub) == SERVING)
 
@@ -307,20 +310,33 @@ def _ready_for(pki: Pki, sidecar: SidecarProcess) -> bool:
         return _check(channel) == SERVING
 
 
-def test_grpc_go_hears_not_serving_from_a_refused_connection(
+def test_grpc_go_watches_on_refused_connections_without_a_spin(
     crosslang: Path,  # noqa: F811
     sidecars: SidecarFactory,
     pki: Pki,
     probe: Probe,
 ) -> None:
-    """A caller the rules admit to nothing is answered on the refusal's connection: its
-    Watch gets the status, then UNAVAILABLE (that connection is not kept)."""
-    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar")
+    """A caller the rules admit to nothing hears the status, on a Watch kept open until its
+    connection ends (denied_lifetime); with the app down, a Watch ends UNAVAILABLE with the
+    reason and no status, so that a client backs off before it watches again (one that
+    heard a status would start again at once: a spin of new connections)."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar",
+                               "--denied-lifetime", "1")  # fmt: skip
     client = _go_health(crosslang, pki, sidecar, "mallory", "-watch", "2")
     try:
         client.wait_for(r"check SERVING")
         client.wait_for(r"watch SERVING")
-        client.wait_for(r"watch end Unavailable .*watch again")
+        client.wait_for(r"watch end Unavailable")  # the connection's end, a second later
+    finally:
+        client.stop()
+    probe.stop()
+    with sidecar.channel(pki, "alice") as alice:
+        _eventually(lambda: _check(alice) == NOT_SERVING)
+    client = _go_health(crosslang, pki, sidecar, "alice", "-watch", "1", ready=False)
+    try:
+        client.wait_for(r"check NOT_SERVING")
+        client.wait_for(r"watch end Unavailable upstream 127\.0\.0\.1:\d+ unavailable")
+        assert "watch NOT_SERVING" not in client.output
     finally:
         client.stop()
 

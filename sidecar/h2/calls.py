@@ -20,6 +20,7 @@ _STATUS_BY_TEXT = {str(number).encode(): code for number, code in _STATUS_BY_COD
 # Methods as text, by their `:path` bytes (decoded once, not per call).
 _methods: dict[bytes, str] = {}
 _METHODS_KEPT = 4096
+_METHOD_KEPT_BYTES = 256
 # How a gRPC client reads an RST_STREAM error code (the gRPC HTTP/2 spec's table).
 _STATUS_BY_RESET = {
     0x0: grpc.StatusCode.INTERNAL,  # NO_ERROR before trailers
@@ -79,9 +80,11 @@ class Call:
             return "-"
         method = _methods.get(path)
         if method is None:
-            if len(_methods) >= _METHODS_KEPT:
-                _methods.clear()  # a caller trying many paths: decode afresh
-            method = _methods[path] = path.decode("utf-8", "replace")
+            method = path.decode("utf-8", "replace")
+            if len(path) <= _METHOD_KEPT_BYTES:  # (a :path may be ~16 KB)
+                if len(_methods) >= _METHODS_KEPT:
+                    _methods.clear()  # a caller trying many paths: decode afresh
+                _methods[path] = method
         return method
 
 

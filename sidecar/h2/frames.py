@@ -45,6 +45,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
 PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x5, 0x6, 0x7, 0x8, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 0x1
+SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 
 _HEADER = 9
 # A frame header in one call: its length (high byte, low 16 bits), type, flags, stream id
@@ -218,6 +219,7 @@ class FrameWalker:
         header_list: HeaderListCallback | None = None,
         dropped_data: DroppedCallback | None = None,
         header_list_limit: int | None = None,
+        held_window: ResetCallback | None = None,
         max_block: int = _MAX_HEADER_BLOCK,
         frames_per_pass: int = _FRAMES_PER_PASS,
         block_bytes_per_pass: int = _BLOCK_BYTES_PER_PASS,
@@ -259,6 +261,10 @@ class FrameWalker:
         # its own, not the peer's it relays): that peer's connection WINDOW_UPDATEs give
         # them back, and the one this side's sender never sent must not get them.
         self.window_debt = 0
+        # The sender's SETTINGS_INITIAL_WINDOW_SIZE: each new stream's window for the other
+        # side's DATA (the splice's own answers take from it).
+        self.initial_window = 65_535
+        self._held_window = held_window
         self.control_frames = 0  # see the module doc; counted for the connection's budget
         self.data_frames = 0  # DATA with a payload, and HEADERS
         self.backlog = False  # input is waiting for the next pass (the budget ran out)
@@ -301,10 +307,11 @@ class FrameWalker:
                 del self.dropped[oldest]
 
     def _sender_ended(self, stream_id: int) -> None:
+        # A stream over on both sides stays here (until the oldest are let go): a peer may
+        # still send WINDOW_UPDATE, PRIORITY or RST_STREAM on it a while (RFC 9113 5.1),
+        # and the other side, which never saw it, would take them as a protocol error.
         if self.dropped.get(stream_id) == _HELD:
             self.dropped[stream_id] = _HELD_ENDED
-        else:
-            self.dropped.pop(stream_id, None)  # over on both sides now
 
     def sender_ended(self, stream_id: int) -> bool:
         """Whether the sender has ended (or reset) a held stream."""
@@ -313,11 +320,13 @@ class FrameWalker:
     def release(self, stream_id: int) -> None:
         """A held stream (see drop) is over on this side: forgotten at once if its sender
         has ended it, else when it does, as a stream that is not held."""
-        state = self.dropped.get(stream_id)
-        if state == _HELD_ENDED:
-            del self.dropped[stream_id]
-        elif state == _HELD:
-            self.dropped[stream_id] = _NOT_HELD
+        if stream_id in self.dropped:
+            self.dropped[stream_id] = _NOT_HELD  # (kept, see _sender_ended)
+
+    def _read_initial_window(self, payload: bytes) -> None:
+        for offset in range(0, len(payload) - len(payload) % 6, 6):
+            if int.from_bytes(payload[offset : offset + 2], "big") == SETTINGS_INITIAL_WINDOW_SIZE:
+                self.initial_window = int.from_bytes(payload[offset + 2 : offset + 6], "big")
 
     def _repaid(self, increment: int) -> bytes | None:
         """The connection's WINDOW_UPDATE to send on for one of `increment` from this
@@ -335,7 +344,7 @@ class FrameWalker:
         self._headers = _refuse_headers
         self._goaway = self._settings_acked = self._header_list = None
         self._dropped_data = self._ping = self._ping_acked = None
-        self._data = self._ended = self._reset = None
+        self._data = self._ended = self._reset = self._held_window = None
 
     def feed(self, data: bytes) -> list[bytes | memoryview]:
         """The bytes to send on for `data`, in order (views into `data` where unchanged).
@@ -494,6 +503,9 @@ class FrameWalker:
                             view = memoryview(data)
                         out.append(view[run_start:position])
                         run_start = end
+                        if dropped[stream_id] and self._held_window is not None:
+                            increment = _unpack_u32(data, position + _HEADER)[0] & 0x7FFFFFFF
+                            self._held_window(stream_id, increment)
                     elif not stream_id and self.window_debt:
                         if view is None:
                             view = memoryview(data)
@@ -535,10 +547,12 @@ class FrameWalker:
                     if not stream_id:
                         raise FrameError("RST_STREAM frame on stream 0")  # RFC 9113 6.4
                     if dropped and stream_id in dropped:
-                        # The stream is over on both sides now; one still answered on this
-                        # side (held) is reported, for its answers to stop.
-                        if dropped.pop(stream_id) and self._reset:
+                        # The stream is over on both sides now (kept, see _sender_ended);
+                        # one still answered on this side (held) is reported, for its
+                        # answers to stop.
+                        if dropped[stream_id] and self._reset:
                             self._reset(stream_id, _unpack_u32(data, position + _HEADER)[0])
+                        dropped[stream_id] = _NOT_HELD
                         if view is None:
                             view = memoryview(data)
                         out.append(view[run_start:position])
@@ -632,6 +646,7 @@ class FrameWalker:
             if self._first_frame_done:
                 self.control_frames += 1  # the first is part of the connection preface
             self._first_frame_done = True  # once it is out; the peer's first frame
+            self._read_initial_window(payload)
             payload = _rewritten_settings(payload, self._header_list_limit, self._header_list)
             return frame(SETTINGS, flags, stream_id, payload)
         if kind == HEADERS:

@@ -23,6 +23,7 @@ _denied_calls = LogLimiter(access_logger)
 # The part of a line that comes before the code: the same for every call of one method
 # on one connection, so it is escaped and formatted once (by caller, method and route).
 _PREFIXES_KEPT = 4096
+_PREFIX_KEPT_BYTES = 512  # (a :path may be ~16 KB, escaped to six times that)
 
 
 class AccessLog(CallObserver):
@@ -63,9 +64,11 @@ class AccessLog(CallObserver):
     def _prefix(self, key: tuple[str, str, str, str | None]) -> str:
         method, peer, remote, route = key
         prefix = (
-            f"{_token(method)}{'' if route is None else f' route={route}'} "
+            f"{_token(method)}{'' if route is None else f' route={_token(route)}'} "
             f"peer='{_quoted(peer)}' remote={_token(remote)} code="
         )
+        if len(prefix) > _PREFIX_KEPT_BYTES:
+            return prefix  # a long :path is formatted afresh each time, never kept
         if len(self._prefixes) >= _PREFIXES_KEPT:
             self._prefixes.clear()  # many callers or methods: format afresh
         self._prefixes[key] = prefix

@@ -44,6 +44,7 @@ _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 _HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                       5, 10)  # fmt: skip
 OTHER = "other"
+_LABEL_BYTES = 256  # a longer method or caller name is counted as `other`
 DEFAULT_METHOD_LIMIT = 100
 # Counts kept by (method as sent, code) for a lookup per call: beyond, a call finds its
 # label first (the same count, a little slower).
@@ -149,7 +150,9 @@ class CallsCounted(CallObserver):
 
     def _count_caller(self, record: CallRecord) -> None:
         caller = record.peer
-        if caller not in self._callers:
+        if len(caller) > _LABEL_BYTES:
+            caller = OTHER
+        elif caller not in self._callers:
             if len(self._callers) < self._caller_limit:
                 self._callers.add(caller)
             else:
@@ -159,13 +162,15 @@ class CallsCounted(CallObserver):
 
     def _label(self, record: CallRecord) -> tuple[str, str]:
         method = record.method
-        if method not in self._methods:
+        if len(method) > _LABEL_BYTES:
+            method = OTHER  # (a :path may be ~16 KB: not a label, nor kept)
+        elif method not in self._methods:
             if len(self._methods) < self._method_limit:
                 self._methods.add(method)
             else:
                 method = OTHER
         key = (method, record.code._name_)
-        if len(self._labels) < _CACHED_KEYS:
+        if len(self._labels) < _CACHED_KEYS and len(record.method) <= _LABEL_BYTES:
             self._labels[(record.method, record.code._name_)] = key
         return key
 

@@ -58,7 +58,7 @@ from sidecar.h2.headerblock import (
 )
 from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
 from sidecar.observe.loglimit import LogLimiter
-from sidecar.splice import health
+from sidecar.splice import health as health_answers
 from sidecar.splice.budget import BudgetExceeded, TokenBucket
 from sidecar.splice.own_frames import (
     DRAIN_OPAQUE,
@@ -69,10 +69,11 @@ from sidecar.splice.own_frames import (
 )
 from sidecar.splice.refusal import Refusal, told
 
-# Health Watch calls one connection may hold open, and the status messages one may be
-# sent before it is ended for the caller to watch anew (see _health_changed).
+# Health Watch calls one connection may hold open.
 _MAX_WATCHES = 16
-_WATCH_MESSAGES = 4096
+# grpc_health: sidecar: what of the caller's connection window the app is not given, for
+# the splice's own health answers (see Splice._answer_health): 585 status messages.
+_WINDOW_RESERVE = 4096
 _WATCH_OVER = "the sidecar is closing this connection: watch again"
 # A gRPC message prefix's length (after its flag byte), for counting message bytes.
 _unpack_u32 = struct.Struct(">I").unpack_from
@@ -251,6 +252,9 @@ class Splice:
         self._limits = limits = limits if limits is not None else Limits()
         self._replay: list[bytes] | None = []  # the caller's bytes, until the upstream speaks
         self._replay_size = 0
+        # Calls answered here before the upstream spoke, reported once it has (should it
+        # fail, the refusal that replays the caller's bytes answers and reports them).
+        self._held_reports: list[tuple[Call, grpc.StatusCode, str, str]] = []
         self._refusal: Refusal | None = None
         self._phase = _RELAYING
         self._caller_busy = False  # the caller's write buffer is full
@@ -279,7 +283,7 @@ class Splice:
         # grpc_health: sidecar: health calls are answered here (splice/health.py), and the
         # Watch calls open on this connection are kept with the messages each was sent.
         self._health = health
-        self._watches: dict[int, tuple[Call, int]] = {}
+        self._watches: dict[int, health_answers.Watch] = {}
         self._ack_delay = ack_delay
         self._observer = observer
         # Message sizes and statuses are read for an observer only (see observe/calls.py).
@@ -314,7 +318,11 @@ class Splice:
             ping_acked=self._caller_acked_ping,
             settings_acked=self._caller_acked_settings,
             dropped_data=self._dropped_data,
+            held_window=self._held_window,
         )
+        if health is not None:
+            # The reserve is withheld from the caller's first connection window updates.
+            self._outbound.window_debt = _WINDOW_RESERVE
         self._inbound = FrameWalker(
             self._response_headers,
             preface=False,
@@ -369,6 +377,11 @@ class Splice:
         self._connecting.cancel()
         if self._refusal is not None:
             self._refusal.connection_lost()
+        if self._replay is not None:  # gone before the upstream spoke: nothing was answered
+            self._replay = None
+            held, self._held_reports = self._held_reports, []
+            for call, _, details, _ in held:
+                self._report_call(call, grpc.StatusCode.CANCELLED, details)
         self._end_calls(grpc.StatusCode.CANCELLED)
         if self._upstream is not None:
             # Nothing more can reach the caller: the upstream's calls end now, and an
@@ -543,6 +556,9 @@ class Splice:
             return
         if self._replay is not None and self._inbound.first_frame_done:
             self._replay = None  # the upstream speaks HTTP/2: no replay will be needed
+            held, self._held_reports = self._held_reports, []
+            for report in held:
+                self._report_call(*report)
             if self._first_frame_timer is not None:
                 self._first_frame_timer.cancel()
                 self._first_frame_timer = None
@@ -620,6 +636,10 @@ class Splice:
             serving=None if self._health is None else _not_serving,
         )
         replay, self._replay = self._replay or [], None
+        self._held_reports.clear()  # the refusal answers those calls again, and reports them
+        if self._watches:  # likewise
+            self._watches.clear()
+            self._health.unwatch(self._health_changed)  # type: ignore[union-attr]
         self._calls.clear()
         self._cancel_timers()
         self._own_to_caller.frames.clear()  # the refusal answers the replayed PINGs itself
@@ -657,6 +677,8 @@ class Splice:
             except BudgetExceeded as exceeded:
                 self._calm_down(str(exceeded))
                 return
+        if self._watches:  # the caller's window updates may have made room for them
+            self._send_watches()
         assert self._upstream is not None
         if self._own_to_upstream.frames and outbound.at_frame_boundary:
             chunks += self._own_to_upstream.take()
@@ -771,7 +793,9 @@ class Splice:
             if self._revoked_answers == self._limits.denied_calls:  # as a denied caller's
                 self._loop.call_soon(self._revocation_over)
             return DROP
-        if self._health is not None and (path == health.CHECK or path == health.WATCH):
+        if self._health is not None and (
+            path == health_answers.CHECK or path == health_answers.WATCH
+        ):
             self._answer_health(stream_id, flags, path)
             return DROP
         if self._authorize is not None:
@@ -840,14 +864,36 @@ class Splice:
     def _answer_health(self, stream_id: int, flags: int, path: bytes) -> None:
         """Answer a grpc.health.v1 call here, from the route's readiness, whoever the caller
         is (its certificate was verified; the rules are not asked). A Watch stays open:
-        each change of readiness is sent on it (_health_changed) until it ends."""
+        each change of readiness is sent on it (_health_changed) until it ends.
+
+        Each status message is DATA of the splice's own, which the caller's flow-control
+        windows must have room for: the stream's (the caller's initial window, and its
+        updates on the stream), and the connection's, which the app shares. A stream with
+        no room is refused UNAVAILABLE (its first message) or waits (a Watch's later ones).
+        On the connection, the app must not be given window the splice used: the caller's
+        connection window updates are relayed less what the messages took, and less a
+        reserve (_WINDOW_RESERVE) kept ahead for the next ones (FrameWalker.window_debt).
+        A message is not held back for the connection's window, though: a client gives
+        it back only as it reads (grpc-go does so after 16 KB), so a health-only
+        connection would never hear a change. Until the reserve is built, a message takes
+        a few bytes of window the app is not told of (README, "gRPC health", says when
+        that can matter)."""
         assert self._health is not None
         self._spend_control(1)  # answered here, at a control frame's price (see _answer_here)
         ended = bool(flags & END_STREAM)
         call = Call(path, ended)
+        if self._outbound.initial_window < health_answers.MESSAGE_BYTES:
+            refused = RequestRefused(
+                grpc.StatusCode.UNAVAILABLE,
+                "the caller's initial stream window (SETTINGS_INITIAL_WINDOW_SIZE) leaves "
+                "no room for the health answer",
+            )
+            self._answer_here(stream_id, call, refused)
+            return
         serving = self._health.serving
-        if path == health.CHECK:
-            answer = health.check_answer(stream_id, serving, ended)
+        if path == health_answers.CHECK:
+            answer = health_answers.check_answer(stream_id, serving, ended)
+            call.bytes_out = health_answers.RESPONSE_BYTES
             self._report_call(call, grpc.StatusCode.OK)
         elif len(self._watches) >= _MAX_WATCHES:
             refused = RequestRefused(
@@ -859,46 +905,60 @@ class Splice:
         else:
             if not self._watches:
                 self._health.watch(self._health_changed)
-            self._watches[stream_id] = (call, 1)
+            watch = self._watches[stream_id] = health_answers.Watch(call, serving)
+            watch.sent(self._outbound.initial_window)
             self._outbound.drop(stream_id, held=True)  # its later frames: left out still
-            answer = health.watch_opening(stream_id, serving)
-        # The caller gives the window of what it receives back to the connection, and the
-        # upstream sent none of it (see FrameWalker.window_debt).
-        self._outbound.window_debt += health.MESSAGE_BYTES
+            answer = health_answers.watch_opening(stream_id, serving)
+        self._outbound.window_debt += health_answers.MESSAGE_BYTES
         self._own_to_caller.frames.append(answer)
         self._send_own_to_caller()
         self._count_answer()
 
+    @staticmethod
+    def _window_for_message(stream_window: int) -> bool:
+        """Whether one more status message fits the stream's window (see _answer_health)."""
+        return stream_window >= health_answers.MESSAGE_BYTES
+
     def _health_changed(self, serving: bool) -> None:
-        """The route's readiness changed: each Watch on this connection is told."""
+        """The route's readiness changed: each Watch on this connection is to be told."""
+        for watch in self._watches.values():
+            watch.now = serving
+        self._send_watches()
+
+    def _held_window(self, stream_id: int, increment: int) -> None:
+        """The caller gave a Watch's stream more window."""
+        watch = self._watches.get(stream_id)
+        if watch is not None:
+            watch.given += increment
+            self._send_watches()
+
+    def _send_watches(self) -> None:
+        """Send each Watch the status it has not heard yet, as far as the caller's windows
+        have room (the rest waits for its window updates: _held_window, _to_upstream)."""
         if self._phase >= _DRAINED:
             return
-        for stream_id, (call, sent) in list(self._watches.items()):
-            if stream_id not in self._outbound.dropped:  # the caller reset it
-                del self._watches[stream_id]
-                self._report_call(call, grpc.StatusCode.CANCELLED)
+        initial = self._outbound.initial_window
+        for stream_id, watch in self._watches.items():
+            if watch.told == watch.now or not self._window_for_message(watch.window(initial)):
                 continue
-            if sent >= _WATCH_MESSAGES:
-                # Its stream's flow-control window is the caller's to give, and it is not
-                # read here: a Watch this long is ended, for the caller to watch anew.
-                self._own_to_caller.frames.append(
-                    self._end_watch(stream_id, grpc.StatusCode.UNAVAILABLE, "watch again")
-                )
-                continue
-            self._watches[stream_id] = (call, sent + 1)
-            self._own_to_caller.frames.append(health.status_message(stream_id, serving))
-            self._outbound.window_debt += health.MESSAGE_BYTES
-        if not self._watches:
-            self._health.unwatch(self._health_changed)  # type: ignore[union-attr]
+            watch.sent(initial)
+            self._own_to_caller.frames.append(health_answers.status_message(stream_id, watch.now))
+            self._outbound.window_debt += health_answers.MESSAGE_BYTES
         self._send_own_to_caller()
 
     def _end_watch(self, stream_id: int, code: grpc.StatusCode, details: str) -> bytes:
-        """The frames that end one Watch here, reported to the observer."""
-        call, _ = self._watches.pop(stream_id)
-        self._report_call(call, code, details)
+        """The frames that end one Watch here (NOT_SERVING first, if it fits and is news:
+        the connection is ending), reported to the observer."""
+        watch = self._watches.pop(stream_id)
+        frames = b""
+        if watch.told and self._window_for_message(watch.window(self._outbound.initial_window)):
+            frames = health_answers.status_message(stream_id, False)
+            watch.sent(self._outbound.initial_window)
+            self._outbound.window_debt += health_answers.MESSAGE_BYTES
+        self._report_call(watch.call, code, details)
         ended = self._outbound.sender_ended(stream_id)
         self._outbound.release(stream_id)
-        return health.watch_end(stream_id, code, details, ended)
+        return frames + health_answers.watch_end(stream_id, code, details, ended)
 
     def _end_watches(self, code: grpc.StatusCode, details: str) -> list[bytes]:
         """End every Watch open on this connection (it is ending): their last frames."""
@@ -906,10 +966,7 @@ class Splice:
             return []
         assert self._health is not None
         self._health.unwatch(self._health_changed)
-        return [
-            health.status_message(stream_id, False) + self._end_watch(stream_id, code, details)
-            for stream_id in list(self._watches)
-        ]
+        return [self._end_watch(stream_id, code, details) for stream_id in list(self._watches)]
 
     def _count_answer(self) -> None:
         """One more answer of the splice's own for the caller (see _MAX_UNREAD_ANSWERS)."""
@@ -1030,8 +1087,8 @@ class Splice:
             self._report_call(call, grpc.StatusCode.CANCELLED)
             self._call_ended()  # (a reset of a stream that is no call is no activity)
         elif stream_id in self._watches:  # a health Watch answered here, cancelled
-            watch, _ = self._watches.pop(stream_id)
-            self._report_call(watch, grpc.StatusCode.CANCELLED)
+            watch = self._watches.pop(stream_id)
+            self._report_call(watch.call, grpc.StatusCode.CANCELLED)
             if not self._watches:
                 self._health.unwatch(self._health_changed)  # type: ignore[union-attr]
 
@@ -1161,6 +1218,9 @@ class Splice:
     ) -> None:
         """Tell the route's observer how a call ended (nothing to do when none observes)."""
         if not self._observed:
+            return
+        if self._replay is not None:  # answered before the upstream spoke (see _held_reports)
+            self._held_reports.append((call, code, details, rule))
             return
         record = self._record
         record.method = call.method

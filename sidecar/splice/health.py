@@ -15,6 +15,7 @@ from __future__ import annotations
 import grpc
 
 from sidecar.dataplane import HEALTH_CHECK, HEALTH_WATCH, health_response
+from sidecar.h2.calls import Call
 from sidecar.h2.frames import DATA, RST_STREAM, frame, header_frames
 from sidecar.h2.headerblock import RESPONSE_HEADERS, status_block
 
@@ -25,9 +26,36 @@ _MESSAGES = {
     serving: b"\x00" + len(health_response(serving)).to_bytes(4, "big") + health_response(serving)
     for serving in (True, False)
 }
-# What each status message costs the caller's flow-control windows.
+# What each status message costs the caller's flow-control windows, and the message
+# bytes in it (what the access log and the metrics count).
 MESSAGE_BYTES = len(_MESSAGES[True])
+RESPONSE_BYTES = len(health_response(True))
 _NO_ERROR = (0).to_bytes(4, "big")
+
+
+class Watch:
+    """A Watch call answered on a spliced connection: the status it was last told and the
+    one it is to hear, and what it has of its stream's flow-control window."""
+
+    __slots__ = ("call", "given", "messages", "now", "told")
+
+    def __init__(self, call: Call, serving: bool) -> None:
+        self.call = call
+        self.now = serving  # the route's readiness, as last heard
+        self.told: bool | None = None  # the status last sent (None: none yet)
+        self.messages = 0
+        self.given = 0  # the caller's window updates on the stream
+
+    def window(self, initial: int) -> int:
+        """What is left of the stream's window (the caller's initial window now, RFC 9113
+        6.9.2, plus its updates, less what was sent)."""
+        return initial + self.given - self.messages * MESSAGE_BYTES
+
+    def sent(self, initial: int) -> None:
+        """One more status message, `now`, goes out on the stream."""
+        self.told = self.now
+        self.messages += 1
+        self.call.bytes_out += RESPONSE_BYTES
 
 
 def check_answer(stream_id: int, serving: bool, request_ended: bool) -> bytes:

@@ -99,7 +99,6 @@ _DRAIN_PING = b"goodbye!"
 _FRESH_SECONDS = 0.1
 _HEALTH_WATCH = health.WATCH.decode()
 _HEALTH_METHODS = (health.CHECK.decode(), _HEALTH_WATCH)
-_WATCH_ELSEWHERE = "this connection is closing: watch again on a new one"
 
 
 def told(details: str) -> Callable[[str], Decision]:
@@ -358,39 +357,53 @@ class Refusal:
 
     def _answer_health(self, stream_id: int, method: str, ended: bool, started: float) -> None:
         """A grpc.health.v1 call, answered with the route's readiness (splice/health.py has
-        the whole story). A Watch gets the status now, then UNAVAILABLE: this connection
-        is not kept (its caller may call nothing else, or the app is down), and the
-        client watches again on a new one."""
+        the whole story).
+
+        A Check gets its status. A Watch on a connection refused because the app cannot
+        be reached ends UNAVAILABLE with the reason and no status: a gRPC client waits
+        (backs off) before it watches again, where one that heard a status would watch
+        again at once, on a new connection each time (a spin). A Watch of a caller the
+        rules admit to nothing hears the status and stays open until the connection ends
+        (denied_lifetime): it is not told of changes meanwhile, and the client watches
+        again on a new connection then."""
         assert self._serving is not None
-        watch = method == _HEALTH_WATCH
+        status: list[tuple[bytes, bytes]] | None = [(b"grpc-status", b"0")]
         code, details = grpc.StatusCode.OK, ""
-        if watch:
-            code, details = grpc.StatusCode.UNAVAILABLE, _WATCH_ELSEWHERE
+        answer = True
+        if method == _HEALTH_WATCH and self._code is grpc.StatusCode.UNAVAILABLE:
+            code, details = grpc.StatusCode.UNAVAILABLE, self._decide(method).reason
+            answer = False
+        elif method == _HEALTH_WATCH:
+            status = None  # open until the connection ends
+        bytes_out = 0
         try:
-            self._connection.send_headers(
-                stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-            )
-            self._connection.send_data(stream_id, health.message(self._serving()))
-            self._connection.send_headers(
-                stream_id,
-                [
-                    (b"grpc-status", str(code.value[0]).encode()),
-                    (b"grpc-message", grpc_message(details)),
-                ],
-                end_stream=True,
-            )
+            if answer:
+                self._connection.send_headers(
+                    stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                )
+                self._connection.send_data(stream_id, health.message(self._serving()))
+                bytes_out = health.RESPONSE_BYTES
+                if status is not None:
+                    self._connection.send_headers(stream_id, status, end_stream=True)
+            else:
+                self._connection.send_headers(
+                    stream_id,
+                    [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                     (b"grpc-status", str(code.value[0]).encode()),
+                     (b"grpc-message", grpc_message(details))],
+                    end_stream=True,
+                )  # fmt: skip
         except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
             # Reset or closed in this read (see _answer), or a caller that gave the
             # stream no window: it gets no answer.
-            code, ended = grpc.StatusCode.CANCELLED, True
-        if not ended:
+            code, ended, bytes_out = grpc.StatusCode.CANCELLED, True, 0
+        if not ended and status is not None:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         self._observer.call_ended(
-            CallRecord(
-                method, started, self._remote, self._peer, code, route=self._route, details=details
-            )
-        )
+            CallRecord(method, started, self._remote, self._peer, code, bytes_out=bytes_out,
+                       route=self._route, details=details)
+        )  # fmt: skip
         self._answered(stream_id)
 
     def _answered(self, stream_id: int) -> None:

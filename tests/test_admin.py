@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -188,6 +189,26 @@ def test_a_hostile_admin_client_gets_an_error_and_the_listener_serves_on(
     assert _get(admin, "/healthz") == (200, "ok\n")
 
 
+def test_idle_admin_connections_cannot_keep_a_probe_out(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """Any local process can open connections to the admin port and send nothing: beyond
+    64, the oldest idle one is closed for the newcomer, so liveness still answers."""
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
+    admin = _admin_port(sidecar)
+    idle = [socket.create_connection(("127.0.0.1", admin), timeout=10) for _ in range(100)]
+    try:
+        assert _get(admin, "/healthz") == (200, "ok\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "probe", "/healthz", "--admin",
+             f"127.0.0.1:{admin}"], capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        for connection in idle:
+            connection.close()
+
+
 def test_an_admin_address_off_loopback_needs_unsafe_admin(sidecars: SidecarFactory) -> None:
     args = ["--upstream", "127.0.0.1:1", "--allow-cn", "a", "--admin", "0.0.0.0:9901",
             *sidecars.tls_args()]  # fmt: skip
@@ -313,7 +334,15 @@ def test_metrics_and_json_logs_tell_handshake_failures_by_kind(
     with socket.create_connection(("127.0.0.1", sidecar.port)) as plain:  # not TLS at all
         plain.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         plain.recv(1024)
-    expected = {kind: 1.0 for kind in ("unknown_ca", "no_certificate", "expired", "protocol")}
+    # A client that does not trust the sidecar's CA: OpenSSL's says so with an alert
+    # (grpcio's closes the connection without one: counted as `closed`).
+    distrustful = ssl.create_default_context(cafile=str(pki.dir / "other-ca.pem"))
+    distrustful.load_cert_chain(pki.cert("alice"), pki.key("alice"))
+    raw = socket.create_connection(("127.0.0.1", sidecar.port))
+    with raw, pytest.raises(ssl.SSLCertVerificationError):
+        distrustful.wrap_socket(raw, server_hostname="localhost")
+    kinds = ("unknown_ca", "no_certificate", "expired", "protocol", "rejected_by_caller")
+    expected = {kind: 1.0 for kind in kinds}
 
     def failures() -> dict[str, float]:
         found = _samples(admin, "sidecar_tls_handshake_failures_total")

@@ -211,10 +211,12 @@ def _first_status(stub: health_pb2_grpc.HealthStub) -> int | grpc.StatusCode:
         watch.cancel()
 
 
+@pytest.mark.parametrize("data_plane", PLANES)
 def test_a_connection_holds_a_bounded_number_of_watches(
-    sidecars: SidecarFactory, pki: Pki, probe: Probe
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, data_plane: str
 ) -> None:
-    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar")
+    sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar",
+                               "--data-plane", data_plane)  # fmt: skip
     with sidecar.channel(pki, "alice") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(16)]

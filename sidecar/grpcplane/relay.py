@@ -87,6 +87,7 @@ _DEADLINE_SLACK_SECONDS = 0.1
 
 _HEALTH_METHODS = (HEALTH_CHECK, HEALTH_WATCH)
 _WATCH_OVER = "the sidecar is shutting down: watch again"
+_MAX_WATCHES = 16  # health Watch calls open on one connection (as the splice)
 
 
 class _CallEnded(Exception):
@@ -212,6 +213,14 @@ class _MethodRelay:
             await self._write_health(context, record, health.serving)
             record.code = grpc.StatusCode.OK
             return
+        watching = self._relay.watches
+        if watching.get(record.remote, 0) >= _MAX_WATCHES:  # per connection (its address)
+            record.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {_MAX_WATCHES} health Watch calls open on one connection",
+            )
+        watching[record.remote] = watching.get(record.remote, 0) + 1
         changed = asyncio.Event()
 
         def heard(serving: bool) -> None:
@@ -232,6 +241,9 @@ class _MethodRelay:
                 await changed.wait()
         finally:
             health.unwatch(heard)
+            watching[record.remote] -= 1
+            if not watching[record.remote]:
+                del watching[record.remote]
 
     @staticmethod
     async def _write_health(context: Any, record: CallRecord, serving: bool) -> None:
@@ -431,6 +443,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._arrived = asyncio.Event()  # set by each call's arrival (see settle)
         self._trim: asyncio.TimerHandle | None = None
+        self.watches: dict[str, int] = {}  # health Watch calls open, by caller address
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method

@@ -18,7 +18,7 @@ RefusalReason = Literal["handshake", "denied", "limit"]
 # What kind of TLS handshake failure (splice/handshake.py failure_kind), a bounded set.
 HandshakeFailure = Literal[
     "silent", "timeout", "closed", "no_certificate", "unknown_ca", "expired",
-    "bad_certificate", "chain_too_long", "protocol", "other",
+    "bad_certificate", "chain_too_long", "protocol", "rejected_by_caller", "other",
 ]  # fmt: skip
 
 # Why the upstream could not be reached, or was lost (splice/listener.py upstream_failure).

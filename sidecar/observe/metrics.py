@@ -263,7 +263,8 @@ class _Counted(Collector):
         handshake_failures = CounterMetricFamily(
             "sidecar_tls_handshake_failures", "Caller TLS handshakes that failed, by kind: "
             "silent (no ClientHello), timeout, closed, no_certificate, unknown_ca, expired, "
-            "bad_certificate, chain_too_long, protocol, other",
+            "bad_certificate, chain_too_long, protocol, rejected_by_caller (the caller refused "
+            "the sidecar's certificate), other",
             labels=["route", "kind"],
         )  # fmt: skip
         upstream_failures = CounterMetricFamily(

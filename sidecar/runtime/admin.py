@@ -9,7 +9,10 @@
 It is loopback-only unless unsafe_admin (it has no authentication). Anything may
 connect to it, so each request is bounded like a caller's: its head must arrive
 within _REQUEST_SECONDS and fit in _HEAD_BYTES, at most _CONNECTIONS are served at
-once (more are closed unanswered), one request per connection, GET and HEAD only.
+once, one request per connection, GET and HEAD only. Beyond _CONNECTIONS, the oldest
+connection still waiting for its request head is closed for the new one (so idle
+connections cannot keep an orchestrator's probe out), or, when none waits, the new
+one is closed unanswered.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Admin:
         self._status = status
         self._server: asyncio.Server | None = None
         self._serving = 0
+        # Connections whose request head has not come yet, oldest first (see the module doc).
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._started = time.monotonic()
         self.port: int | None = None
 
@@ -94,14 +99,20 @@ class Admin:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._serving >= _CONNECTIONS:
-            writer.close()
-            return
+            if not self._waiting:
+                writer.close()
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.close()  # its read ends; its place is this connection's
         self._serving += 1
+        self._waiting[writer] = None
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_SECONDS)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 head = b""
+            self._waiting.pop(writer, None)
             status, content_type, body = self._answered(head)
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
@@ -112,6 +123,7 @@ class Admin:
         except (ConnectionError, asyncio.TimeoutError):
             pass  # the client went away, or does not read: nothing to tell it
         finally:
+            self._waiting.pop(writer, None)
             self._serving -= 1
             writer.close()
 

@@ -199,6 +199,10 @@ def failure_kind(error: BaseException, handshake: Handshake) -> HandshakeFailure
         return "chain_too_long"
     if reason in _PROTOCOL_REASONS:
         return "protocol"
+    if "_ALERT_" in reason:
+        # An alert the caller sent: it refused the sidecar (its certificate, most often:
+        # a client that does not trust the CA, or checks a name the certificate lacks).
+        return "rejected_by_caller"
     verify = getattr(error, "verify_message", None) or ""
     if verify == "certificate chain too long":
         return "chain_too_long"

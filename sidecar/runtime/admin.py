@@ -113,6 +113,8 @@ class Admin:
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 head = b""
             self._waiting.pop(writer, None)
+            if writer.is_closing():
+                return  # closed for a newer connection (see the module doc)
             status, content_type, body = self._answered(head)
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"

@@ -906,7 +906,7 @@ class Splice:
             if not self._watches:
                 self._health.watch(self._health_changed)
             watch = self._watches[stream_id] = health_answers.Watch(call, serving)
-            watch.sent(self._outbound.initial_window)
+            watch.sent()
             self._outbound.drop(stream_id, held=True)  # its later frames: left out still
             answer = health_answers.watch_opening(stream_id, serving)
         self._outbound.window_debt += health_answers.MESSAGE_BYTES
@@ -941,7 +941,7 @@ class Splice:
         for stream_id, watch in self._watches.items():
             if watch.told == watch.now or not self._window_for_message(watch.window(initial)):
                 continue
-            watch.sent(initial)
+            watch.sent()
             self._own_to_caller.frames.append(health_answers.status_message(stream_id, watch.now))
             self._outbound.window_debt += health_answers.MESSAGE_BYTES
         self._send_own_to_caller()
@@ -953,7 +953,7 @@ class Splice:
         frames = b""
         if watch.told and self._window_for_message(watch.window(self._outbound.initial_window)):
             frames = health_answers.status_message(stream_id, False)
-            watch.sent(self._outbound.initial_window)
+            watch.sent()
             self._outbound.window_debt += health_answers.MESSAGE_BYTES
         self._report_call(watch.call, code, details)
         ended = self._outbound.sender_ended(stream_id)

@@ -51,7 +51,7 @@ class Watch:
         6.9.2, plus its updates, less what was sent)."""
         return initial + self.given - self.messages * MESSAGE_BYTES
 
-    def sent(self, initial: int) -> None:
+    def sent(self) -> None:
         """One more status message, `now`, goes out on the stream."""
         self.told = self.now
         self.messages += 1

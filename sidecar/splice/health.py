@@ -1,4 +1,5 @@
-"""The frames of the splice's own answers to grpc.health.v1.Health (`grpc_health: sidecar`).
+"""The splice's own answers to grpc.health.v1.Health (`grpc_health: sidecar`): their frames,
+and what a Watch call answered on a connection is owed.
 
 With `grpc_health: sidecar` an ingress route answers the gRPC health service itself,
 from its readiness, for apps that have none: `Check` gets one response and the

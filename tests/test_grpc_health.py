@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -354,9 +356,6 @@ def test_grpc_health_and_its_check_are_ingress_settings(sidecars: SidecarFactory
 
 
 def _readyz(port: int) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
             return response.status, response.read().decode()

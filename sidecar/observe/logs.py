@@ -220,6 +220,15 @@ def configure(log_format: LogFormat, level: str) -> None:
     set_level(level)
 
 
+def set_level(level: str) -> None:
+    """Log at this level from now on (at start-up, and when a reload changes log_level)."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    # The HTTP/2 and HPACK libraries log every frame and header at debug level.
+    for chatty in ("hpack", "h2"):
+        logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))
+
+
 class InfoWriter:
     """A cheaper `logger.info` for a record logged thousands of times a second (the access
     log): write(message, fields) formats the line as the configured handler would and
@@ -261,12 +270,3 @@ def info_writer(logger: logging.Logger) -> InfoWriter | None:
     if formatter.info_line(logger.name, "", None) is None:
         return None  # a text format of its own
     return InfoWriter(logger.name, handler, formatter)
-
-
-def set_level(level: str) -> None:
-    """Log at this level from now on (at start-up, and when a reload changes log_level)."""
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    # The HTTP/2 and HPACK libraries log every frame and header at debug level.
-    for chatty in ("hpack", "h2"):
-        logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))

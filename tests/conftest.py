@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def make_crl(
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical)
     return builder.sign((signer or ca).key, hashes.SHA256())
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 15) -> None:
+    """Wait for a condition the sidecar reaches on its own clock (its readiness checks run
+    each second; a scrape counts what has ended): polled every 50 ms, never slept on
+    blindly; fails the test when it is not met within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the condition was never met"
+        time.sleep(0.05)
 
 
 def install_debian_packages(packages: Sequence[str], needs: Sequence[str]) -> None:

@@ -12,10 +12,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -27,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error
+from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, wait_until
 from tests.probe import Probe
 
 UNARY = "/probe.Probe/Unary"
@@ -55,15 +53,6 @@ def _samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
             if sample.name == name:
                 found[tuple(sorted(sample.labels.items()))] = sample.value
     return found
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 15) -> None:
-    """Wait for a condition the sidecar reaches on its own clock (its probes run each
-    second): polled, never slept on blindly."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition was never met"
-        time.sleep(0.05)
 
 
 def _code(channel: grpc.Channel) -> grpc.StatusCode:
@@ -94,7 +83,7 @@ def test_metrics_count_calls_by_method_and_code(
         return (("code", code), ("method", UNARY), ("route", "ingress"))
 
     expected = {route("OK"): 2.0, route("PERMISSION_DENIED"): 1.0, route("UNAVAILABLE"): 1.0}
-    _eventually(lambda: _samples(admin, "sidecar_calls_total") == expected)
+    wait_until(lambda: _samples(admin, "sidecar_calls_total") == expected)
     assert _samples(admin, "sidecar_call_duration_seconds_count") == {(("route", "ingress"),): 4}
     own = x509.load_pem_x509_certificate(pki.cert("server").read_bytes()).not_valid_after_utc
     expiry = _samples(admin, "sidecar_certificate_expiry_timestamp_seconds")
@@ -106,16 +95,16 @@ def test_readyz_follows_the_app_and_healthz_the_process(
 ) -> None:
     sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
     admin = _admin_port(sidecar)
-    _eventually(lambda: _get(admin, "/readyz")[0] == 200)
+    wait_until(lambda: _get(admin, "/readyz")[0] == 200)
     port = probe.port
     probe.stop()
-    _eventually(lambda: _get(admin, "/readyz")[0] == 503)
+    wait_until(lambda: _get(admin, "/readyz")[0] == 503)
     body = json.loads(_get(admin, "/readyz")[1])
     assert body["ready"] is False
     assert f"upstream 127.0.0.1:{port} does not answer" in body["not_ready"][0], body
     assert _get(admin, "/healthz") == (200, "ok\n")
     probe.start(port)
-    _eventually(lambda: _get(admin, "/readyz")[0] == 200)
+    wait_until(lambda: _get(admin, "/readyz")[0] == 200)
 
 
 def _short_lived_server_certificate(pki: Pki, directory: Path, seconds: int) -> list[str]:
@@ -153,8 +142,8 @@ def test_readyz_says_when_the_certificate_has_expired(
     sidecar = sidecars.serving(probe.port, *tls, "--allow-cn", "alice", "--admin", "127.0.0.1:0",
                                default_tls=False)  # fmt: skip
     admin = _admin_port(sidecar)
-    _eventually(lambda: _get(admin, "/readyz")[0] == 200)
-    _eventually(lambda: _get(admin, "/readyz")[0] == 503)
+    wait_until(lambda: _get(admin, "/readyz")[0] == 200)
+    wait_until(lambda: _get(admin, "/readyz")[0] == 503)
     assert "its certificate is not valid now" in _get(admin, "/readyz")[1]
 
 
@@ -236,7 +225,7 @@ def test_metrics_count_connections_handshakes_and_refusals(
     def refused(reason: str) -> tuple[tuple[str, str], ...]:
         return (("reason", reason), ("route", "ingress"))
 
-    _eventually(lambda: _samples(admin, "sidecar_connections_open") == {route: 0.0})
+    wait_until(lambda: _samples(admin, "sidecar_connections_open") == {route: 0.0})
     assert _samples(admin, "sidecar_connections_accepted_total")[route] >= 3
     refusals = _samples(admin, "sidecar_connections_refused_total")
     assert refusals[refused("denied")] == 1 and refusals[refused("handshake")] >= 1, refusals
@@ -260,7 +249,7 @@ def test_sidecar_probe_says_why_in_one_line(
     admin = f"127.0.0.1:{_admin_port(sidecar)}"
     assert sidecars.run("probe", "--admin", admin, "/healthz").returncode == 0
     probe.stop()
-    _eventually(lambda: sidecars.run("probe", "--admin", admin, "/readyz").returncode == 1)
+    wait_until(lambda: sidecars.run("probe", "--admin", admin, "/readyz").returncode == 1)
     answer = sidecars.run("probe", "--admin", admin, "/readyz").stderr
     assert answer.startswith("sidecar probe: /readyz: 503:") and len(answer.splitlines()) == 1
 
@@ -317,7 +306,7 @@ def test_metrics_count_denials_by_rule_and_upstream_failures_by_kind(
         return (("route", "ingress"), ("rule", name))
 
     expected = {rule("rule 'no-streams'"): 1.0, rule("no rule matched"): 2.0}
-    _eventually(lambda: _samples(admin, "sidecar_denials_total") == expected)
+    wait_until(lambda: _samples(admin, "sidecar_denials_total") == expected)
     failures = _samples(admin, "sidecar_upstream_failures_total")
     assert failures.get((("kind", "refused"), ("route", "ingress")), 0) >= 1, failures
 
@@ -351,7 +340,7 @@ def test_metrics_and_json_logs_tell_handshake_failures_by_kind(
         found = _samples(admin, "sidecar_tls_handshake_failures_total")
         return {dict(labels)["kind"]: value for labels, value in found.items()}
 
-    _eventually(lambda: failures() == expected)
+    wait_until(lambda: failures() == expected)
 
 
 def test_debug_logs_say_when_each_connection_opens_and_closes(
@@ -386,8 +375,8 @@ def test_calls_by_caller_are_counted_when_asked_and_bounded(
 
     expected = {key("CN=alice", "OK"): 1.0, key("other", "OK"): 1.0,
                 key("other", "PERMISSION_DENIED"): 1.0}  # fmt: skip
-    _eventually(lambda: _samples(admin, "sidecar_calls_by_caller_total") == expected)
-    _eventually(lambda: _samples(admin, "sidecar_connections_closed_total") == {
+    wait_until(lambda: _samples(admin, "sidecar_calls_by_caller_total") == expected)
+    wait_until(lambda: _samples(admin, "sidecar_connections_closed_total") == {
         (("route", "ingress"),): 3.0})  # fmt: skip
     without = sidecars.serving(probe.port, "--allow-cn", "alice", "--admin", "127.0.0.1:0")
     assert _samples(_admin_port(without), "sidecar_calls_by_caller_total") == {}  # off

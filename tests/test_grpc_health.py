@@ -7,10 +7,9 @@ service. Both data planes, grpcio and grpc-go clients."""
 from __future__ import annotations
 
 import signal
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -19,7 +18,14 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.conftest import ChildProcess, Pki, SidecarFactory, SidecarProcess, assert_config_error
+from tests.conftest import (
+    ChildProcess,
+    Pki,
+    SidecarFactory,
+    SidecarProcess,
+    assert_config_error,
+    wait_until,
+)
 from tests.probe import Probe
 from tests.test_go import crosslang  # noqa: F401  (the Go program, a fixture)
 
@@ -65,14 +71,6 @@ def _check(channel: grpc.Channel, service: str = "") -> int | grpc.StatusCode:
         return error.code()
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 20) -> None:
-    """Wait for what the sidecar reaches on its own clock (it checks the app each second)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the condition was never met"
-        time.sleep(0.05)
-
-
 def _until(statuses: Iterator[health_pb2.HealthCheckResponse], wanted: int) -> None:
     """Read a Watch until it says `wanted` (it says the status at once, then each change)."""
     for reply in statuses:
@@ -110,20 +108,20 @@ def test_the_sidecar_answers_health_for_any_verified_caller_from_readiness(
     sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar",
                                "--data-plane", data_plane)  # fmt: skip
     with sidecar.channel(pki, "alice") as alice, sidecar.channel(pki, "mallory") as mallory:
-        _eventually(lambda: _check(alice) == SERVING)
+        wait_until(lambda: _check(alice) == SERVING)
         assert _check(mallory) == SERVING
         assert _check(mallory, "any.Service") == SERVING  # the app as a whole, whatever named
         assert _unary(mallory) == grpc.StatusCode.PERMISSION_DENIED
         assert _unary(alice) == grpc.StatusCode.OK
         port = probe.port
         probe.stop()
-        _eventually(lambda: _check(alice) == NOT_SERVING)
+        wait_until(lambda: _check(alice) == NOT_SERVING)
         # (A connection that finds the app gone says so at once; the others once the
         # route's own check of the app has failed for a few seconds.)
-        _eventually(lambda: _check(mallory) == NOT_SERVING)
+        wait_until(lambda: _check(mallory) == NOT_SERVING)
         probe.start(port)
-        _eventually(lambda: _check(alice) == SERVING)
-        _eventually(lambda: _check(mallory) == SERVING)
+        wait_until(lambda: _check(alice) == SERVING)
+        wait_until(lambda: _check(mallory) == SERVING)
     sidecar.wait_for(r"/grpc\.health\.v1\.Health/Check peer='CN=mallory' .*code=OK")
     assert not [call for call in probe.calls if "Health" in call.method]  # never relayed
 
@@ -137,7 +135,7 @@ def test_a_revoked_caller_gets_no_health_answer(
                                "--deny-serials", format(serial, "x"),
                                "--data-plane", data_plane)  # fmt: skip
     with sidecar.channel(pki, "alice") as alice:
-        _eventually(lambda: _check(alice) == SERVING)
+        wait_until(lambda: _check(alice) == SERVING)
     with sidecar.channel(pki, "mallory") as mallory:
         assert _check(mallory) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -195,12 +193,12 @@ def test_a_watch_on_the_splice_ends_with_the_apps_connection_and_a_new_one_hears
             heard += [reply.status for reply in watch]
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert set(heard) <= {NOT_SERVING}, heard
-        _eventually(lambda: _check(channel) == NOT_SERVING)
+        wait_until(lambda: _check(channel) == NOT_SERVING)
         # A Watch made while the app is away ends with the reason, and no status (a
         # client backs off before it watches again: see the Go test of refused connections).
         assert _first_status(stub) == grpc.StatusCode.UNAVAILABLE
         probe.start(port)
-        _eventually(lambda: _first_status(stub) == SERVING)
+        wait_until(lambda: _first_status(stub) == SERVING)
 
 
 def _first_status(stub: health_pb2_grpc.HealthStub) -> int | grpc.StatusCode:
@@ -230,7 +228,7 @@ def test_a_connection_holds_a_bounded_number_of_watches(
         for watch in watches:
             watch.cancel()
         # Cancelled, they are let go: the connection takes new ones.
-        _eventually(lambda: _watch_opens(stub))
+        wait_until(lambda: _watch_opens(stub))
         assert _unary(channel) == grpc.StatusCode.OK
 
 
@@ -253,7 +251,7 @@ def test_health_answers_and_relayed_calls_share_a_connection(
     sidecar = sidecars.serving(probe.port, "--allow-cn", "alice", "--grpc-health", "sidecar")
     big = b"x" * (256 * 1024)
     with sidecar.channel(pki, "alice") as channel:
-        _eventually(lambda: _check(channel) == SERVING)
+        wait_until(lambda: _check(channel) == SERVING)
         echo = channel.unary_unary(UNARY)
         for _ in range(20):
             assert all(_check(channel) == SERVING for _ in range(200))  # 9.8 KB of window
@@ -301,7 +299,7 @@ def _go_health(
 ) -> ChildProcess:
     """The Go health client, once the sidecar says SERVING (unless `ready` is False)."""
     if ready:
-        _eventually(lambda: _ready_for(pki, sidecar))
+        wait_until(lambda: _ready_for(pki, sidecar))
     return ChildProcess(
         [str(program), "health", "-target", f"127.0.0.1:{sidecar.port}", "-server-name",
          "localhost", "-ca", str(pki.dir / "ca.pem"), "-cert", str(pki.cert(client)),
@@ -335,7 +333,7 @@ def test_grpc_go_watches_on_refused_connections_without_a_spin(
         client.stop()
     probe.stop()
     with sidecar.channel(pki, "alice") as alice:
-        _eventually(lambda: _check(alice) == NOT_SERVING)
+        wait_until(lambda: _check(alice) == NOT_SERVING)
     client = _go_health(crosslang, pki, sidecar, "alice", "-watch", "1", ready=False)
     try:
         client.wait_for(r"check NOT_SERVING")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
+import logging
 import os
 import re
 import signal
@@ -21,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bench import toolchain
 from sidecar import certs
+from sidecar.observe.logs import BatchingHandler
 from tests.probe import Probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +133,25 @@ def make_crl(
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical)
     return builder.sign((signer or ca).key, hashes.SHA256())
+
+
+@contextlib.contextmanager
+def log_configured(formatter: logging.Formatter) -> Iterator[io.StringIO]:
+    """The root logger as logs.configure leaves it (one BatchingHandler; pytest's own
+    capture set aside), writing to the stream yielded, at INFO."""
+    stream = io.StringIO()
+    handler = BatchingHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        handler.flush()
+        root.handlers[:] = saved
+        root.setLevel(level)
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 15) -> None:

@@ -11,13 +11,18 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from sidecar.observe import logs
+from sidecar.observe.accesslog import access_log, log_usually
+from sidecar.observe.calls import CallRecord
 from sidecar.observe.logs import BatchingHandler, JsonFormatter, TextFormatter, escape
+from tests.conftest import log_configured
 
 
 async def after_the_flush() -> None:
@@ -198,41 +203,48 @@ def test_json_time_is_rfc_3339_in_utc_with_milliseconds() -> None:
     assert abs((now - parsed).total_seconds()) < 60
 
 
+def _ended(method: str, peer: str, code: grpc.StatusCode, **fields: Any) -> CallRecord:
+    now = time.monotonic()
+    return CallRecord(method, now - 0.0123, "ipv4:127.0.0.1:5", peer, code, ended=now, **fields)
+
+
 @pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
 def test_the_access_logs_quick_lines_read_as_the_formatter_writes_records(
     formatter: logging.Formatter,
 ) -> None:
-    stream = io.StringIO()
-    handler = BatchingHandler(stream)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    root.handlers[:] = [handler]  # as logs.configure leaves it (pytest adds its own)
-    root.setLevel(logging.INFO)
-    try:
-        writer = logs.info_writer(logging.getLogger("sidecar.access"))
-        assert writer is not None
-        assert writer.structured == isinstance(formatter, JsonFormatter)
-        writer.write("/a.B/C code=OK", {"code": "OK", "bytes_in": 3})
-        logging.getLogger("sidecar.access").info(
-            "/a.B/C code=OK", extra={"fields": {"code": "OK", "bytes_in": 3}}
-        )
-    finally:
-        root.handlers[:] = saved
-        root.setLevel(level)
-    quick, usual = stream.getvalue().splitlines()
-    if isinstance(formatter, JsonFormatter):
-        quick_entry, usual_entry = json.loads(quick), json.loads(usual)
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", quick_entry.pop("time"))
-        usual_entry.pop("time")
-        assert quick_entry == usual_entry
-    else:
-        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
-        assert re.fullmatch(stamp + "INFO sidecar.access: /a.B/C code=OK", quick)
-        assert re.sub(stamp, "", quick) == re.sub(stamp, "", usual)
+    records = [
+        _ended("/a.B/C", "CN=alice, DNS=a", grpc.StatusCode.OK, bytes_in=3, bytes_out=40),
+        _ended("/a.B/C", "CN=alice, DNS=a", grpc.StatusCode.OK, route="in"),  # its heads kept
+        _ended("/a b\n/\u2028'C", "CN=o'\u0430\\", grpc.StatusCode.UNAVAILABLE,
+               route='r"1', details="app down: 'refused'\n\u00e9"),
+    ]  # fmt: skip
+    with log_configured(formatter) as stream:
+        log = access_log()
+        assert log is not None and log._lines is not None  # the quick lines, not logging's
+        log.calls_ended(records)
+        log.calls_ended(records)  # the kept heads this time
+        for record in records:
+            log_usually(record)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 9
+    quick, usual = lines[:3], lines[6:]
+    for quick_line, usual_line, again in zip(quick, usual, lines[3:6], strict=True):
+        if isinstance(formatter, JsonFormatter):
+            quick_entry, usual_entry = json.loads(quick_line), json.loads(usual_line)
+            stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+            assert re.fullmatch(stamp, quick_entry.pop("time"))
+            usual_entry.pop("time")
+            assert quick_entry == usual_entry
+            assert json.loads(again) | {"time": ""} == quick_entry | {"time": ""}
+        else:
+            stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+            assert re.match(stamp + "INFO sidecar.access: ", quick_line)
+            assert re.sub(stamp, "", quick_line) == re.sub(stamp, "", usual_line)
+            assert re.sub(stamp, "", again) == re.sub(stamp, "", quick_line)
+    assert "duration_ms=12.3" in usual[0]
 
 
-def test_a_logger_with_a_handler_of_its_own_gets_no_quick_writer() -> None:
+def test_a_logger_with_a_handler_of_its_own_gets_no_line_sink() -> None:
     handler = BatchingHandler(io.StringIO())
     handler.setFormatter(TextFormatter())
     root = logging.getLogger()
@@ -241,11 +253,11 @@ def test_a_logger_with_a_handler_of_its_own_gets_no_quick_writer() -> None:
     own = logging.getLogger("sidecar.access.test-own")
     own.addHandler(logging.NullHandler())
     try:
-        assert logs.info_writer(logging.getLogger("sidecar.access")) is not None
-        assert logs.info_writer(own) is None  # its records go elsewhere too
+        assert logs.line_sink(logging.getLogger("sidecar.access")) is not None
+        assert logs.line_sink(own) is None  # its records go elsewhere too
         handler.setFormatter(TextFormatter("%(message)s"))
         assert (
-            logs.info_writer(logging.getLogger("sidecar.access")) is None
+            logs.line_sink(logging.getLogger("sidecar.access")) is None
         )  # not the standard format
     finally:
         root.handlers[:] = saved

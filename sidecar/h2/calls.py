@@ -15,6 +15,8 @@ import time
 
 import grpc
 
+from sidecar.observe.calls import CallRecord
+
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 _STATUS_BY_TEXT = {str(number).encode(): code for number, code in _STATUS_BY_CODE.items()}
 # Methods as text, by their `:path` bytes (decoded once, not per call).
@@ -43,14 +45,12 @@ _STATUS_BY_HTTP = {
 }
 
 
-class Call:
-    """One gRPC call (an HTTP/2 stream) in flight: what ending it here and the route's
-    observer need to know."""
+class Call(CallRecord):
+    """One gRPC call (an HTTP/2 stream) in flight: what ending it here needs to know, and
+    its record for the route's observer (filled in when it is reported)."""
 
     __slots__ = (
         "answered",
-        "bytes_in",
-        "bytes_out",
         "http_status",
         "need_in",
         "need_out",
@@ -58,10 +58,11 @@ class Call:
         "prefix_in",
         "prefix_out",
         "request_ended",
-        "started",
     )  # fmt: skip
 
     def __init__(self, path: bytes | None, request_ended: bool) -> None:
+        # (The record's other fields are set when the call is reported: most calls of a
+        # route that nothing observes never are.)
         self.path = path
         self.started = time.monotonic()
         self.answered = False  # response headers have gone to the caller
@@ -73,19 +74,19 @@ class Call:
         self.need_in = self.need_out = 0
         self.prefix_in = self.prefix_out = b""
 
-    @property
-    def method(self) -> str:
-        path = self.path
-        if not path:
-            return "-"
-        method = _methods.get(path)
-        if method is None:
-            method = path.decode("utf-8", "replace")
-            if len(path) <= _METHOD_KEPT_BYTES:  # (a :path may be ~16 KB)
-                if len(_methods) >= _METHODS_KEPT:
-                    _methods.clear()  # a caller trying many paths: decode afresh
-                _methods[path] = method
-        return method
+
+def method_of(path: bytes | None) -> str:
+    """A call's method as text, from its `:path` (decoded once per distinct path)."""
+    if not path:
+        return "-"
+    method = _methods.get(path)
+    if method is None:
+        method = path.decode("utf-8", "replace")
+        if len(path) <= _METHOD_KEPT_BYTES:  # (a :path may be ~16 KB)
+            if len(_methods) >= _METHODS_KEPT:
+                _methods.clear()  # a caller trying many paths: decode afresh
+            _methods[path] = method
+    return method
 
 
 def message_bytes(

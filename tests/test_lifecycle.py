@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
@@ -63,6 +64,10 @@ def test_drain_grace_bounds_how_long_in_flight_calls_may_run(
         assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert seen.woke.wait(10) and seen.cancelled, "the upstream call must be cancelled too"
     assert process.wait_exit() == 0
+    # The call the drain cut is logged before the process ends (lines wait in a batch).
+    assert re.search(
+        r"sidecar.access: /probe.Probe/Unary .* code=(CANCELLED|UNAVAILABLE)", process.output
+    )
 
 
 def test_second_signal_exits_at_once(sidecars: SidecarFactory, pki: Pki, probe: Probe) -> None:

@@ -26,7 +26,9 @@ from typing import Protocol
 import grpc
 
 _HOLD_SECONDS = 0.01  # how long a call's record may wait for others
-_HOLD_CALLS = 1000  # records handed over at once, without waiting
+# Records handed over at once, without waiting: what a burst may hold (a record holds its
+# :path, ~16 KB at most, twice: as sent and as text).
+_HOLD_CALLS = 256
 
 
 @dataclass(slots=True)

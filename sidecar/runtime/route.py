@@ -82,7 +82,7 @@ class Route:
         self.policy = Policy(config.allow, self.crl.current if self.crl else None)
         self._stale_timer: asyncio.TimerHandle | None = None
         self._plane: DataPlane | None = None
-        self._flushes: list[Callable[[], None]] = []  # the call observers' (see stop)
+        self._flushes: list[Callable[[], None]] = []  # see flush_calls
         self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
         # Ingress: whether the app answers, checked in the background when readiness is
@@ -395,8 +395,12 @@ class Route:
         self.credentials.close()
         if self._plane is not None:
             await self._plane.stop(grace)
+        self.flush_calls()  # the calls the drain ended, before the process ends
+
+    def flush_calls(self) -> None:
+        """Log and count now the calls that ended and wait in their batch (calls.Batched)."""
         for flush in self._flushes:
-            flush()  # the calls the drain ended, logged and counted before the process ends
+            flush()
 
 
 @functools.lru_cache(maxsize=8)

@@ -301,6 +301,8 @@ async def run(
             stop_requested.set()
         else:
             logger.warning("%s again: exiting now", signum.name)
+            for route in sidecar.routes:
+                route.flush_calls()
             logging.shutdown()
             os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
 

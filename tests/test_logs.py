@@ -12,15 +12,15 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 import pytest
 
-from sidecar.observe import logs
+from sidecar.observe import calls, logs
 from sidecar.observe.accesslog import access_log, log_usually
-from sidecar.observe.calls import CallRecord
+from sidecar.observe.calls import Batched, CallRecord
 from sidecar.observe.logs import BatchingHandler, JsonFormatter, TextFormatter, escape
 from tests.conftest import log_configured
 
@@ -262,3 +262,65 @@ def test_a_logger_with_a_handler_of_its_own_gets_no_line_sink() -> None:
     finally:
         root.handlers[:] = saved
         own.handlers.clear()
+
+
+def test_the_handler_counts_lines_not_queued_texts() -> None:
+    """The access log queues a batch of lines as one text: 1000 lines in waiting are
+    written at once however they were queued (a burst must not pile up until the timer)."""
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as reader, open(write_end, "w") as stream:
+        handler = BatchingHandler(stream)
+        written: list[bytes] = []
+
+        async def main() -> None:
+            handler.queue("a\n" * (logs._FLUSH_LINES - 1), logs._FLUSH_LINES - 1)
+            written.append(_unread(reader))
+            handler.queue("b\n")
+            written.append(_unread(reader))  # before any timer could run
+            await after_the_flush()
+
+        asyncio.run(main())
+        assert written[0] == b""
+        assert written[1] == b"a\n" * (logs._FLUSH_LINES - 1) + b"b\n"
+
+
+def test_an_observer_that_fails_costs_the_others_nothing_nor_the_data_plane() -> None:
+    heard: list[int] = []
+
+    class Failing:
+        def calls_ended(self, records: Sequence[CallRecord]) -> None:
+            raise RuntimeError("a bug")
+
+    class Counting:
+        def calls_ended(self, records: Sequence[CallRecord]) -> None:
+            heard.append(len(records))
+
+    batched = Batched([Failing(), Counting()])
+
+    async def main() -> None:
+        for _ in range(calls._HOLD_CALLS + 1):  # the 256th hands the batch over in call_ended
+            batched.call_ended(_ended("/a.B/C", "CN=a", grpc.StatusCode.OK))
+        batched.close()
+
+    asyncio.run(main())
+    assert heard == [calls._HOLD_CALLS, 1]
+
+
+def test_after_close_each_call_is_handed_over_as_it_ends() -> None:
+    heard: list[str] = []
+
+    class Listening:
+        def calls_ended(self, records: Sequence[CallRecord]) -> None:
+            heard.extend(record.method for record in records)
+
+    batched = Batched([Listening()])
+
+    async def main() -> None:
+        batched.call_ended(_ended("/a.B/One", "CN=a", grpc.StatusCode.OK))
+        assert heard == []  # waits for the others of the next 10 ms
+        batched.close()
+        assert heard == ["/a.B/One"]
+        batched.call_ended(_ended("/a.B/Two", "CN=a", grpc.StatusCode.OK))
+        assert heard == ["/a.B/One", "/a.B/Two"]  # no timer: the process is ending
+
+    asyncio.run(main())

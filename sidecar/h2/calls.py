@@ -74,6 +74,9 @@ class Call(CallRecord):
         self.need_in = self.need_out = 0
         self.prefix_in = self.prefix_out = b""
 
+    def __repr__(self) -> str:  # (the record's own reads fields set only once reported)
+        return f"Call(path={self.path!r}, started={self.started})"
+
 
 def method_of(path: bytes | None) -> str:
     """A call's method as text, from its `:path` (decoded once per distinct path)."""

@@ -95,7 +95,7 @@ class _Lines:
     def _denied(self, record: CallRecord, lines: list[str]) -> list[str]:
         """A denied call's line, the usual way, after the lines before it."""
         if lines:
-            self._sink.queue("".join(lines))
+            self._sink.queue("".join(lines), len(lines))
         log_usually(record)
         return []
 
@@ -131,7 +131,7 @@ class _TextLines(_Lines):
                     f"bytes_in={record.bytes_in} bytes_out={record.bytes_out}\n"
                 )
         if lines:
-            self._sink.queue("".join(lines))
+            self._sink.queue("".join(lines), len(lines))
 
     def _heads_of(self, record: CallRecord) -> tuple[str, str]:
         return f"{self._sink.after_time}{_prefix(record)}", ""
@@ -172,7 +172,7 @@ class _JsonLines(_Lines):
                 f'"bytes_in": {record.bytes_in}, "bytes_out": {record.bytes_out}{details}}}\n'
             )
         if lines:
-            self._sink.queue("".join(lines))
+            self._sink.queue("".join(lines), len(lines))
 
     def _heads_of(self, record: CallRecord) -> tuple[str, str]:
         fields = {"method": record.method, "peer": record.peer, "remote": record.remote}

@@ -18,6 +18,7 @@ against ~6 us, measured with the access log and metrics on).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,13 +26,18 @@ from typing import Protocol
 
 import grpc
 
+from sidecar.observe.loglimit import LogLimiter
+
+logger = logging.getLogger("sidecar.server")
+_failures = LogLimiter(logger)  # an observer that fails: said, at most a few times a period
+
 _HOLD_SECONDS = 0.01  # how long a call's record may wait for others
 # Records handed over at once, without waiting: what a burst may hold (a record holds its
 # :path, ~16 KB at most, twice: as sent and as text).
 _HOLD_CALLS = 256
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # (records are compared by identity)
 class CallRecord:
     """What a data plane learns about one call while relaying (or answering) it. Once
     reported, the record is the observers': the data plane no longer changes it."""
@@ -74,14 +80,17 @@ class BatchObserver(Protocol):
 class Batched(CallObserver):
     """Observers that hear of calls in batches: each record is kept, and handed to every
     observer with the others at most _HOLD_SECONDS after the first (at once when
-    _HOLD_CALLS wait, or when no event loop runs). flush() hands over what waits now: a
-    scrape of the metrics and the route's stop call it."""
+    _HOLD_CALLS wait, or when no event loop runs). flush() hands over what waits now (a
+    scrape of the metrics does); close() too, and from then on each record is handed
+    over as it comes (a route's stop: calls ended by the drain, or reported while the
+    process ends, are not left waiting for a timer that no longer runs)."""
 
     def __init__(self, observers: Iterable[BatchObserver]) -> None:
         self._observers = tuple(observers)
         self.observes = bool(self._observers)
         self._waiting: list[CallRecord] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def call_ended(self, record: CallRecord) -> None:
         if not self.observes:
@@ -89,12 +98,12 @@ class Batched(CallObserver):
         record.ended = time.monotonic()
         waiting = self._waiting
         waiting.append(record)
-        if len(waiting) == 1:
+        if len(waiting) == 1 and not self._closed:
             try:
                 self._timer = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._held)
             except RuntimeError:  # no loop in this thread
                 self.flush()
-        elif len(waiting) >= _HOLD_CALLS:
+        elif len(waiting) >= _HOLD_CALLS or self._closed:
             self.flush()
 
     def _held(self) -> None:
@@ -106,7 +115,20 @@ class Batched(CallObserver):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._waiting:
-            records, self._waiting = self._waiting, []
-            for observer in self._observers:
+        if not self._waiting:
+            return
+        records, self._waiting = self._waiting, []
+        for observer in self._observers:
+            try:
                 observer.calls_ended(records)
+            except Exception:  # a bug: the other observers still hear, the calls go on
+                name = type(observer).__name__
+                _failures.log(
+                    logging.ERROR, name, "%s failed on %d calls", name, len(records),
+                    exc_info=True,
+                )  # fmt: skip
+
+    def close(self) -> None:
+        """Hand what waits over now, and each record at once from now on."""
+        self._closed = True
+        self.flush()

@@ -90,10 +90,12 @@ class LogLimiter:
         msg: str,
         *args: object,
         extra: Mapping[str, object] | None = None,
+        exc_info: bool = False,
     ) -> None:
         """Log `msg % args` at `level` unless `key` has used up its burst in this period.
 
-        `extra` goes with the line when it is written (as Logger.log's), not with a summary.
+        `extra` and `exc_info` go with the line when it is written (as Logger.log's), not
+        with a summary.
         """
         if not self.logger.isEnabledFor(level):
             return
@@ -118,7 +120,7 @@ class LogLimiter:
                     self._schedule(window.ends - now)
         self._write(summaries)
         if emit:
-            self.logger.log(level, msg, *args, extra=extra)
+            self.logger.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
     def flush(self) -> None:
         """Write the summary of every line suppressed so far, now (at shutdown, say)."""

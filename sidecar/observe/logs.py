@@ -159,6 +159,7 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]  # gener
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        self._pending_lines = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -174,22 +175,23 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]  # gener
             return
         self.queue(line)
 
-    def queue(self, line: str) -> None:
-        """Write a formatted line (its terminator included) with the others of this turn;
+    def queue(self, text: str, lines: int = 1) -> None:
+        """Write formatted lines (their terminators included) with the others of this turn;
         from the event loop's thread (emit() checks for others; the access log is there)."""
         pending = self._pending
-        pending.append(line)
+        pending.append(text)
+        self._pending_lines += lines
         if len(pending) == 1:
             try:
                 asyncio.get_running_loop().call_later(_FLUSH_SECONDS, self.flush)
             except RuntimeError:  # no loop after all
                 self._write_pending_locked()
-        elif len(pending) >= _FLUSH_LINES:
+        elif self._pending_lines >= _FLUSH_LINES:
             self._write_pending_locked()  # (the timer then finds nothing, or a new line)
 
     def _write_pending_locked(self) -> None:
         if self._pending:
-            lines, self._pending = "".join(self._pending), []
+            lines, self._pending, self._pending_lines = "".join(self._pending), [], 0
             try:
                 self.stream.write(lines)
                 self.stream.flush()

@@ -82,7 +82,7 @@ class Route:
         self.policy = Policy(config.allow, self.crl.current if self.crl else None)
         self._stale_timer: asyncio.TimerHandle | None = None
         self._plane: DataPlane | None = None
-        self._flushes: list[Callable[[], None]] = []  # see flush_calls
+        self._batches: list[Batched] = []  # see flush_calls
         self._expiry = ExpiryWatch(config.title)
         self.port: int | None = None
         # Ingress: whether the app answers, checked in the background when readiness is
@@ -125,7 +125,7 @@ class Route:
         if not observers:
             return NO_OBSERVER
         batched = Batched(observers)
-        self._flushes.append(batched.flush)
+        self._batches.append(batched)
         if self._metrics is not None:
             self._metrics.before_scrape.append(batched.flush)
         return batched
@@ -395,12 +395,16 @@ class Route:
         self.credentials.close()
         if self._plane is not None:
             await self._plane.stop(grace)
-        self.flush_calls()  # the calls the drain ended, before the process ends
+        self.flush_calls(closing=True)  # the calls the drain ended, and any reported later
 
-    def flush_calls(self) -> None:
-        """Log and count now the calls that ended and wait in their batch (calls.Batched)."""
-        for flush in self._flushes:
-            flush()
+    def flush_calls(self, *, closing: bool = False) -> None:
+        """Log and count now the calls that ended and wait in their batch (calls.Batched);
+        closing: and each call as it ends from now on (the process is ending)."""
+        for batched in self._batches:
+            if closing:
+                batched.close()
+            else:
+                batched.flush()
 
 
 @functools.lru_cache(maxsize=8)

@@ -302,7 +302,7 @@ async def run(
         else:
             logger.warning("%s again: exiting now", signum.name)
             for route in sidecar.routes:
-                route.flush_calls()
+                route.flush_calls(closing=True)
             logging.shutdown()
             os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
 

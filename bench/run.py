@@ -30,6 +30,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from bench import proxies, toolchain
+from bench.handshakes import HandshakeRow, measure_handshakes, render_handshakes
 from bench.proxies import Certificates, Proxy
 from sidecar import certs
 
@@ -56,7 +57,15 @@ WORKLOADS = (
         "unary 1 MiB, 2 in flight",
         ("-workload", "unary", "-size", str(1 << 20), "-concurrency", "2"),
     ),
+    # Clients that keep no connection: each call dials, handshakes (no session reuse),
+    # calls and closes.
+    Workload(
+        "unary 64 B, a new connection per call, 8 at a time",
+        ("-workload", "newconn", "-size", "64", "-concurrency", "8"),
+    ),
 )
+# The targets whose handshakes are timed (openssl s_time), when they run.
+HANDSHAKE_TARGETS = ("sidecar", "haproxy", "nginx")
 
 
 @dataclass
@@ -396,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--churn", type=int, default=20_000, help="connections for the churn test (0: skip)"
     )
+    parser.add_argument(
+        "--handshakes", type=int, default=3,
+        help="seconds per round of openssl s_time against each proxy (0: skip)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
     args = parser.parse_args(argv)
@@ -423,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows: list[Row] = []
         idle: list[IdleRow] = []
         churn: list[ChurnRow] = []
+        handshake_rows: list[HandshakeRow] = []
         with upstream(benchtool) as upstream_port, contextlib.ExitStack() as running:
             # Every target is up for the whole run (idle when not under load), so that
             # the rounds of one workload can alternate between them.
@@ -438,6 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 started[name] = (target, proxy)
             for workload in workloads:
                 rows += measure(benchtool, workload, started, args.duration, args.rounds)
+            timed = {
+                name: proxy
+                for name in HANDSHAKE_TARGETS
+                if name in started and (proxy := started[name][1]) is not None
+            }
+            if args.handshakes and timed:
+                handshake_rows = measure_handshakes(
+                    timed, certificates, args.handshakes, args.rounds
+                )
             if args.idle:
                 for target, maybe_proxy in started.values():
                     if maybe_proxy is not None:
@@ -449,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 churn.append(measure_churn(benchtool, target, maybe_proxy, args.churn, every))
     info = machine()
     report = render(info, rows, idle, args.duration, args.rounds, churn)
+    report += "\n".join(["", *render_handshakes(handshake_rows, args.handshakes, args.rounds)])
     print()
     print(report)
     if args.json:
@@ -456,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps(
                 {"machine": info, "duration": args.duration, "rounds": args.rounds,
                  "rows": [asdict(row) for row in rows], "idle": [asdict(row) for row in idle],
-                 "churn": [asdict(row) for row in churn]},
+                 "churn": [asdict(row) for row in churn],
+                 "handshakes": [asdict(row) for row in handshake_rows]},
                 indent=2,
             )
         )  # fmt: skip

@@ -4,10 +4,12 @@
 //	    A plaintext bench.Echo server; prints "listening on HOST:PORT".
 //
 //	benchtool load -target HOST:PORT [-ca CA -cert CERT -key KEY -server-name NAME]
-//	    -workload unary|pingpong -size BYTES -concurrency N -connections K
+//	    -workload unary|pingpong|newconn -size BYTES -concurrency N -connections K
 //	    -duration 5s -warmup 1s
 //	    Runs the workload and prints one JSON object: calls, seconds, calls_per_s,
-//	    p50_ms, p99_ms, errors and the first error's text.
+//	    p50_ms, p99_ms, errors and the first error's text. newconn: each call on a
+//	    connection of its own (dialled, a full TLS handshake, closed after the call),
+//	    -concurrency of them at a time; a call's latency includes its connection's.
 //
 //	benchtool idle -target HOST:PORT [-ca ...] -connections N
 //	    Opens N connections, makes one call on each so every hop is set up, prints
@@ -121,6 +123,15 @@ func addDialFlags(flags *flag.FlagSet) dialFlags {
 }
 
 func (f dialFlags) dial() *grpc.ClientConn {
+	conn, err := f.tryDial()
+	if err != nil {
+		fail(err.Error())
+	}
+	return conn
+}
+
+// tryDial connects (TLS with -ca: no session cache, so every handshake is a full one).
+func (f dialFlags) tryDial() (*grpc.ClientConn, error) {
 	if *f.target == "" {
 		fail("-target is required")
 	}
@@ -154,9 +165,9 @@ func (f dialFlags) dial() *grpc.ClientConn {
 	defer cancel()
 	conn, err := grpc.DialContext(ctx, *f.target, options...)
 	if err != nil {
-		fail("dial " + *f.target + ": " + err.Error())
+		return nil, fmt.Errorf("dial %s: %v", *f.target, err)
 	}
-	return conn
+	return conn, nil
 }
 
 // recorder collects call latencies after the warm-up, and errors.
@@ -206,7 +217,9 @@ func runLoad(arguments []string) {
 	}
 	clients := make([]echo.EchoClient, *connections)
 	for i := range clients {
-		clients[i] = echo.NewEchoClient(target.dial())
+		if *workload != "newconn" {
+			clients[i] = echo.NewEchoClient(target.dial())
+		}
 	}
 	payload := &echo.Payload{Data: make([]byte, *size)}
 	results := &recorder{}
@@ -224,6 +237,8 @@ func runLoad(arguments []string) {
 				unaryWorker(client, payload, measureFrom, measureUntil, results)
 			case "pingpong":
 				pingPongWorker(client, payload, measureFrom, measureUntil, results)
+			case "newconn":
+				newConnectionWorker(target, payload, measureFrom, measureUntil, results)
 			default:
 				fail("unknown workload " + *workload)
 			}
@@ -256,6 +271,23 @@ func unaryWorker(client echo.EchoClient, payload *echo.Payload, from, until time
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		_, err := client.Unary(ctx, payload)
 		cancel()
+		results.add(time.Since(began), err, !began.Before(from))
+	}
+}
+
+func newConnectionWorker(target dialFlags, payload *echo.Payload, from, until time.Time, results *recorder) {
+	for {
+		began := time.Now()
+		if !began.Before(until) {
+			return
+		}
+		conn, err := target.tryDial()
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			_, err = echo.NewEchoClient(conn).Unary(ctx, payload)
+			cancel()
+			conn.Close()
+		}
 		results.add(time.Since(began), err, !began.Before(from))
 	}
 }

@@ -31,9 +31,9 @@ UpstreamHealthCheck = Literal["tcp", "grpc"]
 
 DEFAULT_INGRESS_LISTEN = Address("0.0.0.0", 8443)
 
-# Budgets grpc core's server has no equivalent for (the others map to its channel
+# Settings grpc core's server has no equivalent for (the budgets not listed map to its channel
 # arguments: see grpcplane/plane.py).
-_SPLICE_ONLY_LIMITS = frozenset(
+_SPLICE_ONLY = frozenset(
     {
         "max_connections",
         "max_pending_handshakes",
@@ -45,6 +45,7 @@ _SPLICE_ONLY_LIMITS = frozenset(
         "reset_rate",
         "denied_calls",
         "denied_lifetime",
+        "session_tickets",  # (grpc core's TLS has its own)
     }
 )
 
@@ -97,6 +98,8 @@ class RouteConfig:
     crl: tuple[PemSource, ...] = ()
     crl_stale: StaleAction = "warn"
     server_name: str | None = None
+    # Ingress: TLS 1.3 tickets sent after each full handshake (splice/listener.py).
+    session_tickets: int = 1
     unsafe_upstream: bool = False
     unsafe_listen: bool = False
     data_plane: DataPlaneName = "splice"
@@ -165,7 +168,7 @@ class RouteConfig:
         """The per-call plane runs on grpc core's HTTP/2 server, which has its own budgets:
         a budget it cannot honour is refused when given, never silently ignored."""
         for key in self.where:
-            if key in _SPLICE_ONLY_LIMITS:
+            if key in _SPLICE_ONLY:
                 raise ConfigError(
                     f"{self.label(key)} applies to data_plane splice only (grpc core, which "
                     "serves data_plane grpc, has no such setting)"
@@ -227,6 +230,7 @@ class RouteConfig:
             ("rules_mode", self.allow.rules_mode != "enforce"),
             ("grpc_health", self.grpc_health != "app"),
             ("upstream_health_check", self.upstream_health_check != "tcp"),
+            ("session_tickets", "session_tickets" in self.where),
             ("allow_all", self.allow.allow_all),
             ("unsafe_upstream", self.unsafe_upstream),
         ):

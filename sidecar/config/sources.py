@@ -190,6 +190,7 @@ def _route(layer: Layer, location: str | None, config_file: str | None) -> Route
         crl=get("crl"),
         crl_stale=get("crl_stale"),
         server_name=get("server_name"),
+        session_tickets=get("session_tickets"),
         unsafe_upstream=get("unsafe_upstream"),
         unsafe_listen=get("unsafe_listen"),
         data_plane=get("data_plane"),

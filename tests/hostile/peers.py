@@ -111,12 +111,14 @@ class RawPeer:
         *,
         timeout: float = 10.0,
         preface: bool = True,
+        session: ssl.SSLSession | None = None,
     ) -> None:
+        """session: a TLS session of an earlier peer's, to resume."""
         raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if pki is not None:
             self.sock: socket.socket = client_context(pki, client).wrap_socket(
-                raw, server_hostname="localhost"
+                raw, server_hostname="localhost", session=session
             )
         else:
             self.sock = raw

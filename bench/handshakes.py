@@ -1,11 +1,13 @@
-"""New mTLS connections per second through each proxy, with `openssl s_time`.
+"""New mTLS connections per second through each proxy, with `openssl s_time -new`.
 
 s_time opens connections one after another for a while, each a whole TLS handshake with
-the bench's client certificate (`-new`), or each resuming the first one's session
-(`-reuse`), and closes it without sending a request: what it measures is the proxy's
-cost of accepting, authenticating and setting up a caller, which clients that do not
-keep connections (probes, batch jobs, a fleet reconnecting after a deploy) pay. The
-proxy's CPU over the connections made gives its CPU per handshake.
+the bench's client certificate, and closes it without sending a request: what it
+measures is the proxy's cost of accepting, authenticating and setting up a caller, which
+clients that do not keep connections (probes, batch jobs, a fleet reconnecting after a
+deploy) pay. The proxy's CPU over the connections made gives its CPU per handshake.
+(s_time's -reuse cannot resume a TLS 1.3 session: it never reads the tickets, which come
+after the handshake. Resumption is measured by the load generator instead: the
+workload "a new connection per call ..., TLS resumed".)
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from dataclasses import dataclass, field
 
 from bench.proxies import Certificates, Proxy
 
-MODES = {"-new": "new mTLS connections (openssl s_time -new)",
-         "-reuse": "resumed TLS sessions (openssl s_time -reuse)"}  # fmt: skip
+MODES = {"-new": "new mTLS connections (openssl s_time -new)"}
 _COUNTED = re.compile(r"(\d+) connections in [\d.]+s")
 
 
@@ -45,7 +46,6 @@ def handshakes_once(
     counted = _COUNTED.findall(done.stdout)
     if done.returncode != 0 or not counted:
         raise RuntimeError(f"s_time {mode} against {proxy.name} failed: {done.stderr.strip()}")
-    # s_time -reuse prints the first (new) connection's count, then the reused ones'.
     connections = int(counted[-1])
     return HandshakeRow(mode, proxy.name, connections / seconds, spent * 1000 / max(connections, 1))
 

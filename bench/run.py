@@ -63,6 +63,10 @@ WORKLOADS = (
         "unary 64 B, a new connection per call, 8 at a time",
         ("-workload", "newconn", "-size", "64", "-concurrency", "8"),
     ),
+    Workload(  # the same, each connection resuming a TLS session (tickets)
+        "unary 64 B, a new connection per call, 8 at a time, TLS resumed",
+        ("-workload", "newconn", "-size", "64", "-concurrency", "8", "-resume"),
+    ),
 )
 # The targets whose handshakes are timed (openssl s_time), when they run.
 HANDSHAKE_TARGETS = ("sidecar", "haproxy", "nginx")

@@ -10,6 +10,7 @@
 //	    p50_ms, p99_ms, errors and the first error's text. newconn: each call on a
 //	    connection of its own (dialled, a full TLS handshake, closed after the call),
 //	    -concurrency of them at a time; a call's latency includes its connection's.
+//	    -resume: TLS sessions are kept and resumed (after the first handshakes).
 //
 //	benchtool idle -target HOST:PORT [-ca ...] -connections N
 //	    Opens N connections, makes one call on each so every hop is set up, prints
@@ -110,7 +111,11 @@ func runServer(arguments []string) {
 
 type dialFlags struct {
 	target, ca, cert, key, serverName *string
+	resume                            *bool
 }
+
+// sessions keeps TLS sessions for -resume: every connection after the first resumes one.
+var sessions = tls.NewLRUClientSessionCache(256)
 
 func addDialFlags(flags *flag.FlagSet) dialFlags {
 	return dialFlags{
@@ -119,6 +124,7 @@ func addDialFlags(flags *flag.FlagSet) dialFlags {
 		cert:       flags.String("cert", "", "client certificate (PEM)"),
 		key:        flags.String("key", "", "client key (PEM)"),
 		serverName: flags.String("server-name", "", "name the server certificate carries"),
+		resume:     flags.Bool("resume", false, "keep TLS sessions and resume them (tickets)"),
 	}
 }
 
@@ -130,7 +136,8 @@ func (f dialFlags) dial() *grpc.ClientConn {
 	return conn
 }
 
-// tryDial connects (TLS with -ca: no session cache, so every handshake is a full one).
+// tryDial connects (TLS with -ca: without -resume, no session cache, so every handshake
+// is a full one).
 func (f dialFlags) tryDial() (*grpc.ClientConn, error) {
 	if *f.target == "" {
 		fail("-target is required")
@@ -154,12 +161,16 @@ func (f dialFlags) tryDial() (*grpc.ClientConn, error) {
 		if !pool.AppendCertsFromPEM(caPEM) {
 			fail("no certificate in " + *f.ca)
 		}
-		options = append(options, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		config := &tls.Config{
 			Certificates: []tls.Certificate{own},
 			RootCAs:      pool,
 			ServerName:   *f.serverName,
 			MinVersion:   tls.VersionTLS12,
-		})))
+		}
+		if *f.resume {
+			config.ClientSessionCache = sessions
+		}
+		options = append(options, grpc.WithTransportCredentials(credentials.NewTLS(config)))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

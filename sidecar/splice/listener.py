@@ -71,14 +71,12 @@ _HANDSHAKE_FINISH_SECONDS = 1.0
 _BURST = 256
 
 
-def _remote_of(sock: socket.socket) -> str:
-    """The caller's address as gRPC names peers: ipv4:127.0.0.1:53412, ipv6:[::1]:53412."""
+def _remote_of(sock: socket.socket, address: object) -> str:
+    """The caller's address as gRPC names peers: ipv4:127.0.0.1:53412, ipv6:[::1]:53412
+    (address: as accept() returned it)."""
     if sock.family == socket.AF_UNIX:
         return f"unix:{sock.getsockname()}"
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:  # already gone
-        return "-"
+    host, port = address[:2]  # type: ignore[index]
     return f"ipv6:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"ipv4:{host}:{port}"
 
 
@@ -358,7 +356,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sock, _ = await loop.sock_accept(listening)
+                sock, address = await loop.sock_accept(listening)
             except OSError as error:
                 self.admission.accept_failed(listening, error, len(self.connections))
                 await asyncio.sleep(_ACCEPT_PAUSE_SECONDS)
@@ -372,11 +370,11 @@ class Listener:
             if verdict == "close":
                 sock.close()
                 continue
-            _track(self._opening, loop.create_task(self._open(sock, verdict == "refuse")))
+            remote = _remote_of(sock, address)
+            _track(self._opening, loop.create_task(self._open(sock, remote, verdict == "refuse")))
 
-    async def _open(self, sock: socket.socket, over_limit: bool) -> None:
+    async def _open(self, sock: socket.socket, remote: str, over_limit: bool) -> None:
         """Run the TLS handshake (ingress) and give the connection its protocol."""
-        remote = _remote_of(sock)
         made: list[_CallerProtocol] = []
 
         def protocol() -> _CallerProtocol:
@@ -384,9 +382,7 @@ class Listener:
             return made[-1]
 
         try:
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _keep_alive(sock)
+            # (TCP_NODELAY and keepalive: the listening socket's, which accept() copies.)
             if not self.parts.ingress:
                 await asyncio.get_running_loop().connect_accepted_socket(protocol, sock)
             else:
@@ -637,6 +633,11 @@ def _bind(address: Address) -> tuple[list[socket.socket], bool]:
     else:
         socks, shared = bind_tcp(address.host or None, address.port)
     for sock in socks:
+        if sock.family != socket.AF_UNIX:
+            # Copied by accept() to every caller's socket (Linux and the BSDs do): set
+            # once here, not with four system calls per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(sock)
         sock.listen(4096)
         sock.setblocking(False)
     return socks, shared

@@ -10,9 +10,9 @@ and skip it when none does, so that the hot path does not ask which features are
 
 The access log and the metrics hear of calls a batch at a time, at most _HOLD_SECONDS
 after the first of them ended: per call, the data plane only appends its record to a
-list, and each observer goes through the batch in one loop of its own. At thousands of
-calls a second that is a third of what a call to each observer per call cost (~2 us
-against ~6 us, measured with the access log and metrics on).
+list, and each observer goes through the batch in one loop of its own. Measured with the
+access log and metrics on, that is 3.8 us of Python per call, where calling each observer
+for each call cost 6.4 us.
 """
 
 from __future__ import annotations

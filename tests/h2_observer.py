@@ -7,6 +7,7 @@ END_STREAM (a half-close), RST_STREAM (a cancel), or END_STREAM then RST_STREAM
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections import defaultdict
@@ -41,7 +42,9 @@ class H2Observer:
         )
         connection.initiate_connection()
         sock.sendall(connection.data_to_send())
-        with sock:
+        with sock, contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            # (A sidecar may reset its connection to the app, when it stops, say: that ends
+            # this connection, as a FIN does.)
             while data := sock.recv(65536):
                 for event in connection.receive_data(data):
                     self._record(connection, event)

@@ -48,6 +48,7 @@ def test_a_caller_resumes_its_session_with_its_identity_unless_tickets_are_off(
     ("args", "expected"),
     [
         (["--session-tickets", "-1"], "--session-tickets: -1 must be at least 0"),
+        (["--session-tickets", "1000"], "--session-tickets: 1000 is out of range (at most 8)"),
         (["--session-tickets", "1", "--data-plane", "grpc"], "--session-tickets applies to "
          "data_plane splice only"),
     ],

@@ -56,6 +56,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # format) that identity_header can send; auth/forwarded.py writes them.
 IDENTITY_ELEMENTS = ("Hash", "Subject", "URI", "DNS")
 
+_MAX_COUNT = 2**31 - 1  # the largest count any setting takes
 ENV_PREFIX = "SIDECAR_"  # each setting's variable: SIDECAR_<KEY>
 
 
@@ -72,6 +73,7 @@ class Setting:
     flag: bool = True  # settable by a command-line flag and an environment variable
     shortest: float = 0.0  # seconds: a value above 0 and below this is refused (0 stays "off")
     least: int = 1  # count: the smallest value taken
+    most: int = _MAX_COUNT  # count: the largest value taken
 
     @property
     def flag_name(self) -> str:
@@ -135,7 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
         "ingress: TLS 1.3 session tickets sent after each full handshake, for callers that "
         "resume sessions (each costs ~0.2 ms of CPU per handshake; gRPC clients do not resume "
         "by default: 0 saves it)",
-        metavar="N", default=1, least=0,
+        metavar="N", default=1, least=0, most=8,  # (each is work per handshake)
     ),
     Setting(
         "server_name", "text", "route", "TLS",
@@ -376,7 +378,6 @@ SPIFFE_ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 _MAX_SECONDS = 86_400 * 365  # anything longer is a typo
 
-_MAX_COUNT = 2**31 - 1
 
 Value = (
     str | Address | PemSource | tuple[PemSource, ...] | tuple[str, ...] | tuple[MethodRule, ...]
@@ -415,7 +416,7 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
             count = int(text.strip())
         except ValueError:
             raise ConfigError(f"{where}: expected a whole number, got {text!r}") from None
-        return _count(count, where, setting.least)
+        return _count(count, where, setting.least, setting.most)
     return _from_string(setting, text, where, base)
 
 
@@ -449,7 +450,7 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
     if setting.kind == "count":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-        return _count(value, where, setting.least)
+        return _count(value, where, setting.least, setting.most)
     if not isinstance(value, str):
         # The type only: the value may be a private key pasted as a YAML list.
         example = {
@@ -498,11 +499,11 @@ def files(items: Sequence[str], where: str, base: Path | None = None) -> tuple[P
     return tuple(PemSource.parse(item, where, base) for item in items)
 
 
-def _count(value: int, where: str, least: int = 1) -> int:
+def _count(value: int, where: str, least: int = 1, most: int = _MAX_COUNT) -> int:
     if value < least:
         raise ConfigError(f"{where}: {value} must be at least {least}")
-    if value > _MAX_COUNT:
-        raise ConfigError(f"{where}: {value} is out of range (at most {_MAX_COUNT})")
+    if value > most:
+        raise ConfigError(f"{where}: {value} is out of range (at most {most})")
     return value
 
 

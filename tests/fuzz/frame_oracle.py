@@ -37,7 +37,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from sidecar.h2.frames import DROP, _Drop
+from sidecar.h2.frames import _MAX_DROPPED, DROP, _Drop
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
@@ -202,7 +202,10 @@ class FrameOracle:
         self.settings_seen = False  # the peer's first SETTINGS has gone out
         # An open header block: (stream id, flags of its HEADERS, fragments, bytes held).
         self._block: tuple[int, int, list[bytes], int] | None = None
-        self.dropped: set[int] = set()  # streams the headers callback dropped
+        # Streams the headers callback dropped, oldest first. Ended or reset, they stay left
+        # out (late WINDOW_UPDATE, PRIORITY, RST_STREAM on them would reach a peer that
+        # never saw the stream) until the walker's bound lets the oldest go.
+        self.dropped: dict[int, None] = {}
 
     def judge(self, raw: bytes, complete: bool) -> Verdict:
         if self.preface:
@@ -250,8 +253,6 @@ class FrameOracle:
             events: list[Event] = (
                 [("dropped_data", length)] if self.hooks.dropped_data and length else []
             )
-            if complete and flags & END_STREAM:
-                self.dropped.discard(stream_id)
             return Verdict("agree", [], events, why="DATA of a dropped stream")
         small = kind in (WINDOW_UPDATE, PRIORITY) or (kind == PING and not self.hooks.ping)
         if (
@@ -262,8 +263,6 @@ class FrameOracle:
             if not complete:
                 return Verdict("agree", [], why="held whole: it may be left out")
             if stream_id in self.dropped:
-                if kind == RST_STREAM:
-                    self.dropped.discard(stream_id)
                 return Verdict("agree", [], why="a frame of a dropped stream")
             if small:
                 return Verdict("agree", [Exact(raw)], why="crosses unread")
@@ -372,7 +371,9 @@ class FrameOracle:
         events: list[Event] = [("headers", stream_id, first_flags, block)]
         answer = replacement(self.hooks.rewrite, stream_id, block)
         if answer is DROP:
-            self.dropped.add(stream_id)
+            self.dropped[stream_id] = None
+            if len(self.dropped) > _MAX_DROPPED:
+                del self.dropped[next(iter(self.dropped))]
             return Verdict("agree", [], events, why="a dropped stream's block is left out")
         assert not isinstance(answer, _Drop)
         if answer is None and whole_frame:

@@ -13,8 +13,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, NoReturn
 
 from sidecar import __version__
 from sidecar.config.model import Config
@@ -22,6 +22,7 @@ from sidecar.config.settings import BY_KEY, SETTINGS
 from sidecar.config.sources import CONFIG_ENV, Loaded, load
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
 from sidecar.host import allocator
+from sidecar.observe import accesslog
 
 _DESCRIPTION = """\
 Put mutual TLS and a caller allowlist in front of a plain gRPC service, with no
@@ -148,18 +149,37 @@ def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Load
     return load(flags, environ, config_file)
 
 
-def _run_event_loop(
-    config: Config, reread: Callable[[], Config] | None, config_file: str | None
-) -> int:
-    from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
-
+def _run_event_loop(main: Coroutine[Any, Any, int]) -> int:
     allocator.tune_for_relaying()
-
     try:
         import uvloop
     except ImportError:  # uvloop is optional: grpc.aio works on the stock loop too
-        return asyncio.run(run(config, reread, config_file))
-    return int(uvloop.run(run(config, reread, config_file)))
+        return asyncio.run(main)
+    return int(uvloop.run(main))
+
+
+def _serve(loaded: Loaded, reread: Callable[[], Config] | None, argv: Sequence[str]) -> int:
+    """Serve in this process; or, with workers, as their supervisor or as one of them."""
+    from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
+    from sidecar.runtime.workers import Supervisor, WorkerSetup
+
+    config = loaded.config
+    worker = WorkerSetup.from_env(os.environ)
+    if worker is None:
+        for warning in loaded.warnings:  # (a worker's supervisor has said them)
+            logging.getLogger("sidecar").warning("%s", warning)
+        if config.workers > 1:
+            return _run_event_loop(Supervisor(config, argv).run())
+        return _run_event_loop(run(config, reread, loaded.config_file))
+    accesslog.set_worker(worker.index)
+    worker_reread = None
+    if reread is not None:
+        read_again = reread
+
+        def worker_reread() -> Config:
+            return worker.applied(read_again())
+
+    return _run_event_loop(run(worker.applied(config), worker_reread, loaded.config_file, worker))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,8 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sidecar.observe import logs
 
     logs.configure(config.log_format, config.log_level)
-    for warning in loaded.warnings:
-        logging.getLogger("sidecar").warning("%s", warning)
     if config.log_format == "json":
         # grpc core writes its own plain-text lines to stderr; keep the stream JSON.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -200,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return load_from_args(args, environ).config
 
     try:
-        return _run_event_loop(config, reread if loaded.config_file else None, loaded.config_file)
+        return _serve(loaded, reread if loaded.config_file else None, argv)
     except ConfigError as exc:
         _say(f"config error: {exc}")
         return EXIT_USAGE

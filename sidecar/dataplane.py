@@ -11,6 +11,7 @@ route is a name in runtime/route.py's table.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -108,6 +109,9 @@ class RouteParts:
     connections: ConnectionObserver = NO_CONNECTION_OBSERVER  # the splice's caller connections
     # Ingress with `grpc_health: sidecar`: grpc.health.v1 calls are answered from this.
     health: Serving | None = None
+    # A worker's (runtime/workers.py): the listening sockets its supervisor bound, served
+    # instead of binding its own.
+    listening: list[socket.socket] | None = None
 
     @property
     def ingress(self) -> bool:

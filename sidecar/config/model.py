@@ -249,6 +249,7 @@ class Config:
     log_format: LogFormat = "text"
     log_level: str = "info"
     drain_grace: float = 10.0
+    workers: int = 1  # processes serving every route (runtime/workers.py)
     reload_interval: float = 0.0  # 0: credentials reload on SIGHUP only
     # The admin listener (runtime/admin.py): off when None.
     admin: Address | None = None

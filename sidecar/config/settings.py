@@ -20,11 +20,13 @@ from sidecar.config.addresses import Address, parse_address
 from sidecar.config.pem import PemSource
 from sidecar.config.rules import MethodRule, parse_rules
 from sidecar.errors import ConfigError
+from sidecar.host.cores import usable_cores
 
 # text: a string; choice: one of `choices`; address: HOST:PORT or unix:/path;
 # pem: a file path or inline PEM; files: a list of those (a flag repeated, commas in
 # an environment variable); names: a list of strings; switch: a boolean;
-# seconds: a non-negative number; count: a positive whole number; socket: unix:/path.
+# seconds: a non-negative number; count: a positive whole number; socket: unix:/path;
+# processes: a count, or `auto` (the cores this process may use, host/cores.py).
 # rules: a route's per-method rules (config/rules.py), from the config file only.
 Kind = Literal[
     "text",
@@ -36,6 +38,7 @@ Kind = Literal[
     "switch",
     "seconds",
     "count",
+    "processes",
     "socket",
     "rules",
 ]
@@ -318,6 +321,12 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS", default=10.0,
     ),
     Setting(
+        "workers", "processes", "process", "process",
+        "processes serving every route, sharing its listeners (auto: one per usable core); "
+        "the splice data plane only",
+        metavar="N|auto", default=1, most=64,
+    ),
+    Setting(
         "reload_interval", "seconds", "process", "process",
         "how often every route's certificate, key and CA files, and the --config file, are "
         "read and, when their content changed, reloaded as SIGHUP does; 0: only on SIGHUP",
@@ -411,11 +420,14 @@ def from_text(setting: Setting, text: str, where: str, base: Path | None = None)
         except ValueError:
             raise ConfigError(f"{where}: expected a number of seconds, got {text!r}") from None
         return _seconds(seconds, where, setting.shortest)
-    if setting.kind == "count":
+    if setting.kind == "processes" and text.strip() == "auto":
+        return min(usable_cores(), setting.most)
+    if setting.kind in ("count", "processes"):
         try:
             count = int(text.strip())
         except ValueError:
-            raise ConfigError(f"{where}: expected a whole number, got {text!r}") from None
+            wanted = "a whole number" if setting.kind == "count" else "a whole number or auto"
+            raise ConfigError(f"{where}: expected {wanted}, got {text!r}") from None
         return _count(count, where, setting.least, setting.most)
     return _from_string(setting, text, where, base)
 
@@ -447,9 +459,12 @@ def from_file(setting: Setting, value: object, where: str, base: Path) -> Value:
             return _seconds(float(value), where, setting.shortest)
         except OverflowError:
             raise ConfigError(f"{where}: {value} seconds is out of range") from None
-    if setting.kind == "count":
+    if setting.kind == "processes" and value == "auto":
+        return min(usable_cores(), setting.most)
+    if setting.kind in ("count", "processes"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+            wanted = "a whole number" if setting.kind == "count" else "a whole number or auto"
+            raise ConfigError(f"{where}: expected {wanted}, got {value!r}")
         return _count(value, where, setting.least, setting.most)
     if not isinstance(value, str):
         # The type only: the value may be a private key pasted as a YAML list.

@@ -117,6 +117,14 @@ def load(
         routes=tuple(_route(layer, location, config_file) for layer, location in route_layers),
         **{key: given.value for key, given in process.items()},  # type: ignore[arg-type]
     )
+    if config.workers > 1:
+        for route in config.routes:
+            if route.data_plane != "splice":
+                raise ConfigError(
+                    f"{process['workers'].where} {config.workers}: {route.label('data_plane')} "
+                    f"is {route.data_plane}, which serves from one process; use data_plane "
+                    "splice, or one worker"
+                )
     if config.admin is not None and not config.admin.is_loopback and not config.unsafe_admin:
         raise ConfigError(
             f"{process['admin'].where} {config.admin} is not on loopback: the admin listener "

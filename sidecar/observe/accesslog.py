@@ -29,6 +29,15 @@ _HEAD_KEPT_BYTES = 512  # (a :path may be ~16 KB, escaped to six times that)
 
 _Key = tuple[str, str, str, "str | None"]
 
+# Which worker writes the lines (runtime/workers.py), when there are several.
+_worker: int | None = None
+
+
+def set_worker(index: int) -> None:
+    """Name this worker in every access line (`worker=N`; JSON: "worker"), from now on."""
+    global _worker
+    _worker = index
+
 
 class AccessLog:
     """The access log: one line per call, at INFO (a batch observer, see calls.Batched)."""
@@ -178,9 +187,7 @@ class _JsonLines(_Lines):
             self._sink.queue("".join(lines), len(lines))
 
     def _heads_of(self, record: CallRecord) -> tuple[str, str]:
-        fields = {"method": record.method, "peer": record.peer, "remote": record.remote}
-        if record.route is not None:
-            fields["route"] = record.route
+        fields = _key_fields(record)
         message_head = json.dumps(_prefix(record))[:-1]  # the string left open
         return f"{self._sink.after_time}{message_head}", f"{json.dumps(fields)[1:-1]}, "
 
@@ -188,8 +195,9 @@ class _JsonLines(_Lines):
 def _prefix(record: CallRecord) -> str:
     """The text line's message up to its code: method, route, caller and address."""
     route = "" if record.route is None else f" route={_token(record.route)}"
+    worker = "" if _worker is None else f" worker={_worker}"
     peer, remote = _quoted(record.peer), _token(record.remote)
-    return f"{_token(record.method)}{route} peer='{peer}' remote={remote} code="
+    return f"{_token(record.method)}{route}{worker} peer='{peer}' remote={remote} code="
 
 
 def _numbers(record: CallRecord, duration_ms: float) -> str:
@@ -209,13 +217,7 @@ def access_log() -> AccessLog | None:
 
 def _fields(record: CallRecord, code: str, duration_ms: float) -> dict[str, object]:
     """The line's fields for the JSON format."""
-    fields: dict[str, object] = {
-        "method": record.method,
-        "peer": record.peer,
-        "remote": record.remote,
-    }
-    if record.route is not None:
-        fields["route"] = record.route
+    fields = _key_fields(record)
     fields.update(
         code=code,
         duration_ms=round(duration_ms, 3),
@@ -224,6 +226,20 @@ def _fields(record: CallRecord, code: str, duration_ms: float) -> dict[str, obje
     )
     if record.details:
         fields["details"] = record.details
+    return fields
+
+
+def _key_fields(record: CallRecord) -> dict[str, object]:
+    """The JSON fields that name the call: the same for a caller's calls of one method."""
+    fields: dict[str, object] = {
+        "method": record.method,
+        "peer": record.peer,
+        "remote": record.remote,
+    }
+    if record.route is not None:
+        fields["route"] = record.route
+    if _worker is not None:
+        fields["worker"] = _worker
     return fields
 
 

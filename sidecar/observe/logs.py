@@ -224,6 +224,17 @@ def configure(log_format: LogFormat, level: str) -> None:
     set_level(level)
 
 
+def write_lines(text: str) -> None:
+    """Whole lines formatted elsewhere (a worker's, runtime/workers.py), written in turn
+    with this process's own; from the event loop's thread."""
+    handlers = logging.getLogger().handlers
+    if len(handlers) == 1 and isinstance(handlers[0], BatchingHandler):
+        handlers[0].queue(text, text.count("\n"))
+    else:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
 def set_level(level: str) -> None:
     """Log at this level from now on (at start-up, and when a reload changes log_level)."""
     root = logging.getLogger()

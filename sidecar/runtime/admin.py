@@ -25,9 +25,10 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 
 from sidecar import __version__
 from sidecar.config.addresses import Address
@@ -40,25 +41,56 @@ _REQUEST_SECONDS = 5.0
 _HEAD_BYTES = 8192
 _CONNECTIONS = 64
 
-# What a route reports of itself (runtime/route.py): readiness problems, and its status.
+# What the routes report of themselves (runtime/route.py): readiness problems, and status.
 ReadinessProbe = Callable[[], list[str]]
 StatusProbe = Callable[[], dict[str, object]]
+
+
+class Answers(Protocol):
+    """What the admin listener serves: one process's own, or its workers' added up
+    (runtime/workers.py)."""
+
+    async def not_ready(self) -> list[str]: ...
+
+    async def metrics(self, openmetrics: bool) -> tuple[str, bytes]:
+        """The content type and the exposition."""
+        ...
+
+    async def status(self) -> dict[str, object]: ...
+
+
+class ProcessAnswers:
+    """One process's own answers."""
+
+    def __init__(self, metrics: Metrics, not_ready: ReadinessProbe, status: StatusProbe) -> None:
+        self._metrics = metrics
+        self._not_ready = not_ready
+        self._status = status
+
+    async def not_ready(self) -> list[str]:
+        return self._not_ready()
+
+    async def metrics(self, openmetrics: bool) -> tuple[str, bytes]:
+        return exposition(self._metrics.registry, openmetrics)
+
+    async def status(self) -> dict[str, object]:
+        return self._status()
+
+
+def exposition(registry: CollectorRegistry, openmetrics: bool) -> tuple[str, bytes]:
+    """The registry's metrics in the format asked for, and its content type."""
+    if openmetrics:
+        text = openmetrics_exposition.generate_latest(registry)  # type: ignore[no-untyped-call]
+        return openmetrics_exposition.CONTENT_TYPE_LATEST, text
+    return CONTENT_TYPE_LATEST, generate_latest(registry)
 
 
 class Admin:
     """The admin listener of one process."""
 
-    def __init__(
-        self,
-        address: Address,
-        metrics: Metrics,
-        not_ready: ReadinessProbe,
-        status: StatusProbe,
-    ) -> None:
+    def __init__(self, address: Address, answers: Answers) -> None:
         self._address = address
-        self._metrics = metrics
-        self._not_ready = not_ready
-        self._status = status
+        self._answers = answers
         self._server: asyncio.Server | None = None
         self._serving = 0
         # Connections whose request head has not come yet, oldest first (see the module doc).
@@ -115,7 +147,7 @@ class Admin:
             self._waiting.pop(writer, None)
             if writer.is_closing():
                 return  # closed for a newer connection (see the module doc)
-            status, content_type, body = self._answered(head)
+            status, content_type, body = await self._answered(head)
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -129,16 +161,16 @@ class Admin:
             self._serving -= 1
             writer.close()
 
-    def _answered(self, head: bytes) -> tuple[int, str, bytes]:
+    async def _answered(self, head: bytes) -> tuple[int, str, bytes]:
         if not head:
             return 400, "text/plain", b"bad request\n"
         try:
-            return self._answer(head)
+            return await self._answer(head)
         except Exception:  # a bug: the caller of the admin listener learns that much
             logger.exception("admin: internal error answering %r", head.split(b"\r\n", 1)[0])
             return 500, "text/plain", b"internal error: see the sidecar's log\n"
 
-    def _answer(self, head: bytes) -> tuple[int, str, bytes]:
+    async def _answer(self, head: bytes) -> tuple[int, str, bytes]:
         request_line, _, rest = head.partition(b"\r\n")
         parts = request_line.split(b" ")
         if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
@@ -147,20 +179,18 @@ class Admin:
         if path == b"/healthz":
             return 200, "text/plain", b"ok\n"
         if path == b"/readyz":
-            problems = self._not_ready()
+            problems = await self._answers.not_ready()
             body = json.dumps({"ready": not problems, "not_ready": problems}, indent=1)
             return (503 if problems else 200), "application/json", body.encode() + b"\n"
         if path == b"/metrics":
-            if b"application/openmetrics-text" in rest.lower():
-                registry = self._metrics.registry
-                text = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
-                return 200, openmetrics.CONTENT_TYPE_LATEST, text
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+            openmetrics = b"application/openmetrics-text" in rest.lower()
+            content_type, text = await self._answers.metrics(openmetrics)
+            return 200, content_type, text
         if path == b"/status":
             status = {
                 "version": __version__,
                 "uptime_seconds": round(time.monotonic() - self._started, 3),
-                **self._status(),
+                **(await self._answers.status()),
             }
             return 200, "application/json", json.dumps(status, indent=1).encode() + b"\n"
         return 404, "text/plain", b"not found: /metrics /healthz /readyz /status\n"

@@ -18,6 +18,7 @@ import asyncio
 import datetime
 import functools
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -56,11 +57,16 @@ class Route:
     """A listener relaying to one upstream, with an explicit lifecycle."""
 
     def __init__(
-        self, config: RouteConfig, metrics: Metrics | None = None, label: str = ""
+        self,
+        config: RouteConfig,
+        metrics: Metrics | None = None,
+        label: str = "",
+        listening: list[socket.socket] | None = None,
     ) -> None:
         """metrics: the process's, when an admin listener serves them; label: how they name
-        this route."""
+        this route; listening: a worker's listening sockets, bound by its supervisor."""
         self.config = config
+        self._listening = listening
         self._metrics = metrics
         self._label = label
         # Read and validate certificates first: a bad file is a ConfigError before
@@ -117,6 +123,7 @@ class Route:
             connections=counted[1] if counted else NO_CONNECTION_OBSERVER,
             diagnosis=diagnosis,
             health=self.health,
+            listening=self._listening,
         )
 
     def _calls_observed(self, counted: CallsCounted | None) -> CallObserver:

@@ -14,7 +14,8 @@ import datetime
 import logging
 import os
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -26,9 +27,10 @@ from sidecar.host.descriptors import raise_open_file_limit
 from sidecar.observe import logs
 from sidecar.observe.accesslog import access_logger
 from sidecar.observe.metrics import Expiries, Metrics
-from sidecar.runtime.admin import Admin
+from sidecar.runtime.admin import Admin, ProcessAnswers
 from sidecar.runtime.reload import PROCESS_FIELDS_IN_PLACE, needs_restart, route_key
 from sidecar.runtime.route import Route
+from sidecar.runtime.workers import WorkerSetup
 
 logger = logging.getLogger("sidecar.server")  # by name: operators filter on it
 
@@ -72,7 +74,9 @@ class Sidecar:
         config: Config,
         reread: Callable[[], Config] | None = None,
         config_file: str | None = None,
+        listening: Sequence[list[socket.socket]] | None = None,
     ) -> None:
+        """listening: a worker's listening sockets, per route (bound by its supervisor)."""
         self.config = config
         self._access_log_at_start = access_logger.isEnabledFor(logging.INFO)
         # Metrics are kept when an admin listener serves them.
@@ -80,13 +84,16 @@ class Sidecar:
         if config.admin is not None:
             self.metrics = Metrics(config.metrics_methods, config.metrics_callers or 0)
         metrics = self.metrics
+        inherited: Sequence[list[socket.socket] | None] = listening or [None] * len(config.routes)
         self.routes = [  # each validates its certificates
-            Route(route, metrics, label)
-            for route, label in zip(config.routes, _labels(config.routes), strict=True)
+            Route(route, metrics, label, socks)
+            for route, label, socks in zip(
+                config.routes, _labels(config.routes), inherited, strict=True
+            )
         ]
         self._admin: Admin | None = None
         if config.admin is not None and metrics is not None:
-            self._admin = Admin(config.admin, metrics, self.not_ready, self.status)
+            self._admin = Admin(config.admin, ProcessAnswers(metrics, self.not_ready, self.status))
             metrics.watch(Expiries(self._expiries))
         self.last_reload: dict[str, str] | None = None
         self._reread = reread
@@ -275,18 +282,24 @@ async def run(
     config: Config,
     reread: Callable[[], Config] | None = None,
     config_file: str | None = None,
+    worker: WorkerSetup | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, drain, and return the process exit code. reread: how
     SIGHUP reads the configuration again, from config_file (None: it reloads credential
-    files only)."""
+    files only). worker: what a worker inherited from its supervisor (runtime/workers.py)."""
     loop = asyncio.get_running_loop()
     # A SIGHUP while the routes are set up (a SPIFFE route may wait for its agent) would
     # end the process, its default action: there is nothing to reload yet.
     loop.add_signal_handler(signal.SIGHUP, logger.info, "SIGHUP during start-up: ignored")
-    sidecar = Sidecar(config, reread, config_file)  # validates every certificate first
+    listening = worker.sockets() if worker is not None else None
+    # Validates every certificate first.
+    sidecar = Sidecar(config, reread, config_file, listening)
     raise_open_file_limit()  # each spliced caller costs two descriptors
     await sidecar.start()
     stop_requested = asyncio.Event()
+    if worker is not None:
+        worker.say_ready()
+        worker.watch_lifeline(stop_requested)
     signals_seen = 0
 
     def on_signal(signum: signal.Signals) -> None:

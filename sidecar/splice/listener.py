@@ -39,6 +39,7 @@ from sidecar.auth.headers import IDENTITY_FIELD
 from sidecar.auth.identity import IdentityReader, PeerIdentity
 from sidecar.auth.policy import Decision, Policy
 from sidecar.config.addresses import Address
+from sidecar.config.model import RouteConfig
 from sidecar.dataplane import RouteParts, Serving, log_shared_port
 from sidecar.errors import StartupError
 from sidecar.h2.headerblock import RequestFilter
@@ -336,14 +337,10 @@ class Listener:
     async def start(self) -> int:
         """Bind and start accepting; return the port (0 for a unix socket)."""
         listen = self.config.listen
-        try:
-            self._sockets, shared = _bind(listen)
-        except OSError as error:
-            raise StartupError(
-                f"cannot listen on {listen}: {_failure_details(error, 0)} (address in use?)"
-            ) from None
-        if shared:
-            log_shared_port(self.config)
+        if self.parts.listening is not None:
+            self._sockets = self.parts.listening  # a worker's, bound by its supervisor
+        else:
+            self._sockets = bind_listener(self.config)
         self.admission.start()
         loop = asyncio.get_running_loop()
         for listening in self._sockets:
@@ -561,7 +558,8 @@ class Listener:
         for listening in self._sockets:
             listening.close()
         self.admission.stop()
-        if self.config.listen.unix_path is not None and self._sockets:
+        inherited = self.parts.listening is not None  # the supervisor's to remove
+        if self.config.listen.unix_path is not None and self._sockets and not inherited:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.listen.unix_path)
         self._sockets = []
@@ -616,6 +614,19 @@ def _keep_alive(sock: socket.socket) -> None:
     for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, option):  # Linux names; other systems keep their defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def bind_listener(config: RouteConfig) -> list[socket.socket]:
+    """The route's listening sockets, non-blocking; StartupError if it cannot have them."""
+    try:
+        sockets, shared = _bind(config.listen)
+    except OSError as error:
+        raise StartupError(
+            f"cannot listen on {config.listen}: {_failure_details(error, 0)} (address in use?)"
+        ) from None
+    if shared:
+        log_shared_port(config)
+    return sockets
 
 
 def _bind(address: Address) -> tuple[list[socket.socket], bool]:

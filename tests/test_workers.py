@@ -1,0 +1,226 @@
+"""`workers: N`: N processes share each route's listeners and act as one sidecar.
+
+The load spreads (access lines name their worker), the admin listener adds the
+workers up, a dead worker is replaced, SIGTERM drains every worker without losing a
+call, SIGHUP reloads every worker, and workers whose supervisor is gone drain and exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, wait_until
+from tests.probe import Probe
+from tests.test_lifecycle import wait_until_refused
+
+UNARY = "/probe.Probe/Unary"
+ADMIN_AT = r"admin: .* served at 127\.0\.0\.1:(?P<port>\d+)"
+ACCESS_LINE = re.compile(
+    r"^\S+ \S+ INFO sidecar\.access: /probe\.Probe/Unary worker=(?P<worker>\d) peer='CN=alice' "
+    r"remote=ipv4:127\.0\.0\.1:\d+ code=OK duration_ms=[\d.]+ bytes_in=\d+ bytes_out=\d+$"
+)
+
+
+def _admin(process: SidecarProcess) -> int:
+    return int(process.wait_for(ADMIN_AT).group("port"))
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    _, text = _get(port, "/metrics")
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def _workers(sidecars: SidecarFactory, probe: Probe, *args: str) -> tuple[SidecarProcess, int]:
+    """A sidecar with two workers and an admin listener, both workers ready."""
+    process = sidecars.serving(
+        probe.port, "--allow-cn", "alice", "--workers", "2", "--admin", "127.0.0.1:0", *args
+    )
+    process.wait_for("workers: 2 serving")
+    return process, _admin(process)
+
+
+def _calls_on_new_connections(process: SidecarProcess, pki: Pki, connections: int) -> None:
+    """One call on each of `connections` connections, opened at once."""
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            with process.channel(pki) as channel:
+                assert channel.unary_unary(UNARY)(b"spread", timeout=20) == b"spread"
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_workers_share_the_load_and_the_admin_adds_them_up(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    process, admin = _workers(sidecars, probe)
+    _calls_on_new_connections(process, pki, 40)
+    process.wait_for_count("sidecar.access", 40)
+    access = [line for line in process.lines if "sidecar.access" in line]
+    # One stream of whole lines: none cut into, none run together.
+    assert all(ACCESS_LINE.match(line) for line in access), access
+    served_by = {ACCESS_LINE.match(line).group("worker") for line in access}  # type: ignore[union-attr]
+    assert served_by == {"0", "1"}, "both workers must have served calls"
+
+    calls = _samples(admin, "sidecar_calls_total")
+    assert sum(calls.values()) == 40, calls
+    assert sum(_samples(admin, "sidecar_connections_accepted_total").values()) == 40
+    assert _samples(admin, "sidecar_workers") == {(): 2.0}
+    status, body = _get(admin, "/readyz")
+    assert status == 200, body
+    status, body = _get(admin, "/status")
+    workers = json.loads(body)["workers"]
+    assert [worker["worker"] for worker in workers] == [0, 1]
+    assert all(worker["ready"] and worker["restarts"] == 0 for worker in workers)
+    assert json.loads(body)["routes"][0]["upstream"].endswith(str(probe.port))
+
+
+def test_a_killed_worker_is_replaced_and_the_others_serve_meanwhile(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    process, admin = _workers(sidecars, probe)
+    _, body = _get(admin, "/status")
+    victim = json.loads(body)["workers"][1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    process.wait_for(rf"worker 1 \(pid {victim}\) was killed by SIGKILL after [\d.]+s")
+    _calls_on_new_connections(process, pki, 4)  # worker 0 serves while 1 is replaced
+    process.wait_for(r"worker 1 started again \(pid \d+\)")
+    _, body = _get(admin, "/status")
+    replaced = json.loads(body)["workers"][1]
+    assert replaced["pid"] != victim and replaced["ready"] and replaced["restarts"] == 1
+    assert _samples(admin, "sidecar_worker_restarts_total") == {(): 1.0}
+    status, _ = _get(admin, "/readyz")
+    assert status == 200
+
+
+def test_sigterm_drains_every_worker_and_loses_no_call(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    process, _ = _workers(sidecars, probe, "--drain-grace", "30")
+    gate = probe.gate("drain")
+    channels = [process.channel(pki) for _ in range(6)]
+    in_flight = [
+        channel.unary_unary(UNARY).future(
+            b"finish me", timeout=60, metadata=[("x-probe-gate", "drain")]
+        )
+        for channel in channels
+    ]
+    probe.wait_for_calls(6)
+    process.signal(signal.SIGTERM)
+    process.wait_for("SIGTERM: draining 2 workers")
+    wait_until_refused(process.port)
+    assert process.proc.poll() is None, "must wait for the in-flight calls"
+    gate.set()
+    assert [call.result() for call in in_flight] == [b"finish me"] * 6
+    for channel in channels:
+        channel.close()
+    assert process.wait_exit() == 0
+    assert process.output.count("sidecar.server: stopped") == 3  # both workers and the supervisor
+
+
+def test_sighup_reloads_every_worker(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [alice]\n")
+    process = sidecars.start("--config", str(config), "--workers", "2")
+    process.wait_ready()
+    process.wait_for("workers: 2 serving")
+    config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [mallory]\n")
+    process.signal(signal.SIGHUP)
+    process.wait_for_count("allowlist reloaded: allow allow-cn=mallory", 2)
+    # Every worker refuses alice now: on 12 new connections, spread over both.
+    for _ in range(12):
+        with process.channel(pki) as channel, pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary(UNARY)(b"x", timeout=10)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with process.channel(pki, "mallory") as channel:
+        assert channel.unary_unary(UNARY)(b"x", timeout=10) == b"x"
+
+
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    process, admin = _workers(sidecars, probe, "--drain-grace", "1")
+    _, body = _get(admin, "/status")
+    pids = [worker["pid"] for worker in json.loads(body)["workers"]]
+    process.proc.kill()
+    process.wait_exit()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie is gone too (its parent, the supervisor, is dead; init reaps it).
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+    wait_until(lambda: all(gone(pid) for pid in pids), timeout=20)
+    wait_until_refused(process.port)
+
+
+def test_a_worker_count_the_grpc_plane_cannot_serve_is_refused(sidecars: SidecarFactory) -> None:
+    assert_config_error(
+        sidecars,
+        ["--upstream", "127.0.0.1:1", *sidecars.tls_args(), "--allow-cn", "a",
+         "--workers", "2", "--data-plane", "grpc"],
+        "--workers 2: --data-plane is grpc",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0", "must be at least 1"), ("65", "at most 64"), ("two", "a whole number or auto")],
+)
+def test_a_bad_worker_count_is_refused(
+    sidecars: SidecarFactory, value: str, expected: str
+) -> None:
+    assert_config_error(
+        sidecars,
+        ["--upstream", "127.0.0.1:1", *sidecars.tls_args(), "--allow-cn", "a", "--workers", value],
+        "--workers",
+        expected,
+    )
+
+
+def test_workers_auto_counts_the_usable_cores(sidecars: SidecarFactory) -> None:
+    result = sidecars.run(
+        "--check-config", "--upstream", "127.0.0.1:1", *sidecars.tls_args(), "--allow-cn", "a",
+        "--workers", "auto",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^workers: {len(os.sched_getaffinity(0))}\b", result.stdout, re.M), (
+        result.stdout
+    )

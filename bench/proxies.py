@@ -167,6 +167,14 @@ def start_sidecar_logging_metrics(
     )  # fmt: skip
 
 
+def start_sidecar_workers(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
+    """The sidecar with two workers (`--workers 2`), its logs off as in `sidecar`."""
+    return start_sidecar(
+        certs, port, upstream, workdir, name="sidecar-2-workers",
+        extra=("--log-level", "warning", "--workers", "2"),
+    )  # fmt: skip
+
+
 def start_sidecar_grpc(certs: Certificates, port: int, upstream: int, workdir: Path) -> Proxy:
     """The per-call data plane (grpc.aio), still used by `data_plane: grpc`."""
     return start_sidecar(
@@ -297,6 +305,7 @@ PROXIES: dict[str, ProxyStarter] = {
     "sidecar-grpc": start_sidecar_grpc,
     "sidecar+policy": start_sidecar_policy,
     "sidecar+log+metrics": start_sidecar_logging_metrics,
+    "sidecar-2-workers": start_sidecar_workers,
     "haproxy": start_haproxy,
     "haproxy+log": functools.partial(start_haproxy, logged=True),
     "nginx": start_nginx,

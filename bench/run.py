@@ -69,7 +69,9 @@ WORKLOADS = (
     ),
 )
 # The targets whose handshakes are timed (openssl s_time), when they run.
-HANDSHAKE_TARGETS = ("sidecar", "haproxy", "nginx")
+HANDSHAKE_TARGETS = ("sidecar", "sidecar-2-workers", "haproxy", "nginx")
+# Targets measured on some workloads only (those whose names hold one of these texts).
+SOME_WORKLOADS = {"sidecar-2-workers": ("32 in flight", "a new connection per call")}
 
 
 @dataclass
@@ -193,6 +195,11 @@ def measure(
 ) -> list[Row]:
     """Each target `rounds` times, interleaved (so that a noisy moment on the machine
     does not land on one target only); per target, the round of median calls/s."""
+    targets = {
+        name: target
+        for name, target in targets.items()
+        if any(text in workload.name for text in SOME_WORKLOADS.get(name, (workload.name,)))
+    }
     samples: dict[str, list[Row]] = {name: [] for name in targets}
     for _ in range(rounds):
         for name, (target, proxy) in targets.items():
@@ -328,6 +335,7 @@ def render(
             f"| {added} |"
         )
     lines += _logging_cost(rows)
+    lines += _workers(rows)
     if idle:
         lines += ["", "| idle mTLS connections | target | RSS before MiB | RSS after MiB "
                   "| KiB per connection |", "|---:|---|---:|---:|---:|"]  # fmt: skip
@@ -351,6 +359,30 @@ def render(
          "warm-up), the targets alternating round by round.", "",
          *lines]
     )  # fmt: skip
+
+
+def _workers(rows: list[Row]) -> list[str]:
+    """What a second worker gives: calls/s and CPU per call of `--workers 2` over one
+    worker's, and its calls/s over haproxy's, in the same run."""
+    by_key = {(row.workload, row.target): row for row in rows}
+    lines: list[str] = []
+    for workload in dict.fromkeys(row.workload for row in rows):
+        two, one, haproxy = (
+            by_key.get((workload, target)) for target in ("sidecar-2-workers", "sidecar", "haproxy")
+        )
+        if two is None or one is None:
+            continue
+        lines.append(
+            f"| {workload} | {ratio(two.calls_per_s, one.calls_per_s)} "
+            f"| {ratio(two.cpu_ms_per_1k, one.cpu_ms_per_1k)} "
+            f"| {ratio(two.calls_per_s, haproxy and haproxy.calls_per_s)} |"
+        )
+    if not lines:
+        return []
+    return ["", "Two workers (same run; the load generator and the upstream share the same "
+            "two cores):", "",
+            "| workload | 2 workers / 1: calls/s | 2 workers / 1: CPU per call "
+            "| 2 workers / haproxy: calls/s |", "|---|---:|---:|---:|", *lines]  # fmt: skip
 
 
 def _logging_cost(rows: list[Row]) -> list[str]:

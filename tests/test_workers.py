@@ -204,9 +204,7 @@ def test_a_worker_count_the_grpc_plane_cannot_serve_is_refused(sidecars: Sidecar
     ("value", "expected"),
     [("0", "must be at least 1"), ("65", "at most 64"), ("two", "a whole number or auto")],
 )
-def test_a_bad_worker_count_is_refused(
-    sidecars: SidecarFactory, value: str, expected: str
-) -> None:
+def test_a_bad_worker_count_is_refused(sidecars: SidecarFactory, value: str, expected: str) -> None:
     assert_config_error(
         sidecars,
         ["--upstream", "127.0.0.1:1", *sidecars.tls_args(), "--allow-cn", "a", "--workers", value],

@@ -342,7 +342,11 @@ class Splice:
         self._idle_since = loop.time()
         if limits.idle_timeout:
             self._idle_timer = loop.call_later(limits.idle_timeout, self._idle_check)
-        self._connecting = loop.create_task(self._connect(connect))
+        # The upstream connection is opened when the caller first sends (its preface comes
+        # with the handshake's end): a caller that completes a handshake and says nothing
+        # (a TLS probe, a handshake flood) costs the app no connection.
+        self._connector = connect
+        self._connecting: asyncio.Task[None] | None = None
 
     # The caller's side (called by the listener's protocol).
 
@@ -352,6 +356,8 @@ class Splice:
             self._refusal.feed(data)
             return
         if self._replay is not None:
+            if self._connecting is None:
+                self._connecting = self._loop.create_task(self._connect(self._connector))
             self._replay.append(data)
             self._replay_size += len(data)
             if self._replay_size > _REPLAY_LIMIT:
@@ -371,7 +377,8 @@ class Splice:
 
     def connection_lost(self) -> None:
         """The caller's connection is gone."""
-        self._connecting.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._refusal is not None:
             self._refusal.connection_lost()
         if self._replay is not None:  # gone before the upstream spoke: nothing was answered
@@ -418,6 +425,9 @@ class Splice:
         first), the GOAWAY waits for them."""
         self._enter(_DRAINING)
         if self._phase >= _FAILING:
+            self._close_both()
+            return
+        if self._connecting is None:  # the caller has sent nothing: there is nothing to say
             self._close_both()
             return
         if self._replay is not None:

@@ -275,3 +275,25 @@ def test_out_of_descriptors_new_callers_fail_fast_and_open_ones_are_served(
         )
         assert connected.unary_unary(METHOD)(b"after", timeout=5) == b"after"
     assert "Traceback" not in process.output
+
+
+def test_a_caller_that_handshakes_and_says_nothing_costs_the_app_no_connection(
+    sidecars: SidecarFactory, pki: Pki
+) -> None:
+    """The upstream connection is opened when the caller first sends: TLS probes and
+    handshake floods reach the sidecar only."""
+    with socket.create_server(("127.0.0.1", 0)) as app:
+        process = sidecars.serving(app.getsockname()[1], "--allow-cn", "alice")
+        peers = [RawPeer(process.port, pki, preface=False) for _ in range(5)]
+        try:
+            peers.append(RawPeer(process.port, pki))  # its preface: the sidecar connects now
+            app.settimeout(10)
+            first, _ = app.accept()
+            first.close()
+            app.setblocking(False)
+            # The silent callers' connects, had they been made, were made before this one's.
+            with pytest.raises(BlockingIOError):
+                app.accept()[0].close()
+        finally:
+            for peer in peers:
+                peer.sock.close()

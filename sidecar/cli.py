@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, NoReturn
 
 from sidecar import __version__
@@ -23,6 +23,7 @@ from sidecar.config.sources import CONFIG_ENV, Loaded, load
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
 from sidecar.host import allocator
 from sidecar.observe import accesslog
+from sidecar.runtime.worker import WorkerSetup
 
 _DESCRIPTION = """\
 Put mutual TLS and a caller allowlist in front of a plain gRPC service, with no
@@ -141,12 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Loaded:
-    """The configuration from the parsed flags, the environment and the config file."""
+def load_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str], file_bytes: bytes | None = None
+) -> Loaded:
+    """The configuration from the parsed flags, the environment and the config file (or
+    file_bytes, its content as read before)."""
     given = vars(args)
     flags = {key: value for key, value in given.items() if key in BY_KEY}
     config_file = given.get("config") or environ.get(CONFIG_ENV) or None
-    return load(flags, environ, config_file)
+    return load(flags, environ, config_file, file_bytes)
 
 
 def _run_event_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -158,28 +162,43 @@ def _run_event_loop(main: Coroutine[Any, Any, int]) -> int:
     return int(uvloop.run(main))
 
 
-def _serve(loaded: Loaded, reread: Callable[[], Config] | None, argv: Sequence[str]) -> int:
+def _serve(
+    loaded: Loaded,
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    argv: Sequence[str],
+    worker: WorkerSetup | None,
+) -> int:
     """Serve in this process; or, with workers, as their supervisor or as one of them."""
     from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
-    from sidecar.runtime.workers import Supervisor, WorkerSetup
+    from sidecar.runtime.workers import Supervisor
 
     config = loaded.config
-    worker = WorkerSetup.from_env(os.environ)
     if worker is None:
         for warning in loaded.warnings:  # (a worker's supervisor has said them)
             logging.getLogger("sidecar").warning("%s", warning)
+
+        def reread(file_bytes: bytes | None = None) -> Config:
+            return load_from_args(args, environ, file_bytes).config
+
+        config_file = loaded.config_file
         if config.workers > 1:
-            return _run_event_loop(Supervisor(config, argv).run())
-        return _run_event_loop(run(config, reread, loaded.config_file))
+            return _run_event_loop(Supervisor(config, config_file, reread, argv).run())
+        return _run_event_loop(run(config, reread if config_file else None, config_file))
     accesslog.set_worker(worker.index)
-    worker_reread = None
-    if reread is not None:
-        read_again = reread
 
-        def worker_reread() -> Config:
-            return worker.applied(read_again())
+    def reread_accepted() -> Config:
+        """The config file as the supervisor last accepted it (see runtime/worker.py)."""
+        return worker.applied(load_from_args(args, environ, worker.config_bytes()).config)
 
-    return _run_event_loop(run(worker.applied(config), worker_reread, loaded.config_file, worker))
+    return _run_event_loop(
+        run(
+            worker.applied(config),
+            reread_accepted if worker.config else None,
+            worker.config,  # (its periodic check looks for the supervisor's next copy)
+            worker,
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,8 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return probe_main(argv[1:])
     args = build_parser().parse_args(argv)
+    worker = WorkerSetup.from_env(os.environ)
     try:
-        loaded = load_from_args(args, os.environ)
+        loaded = load_from_args(args, os.environ, worker.config_bytes() if worker else None)
         if getattr(args, "check_config", False):
             return _check_config(loaded)
     except ConfigError as exc:
@@ -213,12 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # grpc core writes its own plain-text lines to stderr; keep the stream JSON.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     environ = dict(os.environ)  # as the process started: a reload reads the file only again
-
-    def reread() -> Config:
-        return load_from_args(args, environ).config
-
     try:
-        return _serve(loaded, reread if loaded.config_file else None, argv)
+        return _serve(loaded, args, environ, argv, worker)
     except ConfigError as exc:
         _say(f"config error: {exc}")
         return EXIT_USAGE

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import threading
 import urllib.error
@@ -17,10 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import hpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.h2.frames import END_HEADERS, END_STREAM, HEADERS
 from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, wait_until
+from tests.hostile.peers import RawPeer
 from tests.probe import Probe
 from tests.test_lifecycle import wait_until_refused
 
@@ -61,6 +65,11 @@ def _workers(sidecars: SidecarFactory, probe: Probe, *args: str) -> tuple[Sideca
     )
     process.wait_for("workers: 2 serving")
     return process, _admin(process)
+
+
+def _worker_pids(admin: int) -> list[int]:
+    _, body = _get(admin, "/status")
+    return [worker["pid"] for worker in json.loads(body)["workers"]]
 
 
 def _calls_on_new_connections(process: SidecarProcess, pki: Pki, connections: int) -> None:
@@ -111,8 +120,10 @@ def test_a_killed_worker_is_replaced_and_the_others_serve_meanwhile(
     sidecars: SidecarFactory, pki: Pki, probe: Probe
 ) -> None:
     process, admin = _workers(sidecars, probe)
-    _, body = _get(admin, "/status")
-    victim = json.loads(body)["workers"][1]["pid"]
+    _calls_on_new_connections(process, pki, 20)
+    process.wait_for_count("sidecar.access", 20)
+    assert sum(_samples(admin, "sidecar_calls_total").values()) == 20
+    victim = _worker_pids(admin)[1]
     os.kill(victim, signal.SIGKILL)
     process.wait_for(rf"worker 1 \(pid {victim}\) was killed by SIGKILL after [\d.]+s")
     _calls_on_new_connections(process, pki, 4)  # worker 0 serves while 1 is replaced
@@ -121,14 +132,22 @@ def test_a_killed_worker_is_replaced_and_the_others_serve_meanwhile(
     replaced = json.loads(body)["workers"][1]
     assert replaced["pid"] != victim and replaced["ready"] and replaced["restarts"] == 1
     assert _samples(admin, "sidecar_worker_restarts_total") == {(): 1.0}
+    # The dead worker's counts stay: a counter never goes back.
+    assert sum(_samples(admin, "sidecar_calls_total").values()) == 24
     status, _ = _get(admin, "/readyz")
     assert status == 200
 
 
+@pytest.mark.parametrize("signalled", ["the supervisor", "every process"])
 def test_sigterm_drains_every_worker_and_loses_no_call(
-    sidecars: SidecarFactory, pki: Pki, probe: Probe
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, signalled: str
 ) -> None:
-    process, _ = _workers(sidecars, probe, "--drain-grace", "30")
+    """`every process`: as systemd stops a service (KillMode=control-group), each worker
+    hears SIGTERM twice, from systemd and from its supervisor: still one drain."""
+    process, admin = _workers(sidecars, probe, "--drain-grace", "30")
+    pids = [process.proc.pid]
+    if signalled == "every process":
+        pids += _worker_pids(admin)
     gate = probe.gate("drain")
     channels = [process.channel(pki) for _ in range(6)]
     in_flight = [
@@ -138,7 +157,8 @@ def test_sigterm_drains_every_worker_and_loses_no_call(
         for channel in channels
     ]
     probe.wait_for_calls(6)
-    process.signal(signal.SIGTERM)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
     process.wait_for("SIGTERM: draining 2 workers")
     wait_until_refused(process.port)
     assert process.proc.poll() is None, "must wait for the in-flight calls"
@@ -170,6 +190,91 @@ def test_sighup_reloads_every_worker(
         assert channel.unary_unary(UNARY)(b"x", timeout=10) == b"x"
 
 
+def test_a_worker_started_again_runs_the_configuration_the_others_run(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """An edit not yet reloaded (or refused) does not reach a worker started again."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [alice]\nadmin: 127.0.0.1:0\n")
+    process = sidecars.start("--config", str(config), "--workers", "2")
+    process.wait_ready()
+    process.wait_for("workers: 2 serving")
+    admin = _admin(process)
+    config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [mallory]\nbogus: 1\n")
+    victim = _worker_pids(admin)[1]
+    os.kill(victim, signal.SIGKILL)
+    process.wait_for(r"worker 1 started again")
+    for _ in range(12):  # both workers still allow alice
+        with process.channel(pki) as channel:
+            assert channel.unary_unary(UNARY)(b"x", timeout=10) == b"x"
+    process.signal(signal.SIGHUP)  # the edit is refused, once, by the supervisor
+    process.wait_for("config not reloaded, the running configuration stays: .*bogus")
+    assert process.output.count("config not reloaded") == 1
+
+
+def test_a_stopped_worker_is_killed_once_the_drain_grace_is_over(
+    sidecars: SidecarFactory, probe: Probe
+) -> None:
+    process, admin = _workers(sidecars, probe, "--drain-grace", "1")
+    stopped = _worker_pids(admin)[1]
+    os.kill(stopped, signal.SIGSTOP)
+    process.signal(signal.SIGTERM)
+    assert process.wait_exit(timeout=30) == 1  # a worker did not drain
+    assert f"worker 1 (pid {stopped}) did not exit: killed" in process.output
+
+
+def test_a_drain_while_a_worker_is_started_again_is_clean(
+    sidecars: SidecarFactory, probe: Probe
+) -> None:
+    process, admin = _workers(sidecars, probe)
+    os.kill(_worker_pids(admin)[1], signal.SIGKILL)
+    process.wait_for(r"worker 1 \(pid \d+\) was killed by SIGKILL")
+    process.signal(signal.SIGTERM)
+    assert process.wait_exit() == 0, process.output
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again(
+    sidecars: SidecarFactory, probe: Probe
+) -> None:
+    """Out of descriptors when a worker is started again: tried again, not given up."""
+    process, admin = _workers(sidecars, probe)
+    supervisor = process.proc.pid
+    limits = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir(f"/proc/{supervisor}/fd"))
+    resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (open_now, limits[1]))
+    try:
+        os.kill(_worker_pids(admin)[1], signal.SIGKILL)
+        process.wait_for(r"worker 1 did not start \(it could not be started: .*Too many open")
+    finally:
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, limits)
+    process.wait_for(r"worker 1 started again", timeout=40)
+    status, _ = _get(admin, "/readyz")
+    assert status == 200
+
+
+def test_a_long_json_access_line_crosses_whole(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """A caller's :path of 15,000 bytes that are not UTF-8 makes a JSON line of ~90 KB."""
+    process, _ = _workers(sidecars, probe, "--log-format", "json")
+    path = b"/probe.Probe/" + b"\xff" * 15000
+    block = hpack.Encoder().encode(
+        [(b":method", b"POST"), (b":scheme", b"https"), (b":path", path),
+         (b":authority", b"localhost"), (b"content-type", b"application/grpc"),
+         (b"te", b"trailers")],
+        huffman=False,
+    )  # fmt: skip
+    peer = RawPeer(process.port, pki)
+    try:
+        peer.send_frame(HEADERS, END_HEADERS | END_STREAM, 1, block)
+        process.wait_for_count('"sidecar.access"', 1)
+    finally:
+        peer.sock.close()
+    access = [line for line in process.lines if '"sidecar.access"' in line]
+    assert all(json.loads(line)["method"].startswith("/probe.Probe/") for line in access)
+    assert max(len(line) for line in access) > 65536
+
+
 def test_workers_drain_and_exit_when_their_supervisor_is_killed(
     sidecars: SidecarFactory, pki: Pki, probe: Probe
 ) -> None:
@@ -196,7 +301,7 @@ def test_a_worker_count_the_grpc_plane_cannot_serve_is_refused(sidecars: Sidecar
         sidecars,
         ["--upstream", "127.0.0.1:1", *sidecars.tls_args(), "--allow-cn", "a",
          "--workers", "2", "--data-plane", "grpc"],
-        "--workers 2: --data-plane is grpc",
+        "--data-plane grpc serves from one process, and --workers is 2",
     )  # fmt: skip
 
 

@@ -75,14 +75,16 @@ def load(
     flags: Mapping[str, object],
     environ: Mapping[str, str],
     config_file: str | None = None,
+    file_bytes: bytes | None = None,
 ) -> Loaded:
     """Build the Config from all three sources; raise ConfigError naming the setting at fault.
 
     flags maps setting keys to what the command line gave: a string, a list of
     strings (repeatable flags) or True (switches); absent keys were not given.
+    file_bytes: the config file's content, read before (its paths stay relative to it).
     """
     warnings: list[str] = []
-    top, routes = _read_file(config_file) if config_file else ({}, None)
+    top, routes = _read_file(config_file, file_bytes) if config_file else ({}, None)
     env = _from_environment(environ, warnings)
     cli = {key: Given(_flag_value(key, raw), BY_KEY[key].flag_name) for key, raw in flags.items()}
 
@@ -121,8 +123,8 @@ def load(
         for route in config.routes:
             if route.data_plane != "splice":
                 raise ConfigError(
-                    f"{process['workers'].where} {config.workers}: {route.label('data_plane')} "
-                    f"is {route.data_plane}, which serves from one process; use data_plane "
+                    f"{route.label('data_plane')} {route.data_plane} serves from one process, "
+                    f"and {process['workers'].where} is {config.workers}: use data_plane "
                     "splice, or one worker"
                 )
     if config.admin is not None and not config.admin.is_loopback and not config.unsafe_admin:
@@ -244,12 +246,16 @@ def _from_environment(environ: Mapping[str, str], warnings: list[str]) -> Layer:
     return layer
 
 
-def _read_file(path_text: str) -> tuple[Layer, list[tuple[int, Layer]] | None]:
-    """The file's top-level settings, and its routes when it has a `routes:` list."""
+def _read_file(
+    path_text: str, file_bytes: bytes | None = None
+) -> tuple[Layer, list[tuple[int, Layer]] | None]:
+    """The file's top-level settings, and its routes when it has a `routes:` list. file_bytes:
+    its content as read before (a worker's, runtime/workers.py), instead of reading it."""
     path = Path(path_text)
     try:
         # Only a regular file of sane size (not a FIFO, not /dev/zero).
-        text = read_bytes(path, "--config").decode("utf-8")
+        raw = read_bytes(path, "--config") if file_bytes is None else file_bytes
+        text = raw.decode("utf-8")
         document = yaml.load(text, Loader=_StrictLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"--config: {path} is not UTF-8 text") from None

@@ -30,7 +30,7 @@ from sidecar.observe.metrics import Expiries, Metrics
 from sidecar.runtime.admin import Admin, ProcessAnswers
 from sidecar.runtime.reload import PROCESS_FIELDS_IN_PLACE, needs_restart, route_key
 from sidecar.runtime.route import Route
-from sidecar.runtime.workers import WorkerSetup
+from sidecar.runtime.worker import EXIT_NOW, WorkerSetup
 
 logger = logging.getLogger("sidecar.server")  # by name: operators filter on it
 
@@ -297,27 +297,35 @@ async def run(
     raise_open_file_limit()  # each spliced caller costs two descriptors
     await sidecar.start()
     stop_requested = asyncio.Event()
-    if worker is not None:
-        worker.say_ready()
-        worker.watch_lifeline(stop_requested)
     signals_seen = 0
+
+    def exit_now() -> None:
+        for route in sidecar.routes:
+            route.flush_calls(closing=True)
+        logging.shutdown()
+        os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
 
     def on_signal(signum: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
             logger.info(
-                "%s: draining, in-flight calls have up to %gs (again to exit now)",
+                "%s: draining, in-flight calls have up to %gs (%s)",
                 signum.name,
                 sidecar.config.drain_grace,
+                "again to exit now" if worker is None else "the supervisor says when to exit now",
             )
             stop_requested.set()
-        else:
+        elif worker is None:
             logger.warning("%s again: exiting now", signum.name)
-            for route in sidecar.routes:
-                route.flush_calls(closing=True)
-            logging.shutdown()
-            os._exit(EXIT_RUNTIME)  # the drain is what we would have waited for
+            exit_now()
+        # A worker's drain signal may come twice, from its supervisor and from whoever
+        # signalled the whole group (systemd's default): exit now is SIGUSR2, the
+        # supervisor's own.
+
+    def on_exit_now() -> None:
+        logger.warning("worker %d: told to exit now", worker.index if worker else 0)
+        exit_now()
 
     def on_reload() -> None:
         logger.info(
@@ -329,6 +337,10 @@ async def run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if worker is not None:
+        loop.add_signal_handler(EXIT_NOW, on_exit_now)
+        worker.watch_lifeline(stop_requested)
+        worker.say_ready()  # (its signals handled: the supervisor now sends them)
     await stop_requested.wait()
     await sidecar.stop(sidecar.config.drain_grace)
     return EXIT_OK

@@ -22,7 +22,6 @@ from sidecar.config.settings import BY_KEY, SETTINGS
 from sidecar.config.sources import CONFIG_ENV, Loaded, load
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError, StartupError
 from sidecar.host import allocator
-from sidecar.observe import accesslog
 from sidecar.runtime.worker import WorkerSetup
 
 _DESCRIPTION = """\
@@ -170,7 +169,9 @@ def _serve(
     worker: WorkerSetup | None,
 ) -> int:
     """Serve in this process; or, with workers, as their supervisor or as one of them."""
-    from sidecar.runtime.server import run  # imports grpc: after GRPC_VERBOSITY is settled
+    # These import grpc: after GRPC_VERBOSITY is settled.
+    from sidecar.observe import accesslog
+    from sidecar.runtime.server import run
     from sidecar.runtime.workers import Supervisor
 
     config = loaded.config
@@ -216,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return probe_main(argv[1:])
     args = build_parser().parse_args(argv)
-    worker = WorkerSetup.from_env(os.environ)
     try:
+        worker = WorkerSetup.from_env(os.environ)
         loaded = load_from_args(args, os.environ, worker.config_bytes() if worker else None)
         if getattr(args, "check_config", False):
             return _check_config(loaded)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from sidecar.config.addresses import parse_address
 from sidecar.config.model import Config
+from sidecar.errors import ConfigError
 
 logger = logging.getLogger("sidecar.server")
 
@@ -48,15 +49,20 @@ class WorkerSetup:
         raw = environ.get(WORKER_ENV)
         if raw is None:
             return None
-        fields = json.loads(raw)
-        return cls(
-            index=int(fields["index"]),
-            listening=tuple(tuple(int(fd) for fd in fds) for fds in fields["listening"]),
-            admin=fields["admin"],
-            ready=int(fields["ready"]),
-            lifeline=int(fields["lifeline"]),
-            config=fields["config"],
-        )
+        try:
+            fields = json.loads(raw)
+            return cls(
+                index=int(fields["index"]),
+                listening=tuple(tuple(int(fd) for fd in fds) for fds in fields["listening"]),
+                admin=fields["admin"],
+                ready=int(fields["ready"]),
+                lifeline=int(fields["lifeline"]),
+                config=fields["config"],
+            )
+        except (ValueError, TypeError, KeyError):
+            raise ConfigError(
+                f"{WORKER_ENV} is set, but not by a sidecar supervisor: unset it"
+            ) from None
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -74,8 +80,11 @@ class WorkerSetup:
         """The config file's content the supervisor accepted (None: there is no file)."""
         if self.config is None:
             return None
-        with open(self.config, "rb") as accepted:
-            return accepted.read()
+        try:
+            with open(self.config, "rb") as accepted:
+                return accepted.read()
+        except OSError as error:  # its supervisor's directory was removed under it
+            raise ConfigError(f"{WORKER_ENV}: {self.config}: {error.strerror}") from None
 
     def sockets(self) -> list[list[socket.socket]]:
         return [[socket.socket(fileno=fd) for fd in fds] for fds in self.listening]

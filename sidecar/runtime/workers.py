@@ -443,7 +443,10 @@ def _remove_stale_directories() -> None:
     base = Path(tempfile.gettempdir())
     for directory in base.glob(f"{_DIRECTORY_PREFIX}*-*"):
         pid = directory.name[len(_DIRECTORY_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or directory.owner() != _user():
+        try:
+            if not pid.isdigit() or directory.stat().st_uid != os.getuid():
+                continue
+        except OSError:
             continue
         try:
             os.kill(int(pid), 0)
@@ -451,12 +454,6 @@ def _remove_stale_directories() -> None:
             shutil.rmtree(directory, ignore_errors=True)
         except PermissionError:
             pass  # another user's process has that pid now: the directory is not ours
-
-
-def _user() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_name
 
 
 async def _read_byte(fd: int) -> bytes:

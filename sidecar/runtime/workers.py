@@ -273,6 +273,8 @@ class Supervisor:
     async def _start(self, worker: Worker) -> int | None:
         """Start a process in the worker's place: None once it is ready, else its exit code.
         OSError: no process could be made."""
+        if self._stopping:
+            return EXIT_OK  # a drain began: the listeners are closed, there is nothing to serve
         loop = asyncio.get_running_loop()
         ready_read, ready_write = os.pipe()
         admin = None
@@ -380,6 +382,8 @@ class Supervisor:
                 failure = f"it could not be started: {error}"
             if failure is None:
                 logger.info("worker %d started again (pid %s)", worker.index, worker.pid)
+                return
+            if self._stopping:
                 return
             worker.delay = min(max(worker.delay * 2, 1.0), _LONGEST_DELAY_SECONDS)
             logger.warning(

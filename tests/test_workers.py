@@ -13,49 +13,24 @@ import re
 import resource
 import signal
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
 import hpack
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.h2.frames import END_HEADERS, END_STREAM, HEADERS
 from tests.conftest import Pki, SidecarFactory, SidecarProcess, assert_config_error, wait_until
 from tests.hostile.peers import RawPeer
 from tests.probe import Probe
+from tests.test_admin import _admin_port, _get, _samples
 from tests.test_lifecycle import wait_until_refused
 
 UNARY = "/probe.Probe/Unary"
-ADMIN_AT = r"admin: .* served at 127\.0\.0\.1:(?P<port>\d+)"
 ACCESS_LINE = re.compile(
     r"^\S+ \S+ INFO sidecar\.access: /probe\.Probe/Unary worker=(?P<worker>\d) peer='CN=alice' "
     r"remote=ipv4:127\.0\.0\.1:\d+ code=OK duration_ms=[\d.]+ bytes_in=\d+ bytes_out=\d+$"
 )
-
-
-def _admin(process: SidecarProcess) -> int:
-    return int(process.wait_for(ADMIN_AT).group("port"))
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-def _samples(port: int, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    _, text = _get(port, "/metrics")
-    return {
-        tuple(sorted(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    }
 
 
 def _workers(sidecars: SidecarFactory, probe: Probe, *args: str) -> tuple[SidecarProcess, int]:
@@ -64,7 +39,16 @@ def _workers(sidecars: SidecarFactory, probe: Probe, *args: str) -> tuple[Sideca
         probe.port, "--allow-cn", "alice", "--workers", "2", "--admin", "127.0.0.1:0", *args
     )
     process.wait_for("workers: 2 serving")
-    return process, _admin(process)
+    return process, _admin_port(process)
+
+
+def _workers_from_file(sidecars: SidecarFactory, config: Path, text: str) -> SidecarProcess:
+    """A sidecar with two workers, configured by `config` (written with `text`), serving."""
+    config.write_text(text)
+    process = sidecars.start("--config", str(config), "--workers", "2")
+    process.wait_ready()
+    process.wait_for("workers: 2 serving")
+    return process
 
 
 def _worker_pids(admin: int) -> list[int]:
@@ -174,10 +158,9 @@ def test_sighup_reloads_every_worker(
     sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
 ) -> None:
     config = tmp_path / "sidecar.yaml"
-    config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [alice]\n")
-    process = sidecars.start("--config", str(config), "--workers", "2")
-    process.wait_ready()
-    process.wait_for("workers: 2 serving")
+    process = _workers_from_file(
+        sidecars, config, f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [alice]\n"
+    )
     config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [mallory]\n")
     process.signal(signal.SIGHUP)
     process.wait_for_count("allowlist reloaded: allow allow-cn=mallory", 2)
@@ -195,11 +178,12 @@ def test_a_worker_started_again_runs_the_configuration_the_others_run(
 ) -> None:
     """An edit not yet reloaded (or refused) does not reach a worker started again."""
     config = tmp_path / "sidecar.yaml"
-    config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [alice]\nadmin: 127.0.0.1:0\n")
-    process = sidecars.start("--config", str(config), "--workers", "2")
-    process.wait_ready()
-    process.wait_for("workers: 2 serving")
-    admin = _admin(process)
+    process = _workers_from_file(
+        sidecars,
+        config,
+        f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [alice]\nadmin: 127.0.0.1:0\n",
+    )
+    admin = _admin_port(process)
     config.write_text(f"upstream: 127.0.0.1:{probe.port}\nallow_cn: [mallory]\nbogus: 1\n")
     victim = _worker_pids(admin)[1]
     os.kill(victim, signal.SIGKILL)
@@ -328,4 +312,15 @@ def test_workers_auto_counts_the_usable_cores(sidecars: SidecarFactory) -> None:
     assert result.returncode == 0, result.stderr
     assert re.search(rf"^workers: {len(os.sched_getaffinity(0))}\b", result.stdout, re.M), (
         result.stdout
+    )
+
+
+@pytest.mark.parametrize("value", ["x", "{}", '{"index": "one"}'])
+def test_a_stray_worker_variable_is_a_config_error(sidecars: SidecarFactory, value: str) -> None:
+    """_SIDECAR_WORKER is the supervisor's to set: any other value is refused in one line."""
+    assert_config_error(
+        sidecars,
+        ["--upstream", "127.0.0.1:1", *sidecars.tls_args(), "--allow-cn", "a"],
+        "_SIDECAR_WORKER is set, but not by a sidecar supervisor",
+        env={"_SIDECAR_WORKER": value},
     )

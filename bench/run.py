@@ -68,7 +68,7 @@ WORKLOADS = (
         ("-workload", "newconn", "-size", "64", "-concurrency", "8", "-resume"),
     ),
 )
-# The targets whose handshakes are timed (openssl s_time), when they run.
+# The targets whose handshakes are timed (bench/handshakes.py), when they run.
 HANDSHAKE_TARGETS = ("sidecar", "sidecar-2-workers", "haproxy", "nginx")
 # Targets measured on some workloads only (those whose names hold one of these texts).
 SOME_WORKLOADS = {"sidecar-2-workers": ("32 in flight", "a new connection per call")}
@@ -488,14 +488,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 started[name] = (target, proxy)
             for workload in workloads:
                 rows += measure(benchtool, workload, started, args.duration, args.rounds)
-            timed = {
-                name: proxy
-                for name in HANDSHAKE_TARGETS
-                if name in started and (proxy := started[name][1]) is not None
-            }
+            timed: dict[str, tuple[list[str], Proxy]] = {}
+            for name in HANDSHAKE_TARGETS:
+                target, maybe_proxy = started.get(name, ([], None))
+                if maybe_proxy is not None:
+                    timed[name] = (target, maybe_proxy)
             if args.handshakes and timed:
                 handshake_rows = measure_handshakes(
-                    timed, certificates, args.handshakes, args.rounds
+                    benchtool, timed, certificates, args.handshakes, args.rounds
                 )
             if args.idle:
                 for target, maybe_proxy in started.values():

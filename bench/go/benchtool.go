@@ -21,6 +21,13 @@
 //	    prints "done I" after every M, then one JSON object: connections, errors,
 //	    the first error's text.
 //
+//	benchtool handshakes -target HOST:PORT -ca ... [-resume] -duration 5s
+//	    TLS connections one after another, each closed once the server has
+//	    answered the client's last handshake flight (its session ticket, sent only
+//	    after it has verified the client's certificate), no request made. Prints
+//	    one JSON object: connections, seconds, connections_per_s, resumed, errors,
+//	    the first error's text.
+//
 // Without -ca the connection is plaintext (the upstream directly).
 package main
 
@@ -48,7 +55,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: benchtool server|load|idle|churn [flags]")
+		fail("usage: benchtool server|load|idle|churn|handshakes [flags]")
 	}
 	switch os.Args[1] {
 	case "server":
@@ -59,6 +66,8 @@ func main() {
 		runIdle(os.Args[2:])
 	case "churn":
 		runChurn(os.Args[2:])
+	case "handshakes":
+		runHandshakes(os.Args[2:])
 	default:
 		fail("unknown command " + os.Args[1])
 	}
@@ -149,24 +158,7 @@ func (f dialFlags) tryDial() (*grpc.ClientConn, error) {
 	if *f.ca == "" {
 		options = append(options, grpc.WithInsecure())
 	} else {
-		own, err := tls.LoadX509KeyPair(*f.cert, *f.key)
-		if err != nil {
-			fail(err.Error())
-		}
-		caPEM, err := ioutil.ReadFile(*f.ca)
-		if err != nil {
-			fail(err.Error())
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(caPEM) {
-			fail("no certificate in " + *f.ca)
-		}
-		config := &tls.Config{
-			Certificates: []tls.Certificate{own},
-			RootCAs:      pool,
-			ServerName:   *f.serverName,
-			MinVersion:   tls.VersionTLS12,
-		}
+		config := f.tlsConfig()
 		if *f.resume {
 			config.ClientSessionCache = sessions
 		}
@@ -179,6 +171,29 @@ func (f dialFlags) tryDial() (*grpc.ClientConn, error) {
 		return nil, fmt.Errorf("dial %s: %v", *f.target, err)
 	}
 	return conn, nil
+}
+
+// tlsConfig is the client's TLS: its certificate, the CA, the server's name, TLS 1.2 or later.
+func (f dialFlags) tlsConfig() *tls.Config {
+	own, err := tls.LoadX509KeyPair(*f.cert, *f.key)
+	if err != nil {
+		fail(err.Error())
+	}
+	caPEM, err := ioutil.ReadFile(*f.ca)
+	if err != nil {
+		fail(err.Error())
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		fail("no certificate in " + *f.ca)
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{own},
+		RootCAs:      pool,
+		ServerName:   *f.serverName,
+		MinVersion:   tls.VersionTLS12,
+		NextProtos:   []string{"h2"},
+	}
 }
 
 // recorder collects call latencies after the warm-up, and errors.
@@ -398,6 +413,100 @@ func runChurn(arguments []string) {
 		"connections": *connections,
 		"errors":      results.errors,
 		"first_error": results.firstErr,
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(report); err != nil {
+		fail(err.Error())
+	}
+}
+
+// ticketWatch is a connection's session cache: it says when the server's session ticket
+// arrived (a TLS 1.3 server sends one only once it has verified the client's certificate
+// flight), and keeps the session in the shared cache with -resume.
+type ticketWatch struct {
+	shared  tls.ClientSessionCache // nil: nothing kept, every handshake a full one
+	arrived chan struct{}
+}
+
+func (w *ticketWatch) Get(key string) (*tls.ClientSessionState, bool) {
+	if w.shared == nil {
+		return nil, false
+	}
+	return w.shared.Get(key)
+}
+
+func (w *ticketWatch) Put(key string, session *tls.ClientSessionState) {
+	if session == nil { // an eviction, not a ticket
+		return
+	}
+	if w.shared != nil {
+		w.shared.Put(key, session)
+	}
+	select {
+	case w.arrived <- struct{}{}:
+	default:
+	}
+}
+
+// handshakeOnce connects, completes the handshake, and waits for the server's ticket.
+func handshakeOnce(target string, base *tls.Config, shared tls.ClientSessionCache, timeout time.Duration) (bool, error) {
+	raw, err := net.DialTimeout("tcp", target, timeout)
+	if err != nil {
+		return false, err
+	}
+	defer raw.Close()
+	watch := &ticketWatch{shared: shared, arrived: make(chan struct{}, 1)}
+	config := base.Clone()
+	config.ClientSessionCache = watch
+	conn := tls.Client(raw, config)
+	raw.SetDeadline(time.Now().Add(timeout))
+	if err := conn.Handshake(); err != nil {
+		return false, err
+	}
+	resumed := conn.ConnectionState().DidResume
+	// Reading is what processes the ticket; the read ends when the connection is closed.
+	go conn.Read(make([]byte, 1))
+	select {
+	case <-watch.arrived:
+		return resumed, nil
+	case <-time.After(timeout):
+		return resumed, fmt.Errorf("no session ticket within %v", timeout)
+	}
+}
+
+func runHandshakes(arguments []string) {
+	flags := flag.NewFlagSet("handshakes", flag.ExitOnError)
+	target := addDialFlags(flags)
+	duration := flags.Duration("duration", 5*time.Second, "how long to connect")
+	flags.Parse(arguments)
+	if *target.target == "" || *target.ca == "" {
+		fail("-target and -ca are required")
+	}
+	base := target.tlsConfig()
+	var shared tls.ClientSessionCache
+	if *target.resume {
+		shared = tls.NewLRUClientSessionCache(16)
+	}
+	results := &recorder{}
+	connections, resumed := 0, 0
+	start := time.Now()
+	for time.Since(start) < *duration {
+		didResume, err := handshakeOnce(*target.target, base, shared, 5*time.Second)
+		results.add(0, err, false)
+		if err == nil {
+			connections++
+			if didResume {
+				resumed++
+			}
+		}
+	}
+	seconds := time.Since(start).Seconds()
+	report := map[string]interface{}{
+		"connections":       connections,
+		"seconds":           seconds,
+		"connections_per_s": float64(connections) / seconds,
+		"resumed":           resumed,
+		"errors":            results.errors,
+		"first_error":       results.firstErr,
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(report); err != nil {
 		fail(err.Error())

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.probe import Probe
 
@@ -272,3 +273,65 @@ def test_certificates_made_by_openssl_work(
     )
     with grpc.secure_channel(f"127.0.0.1:{process.port}", credentials) as channel:
         assert channel.unary_unary(UNARY)(b"hello", timeout=10) == b"hello"
+
+
+def _chain_sent(port: int, pki: Pki, trusted: Path) -> list[str]:
+    """The subjects of the certificates the listener sends, leaf first (openssl s_client)."""
+    shown = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts", "-CAfile",
+         str(trusted), "-cert", str(pki.cert("alice")), "-key", str(pki.key("alice"))],
+        input="", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert "Verify return code: 0 (ok)" in shown.stdout, shown.stdout
+    return [line.split("s:", 1)[1] for line in shown.stdout.splitlines() if " s:" in line]
+
+
+def _serve_chain(
+    sidecars: SidecarFactory, probe: Probe, tmp_path: Path, chain: list[certs.Issued], ca: Path
+) -> SidecarProcess:
+    (tmp_path / "own.pem").write_bytes(b"".join(issued.cert_pem for issued in chain))
+    (tmp_path / "own.key").write_bytes(chain[0].key_pem)
+    process = sidecars.start(
+        "--upstream", f"127.0.0.1:{probe.port}", "--cert", str(tmp_path / "own.pem"),
+        "--key", str(tmp_path / "own.key"), "--ca", str(ca), "--allow-cn", "alice",
+        default_tls=False,
+    )  # fmt: skip
+    process.wait_ready()
+    return process
+
+
+def test_the_listener_sends_its_certificate_without_the_root(
+    sidecar: SidecarProcess, pki: Pki
+) -> None:
+    assert _chain_sent(sidecar.port, pki, pki.dir / "ca.pem") == ["CN = localhost"]
+
+
+def test_a_lone_leaf_is_sent_with_its_intermediate_from_the_ca_bundle(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """The certificate file holds the leaf only; its issuer is in --ca: callers that trust
+    only the root still verify the listener (the chain is completed once, at load)."""
+    intermediate = certs.init_ca("Test Intermediate", parent=pki.ca, path_length=None)
+    leaf = certs.issue(intermediate, "localhost", usage="server", ips=["127.0.0.1"])
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.cert_pem + intermediate.cert_pem)
+    process = _serve_chain(sidecars, probe, tmp_path, [leaf], bundle)
+    assert _chain_sent(process.port, pki, pki.dir / "ca.pem") == [
+        "CN = localhost", "CN = Test Intermediate"
+    ]  # fmt: skip
+    assert call(process, pki, "alice") == b"hello"
+
+
+def test_an_own_chain_from_another_ca_than_the_callers_is_sent_as_given(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe, tmp_path: Path
+) -> None:
+    """Own certificate under its own root and intermediate; callers are checked against the
+    test CA, which knows neither: the file's chain goes out whole."""
+    own_root = certs.init_ca("Own Root CA")
+    intermediate = certs.init_ca("Own Intermediate", parent=own_root, path_length=None)
+    leaf = certs.issue(intermediate, "localhost", usage="server", ips=["127.0.0.1"])
+    process = _serve_chain(sidecars, probe, tmp_path, [leaf, intermediate], pki.dir / "ca.pem")
+    (tmp_path / "own-root.pem").write_bytes(own_root.cert_pem)
+    assert _chain_sent(process.port, pki, tmp_path / "own-root.pem") == [
+        "CN = localhost", "CN = Own Intermediate"
+    ]  # fmt: skip

@@ -204,6 +204,17 @@ class FrameWalker:
     taken out too: they answer pings of this side's own (`ping_acked`), never relayed.
     """
 
+    # Two per connection: slots, not a __dict__ (1.6 KiB each for an idle connection).
+    __slots__ = (
+        "_awaiting", "_block", "_block_bytes_per_pass", "_block_size", "_data",
+        "_dropped_data", "_ended", "_first_frame_done", "_frames_per_pass", "_goaway",
+        "_header_list", "_header_list_limit", "_headers", "_held_window", "_max_block",
+        "_passing", "_passing_dropped", "_passing_ends", "_passing_stream", "_pending",
+        "_ping", "_ping_acked", "_preface_left", "_reset", "_settings_acked",
+        "_settings_relayed", "backlog", "control_frames", "data_frames", "dropped",
+        "initial_window", "window_debt",
+    )  # fmt: skip
+
     def __init__(
         self,
         headers: HeadersCallback,

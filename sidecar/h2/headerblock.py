@@ -405,6 +405,11 @@ class HeaderLimits:
 class RequestBlocks:
     """One connection's request header blocks, client to upstream."""
 
+    __slots__ = (
+        "_decoder", "_filter", "_injected", "_limited", "_reserved", "_rewritten",
+        "_rewritten_bytes", "_stateful_left", "limits",
+    )  # fmt: skip
+
     def __init__(
         self,
         request_filter: RequestFilter,
@@ -534,6 +539,8 @@ def _entry_size(block: bytes, answer: tuple[bytes, bytes | None]) -> int:
 
 class ResponseBlocks:
     """One connection's response header blocks, upstream to client, read for grpc-status."""
+
+    __slots__ = ("_decoder", "_limited", "follows_table")
 
     def __init__(self) -> None:
         self._decoder: hpack.Decoder | None = hpack.Decoder()

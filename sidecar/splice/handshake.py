@@ -50,6 +50,8 @@ def current_handshake() -> Handshake | None:
 class Handshake:
     """What the listener knows of one caller's handshake while it runs."""
 
+    __slots__ = ("answered", "remote", "sock", "spoke")
+
     def __init__(self, sock: socket.socket, remote: str) -> None:
         self.sock: socket.socket | None = sock
         self.remote = remote

@@ -139,6 +139,11 @@ class ConnectionHandler(Protocol):
 class _CallerProtocol(asyncio.Protocol):
     """One caller connection, TLS done (ingress): its handler gets the bytes and events."""
 
+    __slots__ = (
+        "_listener", "_opened_at", "_transport", "handler", "identity", "over_limit",
+        "released", "remote",
+    )  # fmt: skip
+
     def __init__(self, listener: Listener, remote: str, over_limit: bool = False) -> None:
         self._listener = listener
         self._transport: asyncio.Transport | None = None

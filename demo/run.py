@@ -5,8 +5,9 @@
 Makes a CA and certificates with `sidecar certs`, starts the plain demo app, an
 ingress sidecar in front of it (allowing only CN=demo-client) and an egress sidecar
 for the client, runs a scripted session through the chain, shows a caller that is
-not on the allowlist refused, and stops all it started. `--shell` opens the
-interactive client on the chain instead of the script.
+not on the allowlist refused, with the ingress's access-log line for an allowed and a
+denied call, and stops all it started. `--shell` opens the interactive client on the
+chain instead of the script.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ metrics cpu host=app
 """
 _PORT = re.compile(r"(?:listening on|on) 127\.0\.0\.1:(\d+)")
 _READY_SECONDS = 30
+_ACCESS_SECONDS = 5  # the sidecar writes its access lines every 10 ms
 
 
 class Child:
@@ -49,6 +51,8 @@ class Child:
         )
         self._port: list[int] = []
         self._ready = threading.Event()
+        self.access: list[str] = []  # its access-log lines, kept to be shown where they fit
+        self._logged = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -57,9 +61,22 @@ class Child:
             if not self._port and (found := _PORT.search(line)):
                 self._port.append(int(found.group(1)))
                 self._ready.set()
-            if "access:" not in line:  # the access log is shown by the session itself
+            if "access:" in line:
+                with self._logged:
+                    self.access.append(line.rstrip())
+                    self._logged.notify_all()
+            else:
                 print(f"  [{self.label}] {line.rstrip()}", flush=True)
         self._ready.set()
+
+    def access_line(self, after: int, holding: str) -> str:
+        """The first access line past the first `after` that holds the text, once logged."""
+        with self._logged:
+            self._logged.wait_for(
+                lambda: any(holding in line for line in self.access[after:]), _ACCESS_SECONDS
+            )
+            found = [line for line in self.access[after:] if holding in line]
+        return found[0] if found else f"(no access line with {holding!r} within {_ACCESS_SECONDS}s)"
 
     def port(self) -> int:
         if not self._ready.wait(_READY_SECONDS) or not self._port:
@@ -164,12 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n3. the interactive client (type 'help'; 'exit' stops the demo):")
                 return client(good_port, None)
             print("\n3. a scripted session through the whole chain:")
+            logged = len(ingress.access)
             if client(good_port, SCRIPT) != 0:
                 return 1
+            print("\n   the ingress's access log, its line for the first call:")
+            print(f"    {ingress.access_line(logged, 'code=OK')}")
             print(
                 "\n4. a caller whose certificate is valid but not on the allowlist (CN=intruder):"
             )
+            logged = len(ingress.access)
             client(bad_port, "get colour\n")
+            print("\n   and the ingress's access-log line for it:")
+            print(f"    {ingress.access_line(logged, 'code=PERMISSION_DENIED')}")
             print("\n5. stopping everything (SIGTERM: each sidecar drains, then exits)")
     print("demo finished")
     return 0

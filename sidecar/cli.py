@@ -38,6 +38,8 @@ types, metadata, headers, trailers, status details, deadlines and cancellation.
   sidecar certs --help
   sidecar explain --config sidecar.yaml --cert caller.pem --method /kv.KV/Put
   sidecar probe /readyz     (a health check: asks the admin listener, exit 0 when ready)
+  sidecar dial localhost:8443 --cert alice.pem --key alice.key --ca ca.pem
+                            (connect as a client would: each step, and the fix for a failure)
 """
 
 _EPILOG = """\
@@ -54,8 +56,8 @@ exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
 _GROUPS = {
     "route": None,  # the main group
     "TLS": "TLS (a file path or inline PEM)",
-    "allowlist": "allowlist, ingress (checked on every call; a caller matching no rule gets "
-    "PERMISSION_DENIED)",
+    "allowlist": "allowlist, ingress (decided once per connection, again on a reload; method "
+    "rules per method; a caller matching no rule gets PERMISSION_DENIED for each call)",
     "limits": "limits (budgets per caller connection; the defaults are far above what real "
     "clients use)",
     "process": None,
@@ -212,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.runtime.explain import main as explain_main
 
         return explain_main(argv[1:])
+    if argv[:1] == ["dial"]:
+        from sidecar.runtime.dial import main as dial_main
+
+        return dial_main(argv[1:])
     if argv[:1] == ["probe"]:
         from sidecar.runtime.probe import main as probe_main
 
@@ -219,11 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         worker = WorkerSetup.from_env(os.environ)
+        if worker is not None:
+            worker.share_session_tickets()
         loaded = load_from_args(args, os.environ, worker.config_bytes() if worker else None)
         if getattr(args, "check_config", False):
             return _check_config(loaded)
     except ConfigError as exc:
         _say(f"config error: {exc}")
+        if exc.note:
+            _say(f"note: {exc.note}")
         return EXIT_USAGE
 
     config = loaded.config

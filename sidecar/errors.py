@@ -16,8 +16,11 @@ class ConfigError(SidecarError):
     """A flag, setting or file the user gave is wrong.
 
     The message is one line that names the flag or file at fault; the command line
-    prints it as `config error: <message>` and exits 2.
+    prints it as `config error: <message>` and exits 2. `note`, when set, is one more line
+    naming a likely cause elsewhere (a misspelled SIDECAR_ variable that was ignored).
     """
+
+    note: str | None = None
 
 
 class StartupError(SidecarError):

@@ -188,10 +188,12 @@ def probe() -> Iterator[Probe]:
 class ChildProcess:
     """A command run in the background, its stdout and stderr collected line by line."""
 
-    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, command: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.proc = subprocess.Popen(
             list(command),
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -202,6 +202,28 @@ def test_unknown_sidecar_variables_are_warned_about_not_fatal(
     assert process.port
 
 
+def test_a_start_up_failure_names_the_misspelled_variable_it_may_come_from(
+    sidecars: SidecarFactory,
+) -> None:
+    """SIDECAR_ALOW_CN is ignored, so no allow rule is given: the error says so, and the
+    note names the variable (an orchestrator's own SIDECAR_ variables are not named)."""
+    env = {"SIDECAR_SERVICE_HOST": "10.0.0.1", "SIDECAR_ALOW_CN": "alice"}
+    result = sidecars.run("--upstream", "127.0.0.1:1", *sidecars.tls_args(), env=env)
+    assert result.returncode == 2
+    error, note = result.stderr.strip().splitlines()
+    assert error.startswith("sidecar: config error: no allow rule: give --allow-cn"), error
+    assert note == (
+        "sidecar: note: ignoring SIDECAR_ALOW_CN: not a setting (did you mean SIDECAR_ALLOW_CN?)"
+    )
+
+
+def test_a_start_up_failure_with_no_misspelling_is_one_line(sidecars: SidecarFactory) -> None:
+    env = {"SIDECAR_SERVICE_HOST": "10.0.0.1"}
+    result = sidecars.run("--upstream", "127.0.0.1:1", *sidecars.tls_args(), env=env)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def single(pki: Pki, **change: object) -> dict[str, object]:
     """The good one-route file, changed: a value of None removes the key."""
     document: dict[str, object] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def test_make_demo_secures_the_whole_path_and_stops_everything() -> None:
         "demo finished",
     ):
         assert expected in output, output
+    # The ingress's access log: its line for the session's first call, and the refusal's.
+    allowed = r"INFO sidecar\.access: /kv\.KV/Put peer='CN=demo-client.*' .* code=OK "
+    denied = r"sidecar\.access: /kv\.KV/Get peer='CN=intruder.*code=PERMISSION_DENIED"
+    assert re.search(allowed, output), output
+    assert re.search(denied, output), output
     # Every sidecar it started drained and stopped: the ingress and both egresses.
     assert output.count("INFO sidecar.server: stopped") == 3, output
 

@@ -61,3 +61,25 @@ def test_session_tickets_is_refused_where_it_cannot_apply(
         ["--upstream", "127.0.0.1:1", "--allow-cn", "alice", *sidecars.tls_args(), *args],
         expected,
     )
+
+
+def test_workers_resume_each_others_sessions(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """Two workers encrypt tickets with the same keys: a session resumes whichever worker
+    accepts the connection (each with keys of its own, about half would not)."""
+    process = sidecars.serving(probe.port, "--allow-cn", "alice", "--workers", "2")
+    process.wait_for("workers: 2 serving")
+    with RawPeer(process.port, pki) as first:
+        assert _unary(first) == "0"
+        session = first.sock.session  # type: ignore[attr-defined]
+    resumed = []
+    for _ in range(24):
+        with RawPeer(process.port, pki, session=session) as peer:
+            resumed.append(peer.sock.session_reused)  # type: ignore[attr-defined]
+            assert _unary(peer) == "0"
+    assert all(resumed), resumed
+    process.wait_for_count("sidecar.access: /probe.Probe/Unary worker=", 25)
+    served_by = set(re.findall(r"sidecar\.access: /probe\.Probe/Unary worker=(\d)",
+                               "\n".join(process.lines)))  # fmt: skip
+    assert served_by == {"0", "1"}, "both workers must have resumed sessions"

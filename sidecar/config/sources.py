@@ -84,8 +84,23 @@ def load(
     file_bytes: the config file's content, read before (its paths stay relative to it).
     """
     warnings: list[str] = []
-    top, routes = _read_file(config_file, file_bytes) if config_file else ({}, None)
+    try:
+        return _load(flags, environ, config_file, file_bytes, warnings)
+    except ConfigError as error:
+        # The error may come from a variable that was ignored as misspelled: name it too.
+        error.note = next((warning for warning in warnings if "did you mean" in warning), None)
+        raise
+
+
+def _load(
+    flags: Mapping[str, object],
+    environ: Mapping[str, str],
+    config_file: str | None,
+    file_bytes: bytes | None,
+    warnings: list[str],
+) -> Loaded:
     env = _from_environment(environ, warnings)
+    top, routes = _read_file(config_file, file_bytes) if config_file else ({}, None)
     cli = {key: Given(_flag_value(key, raw), BY_KEY[key].flag_name) for key, raw in flags.items()}
 
     process: Layer = {}

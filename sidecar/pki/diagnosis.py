@@ -1,4 +1,4 @@
-"""Explain, in words, why an egress route's mTLS connection to its remote failed.
+"""Explain, in words, why an mTLS connection to a server failed: an egress route's to its remote.
 
 grpc core reports a failed handshake as jargon ("Hostname Verification Check
 failed", "CERTIFICATE_VERIFY_FAILED") or, when the remote refuses our client
@@ -7,6 +7,7 @@ diagnostic handshake (on a thread, with Python's ssl, at most one per few
 seconds) looks at what the remote presents and whether it accepts this route's
 certificate, and the local caller gets a sentence naming the cause and the
 setting to fix. Only calls that already failed wait for it, and for at most a second.
+`observe` (the handshake that looks) serves `sidecar dial` too.
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ _H2_PREFACE = PREFACE + frame(SETTINGS, 0, 0, b"")
 
 
 @dataclass(frozen=True)
-class _Observed:
+class Observed:
     """What one diagnostic handshake saw."""
 
     leaf: x509.Certificate | None = None
     refused_ours: str | None = None  # how the remote answered our certificate, if it refused it
     failure: str | None = None  # any other reason the handshake failed
+    version: str | None = None  # the TLS version, once the handshake finished
+    alpn: str | None = None  # the protocol the server chose (h2 for gRPC)
 
 
 class TLSDiagnosis:
@@ -127,10 +130,10 @@ class TLSDiagnosis:
         self._cached = (time.monotonic(), reason)
         return reason
 
-    def _reason(self, details: str, observed: _Observed | None) -> str | None:
+    def _reason(self, details: str, observed: Observed | None) -> str | None:
         server_name_setting, ca_setting, cert_setting = self._settings
         leaf = observed.leaf if observed else None
-        presented = _describe(leaf) if leaf is not None else "its certificate"
+        presented = describe(leaf) if leaf is not None else "its certificate"
         if "Hostname Verification" in details or (
             leaf is not None and not name_matches(leaf, self._server_name)
         ):
@@ -159,35 +162,52 @@ class TLSDiagnosis:
             return f"the TLS handshake with the remote failed: {observed.failure}"
         return None
 
-    def _handshake(self) -> _Observed | None:
+    def _handshake(self) -> Observed | None:
         """Connect as the relay does, without verifying, and note what the remote says."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # we only look; trust is decided by core
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["h2"])
+        context = looking_context()
         load_own_chain(context, self._material())
-        host, port = self._address.host, self._address.port
-        try:
-            with socket.create_connection((host, port), timeout=_TIMEOUT_SECONDS) as raw:
-                sni = None if _is_ip(self._server_name) else self._server_name
-                with context.wrap_socket(raw, server_hostname=sni) as tls:
-                    der = tls.getpeercert(binary_form=True)
-                    leaf = x509.load_der_x509_certificate(der) if der else None
-                    return _after_handshake(tls, leaf)
-        except ssl.SSLError as exc:  # TLS 1.2: the remote refuses during the handshake
-            return _classify(exc, None)
-        except OSError:
-            return None
+        return observe(self._address.host, self._address.port, self._server_name, context)
 
 
-def _after_handshake(tls: ssl.SSLSocket, leaf: x509.Certificate | None) -> _Observed:
+def looking_context() -> ssl.SSLContext:
+    """A client context that completes a handshake with any server, to look at what it shows
+    (trust is decided elsewhere): TLS 1.2 or later, ALPN h2, no own certificate yet."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def observe(
+    host: str, port: int, server_name: str, context: ssl.SSLContext,
+    timeout: float = _TIMEOUT_SECONDS,
+) -> Observed | None:  # fmt: skip
+    """One handshake with context (see looking_context), then the server's verdict on our
+    certificate; None when there was no connection to make one on."""
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=sni(server_name)) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+            leaf = x509.load_der_x509_certificate(der) if der else None
+            return _after_handshake(tls, leaf, timeout)
+    except ssl.SSLError as exc:  # TLS 1.2: the remote refuses during the handshake
+        return _classify(exc, None, None, None)
+    except OSError:
+        return None
+
+
+def _after_handshake(tls: ssl.SSLSocket, leaf: x509.Certificate | None, timeout: float) -> Observed:
     """Send an HTTP/2 preface and read the answer: the remote's verdict on our certificate.
 
     Under TLS 1.3 the server judges the client's certificate after the client has
     finished its handshake, so the verdict (an alert, or a close) only comes now.
     """
     version = tls.version()  # before the remote may close the connection
+    alpn = tls.selected_alpn_protocol()
     send_error: ssl.SSLError | None = None
     try:
         tls.sendall(_H2_PREFACE)
@@ -197,36 +217,46 @@ def _after_handshake(tls: ssl.SSLSocket, leaf: x509.Certificate | None) -> _Obse
         pass
     try:
         if tls.recv(64):
-            return _Observed(leaf)  # the remote answered as HTTP/2: it took our certificate
+            # The remote answered as HTTP/2: it took our certificate.
+            return Observed(leaf, version=version, alpn=alpn)
     except ssl.SSLError as exc:
-        return _classify(exc, leaf)
+        return _classify(exc, leaf, version, alpn)
     except TimeoutError:
-        return _Observed(
-            leaf, failure=f"no answer within {_TIMEOUT_SECONDS:g}s after the handshake"
-        )
+        return Observed(
+            leaf, failure=f"no answer within {timeout:g}s after the handshake",
+            version=version, alpn=alpn,
+        )  # fmt: skip
     except OSError:
         pass
     if version == "TLSv1.3":
         # A grpc server that refuses a client certificate closes without an alert.
-        return _Observed(leaf, refused_ours="it closed the connection after our certificate")
+        return Observed(
+            leaf, refused_ours="it closed the connection after our certificate",
+            version=version, alpn=alpn,
+        )  # fmt: skip
     # Under TLS 1.2 a finished handshake means the remote accepted our certificate.
     if send_error is not None:
-        return _classify(send_error, leaf)
-    return _Observed(leaf, failure="the remote closed the connection after the handshake")
+        return _classify(send_error, leaf, version, alpn)
+    return Observed(
+        leaf, failure="the remote closed the connection after the handshake",
+        version=version, alpn=alpn,
+    )  # fmt: skip
 
 
-def _classify(exc: ssl.SSLError, leaf: x509.Certificate | None) -> _Observed:
+def _classify(
+    exc: ssl.SSLError, leaf: x509.Certificate | None, version: str | None, alpn: str | None
+) -> Observed:
     reason = (exc.reason or str(exc)).lower()
     for prefix in ("tlsv13_alert_", "tlsv1_alert_", "sslv3_alert_"):
         if reason.startswith(prefix):
-            alert = reason.removeprefix(prefix)
-            if alert in _CERTIFICATE_ALERTS:
-                return _Observed(leaf, refused_ours=f"TLS alert {alert.replace('_', ' ')}")
-            return _Observed(leaf, failure=f"TLS alert {alert.replace('_', ' ')}")
-    return _Observed(leaf, failure=reason.replace("_", " "))
+            alert = reason.removeprefix(prefix).replace("_", " ")
+            if reason.removeprefix(prefix) in _CERTIFICATE_ALERTS:
+                return Observed(leaf, refused_ours=f"TLS alert {alert}", version=version, alpn=alpn)
+            return Observed(leaf, failure=f"TLS alert {alert}", version=version, alpn=alpn)
+    return Observed(leaf, failure=reason.replace("_", " "), version=version, alpn=alpn)
 
 
-def _describe(leaf: x509.Certificate) -> str:
+def describe(leaf: x509.Certificate) -> str:
     """The remote's certificate in a few words, escaped (its names are the remote's to
     choose: a look-alike letter must not pass for another in a log line)."""
     names = ", ".join(san_names(leaf)) or "no SAN"
@@ -234,9 +264,10 @@ def _describe(leaf: x509.Certificate) -> str:
     return escape(f"{subject} [{names}] issued by {issuer}")
 
 
-def _is_ip(name: str) -> bool:
+def sni(server_name: str) -> str | None:
+    """The SNI a client sends for server_name: none for an IP address (RFC 6066 3)."""
     try:
-        socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
+        socket.inet_pton(socket.AF_INET6 if ":" in server_name else socket.AF_INET, server_name)
     except OSError:
-        return False
-    return True
+        return server_name
+    return None

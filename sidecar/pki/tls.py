@@ -14,6 +14,8 @@ import _ssl
 import contextlib
 import ctypes
 import datetime
+import hashlib
+import hmac
 import os
 import ssl
 import sys
@@ -217,6 +219,8 @@ def server_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
     context.verify_mode = ssl.CERT_REQUIRED
     build_own_chain_once(context)
+    if _ticket_secret is not None:
+        _set_ticket_keys(context, _ticket_keys(material, _ticket_secret))
     return context
 
 
@@ -328,3 +332,42 @@ def build_own_chain_once(context: ssl.SSLContext) -> None:
     library, pointer = found
     library.SSL_CTX_ctrl(pointer, _SSL_CTRL_BUILD_CERT_CHAIN, _BUILD_CHAIN_FLAGS, None)
     library.SSL_CTX_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
+
+
+# A supervisor's workers share the secret their session ticket keys derive from
+# (runtime/worker.py); a lone process leaves OpenSSL its own random keys per context.
+_ticket_secret: bytes | None = None
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+_TICKET_KEYS_LENGTH = 80  # OpenSSL 3: key name 16 bytes, HMAC key 32, AES key 32
+
+
+def share_session_tickets(secret: bytes) -> None:
+    """Encrypt TLS session tickets with keys derived from secret in every server context made
+    from now on, so that processes given the same secret resume each other's sessions.
+
+    The keys derive from the credentials too (certificate chain, key and CA bundle), so a
+    reload that changes them invalidates every ticket issued before, as a context of its own
+    would: a caller whose CA was removed from the bundle cannot resume around the change.
+    """
+    global _ticket_secret
+    _ticket_secret = secret
+
+
+def _ticket_keys(material: TLSMaterial, secret: bytes) -> bytes:
+    credentials = hashlib.sha256(
+        b"\0".join((material.cert_chain_pem, material.key_pem, material.ca_pem))
+    ).digest()
+    first = hmac.new(secret, b"session ticket keys 1" + credentials, "sha512").digest()
+    second = hmac.new(secret, b"session ticket keys 2" + credentials, "sha512").digest()
+    return (first + second)[:_TICKET_KEYS_LENGTH]
+
+
+def _set_ticket_keys(context: ssl.SSLContext, keys: bytes) -> None:
+    found = _openssl_context(context)
+    if isinstance(found, str):
+        return  # each process keeps keys of its own: resumption only on the same worker
+    library, pointer = found
+    buffer = ctypes.create_string_buffer(keys, len(keys))
+    library.SSL_CTX_ctrl(
+        pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), ctypes.cast(buffer, ctypes.c_void_p)
+    )

@@ -3,11 +3,13 @@
 The supervisor names it all in _SIDECAR_WORKER: the listening sockets it bound, a
 pipe to say "ready" on, a lifeline (a pipe it never writes: its end means the
 supervisor is gone, and the worker drains and exits), the private unix socket the
-worker's admin listener serves the supervisor on, and the configuration file's
-content as the supervisor last accepted it (so that a worker started again runs what
-the others run, not a file edited since). A worker drains on SIGTERM or SIGINT, as
-often as they come (systemd signals the whole group, and the supervisor signals
-again); it exits at once on EXIT_NOW, which only the supervisor sends.
+worker's admin listener serves the supervisor on, the configuration file's content as
+the supervisor last accepted it (so that a worker started again runs what the others
+run, not a file edited since), and the secret its TLS session tickets are encrypted
+with (so that a caller resumes its session whichever worker accepts it). A worker
+drains on SIGTERM or SIGINT, as often as they come (systemd signals the whole group,
+and the supervisor signals again); it exits at once on EXIT_NOW, which only the
+supervisor sends.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 from sidecar.config.addresses import parse_address
 from sidecar.config.model import Config
 from sidecar.errors import ConfigError
+from sidecar.pki.tls import share_session_tickets
 
 logger = logging.getLogger("sidecar.server")
 
@@ -43,6 +46,7 @@ class WorkerSetup:
     ready: int  # a pipe: one byte written when every route serves
     lifeline: int  # a pipe that ends when the supervisor does
     config: str | None  # the config file as last accepted by the supervisor (a copy)
+    tickets: str  # a file: the secret the workers' session ticket keys derive from
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> WorkerSetup | None:
@@ -58,6 +62,7 @@ class WorkerSetup:
                 ready=int(fields["ready"]),
                 lifeline=int(fields["lifeline"]),
                 config=fields["config"],
+                tickets=str(fields["tickets"]),
             )
         except (ValueError, TypeError, KeyError):
             raise ConfigError(
@@ -85,6 +90,14 @@ class WorkerSetup:
                 return accepted.read()
         except OSError as error:  # its supervisor's directory was removed under it
             raise ConfigError(f"{WORKER_ENV}: {self.config}: {error.strerror}") from None
+
+    def share_session_tickets(self) -> None:
+        """Encrypt session tickets as every other worker of the supervisor does."""
+        try:
+            with open(self.tickets, "rb") as secret:
+                share_session_tickets(secret.read())
+        except OSError as error:  # its supervisor's directory was removed under it
+            raise ConfigError(f"{WORKER_ENV}: {self.tickets}: {error.strerror}") from None
 
     def sockets(self) -> list[list[socket.socket]]:
         return [[socket.socket(fileno=fd) for fd in fds] for fds in self.listening]

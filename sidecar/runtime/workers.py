@@ -60,6 +60,7 @@ _EXIT_NOW_SECONDS = 3.0  # after "exit now" (or the drain grace and this), a wor
 # line of ~200 KB; JSON lines longer than this would not parse, but are not made).
 _LONGEST_LINE = 1 << 20
 _DIRECTORY_PREFIX = "sidecar-workers-"
+_TICKET_SECRET = "session-tickets"  # in the private directory
 
 # Reads the configuration from the config file's content given (None: the file as it is).
 ConfigLoader = Callable[[bytes | None], Config]
@@ -128,6 +129,7 @@ class Supervisor:
         try:
             _remove_stale_directories()
             self.directory = tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}-")
+            self._write_ticket_secret()
             self._lifeline = os.pipe()
             if self._config_file is not None:
                 self._accepted = self._last_read = read_bytes(Path(self._config_file), "--config")
@@ -228,6 +230,14 @@ class Supervisor:
         self.config, self._accepted = config, raw
         self._write_accepted()
 
+    def _write_ticket_secret(self) -> None:
+        """The secret every worker derives its session ticket keys from (pki/tls.py), readable
+        by this user only, for as long as the supervisor runs."""
+        path = os.path.join(self.directory, _TICKET_SECRET)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as secret:
+            secret.write(os.urandom(32))
+
     def _write_accepted(self) -> None:
         """The accepted content, where every worker reads it (replaced whole: a worker's
         periodic check never reads half of it)."""
@@ -288,6 +298,7 @@ class Supervisor:
             ready=ready_write,
             lifeline=self._lifeline[0],
             config=config,
+            tickets=os.path.join(self.directory, _TICKET_SECRET),
         )
         inherited = [fd for fds in setup.listening for fd in fds]
         try:

@@ -9,12 +9,15 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: venv test check demo demo-shell protos bench fuzz clean
 
+# The sidecar and what the demo needs, installed as a user installs it (not editable: no
+# build warnings; `python -m sidecar` from this directory runs the working tree anyway).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet .
 	touch $@
 
+# Editable for development: `.venv/bin/sidecar` follows the working tree.
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

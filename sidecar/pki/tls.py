@@ -320,11 +320,11 @@ def build_own_chain_once(context: ssl.SSLContext) -> None:
     """Complete the own chain from the CA bundle once, now, instead of at every handshake.
 
     Given a certificate file with the leaf alone, OpenSSL looks for its issuers in the
-    trust store and verifies them for every handshake (measured: about a third of a
-    handshake's CPU), and sends the root along with them. Built once here, with that
-    per-handshake search turned off, every handshake sends the same chain, root left out.
-    Where Python's SSL_CTX cannot be reached, OpenSSL's own behaviour stays: slower, as
-    correct.
+    trust store and verifies them for every handshake (measured under `openssl s_time`:
+    0.1-0.2 ms of a 1.5 ms handshake), and sends the root along with them. Built once
+    here, with that per-handshake search turned off, every handshake sends the same chain,
+    root left out. Where Python's SSL_CTX cannot be reached, OpenSSL's own behaviour stays:
+    slower, as correct.
     """
     found = _openssl_context(context)
     if isinstance(found, str):

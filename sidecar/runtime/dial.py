@@ -229,9 +229,10 @@ def _speaks_http2(client: _Client, report: Report) -> bool:
         with socket.create_connection((address.host, address.port), timeout=client.timeout) as sock:
             sock.sendall(PREFACE + frame(SETTINGS, 0, 0, b""))
             answer = sock.recv(_FRAME_HEADER)
+    except TimeoutError:
+        answer, reason = b"", f"no answer within {client.timeout:g}s"
     except OSError as error:
-        answer = b""
-        reason = f"it closed the connection ({error.strerror or error})"
+        answer, reason = b"", f"it closed the connection ({error.strerror or error})"
     else:
         reason = "it closed the connection"
     if len(answer) >= 4 and answer[3] == SETTINGS:
@@ -240,6 +241,11 @@ def _speaks_http2(client: _Client, report: Report) -> bool:
     if answer[:1] == b"\x15":  # a TLS alert: the server wanted a ClientHello
         report.failed("http2", "the server answered with a TLS alert: it expects TLS",
                       "drop --plaintext and pass --cert, --key and --ca")  # fmt: skip
+        return False
+    if reason.startswith("no answer"):
+        report.failed("http2", f"no HTTP/2 answer: {reason}",
+                      "the port takes connections but says nothing: dial a gRPC "
+                      "server's port")  # fmt: skip
         return False
     if not answer:  # the sidecar, like most TLS servers, closes on bytes that are not TLS
         report.failed("http2", f"no HTTP/2 answer: {reason}",

@@ -9,15 +9,14 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: venv test check demo demo-shell protos bench fuzz clean
 
-# The sidecar and what the demo needs, installed as a user installs it (not editable: no
-# build warnings; `python -m sidecar` from this directory runs the working tree anyway).
+# The sidecar and what the demo needs; editable, so that `.venv/bin/sidecar` follows the
+# working tree (after a `git pull` too).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet .
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# Editable for development: `.venv/bin/sidecar` follows the working tree.
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

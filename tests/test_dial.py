@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,7 +120,8 @@ def test_a_server_certificate_from_another_ca_names_its_issuer_and_the_bundle(
     )
     assert fix(result) == (
         f"the server's certificate was issued by CN=Test Root CA; --ca "
-        f"({pki.dir / 'other-ca.pem'}) holds [CN=Some Other CA]: pass the CA that issued it"
+        f"({pki.dir / 'other-ca.pem'}) holds [CN=Some Other CA]: pass the CA that issued it "
+        "(or have the server send its intermediates)"
     )
 
 
@@ -240,12 +242,17 @@ def test_tls_against_a_plaintext_app_says_it_does_not_speak_tls(
         pytest.param(["localhost:1"], "--ca: give the CA bundle", id="no-ca"),
         pytest.param(["localhost:1", "--plaintext", "--cert", "c.pem"], "--plaintext: --cert",
                      id="plaintext-with-tls-flags"),
-        pytest.param(["localhost:1", "--ca", "/nonexistent.pem"], "--ca: cannot read",
+        pytest.param(["localhost:1", "--ca", "/nonexistent.pem"], "--ca: no such file",
                      id="unreadable-ca"),
         pytest.param(["localhost:1", "--plaintext", "--method", "Check"], "--method: expected",
                      id="bad-method"),
         pytest.param(["localhost:1", "--plaintext", "--bogus"], "unrecognized arguments",
                      id="unknown-flag"),
+        pytest.param(["a..b:1", "--plaintext"], "HOST:PORT: a..b is not a valid host name",
+                     id="not-a-host-name"),
+        pytest.param(["localhost:1", "--plaintext", "--timeout", "1e10"],
+                     "--timeout: must be a number of seconds above 0 and at most 3600",
+                     id="timeout-too-long"),
     ],
 )  # fmt: skip
 def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -263,3 +270,14 @@ def test_a_key_not_of_the_certificate_is_a_usage_error(pki: Pki) -> None:
     assert result.stderr.strip() == (
         f"sidecar dial: --key {pki.key('mallory')} is not the key of --cert {pki.cert('alice')}"
     )
+
+
+def test_a_ca_bundle_with_text_around_its_certificates_is_read(
+    sidecar: SidecarProcess, pki: Pki, tmp_path: Path
+) -> None:
+    """Bundles such as certifi's carry comments, some not ASCII, between the certificates."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Főtanúsítvány\n".encode() + (pki.dir / "ca.pem").read_bytes())
+    result = dial(f"localhost:{sidecar.port}", *tls(pki)[:4], "--ca", str(bundle))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok    trust        chains to --ca ({bundle})" in result.stdout

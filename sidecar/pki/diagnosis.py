@@ -156,7 +156,7 @@ class TLSDiagnosis:
                 f"{ours.subject.rfc4514_string()} (issued by {ours.issuer.rfc4514_string()}) "
                 f"from {cert_setting}: {observed.refused_ours}"
             )
-        if observed.failure == "wrong version number":
+        if observed.failure in ("wrong version number", "record layer failure"):
             return f"the remote does not speak TLS (is {self._address} a plaintext port?)"
         if observed.failure is not None:
             return f"the TLS handshake with the remote failed: {observed.failure}"

@@ -218,9 +218,8 @@ def server_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     load_own_chain(context, material)
     context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
     context.verify_mode = ssl.CERT_REQUIRED
-    build_own_chain_once(context)
-    if _ticket_secret is not None:
-        _set_ticket_keys(context, _ticket_keys(material, _ticket_secret))
+    if _lone_leaf(material):
+        build_own_chain_once(context)
     return context
 
 
@@ -230,8 +229,15 @@ def client_ssl_context(material: TLSMaterial) -> ssl.SSLContext:
     context = _modern(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # verifies and checks the name
     load_own_chain(context, material)
     context.load_verify_locations(cadata=material.ca_pem.decode("ascii"))
-    build_own_chain_once(context)
+    if _lone_leaf(material):
+        build_own_chain_once(context)
     return context
+
+
+def _lone_leaf(material: TLSMaterial) -> bool:
+    """The chain file holds the leaf alone (with intermediates, OpenSSL sends the file's
+    chain as it is, and builds nothing per handshake)."""
+    return material.cert_chain_pem.count(b"-----BEGIN CERTIFICATE-----") == 1
 
 
 # What a peer's certificate chain may weigh, per certificate allowed by max_chain_length
@@ -262,6 +268,8 @@ def _libssl() -> ctypes.CDLL:
     library.SSL_CTX_set_verify_depth.restype = None
     library.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     library.SSL_CTX_ctrl.restype = ctypes.c_long
+    library.ERR_clear_error.argtypes = []
+    library.ERR_clear_error.restype = None
     return library
 
 
@@ -310,28 +318,29 @@ def cap_peer_chain(context: ssl.SSLContext, max_chain_length: int) -> str | None
 _SSL_CTRL_MODE = 33
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
 _SSL_CTRL_BUILD_CERT_CHAIN = 105
-# Intermediates the chain file brought are used as such; the root is not sent (the peer
-# has it, or it would not trust it); a chain that does not verify against the bundle
-# (an own CA other than the peers') is kept as far as it goes.
-_BUILD_CHAIN_FLAGS = 0x1 | 0x2 | 0x8 | 0x10  # UNTRUSTED | NO_ROOT | IGNORE_ERROR | CLEAR_ERROR
+# The root is not sent (the peer has it, or it would not trust it); a leaf whose issuers
+# the bundle lacks (an own CA other than the peers') is sent as far as its chain goes.
+_BUILD_CHAIN_FLAGS = 0x2 | 0x8 | 0x10  # NO_ROOT | IGNORE_ERROR | CLEAR_ERROR
 
 
 def build_own_chain_once(context: ssl.SSLContext) -> None:
-    """Complete the own chain from the CA bundle once, now, instead of at every handshake.
+    """Complete a lone leaf's chain from the CA bundle once, now, not at every handshake.
 
     Given a certificate file with the leaf alone, OpenSSL looks for its issuers in the
     trust store and verifies them for every handshake (measured under `openssl s_time`:
     0.1-0.2 ms of a 1.5 ms handshake), and sends the root along with them. Built once
     here, with that per-handshake search turned off, every handshake sends the same chain,
-    root left out. Where Python's SSL_CTX cannot be reached, OpenSSL's own behaviour stays:
-    slower, as correct.
+    root left out. Should the build fail, or Python's SSL_CTX not be reachable, OpenSSL's
+    own behaviour stays: slower, as correct.
     """
     found = _openssl_context(context)
     if isinstance(found, str):
         return
     library, pointer = found
-    library.SSL_CTX_ctrl(pointer, _SSL_CTRL_BUILD_CERT_CHAIN, _BUILD_CHAIN_FLAGS, None)
-    library.SSL_CTX_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
+    if library.SSL_CTX_ctrl(pointer, _SSL_CTRL_BUILD_CERT_CHAIN, _BUILD_CHAIN_FLAGS, None) > 0:
+        library.SSL_CTX_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
+    else:
+        library.ERR_clear_error()  # the queue is per thread: leave nothing for the next call
 
 
 # A supervisor's workers share the secret their session ticket keys derive from
@@ -339,35 +348,45 @@ def build_own_chain_once(context: ssl.SSLContext) -> None:
 _ticket_secret: bytes | None = None
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _TICKET_KEYS_LENGTH = 80  # OpenSSL 3: key name 16 bytes, HMAC key 32, AES key 32
+TICKET_SECRET_LENGTH = 32
 
 
 def share_session_tickets(secret: bytes) -> None:
-    """Encrypt TLS session tickets with keys derived from secret in every server context made
-    from now on, so that processes given the same secret resume each other's sessions.
-
-    The keys derive from the credentials too (certificate chain, key and CA bundle), so a
-    reload that changes them invalidates every ticket issued before, as a context of its own
-    would: a caller whose CA was removed from the bundle cannot resume around the change.
-    """
+    """Encrypt TLS session tickets with keys derived from secret in every listener context
+    prepared from now on (share_ticket_keys), so that processes given the same secret resume
+    each other's sessions."""
     global _ticket_secret
     _ticket_secret = secret
 
 
-def _ticket_keys(material: TLSMaterial, secret: bytes) -> bytes:
-    credentials = hashlib.sha256(
-        b"\0".join((material.cert_chain_pem, material.key_pem, material.ca_pem))
-    ).digest()
-    first = hmac.new(secret, b"session ticket keys 1" + credentials, "sha512").digest()
-    second = hmac.new(secret, b"session ticket keys 2" + credentials, "sha512").digest()
-    return (first + second)[:_TICKET_KEYS_LENGTH]
+def share_ticket_keys(context: ssl.SSLContext, material: TLSMaterial, scope: str) -> bool:
+    """Give a listener's context the keys shared with the other workers, if there are any;
+    True once done.
 
-
-def _set_ticket_keys(context: ssl.SSLContext, keys: bytes) -> None:
+    The keys derive from the route (scope: a ticket of one route does not resume on another,
+    whose budgets may be stricter) and from its credentials (certificate chain, key and CA
+    bundle), so a reload that changes them invalidates every ticket issued before, as a
+    context of its own would: a caller whose CA was removed from the bundle cannot resume
+    around the change.
+    """
+    secret = _ticket_secret
+    if secret is None:
+        return False
     found = _openssl_context(context)
     if isinstance(found, str):
-        return  # each process keeps keys of its own: resumption only on the same worker
+        return False  # each process keeps keys of its own: resumption on the same worker
     library, pointer = found
+    credentials = hashlib.sha256(
+        b"\0".join((scope.encode(), material.cert_chain_pem, material.key_pem, material.ca_pem))
+    ).digest()
+    keys = b"".join(
+        hmac.new(secret, f"session ticket keys {part}".encode() + credentials, "sha512").digest()
+        for part in (1, 2)
+    )[:_TICKET_KEYS_LENGTH]
     buffer = ctypes.create_string_buffer(keys, len(keys))
-    library.SSL_CTX_ctrl(
+    done: int = library.SSL_CTX_ctrl(
         pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), ctypes.cast(buffer, ctypes.c_void_p)
     )
+    if done <= 0:
+        library.ERR_clear_error()
+    return done > 0

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import json
 import math
+import re
 import socket
 import ssl
 import sys
@@ -31,23 +33,35 @@ from typing import NoReturn
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2
 
 from sidecar.config.addresses import Address, parse_address
+from sidecar.config.pem import read_bytes
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, ConfigError
 from sidecar.h2.frames import PREFACE, SETTINGS, frame
 from sidecar.observe.logs import escape
 from sidecar.pki.diagnosis import Observed, describe, looking_context, observe, sni
+from sidecar.pki.tls import TLSMaterial, load_own_chain
 from sidecar.pki.x509 import (
     name_matches,
     parse_certificates,
     parse_private_key,
+    pem_bundle,
     public_key_matches,
     san_names,
 )
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _FRAME_HEADER = 9
+_MAX_TIMEOUT = 3600
+# OpenSSL's verify codes (X509_V_ERR_*) that have a fix of their own.
+_EXPIRED = 10
+_WRONG_PURPOSE = 26
+_SELF_SIGNED = (18, 19)
+# A name worth suggesting to dial (from the server's certificate, which it chooses): a host
+# name or an address, no wildcard, nothing a shell would read otherwise.
+_DIALLABLE = re.compile(r"[A-Za-z0-9.:-]+")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,10 +120,14 @@ class _Client:
     cert: bytes | None = None
     key: bytes | None = None
     cert_path: str | None = None
-    key_path: str | None = None
     ca_path: str | None = None
     bundle: tuple[x509.Certificate, ...] = ()  # --ca's certificates
     ours: x509.Certificate | None = None  # our leaf
+    material: TLSMaterial | None = None  # our chain and key, to present
+
+    def present_ours(self, context: ssl.SSLContext) -> None:
+        if self.material is not None:
+            load_own_chain(context, self.material)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -153,8 +171,11 @@ def _client(args: argparse.Namespace) -> _Client:
     address = parse_address(args.target, "HOST:PORT")
     if not args.method.startswith("/") or args.method.count("/") != 2:
         raise ConfigError(f"--method: expected /package.Service/Method, got {args.method!r}")
-    if not math.isfinite(args.timeout) or args.timeout <= 0:
-        raise ConfigError(f"--timeout: must be a number of seconds above 0, got {args.timeout:g}")
+    if not math.isfinite(args.timeout) or not 0 < args.timeout <= _MAX_TIMEOUT:
+        raise ConfigError(f"--timeout: must be a number of seconds above 0 and at most "
+                          f"{_MAX_TIMEOUT}, got {args.timeout:g}")  # fmt: skip
+    for name, flag in ((address.host, "HOST:PORT"), (args.server_name, "--server-name")):
+        _check_name(name, flag)
     common = {
         "address": address, "server_name": args.server_name or address.host,
         "timeout": args.timeout, "method": args.method,
@@ -171,28 +192,43 @@ def _client(args: argparse.Namespace) -> _Client:
     if bool(args.cert) != bool(args.key):
         raise ConfigError("--cert and --key go together")
     files = {name: _read(getattr(args, name), f"--{name}") for name in ("ca", "cert", "key")}
-    ca, cert = files["ca"], files["cert"]
+    ca, cert, key = files["ca"], files["cert"], files["key"]
     assert ca is not None
     bundle = tuple(parse_certificates(ca, f"--ca {args.ca}"))
     ours = parse_certificates(cert, f"--cert {args.cert}")[0] if cert is not None else None
-    if ours is not None and files["key"] is not None:
-        key = parse_private_key(files["key"], f"--key {args.key}")
-        if not public_key_matches(ours, key):
+    if ours is not None and key is not None:
+        private_key = parse_private_key(key, f"--key {args.key}")
+        if not public_key_matches(ours, private_key):
             raise ConfigError(f"--key {args.key} is not the key of --cert {args.cert}")
+    material = (
+        TLSMaterial(cert_chain_pem=cert, key_pem=key, ca_pem=ca, leaf=ours)
+        if cert is not None and key is not None and ours is not None
+        else None
+    )
     return _Client(
         **common,
-        ca=ca, cert=cert, key=files["key"],
-        cert_path=args.cert, key_path=args.key, ca_path=args.ca, bundle=bundle, ours=ours,
+        ca=ca, cert=cert, key=key, cert_path=args.cert, ca_path=args.ca, bundle=bundle,
+        ours=ours, material=material,
     )  # fmt: skip
 
 
-def _read(path: str | None, flag: str) -> bytes | None:
-    if path is None:
-        return None
+def _check_name(name: str | None, flag: str) -> None:
+    """A name the resolver and TLS (SNI) can take: IDNA-encodable, or an address."""
+    if not name:
+        return
     try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{flag}: cannot read {path}: {error.strerror}") from None
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    try:
+        name.encode("idna")
+    except UnicodeError:
+        raise ConfigError(f"{flag}: {escape(name)!s} is not a valid host name") from None
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    return None if path is None else read_bytes(Path(path), flag)
 
 
 def _tcp(client: _Client, report: Report) -> bool:
@@ -218,7 +254,8 @@ def _tcp(client: _Client, report: Report) -> bool:
         report.failed("tcp", f"cannot connect: {error.strerror or error}",
                       "check the address and the network")  # fmt: skip
         return False
-    report.passed("tcp", f"connected to {peer[0]}:{peer[1]}")
+    shown = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+    report.passed("tcp", f"connected to {shown}:{peer[1]}")
     return True
 
 
@@ -261,30 +298,34 @@ def _speaks_http2(client: _Client, report: Report) -> bool:
 def _tls(client: _Client, report: Report) -> bool:
     """The looking handshake, then the verifying one; True when the call may go ahead."""
     context = looking_context()
-    if client.cert_path and client.key_path:
-        try:
-            context.load_cert_chain(client.cert_path, client.key_path)
-        except ssl.SSLError as error:
-            report.failed("client", f"our certificate and key do not load: {error.reason}",
-                          "pass the key that belongs to --cert")  # fmt: skip
-            return False
-    address = client.address
-    seen = observe(address.host, address.port, client.server_name, context, client.timeout)
-    if seen is None:
-        report.failed("tls", "the connection closed before a handshake",
-                      "dial the sidecar's TLS port")  # fmt: skip
+    try:
+        client.present_ours(context)
+    except ssl.SSLError as error:
+        report.failed("client", f"OpenSSL refuses our certificate or key: {error.reason}",
+                      f"see sidecar certs inspect {client.cert_path}")  # fmt: skip
         return False
-    if seen.leaf is None:
-        return _no_handshake(seen, client, report)
-    if seen.alpn == "h2":
-        report.passed("tls", f"{seen.version}, ALPN h2")
-    else:
-        report.failed("tls", f"{seen.version}, no ALPN h2: the server does not offer HTTP/2",
-                      "dial a gRPC server (gRPC over TLS negotiates h2)")  # fmt: skip
-    _certificate(seen.leaf, report)
-    _trust(client, seen.leaf, report)
-    _name(client, seen.leaf, report)
-    _accepted(client, seen, report)
+    address = client.address
+    try:
+        seen = observe(address.host, address.port, client.server_name, context, client.timeout)
+        if seen is None:
+            report.failed("tls", f"no handshake: the connection closed, or no answer within "
+                          f"{client.timeout:g}s", "dial the sidecar's TLS port")  # fmt: skip
+            return False
+        if seen.leaf is None:
+            return _no_handshake(seen, client, report)
+        if seen.alpn == "h2":
+            report.passed("tls", f"{seen.version}, ALPN h2")
+        else:
+            report.failed("tls", f"{seen.version}, no ALPN h2: the server does not offer "
+                          "HTTP/2", "dial a gRPC server (gRPC over TLS negotiates h2)")  # fmt: skip
+        _certificate(seen.leaf, report)
+        _trust(client, seen.leaf, report)
+        _name(client, seen.leaf, report)
+        _accepted(client, seen, report)
+    except Exception as error:  # the certificate is the server's to make: it may be anything
+        report.failed("certificate", f"the server's certificate cannot be read: "
+                      f"{escape(str(error))}", "the server presents a malformed certificate: "
+                      "reissue it")  # fmt: skip
     return report.ok
 
 
@@ -320,14 +361,12 @@ def _certificate(leaf: x509.Certificate, report: Report) -> None:
 
 def _trust(client: _Client, leaf: x509.Certificate, report: Report) -> None:
     """A handshake that verifies the server's chain against --ca, as the gRPC client will."""
-    assert client.ca is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False  # the name is its own step
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_verify_locations(cadata=client.ca.decode("ascii", "replace"))
+    context.load_verify_locations(cadata=pem_bundle(client.bundle).decode("ascii"))
     context.set_alpn_protocols(["h2"])
-    if client.cert_path and client.key_path:  # else the server logs a failed handshake
-        context.load_cert_chain(client.cert_path, client.key_path)
+    client.present_ours(context)  # (else the server would log a failed handshake)
     address = client.address
     try:
         with (
@@ -336,16 +375,31 @@ def _trust(client: _Client, leaf: x509.Certificate, report: Report) -> None:
         ):
             pass
     except ssl.SSLCertVerificationError as error:
-        bundle = ", ".join(cert.subject.rfc4514_string() for cert in client.bundle)
-        issuer = escape(leaf.issuer.rfc4514_string())
         report.failed("trust", f"does not chain to --ca: {error.verify_message}",
-                      f"the server's certificate was issued by {issuer}; --ca "
-                      f"({client.ca_path}) holds [{escape(bundle)}]: pass the CA that "
-                      "issued it")  # fmt: skip
+                      _untrusted(client, leaf, error.verify_code))  # fmt: skip
         return
-    except OSError:
-        pass  # not about trust: the other steps say what went wrong
+    except OSError as error:
+        report.failed("trust", f"could not be checked: {error}",
+                      "the server ended the handshake that verifies its certificate; "
+                      "its log says why")  # fmt: skip
+        return
     report.passed("trust", f"chains to --ca ({client.ca_path})")
+
+
+def _untrusted(client: _Client, leaf: x509.Certificate, code: int) -> str:
+    """The fix for a server certificate OpenSSL does not verify, by its verify code."""
+    if code == _EXPIRED:
+        return "the server's certificate (or one of its chain) has expired: renew it"
+    if code == _WRONG_PURPOSE:
+        return ("the server's certificate is not for servers (no serverAuth usage): reissue "
+                "it (sidecar certs issue --server)")  # fmt: skip
+    if code in _SELF_SIGNED:
+        return "the server's certificate is self-signed: pass it as --ca, or reissue it from a CA"
+    bundle = escape(", ".join(cert.subject.rfc4514_string() for cert in client.bundle))
+    issuer = escape(leaf.issuer.rfc4514_string())
+    return (f"the server's certificate was issued by {issuer}; --ca ({client.ca_path}) holds "
+            f"[{bundle}]: pass the CA that issued it (or have the server send its "
+            "intermediates)")  # fmt: skip
 
 
 def _name(client: _Client, leaf: x509.Certificate, report: Report) -> None:
@@ -360,10 +414,15 @@ def _name(client: _Client, leaf: x509.Certificate, report: Report) -> None:
                       "(sidecar certs issue --dns ...)")  # fmt: skip
         return
     carried = escape(", ".join(names))
-    other = escape(dns[0].removeprefix("IP:"))
+    diallable = [name.removeprefix("IP:") for name in dns if _DIALLABLE.fullmatch(name)]
+    instead = (
+        f"dial {diallable[0]}, or pass --server-name {diallable[0]}"
+        if diallable
+        else "pass --server-name with a name it carries"
+    )
     report.failed("name", f"the certificate names {carried}, not {client.server_name}",
-                  f"dial {other}, or pass --server-name {other} (or reissue the certificate "
-                  f"with --dns {client.server_name})")  # fmt: skip
+                  f"{instead} (or reissue the certificate with --dns "
+                  f"{client.server_name})")  # fmt: skip
 
 
 def _accepted(client: _Client, seen: Observed, report: Report) -> None:
@@ -400,11 +459,13 @@ def _ours(client: _Client) -> str:
 
 def _call(client: _Client, report: Report, *, plaintext: bool) -> None:
     target = client.address.target
+    # Straight to the target, as the steps before went: not through an http(s)_proxy.
+    options: list[tuple[str, str | int]] = [("grpc.enable_http_proxy", 0)]
     if plaintext:
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(target, options=options)
     else:
         credentials = grpc.ssl_channel_credentials(client.ca, client.key, client.cert)
-        options = [("grpc.ssl_target_name_override", client.server_name)]
+        options.append(("grpc.ssl_target_name_override", client.server_name))
         channel = grpc.secure_channel(target, credentials, options=options)
     with channel:
         try:
@@ -415,8 +476,14 @@ def _call(client: _Client, report: Report, *, plaintext: bool) -> None:
     if client.method != HEALTH_CHECK:
         report.passed("call", f"{client.method}: OK")
         return
-    status = health_pb2.HealthCheckResponse.FromString(answer).status
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    try:
+        status = health_pb2.HealthCheckResponse.FromString(answer).status
+    except DecodeError:
+        report.failed("call", f"{client.method}: OK, but the answer is not a health status",
+                      "the server's health service answers malformed messages")  # fmt: skip
+        return
+    serving = health_pb2.HealthCheckResponse.ServingStatus
+    name = serving.Name(status) if status in serving.values() else f"status {status}"
     if status == health_pb2.HealthCheckResponse.SERVING:
         report.passed("call", f"{client.method}: OK ({name})")
     else:
@@ -428,10 +495,13 @@ def _call_failed(client: _Client, report: Report, error: grpc.RpcError) -> None:
     code: grpc.StatusCode = error.code()
     details = escape(str(error.details() or ""))
     said = f"{client.method}: {code.name}: {details}"
-    if code == grpc.StatusCode.UNIMPLEMENTED and client.method == HEALTH_CHECK:
+    if details.startswith("Received http2 header with status"):  # an HTTP server, not gRPC
+        report.failed("call", said, "an HTTP/2 server answered, not a gRPC server: dial the "
+                      "gRPC server's port")  # fmt: skip
+    elif code == grpc.StatusCode.UNIMPLEMENTED and client.method == HEALTH_CHECK:
         report.passed("call", f"{said} (the call reached a server without a health service; "
                       "pass --method to call one of its own)")  # fmt: skip
-    elif code == grpc.StatusCode.PERMISSION_DENIED:
+    elif code == grpc.StatusCode.PERMISSION_DENIED and "is not allowed to call" in details:
         report.failed("call", said, f"the route does not allow our certificate ({_ours(client)}):"
                       " allow one of its names there (e.g. --allow-cn), or dial with a "
                       "certificate it allows")  # fmt: skip

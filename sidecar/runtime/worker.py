@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from sidecar.config.addresses import parse_address
 from sidecar.config.model import Config
 from sidecar.errors import ConfigError
-from sidecar.pki.tls import share_session_tickets
+from sidecar.pki.tls import TICKET_SECRET_LENGTH, share_session_tickets
 
 logger = logging.getLogger("sidecar.server")
 
@@ -46,7 +46,7 @@ class WorkerSetup:
     ready: int  # a pipe: one byte written when every route serves
     lifeline: int  # a pipe that ends when the supervisor does
     config: str | None  # the config file as last accepted by the supervisor (a copy)
-    tickets: str  # a file: the secret the workers' session ticket keys derive from
+    tickets: str | None  # a file: the secret the workers' session ticket keys derive from
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> WorkerSetup | None:
@@ -62,7 +62,7 @@ class WorkerSetup:
                 ready=int(fields["ready"]),
                 lifeline=int(fields["lifeline"]),
                 config=fields["config"],
-                tickets=str(fields["tickets"]),
+                tickets=fields.get("tickets"),
             )
         except (ValueError, TypeError, KeyError):
             raise ConfigError(
@@ -92,12 +92,18 @@ class WorkerSetup:
             raise ConfigError(f"{WORKER_ENV}: {self.config}: {error.strerror}") from None
 
     def share_session_tickets(self) -> None:
-        """Encrypt session tickets as every other worker of the supervisor does."""
-        try:
-            with open(self.tickets, "rb") as secret:
-                share_session_tickets(secret.read())
-        except OSError as error:  # its supervisor's directory was removed under it
-            raise ConfigError(f"{WORKER_ENV}: {self.tickets}: {error.strerror}") from None
+        """Encrypt session tickets as every other worker of the supervisor does; without the
+        supervisor's secret (one of an older version, a directory removed under it), with
+        keys of its own: a caller then resumes only on the worker that issued its ticket."""
+        secret = b""
+        if isinstance(self.tickets, str):
+            with contextlib.suppress(OSError), open(self.tickets, "rb") as file:
+                secret = file.read(TICKET_SECRET_LENGTH + 1)
+        if len(secret) == TICKET_SECRET_LENGTH:
+            share_session_tickets(secret)
+        else:
+            logger.warning("worker %d: no session ticket secret from the supervisor: tickets "
+                           "resume on this worker only", self.index)  # fmt: skip
 
     def sockets(self) -> list[list[socket.socket]]:
         return [[socket.socket(fileno=fd) for fd in fds] for fds in self.listening]

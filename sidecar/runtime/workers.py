@@ -45,6 +45,7 @@ from sidecar.config.model import Config
 from sidecar.config.pem import read_bytes
 from sidecar.errors import EXIT_OK, EXIT_RUNTIME, ConfigError
 from sidecar.observe import logs
+from sidecar.pki.tls import TICKET_SECRET_LENGTH
 from sidecar.runtime.admin import Admin
 from sidecar.runtime.merged_admin import WorkersAnswers
 from sidecar.runtime.reload import needs_restart
@@ -236,7 +237,7 @@ class Supervisor:
         path = os.path.join(self.directory, _TICKET_SECRET)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as secret:
-            secret.write(os.urandom(32))
+            secret.write(os.urandom(TICKET_SECRET_LENGTH))
 
     def _write_accepted(self) -> None:
         """The accepted content, where every worker reads it (replaced whole: a worker's

@@ -47,7 +47,7 @@ from sidecar.host.allocator import release_free_memory
 from sidecar.host.ports import bind_tcp
 from sidecar.observe.connections import UpstreamFailure
 from sidecar.observe.logs import escape
-from sidecar.pki.tls import cap_peer_chain
+from sidecar.pki.tls import TLSMaterial, cap_peer_chain, share_ticket_keys
 from sidecar.splice.admission import Admission
 from sidecar.splice.connection import (
     WRITE_BUFFER_HIGH,
@@ -318,14 +318,16 @@ class Listener:
     def _tls(self) -> ssl.SSLContext:
         """The route's TLS context for the next handshake (ingress: with a caller; egress: with
         the remote): the credentials' current one, prepared the first time it is used."""
-        context = self.parts.credentials.current().ssl_context
+        credentials = self.parts.credentials.current()
+        context = credentials.ssl_context
         if context is not self._prepared:
-            self._prepare(context)
+            self._prepare(context, credentials.material)
             self._prepared = context
         return context
 
-    def _prepare(self, context: ssl.SSLContext) -> None:
-        """Cap the peer's chain in OpenSSL and, for a listener, watch its handshakes."""
+    def _prepare(self, context: ssl.SSLContext, material: TLSMaterial) -> None:
+        """Cap the peer's chain in OpenSSL and, for a listener, watch its handshakes and set
+        its session tickets (shared with the other workers, when there are)."""
         unsupported = cap_peer_chain(context, self.limits.max_chain_length)
         if unsupported is not None:
             logger.warning(
@@ -338,6 +340,7 @@ class Listener:
             watch_handshakes(context)
             # OpenSSL sends two by default; each costs a sixth of a full handshake's CPU.
             context.num_tickets = self.config.session_tickets
+            share_ticket_keys(context, material, str(self.config.listen))
 
     async def start(self) -> int:
         """Bind and start accepting; return the port (0 for a unix socket)."""

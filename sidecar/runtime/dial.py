@@ -116,14 +116,15 @@ class _Client:
     server_name: str
     timeout: float
     method: str
-    ca: bytes | None = None
-    cert: bytes | None = None
-    key: bytes | None = None
     cert_path: str | None = None
     ca_path: str | None = None
     bundle: tuple[x509.Certificate, ...] = ()  # --ca's certificates
-    ours: x509.Certificate | None = None  # our leaf
     material: TLSMaterial | None = None  # our chain and key, to present
+
+    @property
+    def ours(self) -> x509.Certificate | None:
+        """Our leaf certificate, if we present one."""
+        return None if self.material is None else self.material.leaf
 
     def present_ours(self, context: ssl.SSLContext) -> None:
         if self.material is not None:
@@ -195,21 +196,13 @@ def _client(args: argparse.Namespace) -> _Client:
     ca, cert, key = files["ca"], files["cert"], files["key"]
     assert ca is not None
     bundle = tuple(parse_certificates(ca, f"--ca {args.ca}"))
-    ours = parse_certificates(cert, f"--cert {args.cert}")[0] if cert is not None else None
-    if ours is not None and key is not None:
-        private_key = parse_private_key(key, f"--key {args.key}")
-        if not public_key_matches(ours, private_key):
+    material = None
+    if cert is not None and key is not None:  # (given together: checked above)
+        ours = parse_certificates(cert, f"--cert {args.cert}")[0]
+        if not public_key_matches(ours, parse_private_key(key, f"--key {args.key}")):
             raise ConfigError(f"--key {args.key} is not the key of --cert {args.cert}")
-    material = (
-        TLSMaterial(cert_chain_pem=cert, key_pem=key, ca_pem=ca, leaf=ours)
-        if cert is not None and key is not None and ours is not None
-        else None
-    )
-    return _Client(
-        **common,
-        ca=ca, cert=cert, key=key, cert_path=args.cert, ca_path=args.ca, bundle=bundle,
-        ours=ours, material=material,
-    )  # fmt: skip
+        material = TLSMaterial(cert_chain_pem=cert, key_pem=key, ca_pem=ca, leaf=ours)
+    return _Client(**common, cert_path=args.cert, ca_path=args.ca, bundle=bundle, material=material)
 
 
 def _check_name(name: str | None, flag: str) -> None:
@@ -435,7 +428,7 @@ def _accepted(client: _Client, seen: Observed, report: Report) -> None:
         report.failed("client", f"after the handshake: {seen.failure}",
                       "the server ended the connection; its log says why")  # fmt: skip
         return
-    if client.cert is None:
+    if client.ours is None:
         report.failed("client", f"the server refused us: {seen.refused_ours}",
                       "the server requires a client certificate: pass --cert and "
                       "--key")  # fmt: skip
@@ -464,7 +457,12 @@ def _call(client: _Client, report: Report, *, plaintext: bool) -> None:
     if plaintext:
         channel = grpc.insecure_channel(target, options=options)
     else:
-        credentials = grpc.ssl_channel_credentials(client.ca, client.key, client.cert)
+        material = client.material
+        credentials = grpc.ssl_channel_credentials(
+            pem_bundle(client.bundle),
+            None if material is None else material.key_pem,
+            None if material is None else material.cert_chain_pem,
+        )
         options.append(("grpc.ssl_target_name_override", client.server_name))
         channel = grpc.secure_channel(target, credentials, options=options)
     with channel:

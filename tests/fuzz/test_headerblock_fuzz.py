@@ -84,6 +84,7 @@ class Client:
             return None
         if action == "random":
             return data.draw(st.binary(max_size=80)), False
+        self._signal_as_rfc_7541()
         block = self.encoder.encode(data.draw(fields), huffman=data.draw(st.booleans()))
         if action == "mutate":
             return data.draw(mutated(block)), False
@@ -91,6 +92,14 @@ class Client:
             last = max(0, len(block) - 1)  # often within its first representations
             return block[: data.draw(st.integers(0, min(last, 6)) | st.integers(0, last))], False
         return block, True
+
+    def _signal_as_rfc_7541(self) -> None:
+        """hpack's encoder signals every table size change since its last block; RFC 7541 4.2
+        has an encoder signal at most two, the lowest and the final (the sidecar refuses a
+        block opening with more, a bound on hostile peers): as grpc-core, grpc-go and nghttp2 do."""
+        changes = self.encoder.table_size_changes
+        if len(changes) > 2:
+            self.encoder.table_size_changes = [min(changes), changes[-1]]
 
     def meaning(self, block: bytes) -> list[hpack.HeaderTuple] | None:
         try:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from sidecar import certs
-from sidecar.auth.identity import IdentityReader, PeerCertificateTolerantSSLObject
+from sidecar.auth.identity import IdentityReader
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.probe import Probe
 
@@ -209,43 +209,6 @@ def test_reader_never_raises_on_a_subject_it_cannot_decode(
     assert first.common_name is None and not first.dns_names
     assert "names unreadable: " in first.description
     assert len(caplog.records) == 1, "the same certificate is reported once"
-
-
-def test_tls_handshake_survives_a_peer_certificate_that_is_not_utf8(hostile: Pki) -> None:
-    """Python's ssl decodes the peer's names on getpeercert() (asyncio and uvloop call it after
-    every handshake) and raises on a SAN that is not UTF-8; the tolerant SSLObject does not."""
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(hostile.cert("server"), hostile.key("server"))
-    server_context.load_verify_locations(hostile.dir / "ca.pem")
-    server_context.verify_mode = ssl.CERT_REQUIRED
-    client_context = ssl.create_default_context(cafile=str(hostile.dir / "ca.pem"))
-    client_context.load_cert_chain(hostile.cert("not-utf8"), hostile.key("not-utf8"))
-
-    def handshake() -> ssl.SSLObject:
-        to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
-        server = server_context.wrap_bio(to_server, to_client, server_side=True)
-        client = client_context.wrap_bio(to_client, to_server, server_hostname="localhost")
-        for _ in range(10):
-            done = 0
-            for side in (client, server):
-                try:
-                    side.do_handshake()
-                    done += 1
-                except ssl.SSLWantReadError:
-                    pass
-            if done == 2:
-                return server
-        raise AssertionError("the handshake did not complete")
-
-    plain = handshake()
-    with pytest.raises(UnicodeDecodeError):
-        plain.getpeercert()  # what uvloop runs after each handshake, before the sidecar's code
-    server_context.sslobject_class = PeerCertificateTolerantSSLObject
-    tolerant = handshake()
-    assert tolerant.getpeercert() == {}
-    assert tolerant.getpeercert(binary_form=True) == _der_of(hostile, "not-utf8")
-    identity = IdentityReader().from_der(tolerant.getpeercert(binary_form=True))
-    assert identity.unreadable and identity.common_name is None
 
 
 def lax_certificate(ca: certs.Issued) -> tuple[bytes, bytes]:

@@ -25,7 +25,6 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -235,26 +234,6 @@ def _identity_from_core_names(auth_context: Mapping[str, Sequence[bytes]]) -> Pe
         uris=uris,
         ip_addresses=tuple(ips),
     )
-
-
-class PeerCertificateTolerantSSLObject(ssl.SSLObject):
-    """An SSLObject whose decoded `getpeercert()` is never decoded: always empty.
-
-    asyncio's and uvloop's TLS transports call `getpeercert()` as every handshake
-    completes (for the `peercert` extra). Python's ssl decodes the whole certificate
-    into a dict there, about a tenth of a millisecond of each handshake (measured:
-    0.15 ms for both forms of a P-256 client certificate), and decodes each name as
-    UTF-8: a CA-signed SAN that is not raises UnicodeDecodeError, so the handshake
-    fails with a traceback and the caller learns nothing. The sidecar reads identities
-    from the DER form only (`IdentityReader.from_der`), which says why names cannot be
-    read and denies the caller cleanly, so the decoded form is not made. Set it as a
-    server context's `sslobject_class`.
-    """
-
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        if binary_form:
-            return super().getpeercert(True)
-        return {}
 
 
 def _pem_to_der(pem: bytes) -> bytes:

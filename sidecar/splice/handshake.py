@@ -1,16 +1,15 @@
-"""One caller's TLS handshake on a listener: what the caller showed, and a clean end if it fails.
+"""One caller's TLS handshake on a listener: run it, note what the caller showed, end it cleanly.
 
-The event loop (uvloop) runs each handshake over an `ssl.SSLObject`. When OpenSSL
-refuses a caller (its certificate, its chain, its TLS version) it writes a TLS
-alert saying why into the connection's outgoing buffer, and the loop then aborts
-the connection without sending it; with input the caller sent after its side of
-the handshake still unread, the kernel answers the close with a reset. The
-listener's contexts create `WatchedSSLObject`s instead, which see the failure
-as it happens, while the socket is still open: they send the alert, then a FIN,
-and read away the caller's unread input, so the loop's close that follows is a
-clean one. No second descriptor is needed for that (a pending handshake holds one).
+OpenSSL runs the handshake on the socket itself (an `ssl.SSLSocket`, non-blocking;
+the event loop says when it is readable or writable), and the connection then
+becomes a `TLSTransport` (tls_transport.py). When OpenSSL refuses a caller (its
+certificate, its chain, its TLS version) it has sent a TLS alert saying why; the
+handshake then sends a FIN and reads the caller's unread input away before the
+socket is closed, so that the close is a clean one: with input unread, the kernel
+would answer the close with a reset, and the caller could lose the alert. No second
+descriptor is needed for any of it (a pending handshake holds one).
 
-The watch also notes whether the caller sent anything at all, so that a TCP
+The handshake also notes whether the caller sent anything at all, so that a TCP
 probe (a connect and close with no ClientHello: a port check, a load balancer's
 health check) is not reported as a failed handshake, and words each failure
 for the log, where failures are WARNINGs rate-limited per caller and reason.
@@ -18,13 +17,11 @@ for the log, where failures are WARNINGs rate-limited per caller and reason.
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import logging
 import socket
 import ssl
-from typing import Any
 
-from sidecar.auth.identity import PeerCertificateTolerantSSLObject
 from sidecar.config.limits import Limits
 from sidecar.observe.connections import HandshakeFailure
 from sidecar.observe.loglimit import LogLimiter
@@ -36,101 +33,108 @@ _failures = LogLimiter(logger)
 # Input read away from a refused caller before the close (more is answered by a reset).
 _DRAIN_BYTES = 256 * 1024
 
-_watching: contextvars.ContextVar[Handshake | None] = contextvars.ContextVar(
-    "sidecar_handshake", default=None
-)
 
-
-def current_handshake() -> Handshake | None:
-    """The handshake of the connection whose callback is running (its protocol's
-    connection_made runs in a copy of the context the handshake was watched in)."""
-    return _watching.get()
+class HandshakeTimedOut(TimeoutError):
+    """The caller did not finish its handshake within handshake_timeout."""
 
 
 class Handshake:
     """What the listener knows of one caller's handshake while it runs."""
 
-    __slots__ = ("answered", "remote", "sock", "spoke")
+    __slots__ = ("_waiter", "answered", "remote", "sock", "spoke")
 
     def __init__(self, sock: socket.socket, remote: str) -> None:
         self.sock: socket.socket | None = sock
         self.remote = remote
         self.spoke = False  # the caller sent bytes (a ClientHello, or an attempt at one)
         self.answered = False  # the sidecar answered its ClientHello
-
-    def watch(self) -> None:
-        """Watch the handshake the event loop starts next in the current context (the
-        loop runs a connection's callbacks, and creates its SSLObject, in a copy of it)."""
-        _watching.set(self)
+        self._waiter: asyncio.Future[None] | None = None
 
     def done(self) -> None:
         self.sock = None
 
-    def refuse(self, alert: bytes) -> None:
-        """The handshake failed and the event loop is about to close the socket: send the
-        alert OpenSSL wrote, a FIN, and read the caller's unread input away."""
+    async def run(self, context: ssl.SSLContext, timeout: float) -> ssl.SSLSocket:
+        """Run the handshake within timeout (else HandshakeTimedOut); the socket, now TLS.
+        On any failure the socket is closed (a refused caller's cleanly: see refuse)."""
         sock = self.sock
-        if sock is None:
-            return
-        # Written past the loop, straight to the socket: the loop has nothing of this
-        # connection left to write (its handshake flight, a few KiB, went out whole into
-        # a socket buffer far larger; were it not, for a caller advertising a tiny
-        # window, that caller alone would read a garbled end), and it drops its
-        # transport without writing again.
+        assert sock is not None
+        # The socket's descriptor moves to the SSLSocket (sock is detached).
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
+        loop = asyncio.get_running_loop()
+        fd = tls.fileno()
+        timer = loop.call_later(timeout, self._time_out, timeout)
         try:
-            if alert:
-                sock.send(alert, socket.MSG_DONTWAIT)
-            sock.shutdown(socket.SHUT_WR)
+            while True:
+                if not self.spoke and not self._peek(tls):
+                    await self._ready(loop, fd, writable=False)
+                    continue
+                try:
+                    tls.do_handshake()
+                    return tls
+                except ssl.SSLWantReadError:
+                    # The ClientHello was read whole when a cipher is chosen: the answer
+                    # (ServerHello to Finished) went out with the same call.
+                    self.answered = self.answered or tls.cipher() is not None
+                    await self._ready(loop, fd, writable=False)
+                except ssl.SSLWantWriteError:
+                    await self._ready(loop, fd, writable=True)
+        except ssl.SSLError:
+            self.answered = self.answered or tls.cipher() is not None
+            self.refuse(tls)
+            tls.close()
+            raise
+        except BaseException:  # the caller left, the timeout, or a cancel (admission)
+            tls.close()
+            raise
+        finally:
+            timer.cancel()
+
+    def _peek(self, tls: ssl.SSLSocket) -> bool:
+        """Whether the caller has sent something or closed (then it is known whether it
+        spoke); False while nothing has come yet."""
+        try:
+            first = socket.socket.recv(tls, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:  # reset: the handshake's read says so
+            return True
+        self.spoke = bool(first)
+        return True
+
+    async def _ready(self, loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
+        add, remove = (loop.add_writer, loop.remove_writer) if writable else (
+            loop.add_reader, loop.remove_reader)  # fmt: skip
+        self._waiter = waiter = loop.create_future()
+        add(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            remove(fd)
+            self._waiter = None
+
+    def _time_out(self, timeout: float) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(HandshakeTimedOut(f"no handshake within {timeout:g}s"))
+
+    def refuse(self, tls: ssl.SSLSocket) -> None:
+        """The handshake failed, and OpenSSL has sent the alert saying why: send a FIN and
+        read the caller's unread input away, so that the close that follows is clean."""
+        try:
+            socket.socket.shutdown(tls, socket.SHUT_WR)
             drained = 0
-            while drained < _DRAIN_BYTES and (chunk := sock.recv(65536, socket.MSG_DONTWAIT)):
+            while drained < _DRAIN_BYTES and (
+                chunk := socket.socket.recv(tls, 65536, socket.MSG_DONTWAIT)
+            ):
                 drained += len(chunk)
         except OSError:  # gone already, or nothing left to read: the close does the rest
             pass
 
 
-class WatchedSSLObject(PeerCertificateTolerantSSLObject):
-    """An SSLObject that tells its connection's `Handshake` what happens (see the module);
-    its decoded peer certificate survives names that are not UTF-8 (see the parent)."""
-
-    _handshake: Handshake | None
-    _incoming_bio: ssl.MemoryBIO
-    _outgoing_bio: ssl.MemoryBIO
-
-    @classmethod
-    def _create(
-        cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
-    ) -> WatchedSSLObject:
-        created: WatchedSSLObject = super()._create(  # type: ignore[misc]
-            incoming, outgoing, *args, **kwargs
-        )
-        created._handshake = _watching.get()
-        created._incoming_bio = incoming
-        created._outgoing_bio = outgoing
-        return created
-
-    def do_handshake(self) -> None:
-        handshake = self._handshake
-        if handshake is None:
-            super().do_handshake()
-            return
-        if self._incoming_bio.pending:
-            handshake.spoke = True
-        try:
-            super().do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            if self._outgoing_bio.pending:
-                handshake.answered = True
-            raise
-        except ssl.SSLError:
-            self._handshake = None
-            handshake.refuse(self._outgoing_bio.read())
-            raise
-        self._handshake = None
-
-
-def watch_handshakes(context: ssl.SSLContext) -> None:
-    """Make context's connections tell their `Handshake` what happens."""
-    context.sslobject_class = WatchedSSLObject
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def report_failure(handshake: Handshake, error: BaseException, limits: Limits) -> HandshakeFailure:
@@ -140,7 +144,7 @@ def report_failure(handshake: Handshake, error: BaseException, limits: Limits) -
     host = handshake.remote.rsplit(":", 1)[0]
     kind = failure_kind(error, handshake)
     if not handshake.spoke:
-        if isinstance(error, ConnectionAbortedError):  # the loop's handshake timeout
+        if isinstance(error, HandshakeTimedOut):
             reason = f"no TLS ClientHello within {limits.handshake_timeout:g}s (handshake_timeout)"
             _failures.log(
                 logging.INFO,
@@ -188,9 +192,9 @@ def failure_kind(error: BaseException, handshake: Handshake) -> HandshakeFailure
     """What kind of failure, from a bounded set (the metrics' label)."""
     if not handshake.spoke:
         return "silent"
-    if isinstance(error, ConnectionAbortedError):
+    if isinstance(error, HandshakeTimedOut):
         return "timeout"
-    if isinstance(error, ConnectionResetError):
+    if isinstance(error, ConnectionResetError | ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return "closed"
     if not isinstance(error, ssl.SSLError):
         return "other"
@@ -220,6 +224,8 @@ def failure_kind(error: BaseException, handshake: Handshake) -> HandshakeFailure
 def explain(error: BaseException, handshake: Handshake, limits: Limits) -> str:
     """A failed handshake in a few words (OpenSSL's reason, plainer where it is cryptic)."""
     max_chain_length = limits.max_chain_length
+    if isinstance(error, ConnectionResetError | ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "the caller closed the connection during the handshake"
     if isinstance(error, ssl.SSLError):
         reason = error.reason or ""
         if reason == "EXCESSIVE_MESSAGE_SIZE" and handshake.answered:
@@ -235,10 +241,8 @@ def explain(error: BaseException, handshake: Handshake, limits: Limits) -> str:
                 "(max_chain_length)"
             )
         return str(error).split(" (_ssl.c:")[0]
-    if isinstance(error, ConnectionAbortedError):
+    if isinstance(error, HandshakeTimedOut):
         return f"the handshake took longer than {limits.handshake_timeout:g}s (handshake_timeout)"
-    if isinstance(error, ConnectionResetError):
-        return "the caller closed the connection during the handshake"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__

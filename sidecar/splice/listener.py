@@ -56,8 +56,9 @@ from sidecar.splice.connection import (
     UpstreamNotHttp2,
     UpstreamSilent,
 )
-from sidecar.splice.handshake import Handshake, current_handshake, report_failure, watch_handshakes
+from sidecar.splice.handshake import Handshake, report_failure
 from sidecar.splice.refusal import Refusal
+from sidecar.splice.tls_transport import TLSTransport
 
 logger = logging.getLogger("sidecar.server")
 
@@ -197,10 +198,6 @@ class _CallerProtocol(asyncio.Protocol):
         listener = self._listener
         listener.connections.add(self)
         listener.parts.connections.opened()
-        handshake = current_handshake()
-        if handshake is not None:
-            # Done: no longer one the listener may close as the oldest pending handshake.
-            listener.admission.handshake_ended(handshake)
         if self.over_limit:
             self.handler = listener.admission.refusal(self._transport, self.remote)
             return
@@ -337,7 +334,6 @@ class Listener:
                 unsupported,
             )
         if self.parts.ingress:
-            watch_handshakes(context)
             # OpenSSL sends two by default; each costs a sixth of a full handshake's CPU.
             context.num_tickets = self.config.session_tickets
             share_ticket_keys(context, material, str(self.config.listen))
@@ -409,18 +405,12 @@ class Listener:
         succeeded (a failure is logged)."""
         started = time.monotonic()
         handshake = Handshake(sock, remote)
-        handshake.watch()  # in this task's context, which the loop copies for the connection
         task = asyncio.current_task()
         assert task is not None
         self.admission.handshake_started(handshake, task)
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                protocol,
-                sock,
-                ssl=self._tls(),
-                ssl_handshake_timeout=self.limits.handshake_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as error:  # ssl.SSLError is an OSError
+            tls = await handshake.run(self._tls(), self.limits.handshake_timeout)
+        except OSError as error:  # ssl.SSLError and HandshakeTimedOut are OSErrors
             kind = report_failure(handshake, error, self.limits)
             self.parts.connections.handshake_failed(kind)
             self.parts.connections.refused("handshake")
@@ -429,6 +419,7 @@ class Listener:
             self.admission.handshake_ended(handshake)
             handshake.done()
         self.parts.connections.handshake_done(time.monotonic() - started)
+        TLSTransport(tls, protocol())  # sets the connection up (its protocol's connection_made)
         return True
 
     async def connect(

@@ -390,3 +390,19 @@ def share_ticket_keys(context: ssl.SSLContext, material: TLSMaterial, scope: str
     if done <= 0:
         library.ERR_clear_error()
     return done > 0
+
+
+_SSL_CTRL_SET_READ_AHEAD = 41
+
+
+def read_ahead(context: ssl.SSLContext) -> bool:
+    """Let OpenSSL read as much as the socket holds (up to a record buffer) in one system
+    call, not each record's header and then its body (two calls a record, a third to find
+    the socket empty): for connections whose TLS runs on the socket itself
+    (splice/tls_transport.py). True once set."""
+    found = _openssl_context(context)
+    if isinstance(found, str):
+        return False
+    library, pointer = found
+    library.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_READ_AHEAD, 1, None)
+    return True

@@ -47,7 +47,7 @@ from sidecar.host.allocator import release_free_memory
 from sidecar.host.ports import bind_tcp
 from sidecar.observe.connections import UpstreamFailure
 from sidecar.observe.logs import escape
-from sidecar.pki.tls import TLSMaterial, cap_peer_chain, share_ticket_keys
+from sidecar.pki.tls import TLSMaterial, cap_peer_chain, read_ahead, share_ticket_keys
 from sidecar.splice.admission import Admission
 from sidecar.splice.connection import (
     WRITE_BUFFER_HIGH,
@@ -334,6 +334,7 @@ class Listener:
                 unsupported,
             )
         if self.parts.ingress:
+            read_ahead(context)
             # OpenSSL sends two by default; each costs a sixth of a full handshake's CPU.
             context.num_tickets = self.config.session_tickets
             share_ticket_keys(context, material, str(self.config.listen))

@@ -76,8 +76,9 @@ class TLSTransport(asyncio.Transport):
             raise
         if not self._closing and self._reading:
             self._loop.add_reader(self._fd, self._on_readable)
-            if tls.pending():  # bytes OpenSSL decrypted with the handshake's last read
-                self._loop.call_soon(self._on_readable)
+            # The handshake's last read may have taken the caller's first bytes too (read
+            # ahead, see pki/tls.py): they are in OpenSSL, and the socket may stay silent.
+            self._loop.call_soon(self._on_readable)
 
     # -- asyncio.BaseTransport
 
@@ -140,8 +141,9 @@ class TLSTransport(asyncio.Transport):
             return
         self._reading = True
         self._loop.add_reader(self._fd, self._on_readable)
-        if self._tls.pending():  # decrypted while the protocol was not reading
-            self._loop.call_soon(self._on_readable)
+        # OpenSSL may hold bytes read before the pause (decrypted or not: SSL_pending
+        # counts only the former), which the socket will not announce again.
+        self._loop.call_soon(self._on_readable)
 
     def _on_readable(self) -> None:
         if self._closing or not self._reading:

@@ -1,7 +1,8 @@
 """The C allocator, tuned for relaying: I/O buffers come from the heap, not from mmap.
 
-Each TLS read asks for a 256 KiB bytes object (uvloop reads records with
-SSLObject.read(256 KiB)), which CPython then shrinks to the record's size. glibc
+Each TLS read asks for a large bytes object (a record's 16 KiB on a caller's
+connection, splice/tls_transport.py; 256 KiB on the event loop's TLS transport, an
+egress's), which CPython then shrinks to the record's size. glibc
 serves an allocation that large with mmap, shrinks it with mremap and frees it
 with munmap: three system calls per read, and its adaptive threshold never
 learns, because the block it frees is small by then. Heap allocations cost no

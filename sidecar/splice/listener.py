@@ -1,8 +1,9 @@
 """A route's listener on the spliced data plane: accept, terminate TLS, decide, hand over.
 
-Ingress: each connection's TLS handshake runs here (Python's ssl, on uvloop),
-with a client certificate required and verified against the CA bundle (the
-route's credentials as they are at that handshake). The caller's identity is
+Ingress: each connection's TLS handshake runs here (Python's ssl on the socket
+itself: handshake.py, then tls_transport.py), with a client certificate required
+and verified against the CA bundle (the route's credentials as they are at that
+handshake). The caller's identity is
 read once per connection and the route's policy admits it or not
 (`Policy.admits`): an admitted caller's connection is spliced to the upstream
 (connection.Splice), a refused caller's is answered PERMISSION_DENIED, call by
@@ -391,7 +392,7 @@ class Listener:
                 await self._handshake(sock, remote, protocol)
         except OSError as error:  # the caller left before its connection was set up
             logger.debug("connection from %s lost before it was set up: %s", remote, error)
-            sock.close()  # a no-op once the event loop holds it (it counts as a user)
+            sock.close()  # a no-op once the handshake holds it (the socket is detached)
         finally:
             # A connection that reached its protocol is released by forget(), once; one
             # that did not (a failed or cancelled handshake) here.

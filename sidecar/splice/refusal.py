@@ -85,13 +85,11 @@ _UNREAD_RETRY_SECONDS = 0.05
 # to read what is left before the connection is aborted.
 _LINGER_SECONDS = 1.0
 _LINGER_INPUT = 64 * 1024
-# What a refused connection lets wait unread: in the kernel (its receive buffer) and in
-# the TLS layer (ciphertext not yet decrypted, 256 KiB by default). The refusal reads a
-# turn's frames at a time and pauses between turns, and a caller flooding it would fill
-# both for as long as the connection lasts; 220 denied connections sending at full speed
-# cost the sidecar ~80 MiB with the defaults, ~55 MiB with these.
+# What a refused connection lets wait unread in the kernel (its receive buffer; OpenSSL
+# holds at most a record more, see splice/tls_transport.py). The refusal reads a turn's
+# frames at a time and pauses between turns, and a caller flooding it would fill the
+# buffer for as long as the connection lasts.
 _KERNEL_RECEIVE_BUFFER = 64 * 1024
-_TLS_READ_HIGH_WATER = 32 * 1024
 _DRAIN_PING = b"goodbye!"
 # How long after a caller acknowledged an UNAVAILABLE refusal's SETTINGS its calls are still
 # answered with the reason (see refuse_later_calls): the calls a gRPC client held back until
@@ -110,9 +108,6 @@ def told(details: str) -> Callable[[str], Decision]:
 
 def _read_little(transport: asyncio.Transport) -> None:
     """Keep what waits unread on a refused connection small (see _KERNEL_RECEIVE_BUFFER)."""
-    limit_tls_reads = getattr(transport, "set_read_buffer_limits", None)
-    if limit_tls_reads is not None:  # TLS (a plain connection has no such layer)
-        limit_tls_reads(high=_TLS_READ_HIGH_WATER)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):  # the connection is gone already

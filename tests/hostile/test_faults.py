@@ -450,6 +450,11 @@ def test_grpc_go_callers_first_call_after_the_app_is_back_succeeds(
         _event(client, "ended")
         # grpc-go's new connection found the app down:
         sidecar.wait_for(rf"WARNING .*upstream 127\.0\.0\.1:{app.port} unavailable: ")
+        # The scenario, not a synchronisation: the app is back some time after the new
+        # connection was refused. Within the first 0.1 s of it (the refusal's freshness
+        # window, for the calls a client held until our SETTINGS), a call still gets the
+        # reason; on a fast machine the app restarts in less than that.
+        time.sleep(0.3)
         app.start()
         client.signal(signal.SIGHUP)
         recovered = _event(client, "recovered")

@@ -230,7 +230,8 @@ class Splice:
     # keys: about 1.6 KiB per idle connection).
     __slots__ = (
         "_ack_delay", "_answers_while_busy", "_authorize", "_caller", "_caller_acks",
-        "_caller_busy", "_calls", "_connecting", "_connector", "_control", "_control_seen",
+        "_caller_busy", "_calls", "_connect_started", "_connecting", "_connector", "_control",
+        "_control_seen",
         "_credit", "_data_seen", "_decisions", "_describe_failure", "_drain_ping",
         "_failure", "_first_frame_timer", "_frames_at_timer", "_header_timer", "_health",
         "_held_reports", "_idle_since", "_idle_timer", "_inbound", "_last_stream",
@@ -364,7 +365,8 @@ class Splice:
         # with the handshake's end): a caller that completes a handshake and says nothing
         # (a TLS probe, a handshake flood) costs the app no connection.
         self._connector = connect
-        self._connecting: asyncio.Task[None] | None = None
+        self._connect_started = False
+        self._connecting: asyncio.Task[None] | None = None  # (let go once done)
 
     # The caller's side (called by the listener's protocol).
 
@@ -374,7 +376,8 @@ class Splice:
             self._refusal.feed(data)
             return
         if self._replay is not None:
-            if self._connecting is None:
+            if not self._connect_started:
+                self._connect_started = True
                 self._connecting = self._loop.create_task(self._connect(self._connector))
             self._replay.append(data)
             self._replay_size += len(data)
@@ -445,7 +448,7 @@ class Splice:
         if self._phase >= _FAILING:
             self._close_both()
             return
-        if self._connecting is None:  # the caller has sent nothing: there is nothing to say
+        if not self._connect_started:  # the caller has sent nothing: there is nothing to say
             self._close_both()
             return
         if self._replay is not None:
@@ -531,6 +534,8 @@ class Splice:
             raise
         except Exception as error:  # refused, unreachable, TLS: every caller hears why
             await self._fail(error)
+        finally:
+            self._connecting = None  # a finished task keeps its coroutine: 0.5 KiB
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         """Connected: relay what the caller sent so far (before any upstream byte can arrive)."""

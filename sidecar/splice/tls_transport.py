@@ -56,9 +56,10 @@ class TLSTransport(asyncio.Transport):
         self._tls = tls
         self._fd = tls.fileno()
         self._protocol = protocol
-        # Chunks not yet taken by OpenSSL; the first may be one SSL_write half done,
-        # retried as it is (OpenSSL requires the same bytes again).
-        self._buffer: collections.deque[bytes] = collections.deque()
+        # Chunks not yet taken by OpenSSL (made when a write must wait: a deque costs 0.6
+        # KiB); the first may be one SSL_write half done, retried as it is (OpenSSL
+        # requires the same bytes again).
+        self._buffer: collections.deque[bytes] | None = None
         self._buffered = 0
         self._high, self._low = _DEFAULT_HIGH, _DEFAULT_HIGH // 4
         self._writing_paused = False
@@ -208,6 +209,8 @@ class TLSTransport(asyncio.Transport):
             # An SSL_write refused as a whole is retried with the same bytes; one taken
             # in part (partial writes) continues with the rest.
             data = data[sent:]
+        if self._buffer is None:
+            self._buffer = collections.deque()
         self._buffer.append(bytes(data))
         self._buffered += len(data)
         if not self._writer_on:
@@ -233,6 +236,7 @@ class TLSTransport(asyncio.Transport):
         if self._lost:
             return
         tls, buffer = self._tls, self._buffer
+        assert buffer is not None
         try:
             while buffer:
                 first = buffer[0]
@@ -250,6 +254,7 @@ class TLSTransport(asyncio.Transport):
             self._fail(error)
             return
         self._writer_on = False
+        self._buffer = None
         self._loop.remove_writer(self._fd)
         if self._writing_paused and self._buffered <= self._low:
             self._writing_paused = False
@@ -307,6 +312,6 @@ class TLSTransport(asyncio.Transport):
             self._writer_on = False
             loop.remove_writer(fd)
         self._tls.close()
-        self._buffer.clear()
+        self._buffer = None
         self._buffered = 0
         loop.call_soon(self._protocol.connection_lost, error)

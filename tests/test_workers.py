@@ -150,7 +150,8 @@ def test_sigterm_drains_every_worker_and_loses_no_call(
     assert [call.result() for call in in_flight] == [b"finish me"] * 6
     for channel in channels:
         channel.close()
-    assert process.wait_exit() == 0
+    code = process.wait_exit()
+    assert code == 0, process.output[-3000:]
     assert process.output.count("sidecar.server: stopped") == 3  # both workers and the supervisor
 
 

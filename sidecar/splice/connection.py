@@ -279,7 +279,7 @@ class Splice:
         self._caller_busy = False  # the caller's write buffer is full
         self._answers_while_busy = 0
         self._failure: asyncio.Task[None] | None = None
-        self._pauses: set[str] = set()
+        self._pauses: dict[str, None] = {}  # why the caller is not read (a set is 216 B)
         self._calls: dict[int, Call] = {}  # calls in flight, by stream
         self._last_stream = 0
         self._streams_opened = 0  # calls the caller started (see calls_seen)
@@ -431,12 +431,12 @@ class Splice:
     def pause_caller(self, reason: str) -> None:
         if not self._pauses:
             self._caller.pause_reading()
-        self._pauses.add(reason)
+        self._pauses[reason] = None
 
     def resume_caller(self, reason: str) -> None:
         if reason not in self._pauses:
             return
-        self._pauses.remove(reason)
+        del self._pauses[reason]
         if not self._pauses and not self._caller.is_closing():
             self._caller.resume_reading()
 

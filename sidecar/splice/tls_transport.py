@@ -6,9 +6,11 @@ buffer kept per connection, then into OpenSSL's input buffer, and each record
 written goes through an output buffer and a second transport. Here OpenSSL holds
 the socket itself (an `ssl.SSLSocket`, non-blocking) and the loop only says when
 it is readable or writable: one copy fewer each way, no per-connection read
-buffer, one transport instead of two. Measured with 1000 idle mTLS callers it is
-13 KiB less per connection, and new connections cost a tenth less CPU (see
-BENCHMARKS.md).
+buffer, one transport instead of two. Measured with 1000 idle mTLS callers: 13 KiB
+less per connection (40 KiB then 27, before other trims); new connections were
+served at 1.04x haproxy's rate where the event loop's transport reached 0.95x, at
+the same CPU per handshake, and 1 MiB calls took a tenth less CPU once OpenSSL
+reads ahead (pki/tls.py `read_ahead`).
 
 Closing is orderly, as TLS over TCP should be: what is buffered is written, then
 a close_notify and a FIN, and the caller's input is read away (undecrypted) until
@@ -46,12 +48,12 @@ class TLSTransport(asyncio.Transport):
 
     __slots__ = (
         "_buffer", "_buffered", "_closing", "_drained", "_eof", "_fd", "_high", "_linger",
-        "_loop", "_lost", "_low", "_protocol", "_reading", "_tls", "_writer_on",
+        "_loop", "_lost", "_low", "_protocol", "_read_waits", "_reading", "_tls", "_writer_on",
         "_writing_paused",
     )  # fmt: skip
 
     def __init__(self, tls: ssl.SSLSocket, protocol: asyncio.Protocol) -> None:
-        super().__init__()
+        # (Not BaseTransport.__init__: its extra-info dict goes unused, get_extra_info answers.)
         self._loop = asyncio.get_running_loop()
         self._tls = tls
         self._fd = tls.fileno()
@@ -64,6 +66,7 @@ class TLSTransport(asyncio.Transport):
         self._high, self._low = _DEFAULT_HIGH, _DEFAULT_HIGH // 4
         self._writing_paused = False
         self._writer_on = False
+        self._read_waits = False  # reading stopped until the socket is writable
         self._reading = True
         self._closing = False  # close() or abort() was called, or the connection failed
         self._eof = False  # the caller closed its side
@@ -155,7 +158,12 @@ class TLSTransport(asyncio.Transport):
             while taken < _READ_PER_EVENT:
                 try:
                     data = tls.recv(_RECORD)
-                except _WANTS:  # (a want-write: a key update's answer waits on a full socket)
+                except ssl.SSLWantReadError:
+                    return
+                except ssl.SSLWantWriteError:
+                    # A key update's answer waits on a full socket: read again once it
+                    # can be written (the readable socket would call here in a loop).
+                    self._read_when_writable()
                     return
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     data = b""
@@ -174,6 +182,13 @@ class TLSTransport(asyncio.Transport):
             self._fail(error)
             return
         self._loop.call_soon(self._on_readable)  # more may wait: after the others' turn
+
+    def _read_when_writable(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._read_waits = True
+        if not self._writer_on:
+            self._writer_on = True
+            self._loop.add_writer(self._fd, self._on_writable)
 
     # -- writing
 
@@ -236,9 +251,8 @@ class TLSTransport(asyncio.Transport):
         if self._lost:
             return
         tls, buffer = self._tls, self._buffer
-        assert buffer is not None
         try:
-            while buffer:
+            while buffer:  # (None when only a read waits for the socket to be writable)
                 first = buffer[0]
                 try:
                     sent = tls.send(first)
@@ -256,6 +270,11 @@ class TLSTransport(asyncio.Transport):
         self._writer_on = False
         self._buffer = None
         self._loop.remove_writer(self._fd)
+        if self._read_waits:
+            self._read_waits = False
+            if self._reading and not self._closing:
+                self._loop.add_reader(self._fd, self._on_readable)
+                self._loop.call_soon(self._on_readable)
         if self._writing_paused and self._buffered <= self._low:
             self._writing_paused = False
             self._protocol.resume_writing()

@@ -41,7 +41,7 @@ class HandshakeTimedOut(TimeoutError):
 class Handshake:
     """What the listener knows of one caller's handshake while it runs."""
 
-    __slots__ = ("_waiter", "answered", "remote", "sock", "spoke")
+    __slots__ = ("_expired", "_waiter", "answered", "remote", "sock", "spoke")
 
     def __init__(self, sock: socket.socket, remote: str) -> None:
         self.sock: socket.socket | None = sock
@@ -49,6 +49,7 @@ class Handshake:
         self.spoke = False  # the caller sent bytes (a ClientHello, or an attempt at one)
         self.answered = False  # the sidecar answered its ClientHello
         self._waiter: asyncio.Future[None] | None = None
+        self._expired: HandshakeTimedOut | None = None  # set when the timeout passed
 
     def done(self) -> None:
         self.sock = None
@@ -58,6 +59,13 @@ class Handshake:
         On any failure the socket is closed (a refused caller's cleanly: see refuse)."""
         sock = self.sock
         assert sock is not None
+        try:
+            # A caller already gone would make wrap_socket fail after it took the socket
+            # (detached), leaving the descriptor to the garbage collector.
+            sock.getpeername()
+        except OSError:
+            sock.close()
+            raise ConnectionResetError("the caller left before its handshake") from None
         # The socket's descriptor moves to the SSLSocket (sock is detached).
         tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self.sock = tls
@@ -112,11 +120,17 @@ class Handshake:
         finally:
             remove(fd)
             self._waiter = None
+        # The timeout may have come in the loop turn that woke the waiter: it found the
+        # waiter done already (and is not set again); a caller trickling bytes would
+        # otherwise keep its handshake, and its descriptor, for good.
+        if self._expired is not None:
+            raise self._expired
 
     def _time_out(self, timeout: float) -> None:
+        self._expired = HandshakeTimedOut(f"no handshake within {timeout:g}s")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(HandshakeTimedOut(f"no handshake within {timeout:g}s"))
+            waiter.set_exception(self._expired)
 
     def refuse(self, tls: ssl.SSLSocket) -> None:
         """The handshake failed, and OpenSSL has sent the alert saying why: send a FIN and

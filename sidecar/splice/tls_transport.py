@@ -173,6 +173,11 @@ class TLSTransport(asyncio.Transport):
                         self.pause_reading()  # TLS has no half-close to keep reading on
                     else:
                         self.close()
+                    if self._buffer and self._linger is None:
+                        # A caller that closed and does not read would hold the rest.
+                        self._linger = self._loop.call_later(
+                            CLOSE_LINGER_SECONDS, self._finish, None
+                        )
                     return
                 taken += len(data)
                 protocol.data_received(data)
@@ -286,10 +291,12 @@ class TLSTransport(asyncio.Transport):
     def _shut_down(self) -> None:
         """All is written: send close_notify and a FIN, then read the caller's input away
         until it closes too (or the linger is over)."""
-        if self._lost or self._linger is not None:
+        if self._lost:
             return
         if self._eof:
             self._finish(None)
+            return
+        if self._linger is not None:
             return
         tls = self._tls
         # close_notify (unwrap then wants the caller's, which is not awaited: want-read).

@@ -297,3 +297,37 @@ def test_a_caller_that_handshakes_and_says_nothing_costs_the_app_no_connection(
         finally:
             for peer in peers:
                 peer.sock.close()
+
+
+def test_a_handshake_trickled_a_byte_at_a_time_still_ends_at_handshake_timeout(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """30 callers each announce a 16000-byte handshake record and send it a byte every 5 ms:
+    every one is closed at handshake_timeout. (The timeout used to be lost when it came in
+    the loop turn that had woken the handshake for a byte: most such callers then kept
+    their connection, and descriptor, for good.)"""
+    process = sidecars.serving(probe.port, "--allow-cn", "alice", "--handshake-timeout", "1")
+    callers = [socket.create_connection(("127.0.0.1", process.port)) for _ in range(30)]
+    try:
+        for caller in callers:
+            caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            caller.sendall(b"\x16\x03\x01\x3e\x80")  # a handshake record, 16000 bytes
+            caller.setblocking(False)
+        open_ = set(callers)
+        deadline = time.monotonic() + 4  # the timeout, and time to spare on a loaded machine
+        while open_ and time.monotonic() < deadline:
+            for caller in list(open_):
+                try:
+                    caller.send(b"\x00")
+                    if caller.recv(4096) == b"":
+                        open_.discard(caller)
+                except BlockingIOError:
+                    pass
+                except OSError:  # reset: closed by the sidecar
+                    open_.discard(caller)
+            time.sleep(0.005)  # the attack's pace, not a synchronisation
+        assert not open_, f"{len(open_)} of 30 trickling handshakes outlived handshake_timeout"
+        assert unary_ok(process, pki)
+    finally:
+        for caller in callers:
+            caller.close()

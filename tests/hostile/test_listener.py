@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,11 +22,21 @@ import pytest
 from sidecar import certs
 from tests.conftest import Pki, SidecarFactory, SidecarProcess
 from tests.hostile.peers import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
     METHOD,
+    PREFACE,
+    SETTINGS,
+    WINDOW_UPDATE,
     Footprint,
     RawPeer,
     client_context,
     eventually,
+    frame,
+    message,
+    request_block,
     unary_ok,
 )
 from tests.probe import Probe
@@ -327,6 +338,68 @@ def test_a_handshake_trickled_a_byte_at_a_time_still_ends_at_handshake_timeout(
                     open_.discard(caller)
             time.sleep(0.005)  # the attack's pace, not a synchronisation
         assert not open_, f"{len(open_)} of 30 trickling handshakes outlived handshake_timeout"
+        assert unary_ok(process, pki)
+    finally:
+        for caller in callers:
+            caller.close()
+
+
+def _close_waiting(port: int) -> int:
+    """Connections at the sidecar's port whose caller has closed and the sidecar has not."""
+    listed = subprocess.run(
+        ["ss", "-tnH", "state", "close-wait", f"( sport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return len(listed.stdout.splitlines())
+
+
+def _unsent(port: int) -> list[int]:
+    """Bytes unsent in the sidecar's kernel, per connection at its port."""
+    listed = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [int(line.split()[1]) for line in listed.stdout.splitlines()]
+
+
+def test_a_caller_that_stops_reading_and_closes_is_let_go(
+    sidecars: SidecarFactory, pki: Pki, probe: Probe
+) -> None:
+    """Callers with a small receive buffer start a server stream of 48 MB, never read it,
+    and send their FIN once the sidecar's kernel holds a full send buffer for them (the
+    rest waits in the sidecar): the sidecar cannot deliver it, and closes each connection
+    (and its call upstream) within its close linger. It used to wait for that output to
+    be written, forever."""
+    process = sidecars.serving(probe.port, "--allow-cn", "alice")
+    callers = []
+    window = 2**31 - 1
+    for _ in range(4):
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before the connect
+        raw.connect(("127.0.0.1", process.port))
+        caller = client_context(pki, "alice").wrap_socket(raw, server_hostname="localhost")
+        callers.append(caller)
+        caller.sendall(
+            # Windows wide open: the app may send all it has, and the sidecar holds it.
+            PREFACE + frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + window.to_bytes(4, "big"))
+            + frame(WINDOW_UPDATE, 0, 0, (window - 65535).to_bytes(4, "big"))
+            + frame(HEADERS, END_HEADERS, 1, request_block(
+                "/probe.Probe/ServerStream", (("x-probe-count", "3000"),)))
+            + frame(DATA, END_STREAM, 1, message(b"B" * 16000))
+        )  # fmt: skip
+    try:
+        full = 0
+        unsent: list[int] = []
+        while full < 3:  # the same figures three times running: the kernel takes no more
+            previous, unsent = unsent, _unsent(process.port)
+            full = full + 1 if len(unsent) == 4 and unsent == previous else 0
+            time.sleep(0.1)  # a sample's interval, not a synchronisation
+        for caller in callers:
+            socket.socket.shutdown(caller, socket.SHUT_WR)  # a FIN under TLS, no more
+        # Each is in CLOSE-WAIT on the sidecar's side until the sidecar closes it.
+        assert eventually(lambda: _close_waiting(process.port) == 0, 10), (
+            f"{_close_waiting(process.port)} connections of callers gone still held"
+        )
         assert unary_ok(process, pki)
     finally:
         for caller in callers:

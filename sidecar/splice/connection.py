@@ -448,7 +448,12 @@ class Splice:
         if self._phase >= _FAILING:
             self._close_both()
             return
-        if not self._connect_started:  # the caller has sent nothing: there is nothing to say
+        if not self._connect_started:
+            # The caller has sent nothing yet (its handshake ended as the listener stopped,
+            # say): answer as a server going away would, an empty SETTINGS (the server's
+            # preface) and a GOAWAY naming no stream, so that its client takes its calls to
+            # another connection. Closed without a word, it failed them ("Socket closed").
+            _write(self._caller, [frame(SETTINGS, 0, 0, b""), self._goaway(_NO_ERROR)])
             self._close_both()
             return
         if self._replay is not None:

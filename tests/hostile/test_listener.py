@@ -344,22 +344,13 @@ def test_a_handshake_trickled_a_byte_at_a_time_still_ends_at_handshake_timeout(
             caller.close()
 
 
-def _close_waiting(port: int) -> int:
-    """Connections at the sidecar's port whose caller has closed and the sidecar has not."""
+def _connections(port: int, state: str) -> list[str]:
+    """`ss`'s lines for the TCP connections at the sidecar's port in state (Recv-Q first)."""
     listed = subprocess.run(
-        ["ss", "-tnH", "state", "close-wait", f"( sport = :{port} )"],
+        ["ss", "-tnH", "state", state, f"( sport = :{port} )"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return len(listed.stdout.splitlines())
-
-
-def _unsent(port: int) -> list[int]:
-    """Bytes unsent in the sidecar's kernel, per connection at its port."""
-    listed = subprocess.run(
-        ["ss", "-tnH", "state", "established", f"( sport = :{port} )"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [int(line.split()[1]) for line in listed.stdout.splitlines()]
+    return listed.stdout.splitlines()
 
 
 def test_a_caller_that_stops_reading_and_closes_is_let_go(
@@ -387,18 +378,21 @@ def test_a_caller_that_stops_reading_and_closes_is_let_go(
                 "/probe.Probe/ServerStream", (("x-probe-count", "3000"),)))
             + frame(DATA, END_STREAM, 1, message(b"B" * 16000))
         )  # fmt: skip
+    unsent: list[list[int]] = []  # bytes the sidecar's kernel has not sent, per connection
+
+    def stalled() -> bool:
+        """The same four figures three samples running: the kernel takes no more."""
+        lines = _connections(process.port, "established")
+        unsent.append([int(line.split()[1]) for line in lines])
+        return len(unsent) >= 3 and len(unsent[-1]) == 4 and unsent[-1] == unsent[-2] == unsent[-3]
+
     try:
-        full = 0
-        unsent: list[int] = []
-        while full < 3:  # the same figures three times running: the kernel takes no more
-            previous, unsent = unsent, _unsent(process.port)
-            full = full + 1 if len(unsent) == 4 and unsent == previous else 0
-            time.sleep(0.1)  # a sample's interval, not a synchronisation
+        assert eventually(stalled, 10), unsent[-3:]
         for caller in callers:
             socket.socket.shutdown(caller, socket.SHUT_WR)  # a FIN under TLS, no more
         # Each is in CLOSE-WAIT on the sidecar's side until the sidecar closes it.
-        assert eventually(lambda: _close_waiting(process.port) == 0, 10), (
-            f"{_close_waiting(process.port)} connections of callers gone still held"
+        assert eventually(lambda: not _connections(process.port, "close-wait"), 10), (
+            f"{len(_connections(process.port, 'close-wait'))} connections of callers gone held"
         )
         assert unary_ok(process, pki)
     finally:
